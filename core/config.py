@@ -1,0 +1,213 @@
+"""The one typed config schema: YAML preset → `--set dotted.key=value` overrides → validated `Config`.
+
+Every field below is a stable, documented key (see README "Configuration"). Validation happens before any data is
+touched; every error names the dotted key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    path: str | None = None
+    """imagefolder: a folder or .zip of class folders; cifar: the dataset root (default `data/`)."""
+    image_size: int | None = Field(default=None, ge=4, le=1024)
+    """Model input side in pixels; None = the dataset's native size (digits 8 → 32 is set by the preset)."""
+    split: list[float] = Field(default_factory=lambda: [0.7, 0.2, 0.1])
+    """train/val/test fractions, summing to 1. CIFAR keeps its official test set."""
+    augment: Literal["classic", "none", "strong"] = "classic"
+    hflip: bool = True
+    """Random horizontal flip in the classic/strong presets (off for digits and text-like data)."""
+    color_mode: Literal["RGB", "L"] = "RGB"
+    """RGB converts every image to 3 channels; L keeps one channel."""
+    download: bool = False
+    """cifar: download into `path` when the files are missing (needs internet)."""
+    num_workers: int = Field(default=0, ge=0, le=64)
+    pin_memory: bool = False
+    cache: Literal["auto", "on", "off"] = "auto"
+    """Tensor cache (decode once, augment batches as tensors): auto = on when the dataset fits in memory."""
+    cache_max_mb: int = Field(default=4096, ge=1)
+    """`cache: auto` uses the tensor cache when its uint8 size is at most this many MiB."""
+    synthetic_size: int = Field(default=1000, ge=10, le=10_000_000)
+    synthetic_classes: int = Field(default=10, ge=2, le=10_000)
+    synthetic_image_size: int = Field(default=32, ge=4, le=1024)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    """Images with more pixels are refused (decompression-bomb guard)."""
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError(f"must be three non-negative fractions [train, val, test] summing to 1 with train > 0, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    name: str = "simple_cnn"
+    pretrained: bool = False
+    freeze: Literal["none", "backbone"] = "none"
+    backbone_lr_scale: float = Field(default=0.1, gt=0, le=1)
+    """When fine-tuning a pretrained model (freeze: none), the backbone learns at lr × this."""
+    small_input: bool | None = None
+    """torchvision models: replace the ImageNet stem for inputs ≤ 64 px; None = automatic by image size."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=10, ge=1, le=10_000)
+    batch_size: int = Field(default=64, ge=1, le=65_536)
+    """Per-process batch size (each DDP rank takes this many)."""
+    amp: bool = False
+    """Mixed precision with torch.autocast: bf16 on CPU; on CUDA bf16 when supported, else fp16 + GradScaler."""
+    seed: int = Field(default=0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    """Clip the global gradient norm to this; None = off."""
+    channels_last: bool = False
+    compile: bool = False
+    early_stopping: int = Field(default=0, ge=0)
+    """Stop after this many epochs without val-accuracy improvement; 0 = off."""
+    log_every: int = Field(default=20, ge=1)
+    """Emit a step event (and sync loss to the host) every this many steps."""
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    time_limit: float | None = Field(default=None, gt=0)
+    """Seconds; the run fails as timed out past it. None = no limit."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+
+
+class SchedConfig(_Section):
+    name: Literal["cosine", "onecycle", "step", "none"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    """Linear warm-up length in epochs (fractional allowed); converted to steps."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    step_epochs: int = Field(default=30, ge=1)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+
+
+class ExportConfig(_Section):
+    enabled: bool = True
+    """Run `core.export` automatically when training ends."""
+    int8: bool = True
+    calib_images: int = Field(default=256, ge=1)
+    parity_images: int = Field(default=64, ge=1)
+    opset: int = Field(default=18, ge=13)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sched: SchedConfig = Field(default_factory=SchedConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        if self.data.name == "imagefolder" and not self.data.path:
+            raise ValueError("data.path: required when data.name is 'imagefolder' (a folder or .zip of class folders)")
+        if self.model.freeze == "backbone" and not self.model.pretrained:
+            raise ValueError("model.freeze: 'backbone' needs model.pretrained: true (a frozen random backbone learns nothing)")
+        from core.models import list_models  # local import: models import torch, config must stay light
+
+        if self.model.name not in list_models():
+            raise ValueError(f"model.name: unknown model {self.model.name!r}; choose from {', '.join(list_models())}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (value {e['input']!r}); see README 'Configuration' for the allowed keys")
+        elif key:
+            lines.append(f"{key}: {msg} (got {e['input']!r})")
+        else:
+            lines.append(msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` → (['a', 'b'], parsed value). Values are parsed as YAML scalars/lists (`1e-3`, `true`, `[0.8,0.1,0.1]`)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config: the top level must be a mapping of sections, got {type(raw).__name__}")
+    merged = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (or defaults when path is None), apply `--set` overrides, validate."""
+    raw = load_yaml(path) if path is not None else {}
+    return config_from_dict(raw, overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,86 @@
+"""Classification metrics and the evaluation pass.
+
+`predict` runs a model over a loader and returns numpy arrays (so DDP ranks can gather them); `compute_metrics` turns
+labels + predictions into the report's metric block. Both are used on val every epoch and on test at the end.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: Any,
+    device: torch.device,
+    *,
+    autocast: Any = None,
+    channels_last: bool = False,
+) -> dict[str, np.ndarray]:
+    """Logits → (loss_sum, labels, preds, probs) over a loader. Does not change the model's train/eval mode for good."""
+    was_training = model.training
+    model.eval()
+    losses, labels, probs = [], [], []
+    ctx = autocast if autocast is not None else nullcontext()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with ctx:
+            logits = model(x)
+        logits = logits.float()
+        losses.append(F.cross_entropy(logits, y, reduction="sum").cpu())
+        labels.append(y.cpu())
+        probs.append(torch.softmax(logits, dim=1).cpu())
+    model.train(was_training)
+    if not labels:
+        return {"loss_sum": np.zeros(()), "labels": np.zeros(0, dtype=np.int64), "probs": np.zeros((0, 0))}
+    return {
+        "loss_sum": torch.stack(losses).sum().numpy(),
+        "labels": torch.cat(labels).numpy().astype(np.int64),
+        "probs": torch.cat(probs).numpy().astype(np.float32),
+    }
+
+
+def compute_metrics(
+    labels: np.ndarray, probs: np.ndarray, classes: list[str], *, loss_sum: float | None = None
+) -> dict[str, Any]:
+    """Accuracy, top-5 (≥ 5 classes), macro/weighted F1, per-class precision/recall/F1/support, confusion matrix."""
+    n_classes = len(classes)
+    labels = np.asarray(labels, dtype=np.int64)
+    preds = probs.argmax(axis=1) if len(labels) else np.zeros(0, dtype=np.int64)
+    all_labels = list(range(n_classes))
+    out: dict[str, Any] = {"n": int(len(labels))}
+    if len(labels) == 0:
+        out.update(accuracy=0.0, macro_f1=0.0, weighted_f1=0.0, per_class=[], confusion_matrix=[])
+        return out
+    out["accuracy"] = float((preds == labels).mean())
+    if n_classes >= 5:
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        out["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    out["macro_f1"] = float(f1_score(labels, preds, labels=all_labels, average="macro", zero_division=0))
+    out["weighted_f1"] = float(f1_score(labels, preds, labels=all_labels, average="weighted", zero_division=0))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, preds, labels=all_labels, zero_division=0
+    )
+    out["per_class"] = [
+        {
+            "class": classes[i],
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i in range(n_classes)
+    ]
+    out["confusion_matrix"] = confusion_matrix(labels, preds, labels=all_labels).tolist()
+    if loss_sum is not None:
+        out["loss"] = float(loss_sum) / len(labels)
+    return out

@@ -1,0 +1,148 @@
+"""The training loop end to end on real data (scikit-learn digits): accuracy, outputs, resume, DDP, failures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from core.config import load_config
+from core.events import read_jsonl
+from core.train import main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs/digits.yaml"
+NO_EXPORT = ["export.enabled=false"]
+
+
+def _epochs(run: Path) -> list[int]:
+    return [r["data"]["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("digits") / "run"
+    report = train(load_config(DIGITS, NO_EXPORT), out)
+    return out, report
+
+
+def test_digits_preset_reaches_95_percent(digits_run: tuple[Path, dict[str, Any]]) -> None:
+    _, report = digits_run
+    assert report["test"]["accuracy"] >= 0.95, report["test"]["accuracy"]
+    assert report["test"]["macro_f1"] >= 0.94
+
+
+def test_run_folder_holds_the_contract_files(digits_run: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = digits_run
+    for name in ("config.yaml", "metrics.jsonl", "labels.json", "report.json", "split.json", "predictions.jsonl",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "labels.json").read_text()) == [str(i) for i in range(10)] == report["data"]["classes"]
+    test = report["test"]
+    assert set(test) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "top5_accuracy", "weighted_f1"}
+    assert len(test["per_class"]) == 10 and len(test["confusion_matrix"]) == 10
+    counts = report["data"]["counts"]
+    assert sum(counts.values()) == 1797 and counts["train"] > counts["val"] > counts["test"]
+    assert sum(map(sum, test["confusion_matrix"])) == counts["test"]
+    assert report["epochs_completed"] == load_config(DIGITS).train.epochs and report["world_size"] == 1
+    assert report["val"]["accuracy"] > 0.9 and "skipped_files" in report and report["seconds"] > 0
+    # every epoch once, 1-based, with the fields the dashboard draws
+    epochs = [r["data"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == list(range(1, report["epochs_completed"] + 1))
+    assert {"train_loss", "val_loss", "train_acc", "val_acc", "val_macro_f1", "lr", "images_per_sec"} <= set(epochs[0])
+    assert any(r["type"] == "step" for r in read_jsonl(out / "metrics.jsonl"))
+    # per-sample predictions agree with the reported accuracy; misclassified images exist as files
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == counts["test"]
+    assert sum(p["true"] == p["pred"] for p in preds) / len(preds) == pytest.approx(test["accuracy"])
+    for m in report["misclassified"]:
+        assert (out / m["image"]).is_file() and m["true"] != m["pred"]
+    # checkpoints load safely
+    ckpt = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["epoch"] == report["epochs_completed"] and {"model", "optimizer", "lr_scheduler", "rng"} <= set(ckpt)
+
+
+class _CrashAfter:
+    """A sink that raises after a given epoch's event: a real interruption of the loop."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def emit(self, type: str, data: dict[str, Any]) -> None:
+        if type == "epoch" and data["epoch"] == self.epoch:
+            raise KeyboardInterrupt("simulated crash")
+
+    def close(self) -> None:
+        pass
+
+
+def test_resume_ends_with_the_same_metrics_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    overrides = NO_EXPORT + ["train.epochs=3", "data.augment=classic"]
+    cfg = load_config(DIGITS, overrides)
+    whole = train(cfg, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", sink=_CrashAfter(2))
+    assert (tmp_path / "cut/CANCELLED").exists() and not (tmp_path / "cut/report.json").exists()
+    assert main([str(DIGITS), "--out", str(tmp_path / "cut"), "--resume", *sum((["--set", o] for o in overrides), [])]) == 0
+    resumed = json.loads((tmp_path / "cut/report.json").read_text())
+    assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
+    assert resumed["test"]["confusion_matrix"] == whole["test"]["confusion_matrix"]
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert _epochs(tmp_path / "cut") == [1, 2, 3]
+    start = [r["data"] for r in read_jsonl(tmp_path / "cut/metrics.jsonl") if r["type"] == "start"]
+    assert start[-1]["resumed_from"] == 2
+
+
+def test_same_seed_same_result_different_seed_different(tmp_path: Path) -> None:
+    base = NO_EXPORT + ["train.epochs=1"]
+    a = train(load_config(DIGITS, base), tmp_path / "a")
+    b = train(load_config(DIGITS, base), tmp_path / "b")
+    c = train(load_config(DIGITS, base + ["train.seed=1"]), tmp_path / "c")
+    assert a["test"]["confusion_matrix"] == b["test"]["confusion_matrix"]
+    assert json.loads((tmp_path / "a/split.json").read_text()) != json.loads((tmp_path / "c/split.json").read_text())
+    assert a["val"]["loss"] != c["val"]["loss"]
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.train", str(DIGITS), "--out", str(tmp_path / "r"), "--set", "optim.name=sgd",
+         "--set", "optim.lr=10", "--set", "train.epochs=2", "--set", "sched.name=none", "--set", "sched.warmup_epochs=0",
+         "--set", "export.enabled=false", "--set", "train.log_every=1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "loss became" in proc.stderr and "optim.lr" in proc.stderr
+    assert (tmp_path / "r/FAILED").exists()
+
+
+def test_early_stopping_ends_before_the_epoch_budget(tmp_path: Path) -> None:
+    report = train(load_config(DIGITS, NO_EXPORT + ["train.epochs=30", "train.early_stopping=1", "optim.lr=1e-5",
+                                                    "sched.name=none"]), tmp_path / "r")
+    assert report["epochs_completed"] < 30
+
+
+def test_torchrun_two_gloo_ranks_only_rank0_writes(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "core.train", str(DIGITS), "--out", str(out),
+         "--set", "train.epochs=2", "--set", "export.enabled=false"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["epochs_completed"] == 2
+    assert proc.stdout.count("done: test accuracy") == 1, "only rank 0 prints the summary"
+    assert _epochs(out) == [1, 2], "only rank 0 writes events: each epoch once"
+    assert sum(report["data"]["counts"].values()) == 1797
+    assert report["test"]["accuracy"] > 0.6

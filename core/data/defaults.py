@@ -1,0 +1,60 @@
+"""Constants of the data package, each with its unit. Change them here, nowhere else."""
+from __future__ import annotations
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""File suffixes (compared lower-cased) that imagefolder treats as images; every other file is ignored."""
+
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+"""Top-level folder names (compared lower-cased) that mark a pre-split imagefolder tree, mapped to our split names."""
+
+ZIP_MAX_TOTAL_BYTES = 4 * 1024**3
+"""Bytes: the most a dataset zip may expand to (sum of its entries' uncompressed sizes)."""
+
+ZIP_MAX_FILES = 200_000
+"""Entries: the most a dataset zip may hold."""
+
+CACHE_DIR_ENV = "DATA_CACHE_DIR"
+"""Environment variable naming the folder where zips are extracted (one sub-folder per zip content hash)."""
+
+DEFAULT_CACHE_DIR = "var/cache/datasets"
+"""Extraction cache when DATA_CACHE_DIR is unset, relative to the working directory (like var/artifacts/)."""
+
+CIFAR_DEFAULT_ROOT = "data"
+"""Folder holding cifar-10-batches-py/ or cifar-100-python/ when data.path is unset."""
+
+IMAGEFOLDER_DEFAULT_SIZE = 224
+"""Pixels: imagefolder input side when data.image_size is None and the images are not small."""
+
+SMALL_IMAGE_SIDE = 64
+"""Pixels: imagefolder images whose median shorter side is at most this keep their native side as input size."""
+
+CENTER_CROP_MIN_SIZE = 96
+"""Pixels: from this input side up, eval resizes the shorter side to side/CROP_RATIO and centre-crops (ImageNet style)."""
+
+CROP_RATIO = 0.875
+"""Fraction of the resized shorter side kept by the eval centre crop (224 / 256)."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet per-channel statistics (RGB, pixels in [0, 1]): imagefolder and the pretrained fallback."""
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+"""The usual CIFAR training-set statistics (RGB, pixels in [0, 1])."""
+
+STATS_MAX_IMAGES = 2048
+"""Images: at most this many train images are read to compute mean/std (digits, synthetic, cifar in L mode)."""
+
+SCAN_THREADS = 8
+"""Threads that open and decode images while scanning a folder (Pillow releases the GIL while decoding)."""
+
+THUMBNAIL_SIDE = 96
+"""Pixels: longest side of the thumbnails inspect_dataset returns."""
+
+IMBALANCE_WARNING_RATIO = 10.0
+"""inspect_dataset warns when the largest class has more than this many times the images of the smallest."""
+
+FEW_IMAGES_WARNING = 10
+"""inspect_dataset warns about classes with fewer than this many readable images."""

@@ -140,7 +140,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise RunDirError(f"{path / 'config.yaml'}: {err}") from None
     try:
         checkpoint = torch.load(path / "checkpoints/best.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle with non-tensor objects, ...
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with non-tensor objects, ...
         raise RunDirError(f"{path / 'checkpoints/best.pt'}: cannot be loaded ({type(err).__name__}: {err})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise RunDirError(f"{path / 'checkpoints/best.pt'}: expected a dict with a 'model' state_dict")
@@ -215,7 +215,7 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> tuple[Any, str | Non
     try:
         with _quiet():
             return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001
         return None, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
 
 
@@ -240,7 +240,7 @@ def export_onnx(model: nn.Module, program: Any, example: torch.Tensor, path: Pat
             if got == opset:
                 return {"exporter": "dynamo", "opset": got}
             attempts.append(f"dynamo: produced opset {got} instead of the requested {opset}")
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             attempts.append(f"dynamo: {type(err).__name__}: {str(err)[:300]}")
     else:
         attempts.append("dynamo: torch.export failed (see pt2.error)")
@@ -250,7 +250,7 @@ def export_onnx(model: nn.Module, program: Any, example: torch.Tensor, path: Pat
                               output_names=["logits"], opset_version=opset,
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         return {"exporter": "torchscript", "opset": onnx_opset(path), "fallback_reason": "; ".join(attempts)}
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001
         attempts.append(f"torchscript: {type(err).__name__}: {str(err)[:300]}")
     if program is not None and path.exists():  # the dynamo file with another opset beats no file
         return {"exporter": "dynamo", "opset": onnx_opset(path), "opset_requested": opset,
@@ -264,7 +264,7 @@ def check_onnx(path: Path, in_chans: int, size: tuple[int, int]) -> None:
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001
         raise ExportError(f"{path.name}: onnx.checker rejected the model: {err}") from None
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
@@ -302,7 +302,7 @@ def check_parity(model: nn.Module, session: Any, x: torch.Tensor) -> dict[str, A
     # a disagreement is excused only where PyTorch's own top-2 logits are within the tolerance: a genuine tie
     top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
     ties = int(((~agree) & (top2[:, 1] - top2[:, 0] <= PARITY_ATOL)).sum())
-    return {"max_abs_diff": diff, "top1_agreement": float(agree.mean()), "parity_images": int(len(xn)),
+    return {"max_abs_diff": diff, "top1_agreement": float(agree.mean()), "parity_images": len(xn),
             "tolerance": PARITY_ATOL, "ties": ties, "ok": bool(diff <= PARITY_ATOL and int((~agree).sum()) == ties)}
 
 
@@ -342,7 +342,13 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, work: Path, *, activ
     quant_pre_process first: its shape inference and graph optimisation (Conv+BatchNorm folding) give the quantizer
     fused convolutions to quantize, which is both faster and more accurate than quantizing around BatchNorm.
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader_cls = type("CalibReader", (_ArrayReader, CalibrationDataReader), {})
@@ -351,7 +357,7 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, work: Path, *, activ
     try:
         with _quiet():
             quant_pre_process(str(fp32), str(pre))
-    except Exception:  # symbolic shape inference does not know every op; quantize the plain model then
+    except Exception:  # noqa: BLE001 - symbolic shape inference does not know every op; quantize the plain model then
         pre_processed = False
         shutil.copyfile(fp32, pre)
     with _quiet():
@@ -360,7 +366,7 @@ def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, work: Path, *, activ
                         activation_type=getattr(QuantType, activation_type), calibrate_method=CalibrationMethod.MinMax)
     pre.unlink(missing_ok=True)
     return {"format": "QDQ", "per_channel": True, "weight_type": "QInt8", "activation_type": activation_type,
-            "reduce_range": reduce_range, "calibration": "MinMax", "calib_images": int(len(calib)),
+            "reduce_range": reduce_range, "calibration": "MinMax", "calib_images": len(calib),
             "pre_processed": pre_processed}
 
 
@@ -404,7 +410,7 @@ def probe_tensorrt(onnx_path: Path, x1: np.ndarray, cpu_logits: np.ndarray) -> d
             return {"available": True, "backend": "onnxruntime TensorrtExecutionProvider", "precision": "fp32",
                     "latency_ms_batch1": latency_ms(session, x1),
                     "max_abs_diff_vs_cpu": float(np.abs(got - cpu_logits).max())}
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             reasons.append(f"onnxruntime TensorrtExecutionProvider failed: {type(err).__name__}: {str(err)[:300]}")
     else:
         reasons.append("onnxruntime has no TensorrtExecutionProvider")
@@ -418,7 +424,7 @@ def probe_tensorrt(onnx_path: Path, x1: np.ndarray, cpu_logits: np.ndarray) -> d
         else:
             try:
                 return _tensorrt_native(onnx_path, x1, cpu_logits)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001
                 return {"available": True, "ok": False, "backend": "tensorrt",
                         "error": f"{type(err).__name__}: {str(err)[:500]}", "reason": "; ".join(reasons)}
     return {"available": False, "reason": "not available: " + "; ".join(reasons)}
@@ -486,33 +492,33 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
                 f"resize shorter side to {pp['resize_shorter']} (bilinear), centre-crop {pp['center_crop']}")
     lines = [
         f"# Model card: {cfg.model.name} on {cfg.data.name}", "",
-        f"An image classifier for {len(run.classes)} classes, trained with this project's managed training "
-        f"(run folder `{run.path.name}`). Exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+        (f"An image classifier for {len(run.classes)} classes, trained with this project's managed training "
+        f"(run folder `{run.path.name}`). Exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."), "",
         "## Use it", "",
         "```", "pip install onnxruntime numpy pillow", "python predict.py model.onnx image.png --top-k 5 [--json]", "```",
-        "", f"Input `input` float32 [batch, {run.in_chans}, {h}, {w}]; output `logits` [batch, {len(run.classes)}] "
+        "", (f"Input `input` float32 [batch, {run.in_chans}, {h}, {w}]; output `logits` [batch, {len(run.classes)}] "
         "(softmax gives probabilities). Preprocessing (preprocess.json): convert to "
-        f"{pp['color_mode']}, {geometry}, pixels / 255, subtract mean {pp['mean']}, divide by std {pp['std']}, CHW.",
+        f"{pp['color_mode']}, {geometry}, pixels / 255, subtract mean {pp['mean']}, divide by std {pp['std']}, CHW."),
         "", "## Intended use and limitations", "",
-        f"- Classifies images that look like the training data ({cfg.data.name}) into exactly these classes: "
+        (f"- Classifies images that look like the training data ({cfg.data.name}) into exactly these classes: "
         f"{', '.join(run.classes[:50])}{' …' if len(run.classes) > 50 else ''}. Anything else is still forced into "
-        "one of them; a low top-1 probability is a hint, not a guarantee, that an image is out of scope.",
-        "- Accuracy below is measured on a held-out split of the same dataset; expect lower accuracy on images from "
-        "other cameras, lighting, framing or populations. Validate on your own data before relying on it.",
-        "- Not for decisions about people or safety-critical uses without further evaluation. EXIF orientation is "
-        "not applied (training did not apply it either).", "",
+        "one of them; a low top-1 probability is a hint, not a guarantee, that an image is out of scope."),
+        ("- Accuracy below is measured on a held-out split of the same dataset; expect lower accuracy on images from "
+        "other cameras, lighting, framing or populations. Validate on your own data before relying on it."),
+        ("- Not for decisions about people or safety-critical uses without further evaluation. EXIF orientation is "
+        "not applied (training did not apply it either)."), "",
         "## Data", "",
-        f"- Dataset: {cfg.data.name}{f' ({cfg.data.path})' if cfg.data.path else ''}; split train/val/test "
+        (f"- Dataset: {cfg.data.name}{f' ({cfg.data.path})' if cfg.data.path else ''}; split train/val/test "
         f"{counts.get('train', '?')}/{counts.get('val', '?')}/{counts.get('test', '?')} images "
-        f"(fractions {cfg.data.split}, seed {cfg.train.seed}).",
+        f"(fractions {cfg.data.split}, seed {cfg.train.seed})."),
         f"- Skipped unreadable files: {len(report.get('skipped_files', []))}.", "",
         "## Training", "",
-        f"- Model `{cfg.model.name}` (pretrained: {cfg.model.pretrained}, freeze: {cfg.model.freeze}), "
-        f"{report.get('model', {}).get('parameters', '?')} parameters.",
-        f"- {report.get('epochs_completed', '?')} epochs, batch {cfg.train.batch_size}, {cfg.optim.name} lr "
+        (f"- Model `{cfg.model.name}` (pretrained: {cfg.model.pretrained}, freeze: {cfg.model.freeze}), "
+        f"{report.get('model', {}).get('parameters', '?')} parameters."),
+        (f"- {report.get('epochs_completed', '?')} epochs, batch {cfg.train.batch_size}, {cfg.optim.name} lr "
         f"{cfg.optim.lr:g} wd {cfg.optim.weight_decay:g}, schedule {cfg.sched.name}, augment {cfg.data.augment}, "
         f"AMP {cfg.train.amp}, {report.get('world_size', 1)} process(es) on {report.get('device', '?')}, "
-        f"{report.get('seconds', 0):.0f} s.",
+        f"{report.get('seconds', 0):.0f} s."),
     ]
     if "pruning" in report:
         pr = report["pruning"]
@@ -544,11 +550,11 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
         lines += ["", f"Confusion matrix: {len(cm)}×{len(cm)}, see report.json (too large for this card)."]
     lines += [
         "", "## Export verification", "",
-        f"- `model.onnx`: FP32, opset {onnx_info['opset']}, exporter {onnx_info['exporter']}, "
+        (f"- `model.onnx`: FP32, opset {onnx_info['opset']}, exporter {onnx_info['exporter']}, "
         f"{_mb(onnx_info['bytes'])}. ONNX Runtime vs PyTorch on {onnx_info['parity_images']} real images: "
         f"max |Δlogit| {onnx_info['max_abs_diff']:.2e} (limit {PARITY_ATOL:g}), top-1 agreement "
         f"{_pct(onnx_info['top1_agreement'])}. Batch-1 latency {onnx_info.get('latency_ms_batch1', float('nan')):.2f} "
-        "ms on the exporting machine's CPU.",
+        "ms on the exporting machine's CPU."),
     ]
     if int8.get("ok"):
         lines.append(f"- `model.int8.onnx`: static QDQ INT8 (per-channel {int8['weight_type']} weights, "
@@ -569,8 +575,8 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
     lines.append(f"- TensorRT: {trt['backend']}, batch-1 latency {trt['latency_ms_batch1']:.3f} ms."
                  if trt.get("latency_ms_batch1") is not None else f"- TensorRT: {trt.get('reason') or trt.get('error')}.")
     lines += ["", "## Versions", "",
-              f"torch {torch.__version__}, onnx {export['versions'].get('onnx')}, onnxruntime "
-              f"{export['versions'].get('onnxruntime')}, python {sys.version.split()[0]}.", ""]
+              (f"torch {torch.__version__}, onnx {export['versions'].get('onnx')}, onnxruntime "
+              f"{export['versions'].get('onnxruntime')}, python {sys.version.split()[0]}."), ""]
     return "\n".join(lines)
 
 
@@ -649,7 +655,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
         try:
             torch.export.save(program, str(out / "model.pt2"))
             pt2["bytes"] = (out / "model.pt2").stat().st_size
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             pt2 = {"ok": False, "error": f"torch.export.save: {type(err).__name__}: {str(err)[:300]}"}
     else:
         pt2["error"] = f"torch.export: {trace_error}"
@@ -684,7 +690,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
             onnx.checker.check_model(str(out / "model.int8.onnx"))
             sessions["int8"] = ort_session(out / "model.int8.onnx")
             int8.update(ok=True, bytes=(out / "model.int8.onnx").stat().st_size, quantize_seconds=time.time() - t)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             (out / "model.int8.onnx").unlink(missing_ok=True)
             int8 = {"ok": False, "error": f"{type(err).__name__}: {str(err)[:500]}"}
             log(f"export: INT8 quantization failed, FP32 export continues: {int8['error']}")
@@ -696,7 +702,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
     fp32_acc = float((preds["fp32"] == labels).mean()) if len(labels) else float("nan")
     onnx_info["accuracy"] = fp32_acc
     onnx_info["pytorch_accuracy"] = run.report.get("test", {}).get("accuracy")
-    onnx_info["test_images"] = int(len(labels))
+    onnx_info["test_images"] = len(labels)
     x1 = parity_x[:1].numpy()
     onnx_info["latency_ms_batch1"] = latency_ms(session, x1)
     if "int8" in sessions:
@@ -737,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     except CoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_code(err)
-    except Exception:
+    except Exception:  # noqa: BLE001
         traceback.print_exc()
         print("error: export failed (traceback above)", file=sys.stderr)
         return 1

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.images:
         try:
             pending.append((name, preprocess_image(load_image(name), pp)))
-        except Exception as err:  # one unreadable file should not hide the others' results
+        except Exception as err:  # noqa: BLE001 - one unreadable file should not hide the others' results
             print(f"error: {name}: {err}", file=sys.stderr)
             failed += 1
         if len(pending) >= BATCH_SIZE:

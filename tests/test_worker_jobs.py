@@ -1,0 +1,208 @@
+"""Real jobs through real workers: `python -m worker run` subprocesses against the session's redis-server, training
+digits on CPU (gloo for 2 ranks). Cancel and recovery check the process table, not just the status."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from worker import api, keys
+from worker.submit import submit_job
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs/digits.yaml"
+FAST = ["export.enabled=false", "train.log_every=2"]
+"""Every job here: digits, no export (the Export issue tests that), frequent step events."""
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
+             explain: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{explain()}" if explain else ""))
+
+
+def explain(conn: Any, job_id: str, spawn: Any) -> Callable[[], str]:
+    """What a failed wait prints: the job's status, its log tail and every worker's output."""
+    def text() -> str:
+        st = api.job_status(conn, job_id)
+        st.pop("config", None)
+        logs = "\n".join(e["line"] for e in api.logs_tail(conn, job_id, 60))
+        workers = "\n".join(f"--- {p.args}\n{spawn.output(p)[-3000:]}" for p in spawn.procs)
+        return f"status: {st}\nlogs:\n{logs}\nworkers:\n{workers}"
+    return text
+
+
+def state_of(conn: Any, job_id: str) -> str:
+    return api.job_status(conn, job_id)["state"]
+
+
+def epochs_streamed(conn: Any, job_id: str) -> list[int]:
+    return [e["epoch"] for e in api.epoch_events(conn, job_id)]
+
+
+def rank_processes(token: str) -> list[psutil.Process]:
+    """Live training processes (core.train or torchrun, any rank) started by this test."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if ("core.train" in cmd or "torch.distributed.run" in cmd) and "worker.guard" not in cmd \
+                    and proc.environ().get("TRAINER_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m ARGS` in the repo root, output captured (exit codes are asserted by the caller)."""
+    return subprocess.run([sys.executable, "-m", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def start_worker(spawn: Any, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return spawn.python(["worker", "run", "--cpu", "--slots", "2", *args], env, name="worker")
+
+
+def test_submit_then_burst_worker_trains_to_finished(redis_conn: Any, job_env: dict[str, str], spawn: Any) -> None:
+    job_id = submit_job(DIGITS, ["train.epochs=2", *FAST], connection=redis_conn, allow_local_paths=True)
+    assert state_of(redis_conn, job_id) == "queued"
+
+    worker = start_worker(spawn, job_env, "--burst")
+    assert worker.wait(timeout=150) == 0, spawn.output(worker)
+
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "finished", (st, spawn.output(worker))
+    assert st["progress"] == 1.0 and st["epoch"] == 2 and st["epochs"] == 2
+    assert 0.3 < st["best_val_acc"] <= 1.0
+    assert st["started_at"] >= st["submitted_at"] and st["ended_at"] >= st["started_at"]
+    assert epochs_streamed(redis_conn, job_id) == [1, 2]
+    types = {e["type"] for e in api.events_since(redis_conn, job_id)}
+    assert {"start", "step", "epoch", "phase", "report"} <= types
+
+    files = api.artifact_files(job_id)
+    assert {"report.json", "checkpoints/last.pt", "config.yaml", "job.log"} <= set(files)
+    assert st["artifacts"]["report"].endswith("report.json") and st["artifacts"]["partial"] is False
+    report = json.loads(api.read_artifact(job_id, "report"))
+    assert report["epochs_completed"] == 2
+    assert any("epoch 2/2" in line["line"] for line in api.logs_tail(redis_conn, job_id))
+
+    # the CLI reads the same status, as JSON with the contract's keys
+    out = run_cli(["worker", "status", job_id, "--json"], job_env)
+    cli = json.loads(out.stdout)
+    assert {"state", "progress", "epoch", "epochs", "error", "artifacts"} <= set(cli)
+    assert cli["state"] == "finished"
+
+
+def test_two_rank_gloo_job_and_a_failing_job(redis_conn: Any, job_env: dict[str, str], spawn: Any) -> None:
+    """`--gpus 2` on a CPU worker: two gloo ranks under torchrun. A job that fails by itself (its CIFAR files are
+    missing on the worker: core exits 2 while loading data) ends `failed` with the error and the log tail, once:
+    no retry."""
+    ddp = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, gpus=2, allow_local_paths=True)
+    missing = Path(job_env["TRAINER_VAR_DIR"]) / "no-cifar-here"
+    bad = submit_job(DIGITS, ["data.name=cifar10", f"data.path={missing}", *FAST], connection=redis_conn,
+                     allow_local_paths=True)
+    worker = start_worker(spawn, job_env, "--burst")
+    assert worker.wait(timeout=170) == 0, spawn.output(worker)
+
+    st = api.job_status(redis_conn, ddp)
+    assert st["state"] == "finished", (st, api.logs_tail(redis_conn, ddp))
+    start = next(e for e in api.events_since(redis_conn, ddp) if e["type"] == "start")
+    assert start["data"]["world_size"] == 2
+    assert epochs_streamed(redis_conn, ddp) == [1]
+    assert json.loads(api.read_artifact(ddp, "report"))["world_size"] == 2
+
+    st = api.job_status(redis_conn, bad)
+    assert st["state"] == "failed" and st["exit_code"] == 2, st
+    assert "no-cifar-here" in st["error"] and st["error_kind"] == "DataError", st["error"]
+    assert st["log_tail"] and any("no-cifar-here" in line for line in st["log_tail"])
+    assert st["attempt"] == 0 and st["recoveries"] == 0
+    assert redis_conn.llen(b"rq:queue:" + keys.queue_name(1, "default").encode()) == 0  # not re-queued
+
+
+def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str,
+                                         redis_url: str) -> None:
+    job_id = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, gpus=2, allow_local_paths=True)
+    worker = start_worker(spawn, job_env)
+    wait_for(lambda: any(e["type"] == "step" for e in api.events_since(redis_conn, job_id)), 90, "the first step")
+    ranks = rank_processes(test_token)
+    assert len(ranks) >= 3, [p.cmdline() for p in ranks]  # torchrun + 2 ranks
+
+    # RQ's own CLI sees our queues and the busy worker (JSON payloads, password in the URL)
+    info = run_cli(["rq.cli", "info", "--url", redis_url], job_env)
+    assert info.returncode == 0, info.stderr
+    assert keys.queue_name(2, "default") in info.stdout
+    worker_name = api.list_workers(redis_conn)[0]["name"]
+    assert worker_name in info.stdout
+
+    t0 = time.monotonic()
+    out = run_cli(["worker", "cancel", job_id], job_env)
+    assert out.returncode == 0 and "cancelled" in out.stdout, (out.stdout, out.stderr)
+    assert time.monotonic() - t0 < 10 + 3  # + the CLI's own start-up
+    assert psutil.wait_procs(ranks, timeout=1)[1] == []
+    assert rank_processes(test_token) == []
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "cancelled" and st["artifacts"]["partial"] is True
+    assert worker.poll() is None  # the worker survives a cancel and goes back to idle
+    wait_for(lambda: api.list_workers(redis_conn)[0]["state"] == "idle", 10, "the worker to be idle")
+
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert api.list_workers(redis_conn) == []  # a worker leaving cleanly withdraws at once
+
+
+def test_cancel_queued_job_never_runs(redis_conn: Any, job_env: dict[str, str]) -> None:
+    job_id = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    assert api.cancel_job(redis_conn, job_id) == "cancelled"
+    assert redis_conn.llen(b"rq:queue:" + keys.queue_name(1, "default").encode()) == 0
+    assert api.job_status(redis_conn, job_id)["state"] == "cancelled"
+    assert api.cancel_job(redis_conn, job_id) == "cancelled"  # idempotent
+
+
+def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                test_token: str) -> None:
+    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True)
+    first = start_worker(spawn, job_env)
+    wait_for(lambda: 1 in epochs_streamed(redis_conn, job_id), 120, "epoch 1")
+    ranks = rank_processes(test_token)
+    assert ranks
+    dead_name = api.job_status(redis_conn, job_id)["worker"]
+
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    # the guard notices its worker died and kills the run: nothing keeps training on the dead worker's machine
+    assert psutil.wait_procs(ranks, timeout=5)[1] == []
+    wait_for(lambda: dead_name not in [w["name"] for w in api.list_workers(redis_conn)], 30,
+             "the dead worker to disappear")
+
+    t_dead = time.monotonic()
+    second = start_worker(spawn, job_env)
+    wait_for(lambda: state_of(redis_conn, job_id) in ("recovering", "running", "finished")
+             and api.job_status(redis_conn, job_id)["attempt"] == 1, 60, "the job to be re-queued")
+    assert time.monotonic() - t_dead < 60
+    wait_for(lambda: state_of(redis_conn, job_id) == "finished", 150, "the resumed job to finish",
+             explain=explain(redis_conn, job_id, spawn))
+
+    st = api.job_status(redis_conn, job_id)
+    assert st["recoveries"] == 1 and st["attempt"] == 1 and st["worker"] != dead_name
+    assert epochs_streamed(redis_conn, job_id) == [1, 2, 3]  # each epoch once, the re-emitted one dropped
+    starts = [e["data"] for e in api.events_since(redis_conn, job_id) if e["type"] == "start"]
+    assert starts[-1]["resumed_from"] >= 1  # the second attempt did not start from epoch 1
+    logs = [entry["line"] for entry in api.logs_tail(redis_conn, job_id, 2000)]
+    assert any("re-queued as attempt 1" in line for line in logs)
+    assert any("resuming from the last checkpoint" in line for line in logs)
+
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0

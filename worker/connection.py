@@ -1,0 +1,107 @@
+"""Which Redis to talk to: `REDIS_URL` (passwords and `rediss://` work), else the embedded server of this machine.
+
+Connections are created here and then passed explicitly; nothing in the package keeps a global client.
+Clients are in bytes mode (what RQ expects); our helpers decode.
+"""
+from __future__ import annotations
+
+import os
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+from worker.defaults import REDIS_CONNECT_TIMEOUT, REDIS_HOST, REDIS_PORT
+from worker.errors import RedisUnavailableError
+from worker.paths import password_file
+
+
+def embedded_port() -> int:
+    """Port of the embedded Redis: env `REDIS_PORT` or 6379."""
+    raw = os.environ.get("REDIS_PORT", "").strip()
+    if not raw:
+        return REDIS_PORT
+    try:
+        port = int(raw)
+    except ValueError:
+        raise RedisUnavailableError(f"REDIS_PORT must be a port number, got {raw!r}") from None
+    if not 0 < port < 65536:
+        raise RedisUnavailableError(f"REDIS_PORT must be between 1 and 65535, got {port}")
+    return port
+
+
+def embedded_password() -> str | None:
+    """The password the embedded server was started with (None before its first start)."""
+    path = password_file()
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def embedded_url(password: str | None = None, port: int | None = None) -> str:
+    """URL of the embedded server; the password is read from var/redis/password when not given."""
+    password = password if password is not None else embedded_password()
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{REDIS_HOST}:{port or embedded_port()}/0"
+
+
+def redis_url() -> str:
+    """`REDIS_URL` if set, else the embedded server's URL (with its password)."""
+    return os.environ.get("REDIS_URL", "").strip() or embedded_url()
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by `***`, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def connect(url: str | None = None) -> redis.Redis:
+    """A client for `url` (default `redis_url()`). Lazy: nothing is sent until the first command."""
+    url = url or redis_url()
+    conn = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+    conn._trainer_url = url  # the exact URL (TLS options included) for child processes, see connection_url()
+    return conn
+
+
+def check(conn: redis.Redis) -> redis.Redis:
+    """PING; a friendly RedisUnavailableError instead of a driver traceback when it fails."""
+    url = connection_url(conn)
+    try:
+        conn.ping()
+    except redis.exceptions.AuthenticationError as err:
+        raise RedisUnavailableError(f"Redis at {redact(url)} refused the password: {err}") from None
+    except redis.exceptions.ResponseError as err:
+        if "NOAUTH" in str(err):
+            raise RedisUnavailableError(
+                f"Redis at {redact(url)} needs a password: set REDIS_URL=redis://:PASSWORD@host:port/0"
+            ) from None
+        raise RedisUnavailableError(f"Redis at {redact(url)}: {err}") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as err:
+        hint = "" if os.environ.get("REDIS_URL") else " (start it with `python -m worker redis` or `honcho start`)"
+        raise RedisUnavailableError(f"cannot reach Redis at {redact(url)}{hint}: {err}") from None
+    return conn
+
+
+def connection_url(conn: redis.Redis) -> str:
+    """A URL that reaches the same server as `conn` (password included), for child processes."""
+    if getattr(conn, "_trainer_url", None):
+        return conn._trainer_url
+    kw = conn.connection_pool.connection_kwargs
+    scheme = "rediss" if conn.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
+    if "path" in kw:
+        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
+    user = quote(kw.get("username") or "", safe="")
+    password = kw.get("password")
+    auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
+    return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"

@@ -1,0 +1,103 @@
+"""Every tunable constant of the worker package, in one place. Environment variables override a few (named below)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The repository root; relative default paths (var/, ARTIFACTS_DIR) are resolved against it, not the cwd."""
+
+VAR_DIR = "var"
+"""Local state folder (embedded Redis data, caches), relative to REPO_ROOT; env TRAINER_VAR_DIR overrides."""
+
+ARTIFACTS_DIR = "var/artifacts"
+"""Default artifact store (a folder relative to REPO_ROOT); env ARTIFACTS_DIR overrides with a path or fsspec URL."""
+
+REDIS_HOST = "127.0.0.1"
+"""Interface the embedded Redis binds to: loopback only, never a public address."""
+
+REDIS_PORT = 6379
+"""TCP port of the embedded Redis; env REDIS_PORT overrides."""
+
+REDIS_PASSWORD_BYTES = 24
+"""Entropy of the generated embedded-Redis password, in bytes (token_urlsafe makes it ~32 characters)."""
+
+REDIS_CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a TCP connection to Redis before giving up."""
+
+REDIS_RETRY_SECONDS = 120.0
+"""Seconds a worker keeps retrying a final job-state write while Redis is unreachable."""
+
+KEY_PREFIX = "trainer"
+"""Prefix of every key this project writes (RQ's own keys keep RQ's `rq:` prefix)."""
+
+QUEUE_PREFIX = "train"
+"""RQ queue names are `train:g{N}:{priority}`: N GPUs (or CPU ranks) per job."""
+
+PRIORITIES = ("high", "default", "low")
+"""Queue priorities, in the order a worker serves them."""
+
+MAX_GPUS_PER_JOB = 16
+"""Largest `--gpus N` a job may ask for (one node); more is refused at submission."""
+
+MAX_CPU_SLOTS = 8
+"""Upper bound of the default slot count of a CPU-only worker (gloo ranks it can run at once)."""
+
+HEARTBEAT_INTERVAL = 2.0
+"""Seconds between a worker's heartbeats (advertisement refresh, RQ heartbeat, recovery scan tick)."""
+
+HEARTBEAT_TTL = 10
+"""Seconds a worker's advertisement lives without a heartbeat; env WORKER_HEARTBEAT_TTL overrides (tests shorten it)."""
+
+RECOVERY_SCAN_INTERVAL = 4.0
+"""Seconds between a worker's scans for running jobs whose worker has vanished."""
+
+STUCK_RECOVERY_SECONDS = 30.0
+"""Seconds a job may sit in `recovering` without its next attempt in a queue before a worker enqueues it again."""
+
+MAX_RECOVERIES = 3
+"""Times a job is re-queued after its worker died before it is failed for good."""
+
+CANCEL_POLL_INTERVAL = 0.5
+"""Seconds between the job monitor's checks of the cancel flag, time limit and child exit."""
+
+TERMINATE_GRACE = 5.0
+"""Seconds between SIGTERM and SIGKILL when a job's process tree is stopped (cancel, timeout, shutdown)."""
+
+GUARD_POLL_INTERVAL = 0.3
+"""Seconds between the guard process's checks that its parent (the worker) is still alive."""
+
+EVENT_STREAM_MAXLEN = 20_000
+"""Approximate cap (entries) of a job's event stream (XADD MAXLEN ~)."""
+
+LOG_STREAM_MAXLEN = 10_000
+"""Approximate cap (lines) of a job's log stream (XADD MAXLEN ~)."""
+
+LOG_TAIL_LINES = 40
+"""Log lines copied into a failed job's status (`log_tail`)."""
+
+FLUSH_INTERVAL = 0.25
+"""Seconds between batched XADD flushes of events and log lines."""
+
+FLUSH_BATCH = 200
+"""Entries per pipeline round trip when flushing events or log lines."""
+
+SINK_BUFFER = 50_000
+"""Events buffered in memory while Redis is unreachable; older step events are dropped beyond it."""
+
+SINK_CLOSE_TIMEOUT = 10.0
+"""Seconds `close()` of the Redis sink waits for the last flush before giving up."""
+
+ARTIFACT_SYNC_INTERVAL = 10.0
+"""Minimum seconds between uploads of a running job's run folder to a remote artifact store."""
+
+JOB_RESULT_TTL = 7 * 24 * 3600
+"""Seconds RQ keeps its own job records; our status hashes stay until the job is deleted."""
+
+STATUS_WAIT_CANCEL = 12.0
+"""Seconds `python -m worker cancel` waits for a running job to reach `cancelled` before returning."""
+
+LIST_LIMIT = 500
+"""Most jobs `list_jobs` returns (newest first)."""
+
+UPLOAD_MAX_BYTES = 2 * 1024**3
+"""Largest dataset (zip or zipped folder) submission uploads to the artifact store, in bytes."""

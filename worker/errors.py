@@ -1,0 +1,34 @@
+"""Every exception the worker package raises on purpose; each message is meant for the user."""
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base class of the worker package's errors."""
+
+
+class SubmissionError(WorkerError):
+    """A job was refused at submission (bad config, dataset, GPU count, ...); nothing was enqueued. CLI exit 2."""
+
+
+class NoSuchJobError(WorkerError):
+    """No job with this id exists (or the id is malformed)."""
+
+
+class InvalidJobStateError(WorkerError):
+    """The operation does not apply to the job in its current state (e.g. delete while running)."""
+
+
+class RedisUnavailableError(WorkerError):
+    """Redis cannot be reached or refused the credentials."""
+
+
+class EmbeddedRedisError(WorkerError):
+    """The embedded Redis cannot start (port taken by something else, binary missing, ...)."""
+
+
+class ArtifactError(WorkerError):
+    """The artifact store cannot be read or written, or an artifact name is not one of the job's files."""
+
+
+class JobFailed(WorkerError):
+    """Raised by the RQ job function so RQ records the failure; our status hash holds the details."""

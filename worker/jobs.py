@@ -1,0 +1,336 @@
+"""The RQ job function: run one attempt of a training job and leave its status in a final (or recovering) state.
+
+`train(job_id)` is what RQ calls (by import path, with a JSON argument). Inside a `python -m worker run` process the
+worker hands over its context (connection, name, devices, store, shutdown flag) with `set_context`; under a plain
+`rq worker` the context is built from RQ's current job, so the function still works, without recovery.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from worker import keys
+from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
+from worker.connection import connection_url
+from worker.defaults import (
+    ARTIFACT_SYNC_INTERVAL,
+    CANCEL_POLL_INTERVAL,
+    LOG_TAIL_LINES,
+    REDIS_RETRY_SECONDS,
+    TERMINATE_GRACE,
+)
+from worker.errors import ArtifactError, JobFailed
+from worker.launcher import Launched, train_command, train_env
+from worker.queues import discard_rq_job, enqueue_attempt
+from worker.status import JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
+from worker.streaming import LogWriter
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """What a job needs from the worker process running it."""
+
+    connection: redis.Redis
+    redis_url: str
+    worker_name: str
+    devices: list[int] | None
+    store: ArtifactStore
+    shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the worker is asked to stop: the running job is stopped and re-queued to resume elsewhere."""
+    current_job: str | None = None
+
+
+_context: WorkerContext | None = None
+
+
+def set_context(ctx: WorkerContext | None) -> None:
+    """The worker process registers itself here before it starts dequeuing (one worker per process)."""
+    global _context
+    _context = ctx
+
+
+def _fallback_context() -> WorkerContext:
+    from rq import get_current_job
+
+    rq_job = get_current_job()
+    conn = rq_job.connection
+    return WorkerContext(connection=conn, redis_url=connection_url(conn), worker_name=rq_job.worker_name or "rq",
+                         devices=None, store=ArtifactStore())
+
+
+def train(job_id: str) -> dict[str, Any]:
+    """RQ entry point. Raises JobFailed when the run failed, so RQ's failed registry agrees with our status."""
+    ctx = _context or _fallback_context()
+    result = JobRun(ctx, job_id).run()
+    if result["state"] == JobState.FAILED.value:
+        raise JobFailed(f"job {job_id} failed: {result.get('error')}")
+    return result
+
+
+def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Retry a Redis write for up to REDIS_RETRY_SECONDS: a final state must not be lost to a Redis restart."""
+    deadline = time.monotonic() + REDIS_RETRY_SECONDS
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class JobRun:
+    """One attempt of one job on this worker."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str):
+        self.ctx = ctx
+        self.conn = ctx.connection
+        self.job_id = keys.check_job_id(job_id)
+        self.store = ctx.store
+        self.log: LogWriter | None = None
+        self.log_file: Any = None
+        self.sync_state: dict[str, tuple[int, int]] = {}
+        self.run_dir: Path | None = None
+
+    # ----------------------------------------------------------------------------------------------------- helpers
+    def note(self, msg: str) -> None:
+        """A line from the worker itself into the job's log."""
+        self.on_line(f"[worker] {msg}\n", src="worker")
+
+    def on_line(self, line: str, src: str = "train") -> None:
+        if self.log is not None:
+            self.log.write(line, src)
+        if self.log_file is not None:
+            try:
+                self.log_file.write(line if line.endswith("\n") else line + "\n")
+                self.log_file.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _start(self) -> dict[str, Any] | None:
+        """Claim the job; None when it is not ours to run (cancelled while queued, deleted, already running)."""
+        from rq import get_current_job
+
+        rq_job = get_current_job()
+        rq_id = rq_job.id if rq_job is not None else self.job_id
+        result = _retry_redis(mark_started, self.conn, self.job_id, self.ctx.worker_name, rq_id)
+        if result != "ok":
+            return None
+        return read_status(self.conn, self.job_id)
+
+    def _prepare(self, status: dict[str, Any]) -> tuple[Path, list[str], int, bool]:
+        cfg = dict(status.get("config") or {})
+        data = dict(cfg.get("data") or {})
+        path = data.get("path")
+        if path and str(path).startswith(DATASET_REF_PREFIX):
+            self.note(f"fetching dataset {path}")
+            data["path"] = str(self.store.fetch_dataset(path))
+        cfg["data"] = data
+        run_dir = self.store.local_run_dir(self.job_id)
+        attempt = int(status.get("attempt") or 0)
+        resume = attempt > 0
+        if resume and not self.store.is_local:
+            n = self.store.sync_down(self.job_id, run_dir)
+            self.note(f"downloaded {n} file(s) of the run folder from {self.store.url} to resume")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir.parent / "job_config.yaml"
+        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        nproc = int(status.get("gpus") or 1)
+        cmd = train_command(config_path, run_dir, nproc=nproc, resume=resume)
+        self.run_dir = run_dir
+        return run_dir, cmd, nproc, resume
+
+    def _poll_flags(self) -> str | None:
+        """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
+        deleted), None otherwise. Redis errors keep the run going: training does not need Redis."""
+        try:
+            cancel, state, owner = self.conn.hmget(keys.job(self.job_id), "cancel_requested", "state", "worker")
+        except redis.exceptions.RedisError:
+            return None
+        if cancel == b"1":
+            return "cancel"
+        if state != b"running" or (owner or b"").decode() != self.ctx.worker_name:
+            return "lost"
+        return None
+
+    def _sync(self, final: bool = False) -> None:
+        if self.store.is_local or self.run_dir is None:
+            return
+        try:
+            n = self.store.sync_up(self.job_id, self.run_dir, self.sync_state)
+            if final:
+                self.note(f"uploaded the run folder to {self.store.url} ({n} changed file(s))")
+        except (OSError, ArtifactError) as err:
+            self.note(f"artifact upload failed: {err}")
+            if final:
+                raise ArtifactError(f"cannot upload the run folder to {self.store.url}: {err}") from None
+
+    def _syncer(self, stop: threading.Event) -> None:
+        """Remote store: upload the run folder while it trains (after each new checkpoint, at most every 10 s)."""
+        last_sig = None
+        ckpt = (self.run_dir or Path(".")) / "checkpoints" / "last.pt"
+        while not stop.wait(ARTIFACT_SYNC_INTERVAL):
+            try:
+                sig = ckpt.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if sig != last_sig:
+                last_sig = sig
+                self._sync()
+
+    def _error_from(self, status: dict[str, Any] | None, rc: int | None) -> tuple[str, str]:
+        status = status or {}
+        if status.get("error"):
+            return str(status["error"]), str(status.get("error_kind") or "TrainingError")
+        tail = list(self.log.tail) if self.log else []
+        for line in reversed(tail):
+            if line.startswith("error:") or "Error:" in line:
+                return line.strip(), "TrainingError"
+        return f"training exited with code {rc}", "TrainingError"
+
+    def _requeue_self(self, reason: str) -> dict[str, Any]:
+        """Give the job back (worker shutting down): recovering, re-enqueued at the front; not a recovery count."""
+        state, attempt = _retry_redis(claim_for_requeue, self.conn, self.job_id, self.ctx.worker_name,
+                                      max_recoveries=-1, reason=reason)
+        if state == "recovering":
+            status = read_status(self.conn, self.job_id) or {}
+            enqueue_attempt(self.conn, self.job_id, gpus=int(status.get("gpus") or 1),
+                            priority=status.get("priority") or "default", attempt=attempt, at_front=True)
+            update_fields(self.conn, self.job_id, {"rq_job": keys.rq_job_id(self.job_id, attempt)})
+            self.note(f"re-queued ({reason}); it will resume from its last checkpoint")
+        return {"state": state, "job_id": self.job_id}
+
+    def _finish(self, state: JobState, **fields: Any) -> dict[str, Any]:
+        tail = list(self.log.tail)[-LOG_TAIL_LINES:] if self.log else []
+        files = []
+        try:
+            files = self.store.list_files(self.job_id)
+        except (OSError, ArtifactError):
+            pass
+        artifacts = {**self.store.artifact_uris(self.job_id, files), "files": files,
+                     "partial": state is not JobState.FINISHED}
+        payload = {"artifacts": artifacts, "log_tail": tail if state is not JobState.FINISHED else [], **fields}
+        if state is JobState.FINISHED:
+            payload["progress"] = 1.0
+        result = _retry_redis(mark_final, self.conn, self.job_id, self.ctx.worker_name, state, payload)
+        if result != "ok":
+            self.note(f"not recording {state.value}: the job is now {result}")
+        return {"state": state.value if result == "ok" else result, "job_id": self.job_id, **fields}
+
+    # -------------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        status = self._start()
+        if status is None:
+            return {"state": "skipped", "job_id": self.job_id}
+        self.ctx.current_job = self.job_id
+        self.log = LogWriter(self.conn, self.job_id)
+        try:
+            return self._run(status)
+        finally:
+            self.ctx.current_job = None
+            if self.log_file is not None:
+                self.log_file.close()
+            self.log.close()
+
+    def _run(self, status: dict[str, Any]) -> dict[str, Any]:
+        attempt = int(status.get("attempt") or 0)
+        try:
+            run_dir, cmd, nproc, resume = self._prepare(status)
+            self.log_file = (run_dir / "job.log").open("a", encoding="utf-8")
+        except (ArtifactError, OSError) as err:
+            self.note(f"cannot prepare the run: {err}")
+            return self._finish(JobState.FAILED, error=str(err), error_kind=type(err).__name__)
+        devices = (self.ctx.devices or [])[:nproc]
+        where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{nproc} CPU rank(s) (gloo)"
+        self.note(f"attempt {attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
+                  + (", resuming from the last checkpoint" if resume else ""))
+        env = train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
+        started = time.monotonic()
+        timeout = status.get("timeout")
+        proc = Launched(cmd, env, self.on_line)
+        update_fields(self.conn, self.job_id, {"pid": proc.pid, "run_dir": str(run_dir)})
+        stop_sync = threading.Event()
+        syncer = None
+        if not self.store.is_local:
+            syncer = threading.Thread(target=self._syncer, args=(stop_sync,), daemon=True, name="artifact-sync")
+            syncer.start()
+
+        outcome = None
+        rc: int | None = None
+        try:
+            while True:
+                rc = proc.poll()
+                if rc is not None:
+                    break
+                if self.ctx.shutdown.is_set():
+                    outcome = "shutdown"
+                    break
+                outcome = self._poll_flags()
+                if outcome:
+                    break
+                if timeout and time.monotonic() - started > float(timeout):
+                    outcome = "timeout"
+                    break
+                time.sleep(CANCEL_POLL_INTERVAL)
+            if outcome:
+                self.note({"cancel": "cancel requested: stopping every rank",
+                           "lost": "the job was taken over or deleted: stopping every rank",
+                           "timeout": f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
+                           "shutdown": "worker shutting down: stopping every rank"}[outcome])
+                rc = proc.stop(TERMINATE_GRACE)
+        except BaseException:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
+            proc.stop(grace=1.0)
+            stop_sync.set()
+            try:
+                self._requeue_self("worker stopped abruptly")
+            except Exception as err:  # noqa: BLE001 - recovery by heartbeat expiry still applies
+                logging.getLogger("worker").warning("job %s: could not re-queue it: %s", self.job_id, err)
+            raise
+        finally:
+            stop_sync.set()
+            proc.wait_output()
+            if syncer is not None:
+                syncer.join(timeout=30)
+        seconds = round(time.monotonic() - started, 1)
+
+        if outcome == "lost":
+            return {"state": "lost", "job_id": self.job_id}
+        if outcome == "shutdown":
+            self._sync()
+            return self._requeue_self("its worker shut down")
+        try:
+            self._sync(final=True)
+        except ArtifactError as err:
+            return self._finish(JobState.FAILED, error=str(err), error_kind="ArtifactError", exit_code=rc)
+        if outcome == "cancel":
+            self.note(f"cancelled after {seconds:g} s")
+            return self._finish(JobState.CANCELLED, error="cancelled by request", exit_code=rc)
+        if outcome == "timeout":
+            msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"
+            return self._finish(JobState.FAILED, error=msg, error_kind="Timeout", exit_code=rc)
+        if rc == 0:
+            self.note(f"finished in {seconds:g} s")
+            return self._finish(JobState.FINISHED, exit_code=0, error=None)
+        error, kind = self._error_from(read_status(self.conn, self.job_id), rc)
+        self.note(f"failed with exit code {rc}: {error}")
+        return self._finish(JobState.FAILED, error=error, error_kind=kind, exit_code=rc)
+
+
+def requeue_recovered(conn: redis.Redis, job_id: str, attempt: int, reason: str) -> None:
+    """After a successful recovery claim: drop the dead attempt's RQ record, enqueue the next attempt in front."""
+    status = read_status(conn, job_id) or {}
+    discard_rq_job(conn, status.get("rq_job"))
+    enqueue_attempt(conn, job_id, gpus=int(status.get("gpus") or 1), priority=status.get("priority") or "default",
+                    attempt=attempt, at_front=True)
+    update_fields(conn, job_id, {"rq_job": keys.rq_job_id(job_id, attempt)})
+    conn.xadd(keys.logs(job_id), {"line": f"[worker] re-queued as attempt {attempt}: {reason}", "src": "worker"})

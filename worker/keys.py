@@ -1,0 +1,107 @@
+"""The Redis key layout (documented in docs/redis.md). Every key this project writes is built here.
+
+Job ids are validated before they become part of a key or a path, so a typed id can never address anything else.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from worker.defaults import KEY_PREFIX, MAX_GPUS_PER_JOB, PRIORITIES, QUEUE_PREFIX
+from worker.errors import NoSuchJobError
+
+JOB_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+def new_job_id() -> str:
+    """Time-sortable, URL- and path-safe id, e.g. `20250101-120000-3fa9c2`."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def check_job_id(job_id: str) -> str:
+    """The id itself if well-formed, else NoSuchJobError: ids come from users (CLI, URLs) and end up in paths."""
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise NoSuchJobError(f"no such job {job_id!r} (job ids look like 20250101-120000-3fa9c2)")
+    return job_id
+
+
+def jobs_index() -> str:
+    """ZSET job id → submission time (unix seconds): every job, for listing."""
+    return f"{KEY_PREFIX}:jobs"
+
+
+def running_set() -> str:
+    """SET of job ids in state running: what the recovery scan checks."""
+    return f"{KEY_PREFIX}:running"
+
+
+def recovering_set() -> str:
+    """SET of job ids in state recovering: a re-queue that was claimed but never enqueued is healed from it."""
+    return f"{KEY_PREFIX}:recovering"
+
+
+def job(job_id: str) -> str:
+    """HASH: the job's status (state, progress, epoch, ..., config JSON). See docs/redis.md."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}"
+
+
+def events(job_id: str) -> str:
+    """STREAM of core's events for the job: fields `type` and `data` (JSON)."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:events"
+
+
+def epochs_seen(job_id: str) -> str:
+    """SET of epoch numbers already in the event stream (idempotency across resumes)."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:epochs"
+
+
+def logs(job_id: str) -> str:
+    """STREAM of stdout/stderr lines of every rank plus the worker's own notes: fields `line`, `src`."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:logs"
+
+
+def heal_lock(job_id: str) -> str:
+    """STRING with a TTL: one worker at a time re-enqueues a recovery whose enqueue was lost."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:heal"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """Every key of one job (what delete removes)."""
+    return [job(job_id), events(job_id), epochs_seen(job_id), logs(job_id), heal_lock(job_id)]
+
+
+def workers_set() -> str:
+    """SET of worker names that advertised themselves; stale names are pruned when their hash is gone."""
+    return f"{KEY_PREFIX}:workers"
+
+
+def worker(name: str) -> str:
+    """HASH with a TTL: a live worker's advertisement (host, GPUs, state, current job, heartbeat)."""
+    if not WORKER_NAME_RE.match(name):
+        raise ValueError(f"invalid worker name {name!r}")
+    return f"{KEY_PREFIX}:worker:{name}"
+
+
+def queue_name(gpus: int, priority: str) -> str:
+    """RQ queue for jobs needing `gpus` devices (or CPU ranks) at `priority`."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; choose from {', '.join(PRIORITIES)}")
+    if not 1 <= gpus <= MAX_GPUS_PER_JOB:
+        raise ValueError(f"gpus must be between 1 and {MAX_GPUS_PER_JOB}, got {gpus}")
+    return f"{QUEUE_PREFIX}:g{gpus}:{priority}"
+
+
+def queues_for_slots(slots: int) -> list[str]:
+    """Queues a worker with `slots` devices listens to, in serving order: priority first, then bigger jobs first."""
+    slots = max(1, min(slots, MAX_GPUS_PER_JOB))
+    return [queue_name(g, p) for p in PRIORITIES for g in range(slots, 0, -1)]
+
+
+def rq_job_id(job_id: str, attempt: int) -> str:
+    """RQ's id for one attempt: the job id itself first, `{id}_r{n}` after the n-th recovery (RQ ids: [A-Za-z0-9_-]).
+
+    A fresh RQ id per attempt keeps the dead attempt's RQ bookkeeping from ever touching the live one.
+    """
+    return job_id if attempt == 0 else f"{job_id}_r{attempt}"

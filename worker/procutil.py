@@ -1,0 +1,124 @@
+"""Process-tree plumbing shared by the guard, the launcher and the embedded Redis: no rank may outlive its job.
+
+torchrun starts every rank in a session of its own, so killing one process group is not enough; we kill the whole
+descendant tree (psutil), and the guard is a child subreaper so orphaned ranks are re-parented to it, not to init.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+import psutil
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+try:  # loaded at import: a preexec_fn (after fork, before exec) must not load libraries
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        return _LIBC is not None and _LIBC.prctl(option, value, 0, 0, 0) == 0
+    except AttributeError:  # not Linux: the guard's parent polling still covers us
+        return False
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent thread dies (Linux; use in preexec_fn)."""
+    return _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def set_child_subreaper() -> bool:
+    """Become the reaper of orphaned descendants (Linux), so ranks of a dead torchrun stay findable."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """All live descendants of `pid` (empty when it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
+    """Send `sig` to each process, ignoring the ones already gone."""
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list[int]:
+    """SIGTERM the tree under `pid` (and `pid`), SIGKILL whatever is still alive after `grace` seconds.
+
+    Returns the pids that needed SIGKILL. The tree is re-read before SIGKILL, so children spawned meanwhile die too.
+    """
+    try:
+        root = [psutil.Process(pid)] if include_root else []
+    except psutil.Error:
+        root = []
+    procs = descendants(pid) + root
+    signal_all(procs, signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = [p for p in set(alive) | set(descendants(pid)) if _alive(p)]
+    signal_all(alive, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=2.0)
+    return [p.pid for p in alive]
+
+
+def kill_tree(pid: int, *, include_root: bool = True) -> None:
+    """SIGKILL the tree under `pid` at once (the guard uses it when its worker died)."""
+    for _ in range(3):  # a dying parent can fork one more child between listing and killing
+        procs = descendants(pid)
+        if include_root:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+        if not procs:
+            return
+        signal_all(procs, signal.SIGKILL)
+        psutil.wait_procs(procs, timeout=1.0)
+        include_root = False
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """True when `pid` exists and is not a zombie."""
+    try:
+        return _alive(psutil.Process(pid))
+    except psutil.Error:
+        return False
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
+    """Wait until none of `pids` is alive; return the ones still alive after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    pids = list(pids)
+    while True:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def own_session_preexec() -> None:
+    """preexec_fn for children that must die with this process: parent-death SIGKILL (Linux)."""
+    set_parent_death_signal(signal.SIGKILL)
+    os.setpgrp()

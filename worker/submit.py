@@ -1,0 +1,158 @@
+"""Submission: the one function the CLI and the dashboard both call. Everything is checked before anything is
+written; a refused job leaves no trace in Redis or the queue.
+
+GPU semantics: `gpus=N` asks for N devices on one worker: N GPUs on a GPU worker, N gloo ranks on a CPU-only worker
+(which advertises `slots`, default min(CPU count, 8)). A job asking more than the largest live worker has is refused;
+when no worker is alive at all the job is accepted and waits (its status says what it waits for), because workers
+are often started after the jobs (`honcho start`, tests, autoscaling).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
+from worker.connection import check
+from worker.defaults import MAX_GPUS_PER_JOB, PRIORITIES
+from worker.errors import ArtifactError, SubmissionError
+from worker.presence import max_live_slots
+from worker.queues import enqueue_attempt
+from worker.status import JobState, encode_fields
+
+
+def validate_config(config: dict[str, Any] | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved config as a plain dict (every default filled in); SubmissionError naming key and value."""
+    from core.config import config_from_dict, load_yaml
+    from core.errors import ConfigError
+
+    try:
+        raw = load_yaml(config) if isinstance(config, (str, Path)) else config
+        return config_from_dict(raw, list(overrides or [])).to_dict()
+    except ConfigError as err:
+        raise SubmissionError(str(err)) from None
+
+
+def check_dataset(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """core's dataset health report (without thumbnails); SubmissionError with its reason when unusable."""
+    from core.data import inspect_dataset
+    from core.errors import DataError
+
+    try:
+        report = inspect_dataset(path, color_mode=cfg["data"]["color_mode"],
+                                 max_image_pixels=cfg["data"]["max_image_pixels"], thumbnails_per_class=0)
+    except DataError as err:
+        raise SubmissionError(f"dataset: {err}") from None
+    return {k: v for k, v in report.items() if k != "thumbnails"}
+
+
+def check_gpus(conn: redis.Redis, gpus: int) -> str | None:
+    """None when a live worker can run `gpus` devices; a waiting note when no worker is alive; else refuse."""
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= MAX_GPUS_PER_JOB:
+        raise SubmissionError(f"gpus: must be a whole number from 1 to {MAX_GPUS_PER_JOB}, got {gpus!r}")
+    largest, workers = max_live_slots(conn)
+    if not workers:
+        return f"waiting for a worker with at least {gpus} GPU(s) or CPU slot(s); none is running"
+    if gpus > largest:
+        best = max(workers, key=lambda w: w.get("slots") or 0)
+        raise SubmissionError(
+            f"gpus: no live worker can run {gpus} device(s); the largest has {largest} "
+            f"({best.get('kind')} worker {best.get('name')} on {best.get('hostname')}). "
+            f"Ask for at most {largest}, or start a bigger worker: python -m worker run --gpus 0,1,..."
+        )
+    return None
+
+
+def submit_job(
+    config: dict[str, Any] | str | Path,
+    overrides: list[str] | None = None,
+    *,
+    connection: redis.Redis,
+    gpus: int = 1,
+    priority: str = "default",
+    dataset_path: str | Path | None = None,
+    store: ArtifactStore | None = None,
+    allow_local_paths: bool = False,
+    timeout: float | None = None,
+    name: str | None = None,
+) -> str:
+    """Validate, upload the dataset if local, enqueue; returns the job id. SubmissionError: nothing was enqueued.
+
+    config: a dict (dashboard) or a YAML path (CLI); overrides: `dotted.key=value` strings.
+    dataset_path: an uploaded zip/folder the *program* saved (the dashboard's upload); it becomes data.path.
+    allow_local_paths: accept a `data.path` from the config itself (the CLI: the user's own machine). The dashboard
+        leaves it False, so no path a browser user typed is ever read from this machine's disk.
+    timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
+        train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
+    """
+    if priority not in PRIORITIES:
+        raise SubmissionError(f"priority: unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
+    if timeout is not None and not timeout > 0:
+        raise SubmissionError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+    overrides = list(overrides or [])
+    if dataset_path is not None:
+        overrides += ["data.name=imagefolder", f"data.path={Path(dataset_path)}"]
+    cfg = validate_config(config, overrides)
+    store = store or ArtifactStore()
+    check(connection)
+    waiting = check_gpus(connection, gpus)
+
+    dataset: dict[str, Any] | None = None
+    data_path = cfg["data"].get("path")
+    if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
+        try:  # a clone/retry of a stored job: the dataset is already in the store
+            if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
+                raise SubmissionError(f"data.path: {data_path} is not in the artifact store {store.url}")
+        except ArtifactError as err:
+            raise SubmissionError(f"data.path: {err}") from None
+        dataset = {"ref": data_path}
+    elif cfg["data"]["name"] == "imagefolder":
+        if dataset_path is None and not allow_local_paths:
+            raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
+        report = check_dataset(data_path, cfg)
+        try:
+            dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
+                       "counts": report.get("counts"), "warnings": report.get("warnings", [])}
+        except ArtifactError as err:
+            raise SubmissionError(f"dataset upload: {err}") from None
+        cfg["data"]["path"] = dataset["ref"]
+    elif data_path and not allow_local_paths:
+        raise SubmissionError(f"data.path: {cfg['data']['name']} reads its files on the worker; leave data.path empty")
+
+    if timeout is None and cfg["train"].get("time_limit"):
+        timeout = float(cfg["train"]["time_limit"]) + 300.0
+
+    job_id = keys.new_job_id()
+    now = time.time()
+    fields = {
+        "id": job_id,
+        "state": JobState.QUEUED.value,
+        "name": name or f"{cfg['model']['name']} on {cfg['data']['name']}",
+        "config": cfg,
+        "overrides": overrides,
+        "dataset": dataset,
+        "gpus": gpus,
+        "priority": priority,
+        "queue": keys.queue_name(gpus, priority),
+        "submitted_at": now,
+        "updated_at": now,
+        "attempt": 0,
+        "recoveries": 0,
+        "progress": 0.0,
+        "epoch": 0,
+        "epochs": cfg["train"]["epochs"],
+        "timeout": timeout,
+        "rq_job": keys.rq_job_id(job_id, 0),
+        "waiting": waiting,
+        "artifacts": {"run": store.uri(store.run_key(job_id))},
+    }
+    with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
+        pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
+        pipe.hset(keys.job(job_id), mapping=encode_fields(fields))
+        pipe.zadd(keys.jobs_index(), {job_id: now})
+        enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
+        pipe.execute()
+    return job_id

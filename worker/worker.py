@@ -1,0 +1,175 @@
+"""The worker process: RQ's SimpleWorker plus an advertisement, a heartbeat thread and the recovery scan.
+
+Why SimpleWorker (no fork per job): the job function only supervises a child process tree (guard → torchrun →
+ranks), so a fork buys nothing, and running in the worker's main thread lets it stop that tree itself on cancel,
+timeout or shutdown. RQ's main loop is busy while a job runs, so the heartbeat thread keeps RQ's own worker and
+execution heartbeats alive too (RQ would otherwise call a long job abandoned).
+
+On SIGTERM/SIGINT (honcho stop, Ctrl-C) a busy worker stops its job's processes and re-queues the job, which resumes
+from its checkpoint on the next worker: an hours-long job is not lost to a restart, and does not hold the restart up.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from worker import jobs, keys
+from worker.artifacts import ArtifactStore
+from worker.defaults import HEARTBEAT_INTERVAL, RECOVERY_SCAN_INTERVAL
+from worker.presence import advertise, heartbeat_ttl, withdraw
+from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
+
+log = logging.getLogger("worker")
+
+RQ_WORKER_TTL = 30
+"""Seconds: RQ's own worker-key TTL base (RQ adds 60), and its idle dequeue timeout is this minus 15."""
+
+
+def default_name() -> str:
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:60] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class TrainerWorker(SimpleWorker):
+    """An RQ worker that serves the train:g{1..slots}:{priority} queues and supervises training runs."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        redis_url: str,
+        resources: dict[str, Any],
+        store: ArtifactStore,
+        name: str | None = None,
+        ttl: int | None = None,
+    ):
+        self.resources = resources
+        self.slots = int(resources["slots"])
+        self.adv_ttl = ttl or heartbeat_ttl()
+        super().__init__(
+            keys.queues_for_slots(self.slots),
+            name=name or default_name(),
+            connection=connection,
+            serializer=JSONSerializer,
+            worker_ttl=RQ_WORKER_TTL,
+        )
+        self.store = store
+        self.ctx = jobs.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
+                                      devices=resources.get("devices"), store=store)
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        self._born = time.time()
+        self._healthy_since: float | None = time.monotonic()
+        self._last_scan = 0.0
+        self._current_rq_job: Job | None = None
+
+    # ------------------------------------------------------------------------------------------------- presence
+    def advertisement(self) -> dict[str, Any]:
+        r = self.resources
+        return {
+            "name": self.name, "hostname": socket.gethostname(), "pid": os.getpid(), "kind": r["kind"],
+            "gpus": r.get("gpus") or [], "slots": self.slots, "torch": r.get("torch"), "cuda": r.get("cuda"),
+            "python": r.get("python"), "state": self._public_state(),
+            "current_job": self.ctx.current_job or "", "started_at": self._born,
+            "queues": self.queue_names(), "artifacts": self.store.url,
+        }
+
+    def _public_state(self) -> str:
+        """idle, busy, suspended or starting (RQ's state is an Enum whose str() is not its value)."""
+        if self.ctx.current_job:
+            return "busy"
+        state = self.get_state()
+        return str(getattr(state, "value", state))
+
+    def beat(self) -> None:
+        """One heartbeat: advertisement, RQ's heartbeats while busy, and (when due) the recovery scan."""
+        try:
+            advertise(self.connection, self.name, self.advertisement(), self.adv_ttl)
+            job = self._current_rq_job
+            if job is not None:
+                execution = self.execution
+                if execution is not None:
+                    self.maintain_heartbeats(job, execution)
+            if self._healthy_since is None:
+                self._healthy_since = time.monotonic()
+            self._maybe_scan()
+        except redis.exceptions.RedisError as err:
+            if self._healthy_since is not None:
+                log.warning("worker %s: Redis unreachable (%s); training continues, retrying", self.name, err)
+            self._healthy_since = None
+
+    def _may_judge_others(self) -> bool:
+        """Only a worker that has itself been heartbeating for a whole TTL may call others dead: after a Redis
+        restart every advertisement may have expired at once, and live workers need one TTL to re-appear."""
+        return self._healthy_since is not None and time.monotonic() - self._healthy_since >= self.adv_ttl
+
+    def _maybe_scan(self) -> None:
+        now = time.monotonic()
+        if now - self._last_scan < RECOVERY_SCAN_INTERVAL or not self._may_judge_others():
+            return
+        self._last_scan = now
+        recovered = recover_orphans(self.connection, by=self.name)
+        recovered += heal_stuck_recoveries(self.connection, by=self.name)
+        if recovered:
+            log.warning("worker %s: re-queued orphaned job(s) %s", self.name, ", ".join(recovered))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.wait(HEARTBEAT_INTERVAL):
+            try:
+                self.beat()
+            except Exception:  # the heartbeat must outlive any bug in one beat, or the worker looks dead
+                log.exception("worker %s: heartbeat failed", self.name)
+
+    def _recover_before_burst(self) -> None:
+        """A burst worker started after a crash first adopts the orphans (waiting one TTL so it may judge)."""
+        try:
+            if not find_orphans(self.connection):
+                return
+        except redis.exceptions.RedisError:
+            return
+        log.info("worker %s: orphaned running job(s) found; recovering them first", self.name)
+        while not self._may_judge_others():
+            time.sleep(0.5)
+        self._last_scan = 0.0
+        self._maybe_scan()
+
+    # ---------------------------------------------------------------------------------------------- RQ hooks
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._current_rq_job = job
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._current_rq_job = None
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        self.ctx.shutdown.set()  # the running job (if any) is stopped and re-queued; see the module docstring
+
+    def work(self, burst: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
+        jobs.set_context(self.ctx)
+        self.beat()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._hb_thread.start()
+        try:
+            if burst:
+                self._recover_before_burst()
+            return super().work(burst=burst, **kwargs)
+        finally:
+            self._hb_stop.set()
+            self._hb_thread.join(timeout=5)
+            try:
+                withdraw(self.connection, self.name)
+            except redis.exceptions.RedisError:
+                pass
+            jobs.set_context(None)

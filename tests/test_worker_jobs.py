@@ -5,43 +5,19 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
+from tests.fixtures_worker import DIGITS, explain_job, make_imagefolder, run_cli, wait_for
 from worker import api, keys
 from worker.submit import submit_job
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "configs/digits.yaml"
 FAST = ["export.enabled=false", "train.log_every=2"]
 """Every job here: digits, no export (the Export issue tests that), frequent step events."""
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
-             explain: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{explain()}" if explain else ""))
-
-
-def explain(conn: Any, job_id: str, spawn: Any) -> Callable[[], str]:
-    """What a failed wait prints: the job's status, its log tail and every worker's output."""
-    def text() -> str:
-        st = api.job_status(conn, job_id)
-        st.pop("config", None)
-        logs = "\n".join(e["line"] for e in api.logs_tail(conn, job_id, 60))
-        workers = "\n".join(f"--- {p.args}\n{spawn.output(p)[-3000:]}" for p in spawn.procs)
-        return f"status: {st}\nlogs:\n{logs}\nworkers:\n{workers}"
-    return text
 
 
 def state_of(conn: Any, job_id: str) -> str:
@@ -64,12 +40,6 @@ def rank_processes(token: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
-
-
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m ARGS` in the repo root, output captured (exit codes are asserted by the caller)."""
-    return subprocess.run([sys.executable, "-m", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=False)
 
 
 def start_worker(spawn: Any, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
@@ -193,7 +163,7 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
              and api.job_status(redis_conn, job_id)["attempt"] == 1, 60, "the job to be re-queued")
     assert time.monotonic() - t_dead < 60
     wait_for(lambda: state_of(redis_conn, job_id) == "finished", 150, "the resumed job to finish",
-             explain=explain(redis_conn, job_id, spawn))
+             explain=explain_job(redis_conn, job_id, spawn))
 
     st = api.job_status(redis_conn, job_id)
     assert st["recoveries"] == 1 and st["attempt"] == 1 and st["worker"] != dead_name
@@ -206,3 +176,27 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
 
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0
+
+
+def test_uploaded_dataset_and_remote_artifact_store(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsspec URL store (file:// here, s3:// in production): the dataset is uploaded at submission, the worker
+    fetches it into its cache, trains in a local folder and uploads the run folder to the store."""
+    bucket = f"file://{tmp_path / 'bucket'}"
+    monkeypatch.setenv("ARTIFACTS_DIR", bucket)
+    env = {**job_env, "ARTIFACTS_DIR": bucket}
+    folder = make_imagefolder(tmp_path / "shapes")
+    job_id = submit_job(DIGITS, ["train.epochs=2", "data.image_size=16", "train.batch_size=8", *FAST],
+                        connection=redis_conn, dataset_path=folder)
+    worker = start_worker(spawn, env, "--burst")
+    assert worker.wait(timeout=120) == 0, spawn.output(worker)
+
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "finished", explain_job(redis_conn, job_id, spawn)()
+    assert st["artifacts"]["run"] == f"{bucket}/jobs/{job_id}/run"
+    assert (tmp_path / "bucket" / "jobs" / job_id / "run" / "report.json").is_file()
+    report = json.loads(api.read_artifact(job_id, "report"))
+    assert report["data"]["classes"] == ["circle", "square", "tri"]
+    cached = list((Path(env["TRAINER_VAR_DIR"]) / "cache" / "datasets").iterdir())
+    assert len(cached) == 1 and cached[0].name == st["dataset"]["ref"].rsplit("/", 1)[1]
+    assert epochs_streamed(redis_conn, job_id) == [1, 2]

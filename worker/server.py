@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from worker.connection import connect, embedded_port
+import redis
+
+from worker.connection import embedded_port
 from worker.defaults import REDIS_HOST, REDIS_PASSWORD_BYTES
 from worker.errors import EmbeddedRedisError
 from worker.paths import password_file, redis_dir
@@ -81,14 +83,20 @@ def write_config(data_dir: Path, port: int, password: str, *, bind: str = REDIS_
 
 
 def _port_in_use(port: int) -> bool:
+    """Try to bind it, as the server will (connecting is fooled by a listener with a full backlog)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex((REDIS_HOST, port)) == 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((REDIS_HOST, port))
+        except OSError:
+            return True
+        return False
 
 
 def running_server(port: int, password: str | None) -> int | None:
     """pid of our embedded server answering on `port` with `password`, or None when nothing answers."""
-    conn = connect(f"redis://{REDIS_HOST}:{port}/0" if not password else f"redis://:{password}@{REDIS_HOST}:{port}/0")
+    auth = f":{password}@" if password else ""
+    conn = redis.Redis.from_url(f"redis://{auth}{REDIS_HOST}:{port}/0", socket_connect_timeout=2, socket_timeout=2)
     try:
         return int(conn.info("server").get("process_id", 0)) or -1
     except Exception:  # noqa: BLE001 - any failure means "not our server answering"

@@ -86,10 +86,12 @@ def status_fields_for(type_: str, data: dict[str, Any]) -> dict[str, Any]:
 class RedisEventSink:
     """core's EventSink for one job: batched XADD into the job's event stream + status-hash updates."""
 
-    def __init__(self, conn: redis.Redis, job_id: str, *, maxlen: int = EVENT_STREAM_MAXLEN):
+    def __init__(self, conn: redis.Redis, job_id: str, *, maxlen: int = EVENT_STREAM_MAXLEN,
+                 close_timeout: float = SINK_CLOSE_TIMEOUT):
         self.conn = conn
         self.job_id = keys.check_job_id(job_id)
         self.maxlen = maxlen
+        self.close_timeout = close_timeout
         self._keys = [keys.events(job_id), keys.epochs_seen(job_id), keys.job(job_id)]
         self._script = conn.register_script(_EMIT)
         self._buf: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
@@ -118,9 +120,10 @@ class RedisEventSink:
             self._wake.set()  # everything but steps goes out at once; steps ride the next tick
 
     def close(self) -> None:
+        """Flush what is buffered (up to `close_timeout` s: a run must end even when Redis is gone)."""
         self._closed.set()
         self._wake.set()
-        self._thread.join(timeout=SINK_CLOSE_TIMEOUT)
+        self._thread.join(timeout=self.close_timeout)
 
     def _take(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
@@ -157,7 +160,7 @@ class RedisEventSink:
                     failed = True
                     break
             if self._closed.is_set():
-                deadline = deadline or time.monotonic() + SINK_CLOSE_TIMEOUT - 1.0
+                deadline = deadline or time.monotonic() + self.close_timeout * 0.9
                 if not self._buf or time.monotonic() > deadline:
                     return
             if failed:

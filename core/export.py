@@ -57,13 +57,13 @@ PARITY_ATOL = 1e-3
 EVAL_BATCH_SIZE = 64
 """Images per ONNX Runtime call when measuring test accuracy and calibrating."""
 
-LATENCY_RUNS = 30
+LATENCY_RUNS = 20
 """Timed batch-1 inferences per model (after LATENCY_WARMUP); the median is reported, in milliseconds."""
 
 LATENCY_WARMUP = 3
 """Untimed batch-1 inferences before timing (first runs allocate and pick kernels)."""
 
-LATENCY_MAX_SECONDS = 3.0
+LATENCY_MAX_SECONDS = 1.5
 """Stop timing a model after this many seconds even if fewer than LATENCY_RUNS ran (big models on a slow CPU)."""
 
 INT8_ACTIVATION_TYPE = "QUInt8"

@@ -75,7 +75,8 @@ def sparsity_stats(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dic
 
 def _finetune_config(cfg: Config, epochs: int, lr_scale: float) -> Config:
     """The run's config for fine-tuning: K epochs, lower lr, no warm-up, every layer trainable, no compile."""
-    return config_from_dict(cfg.to_dict(), [f"train.epochs={max(epochs, 1)}", f"optim.lr={cfg.optim.lr * lr_scale}",
+    lr = float(f"{cfg.optim.lr * lr_scale:.6g}")  # 0.0003, not 0.00030000000000000003, in the report
+    return config_from_dict(cfg.to_dict(), [f"train.epochs={max(epochs, 1)}", f"optim.lr={lr}",
                                             "sched.warmup_epochs=0", "model.freeze=none", "train.compile=false"])
 
 

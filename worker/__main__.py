@@ -28,14 +28,27 @@ def _conn() -> Any:
 
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_redis(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from worker.connection import redact
     from worker.server import run_foreground
 
+    url = os.environ.get("REDIS_URL", "").strip()
+    if url and not args.force:
+        # honcho stops every process when one exits, so with an external Redis this line idles instead
+        print(f"[redis] REDIS_URL is set ({redact(url)}): using that server, not starting the embedded one",
+              flush=True)
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+        return 0
     return run_foreground(args.port)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.artifacts import ArtifactStore
-    from worker.connection import check, connect, redact, redis_url
+    from worker.connection import redact, wait_for_redis
     from worker.hardware import detect
     from worker.worker import TrainerWorker
 
@@ -45,8 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    url = redis_url()
-    conn = check(connect(url))
+    url, conn = wait_for_redis(args.wait)
     store = ArtifactStore()
     store.check_writable()
     worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name)
@@ -167,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("redis", help="run the embedded Redis in the foreground (127.0.0.1, password in var/redis/)")
     s.add_argument("--port", type=int, default=None, help="port (default: env REDIS_PORT or 6379)")
+    s.add_argument("--force", action="store_true", help="start the embedded server even when REDIS_URL is set")
     s.set_defaults(func=cmd_redis)
 
     s = sub.add_parser("run", help="run a worker")
@@ -175,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu", action="store_true", help="ignore GPUs: a CPU-only worker (jobs run as gloo ranks)")
     s.add_argument("--slots", type=int, default=None, help="CPU-only worker: most ranks per job (default min(CPUs, 8))")
     s.add_argument("--name", default=None, help="worker name (default host-pid-random)")
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Redis at start-up (default 60)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("submit", help="validate, upload the dataset if local, enqueue; prints the job id last")

@@ -6,6 +6,8 @@ Clients are in bytes mode (what RQ expects); our helpers decode.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
@@ -105,3 +107,23 @@ def connection_url(conn: redis.Redis) -> str:
     password = kw.get("password")
     auth = f"{user}:{quote(password, safe='')}@" if password else (f"{user}@" if user else "")
     return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+
+def wait_for_redis(timeout: float) -> tuple[str, redis.Redis]:
+    """(url, checked connection), retrying for `timeout` seconds: under honcho the worker may start before the
+    embedded server has (and before its password file exists), so the URL is re-read on every try."""
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        url = redis_url()
+        conn = connect(url)
+        try:
+            return url, check(conn)
+        except RedisUnavailableError as err:
+            conn.close()
+            if time.monotonic() >= deadline:
+                raise
+            if not announced:
+                print(f"waiting for Redis: {err}", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(1.0)

@@ -1,0 +1,34 @@
+"""The dashboard's entry point: `streamlit run app/streamlit_app.py` (Procfile `web:`; port from $PORT).
+
+It builds the navigation over the pages in app/views/ and runs the chosen one. A page that loses Redis halfway
+gets the Redis-down banner instead of a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run` puts app/ on sys.path, not the repository root
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st
+
+from app.connection import REDIS_ERRORS, redis_down
+
+st.set_page_config(page_title="Image-classifier training", page_icon=":material/model_training:", layout="wide")
+
+PAGES = [
+    st.Page("views/new_job.py", title="New job", icon=":material/add_circle:", url_path="new", default=True),
+    st.Page("views/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
+    st.Page("views/job.py", title="Job", icon=":material/monitoring:", url_path="job"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("views/workers.py", title="Workers", icon=":material/memory:", url_path="workers"),
+    st.Page("views/try_it.py", title="Try it", icon=":material/image_search:", url_path="try"),
+]
+
+page = st.navigation(PAGES)
+try:
+    page.run()
+except REDIS_ERRORS as err:
+    redis_down(str(err))

@@ -74,6 +74,8 @@ def test_submit_then_burst_worker_trains_to_finished(redis_conn: Any, job_env: d
     cli = json.loads(out.stdout)
     assert {"state", "progress", "epoch", "epochs", "error", "artifacts"} <= set(cli)
     assert cli["state"] == "finished"
+    logs = run_cli(["worker", "logs", job_id, "--follow"], job_env)  # a finished job: prints everything, returns
+    assert logs.returncode == 0 and "epoch 2/2" in logs.stdout and "[worker] finished" in logs.stdout
 
 
 def test_two_rank_job_uploaded_dataset_remote_store_and_a_failing_job(
@@ -161,9 +163,13 @@ def test_cancel_queued_job_never_runs(redis_conn: Any, job_env: dict[str, str]) 
 
 def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                                 test_token: str) -> None:
-    job_id = submit_job(DIGITS, ["train.epochs=2", *FAST], connection=redis_conn, allow_local_paths=True)
+    """Worker 1 is SIGKILLed after epoch 1: its ranks die with it, worker 2 recovers the job and resumes it from the
+    checkpoint. Worker 2 is then shut down (SIGTERM) after epoch 2: it gives the job back, and a burst worker 3
+    finishes epoch 3. Each epoch is in the stream once; only the crash counts as a recovery."""
+    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True)
+    explain = explain_job(redis_conn, job_id, spawn)
     first = start_worker(spawn, job_env)
-    wait_for(lambda: 1 in epochs_streamed(redis_conn, job_id), 120, "epoch 1")
+    wait_for(lambda: 1 in epochs_streamed(redis_conn, job_id), 120, "epoch 1", explain=explain)
     ranks = rank_processes(test_token)
     assert ranks
     dead_name = api.job_status(redis_conn, job_id)["worker"]
@@ -177,20 +183,29 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
 
     t_dead = time.monotonic()
     second = start_worker(spawn, job_env)
-    wait_for(lambda: state_of(redis_conn, job_id) in ("recovering", "running", "finished")
-             and api.job_status(redis_conn, job_id)["attempt"] == 1, 60, "the job to be re-queued")
+    wait_for(lambda: api.job_status(redis_conn, job_id)["attempt"] == 1, 60, "the job to be re-queued",
+             explain=explain)
     assert time.monotonic() - t_dead < 60
-    wait_for(lambda: state_of(redis_conn, job_id) == "finished", 150, "the resumed job to finish",
-             explain=explain_job(redis_conn, job_id, spawn))
+    wait_for(lambda: 2 in epochs_streamed(redis_conn, job_id), 120, "epoch 2 on the second worker", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    assert st["recoveries"] == 1 and st["worker"] != dead_name and st["resumed_from"] == 1
+
+    ranks = rank_processes(test_token)
+    second.send_signal(signal.SIGTERM)  # honcho stop / Ctrl-C: the job is given back, not lost nor waited for
+    assert second.wait(timeout=30) == 0
+    assert psutil.wait_procs(ranks, timeout=5)[1] == []
+    st = api.job_status(redis_conn, job_id)
+    if st["state"] != "finished":  # (unless epoch 3 won the race against the signal)
+        assert st["state"] == "recovering" and st["attempt"] == 2 and st["recoveries"] == 1, st
+        third = start_worker(spawn, job_env, "--burst")
+        assert third.wait(timeout=120) == 0, explain()
 
     st = api.job_status(redis_conn, job_id)
-    assert st["recoveries"] == 1 and st["attempt"] == 1 and st["worker"] != dead_name
-    assert epochs_streamed(redis_conn, job_id) == [1, 2]  # each epoch once: the re-emitted epoch 1 was dropped
+    assert st["state"] == "finished", explain()
+    assert st["recoveries"] == 1
+    assert epochs_streamed(redis_conn, job_id) == [1, 2, 3]  # each epoch once: re-emitted epochs were dropped
     starts = [e["data"] for e in api.events_since(redis_conn, job_id) if e["type"] == "start"]
-    assert starts[-1]["resumed_from"] >= 1  # the second attempt did not start from epoch 1
+    assert [s["resumed_from"] for s in starts][:2] == [None, 1]  # the second attempt did not start from epoch 1
     logs = [entry["line"] for entry in api.logs_tail(redis_conn, job_id, 2000)]
     assert any("re-queued as attempt 1" in line for line in logs)
     assert any("resuming from the last checkpoint" in line for line in logs)
-
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(timeout=30) == 0

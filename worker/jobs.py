@@ -236,6 +236,10 @@ class JobRun:
         self.log = LogWriter(self.conn, self.job_id)
         try:
             return self._run(status)
+        except Exception as err:  # a bug or an unexpected OS error must not leave the job `running` forever
+            logging.getLogger("worker").exception("job %s: worker error", self.job_id)
+            self.note(f"worker error: {type(err).__name__}: {err}")
+            return self._finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
         finally:
             self.ctx.current_job = None
             if self.log_file is not None:
@@ -288,13 +292,14 @@ class JobRun:
                            "timeout": f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
                            "shutdown": "worker shutting down: stopping every rank"}[outcome])
                 rc = proc.stop(TERMINATE_GRACE)
-        except BaseException:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
+        except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
             proc.stop(grace=1.0)
             stop_sync.set()
-            try:
-                self._requeue_self("worker stopped abruptly")
-            except Exception as err:  # noqa: BLE001 - recovery by heartbeat expiry still applies
-                logging.getLogger("worker").warning("job %s: could not re-queue it: %s", self.job_id, err)
+            if not isinstance(exc, Exception):  # the worker is going away: give the job back (a bug fails it)
+                try:
+                    self._requeue_self("worker stopped abruptly")
+                except Exception as err:  # noqa: BLE001 - recovery by heartbeat expiry still applies
+                    logging.getLogger("worker").warning("job %s: could not re-queue it: %s", self.job_id, err)
             raise
         finally:
             stop_sync.set()
@@ -308,22 +313,24 @@ class JobRun:
         if outcome == "shutdown":
             self._sync()
             return self._requeue_self("its worker shut down")
-        try:
-            self._sync(final=True)
-        except ArtifactError as err:
-            return self._finish(JobState.FAILED, error=str(err), error_kind="ArtifactError", exit_code=rc)
+        fields: dict[str, Any] = {"exit_code": rc}
         if outcome == "cancel":
-            self.note(f"cancelled after {seconds:g} s")
-            return self._finish(JobState.CANCELLED, error="cancelled by request", exit_code=rc)
-        if outcome == "timeout":
-            msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"
-            return self._finish(JobState.FAILED, error=msg, error_kind="Timeout", exit_code=rc)
-        if rc == 0:
-            self.note(f"finished in {seconds:g} s")
-            return self._finish(JobState.FINISHED, exit_code=0, error=None)
-        error, kind = self._error_from(read_status(self.conn, self.job_id), rc)
-        self.note(f"failed with exit code {rc}: {error}")
-        return self._finish(JobState.FAILED, error=error, error_kind=kind, exit_code=rc)
+            state, fields["error"], msg = JobState.CANCELLED, "cancelled by request", f"cancelled after {seconds:g} s"
+        elif outcome == "timeout":
+            state, fields["error_kind"] = JobState.FAILED, "Timeout"
+            fields["error"] = msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"
+        elif rc == 0:
+            state, fields["error"], msg = JobState.FINISHED, None, f"finished in {seconds:g} s"
+        else:
+            state = JobState.FAILED
+            fields["error"], fields["error_kind"] = self._error_from(read_status(self.conn, self.job_id), rc)
+            msg = f"failed with exit code {rc}: {fields['error']}"
+        self.note(msg)
+        try:
+            self._sync(final=True)  # after the last note, so the uploaded job.log is complete
+        except ArtifactError as err:
+            state, fields["error"], fields["error_kind"] = JobState.FAILED, str(err), "ArtifactError"
+        return self._finish(state, **fields)
 
 
 def requeue_recovered(conn: redis.Redis, job_id: str, attempt: int, reason: str) -> None:

@@ -148,6 +148,14 @@ def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str
     assert worker.poll() is None  # the worker survives a cancel and goes back to idle
     wait_for(lambda: api.list_workers(redis_conn)[0]["state"] == "idle", 10, "the worker to be idle")
 
+    # a job past its time limit is stopped the same way and fails as timed out
+    slow = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, allow_local_paths=True, timeout=4)
+    wait_for(lambda: api.job_status(redis_conn, slow)["final"], 40, "the time limit",
+             explain=explain_job(redis_conn, slow, spawn))
+    st = api.job_status(redis_conn, slow)
+    assert st["state"] == "failed" and st["error_kind"] == "Timeout" and "timed out" in st["error"], st
+    assert rank_processes(test_token) == []
+
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     assert api.list_workers(redis_conn) == []  # a worker leaving cleanly withdraws at once

@@ -12,6 +12,7 @@ import fcntl
 import importlib.util
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from worker.connection import embedded_port
 from worker.defaults import REDIS_HOST, REDIS_PASSWORD_BYTES
 from worker.errors import EmbeddedRedisError
 from worker.paths import password_file, redis_dir
+from worker.procutil import set_parent_death_signal
 
 ATTACH_POLL_SECONDS = 2.0
 """Seconds between pings while a second `python -m worker redis` waits on the first server."""
@@ -159,6 +161,7 @@ def run_foreground(port: int | None = None) -> int:
     binary = server_binary()
     _say(f"starting {binary} on {REDIS_HOST}:{port}, data in {data_dir} (password in {password_file()})")
     os.set_inheritable(lock_fd, True)  # the server keeps the lock for as long as it lives
+    set_parent_death_signal(signal.SIGTERM)  # survives exec: if whatever started us dies, the server shuts down
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(binary, [binary, str(conf)])

@@ -1,0 +1,120 @@
+"""Plotly figures for the pages (no Streamlit here). Lines are thinned to CHART_MAX_POINTS before drawing.
+
+Every figure sets `uirevision`, so a redraw with new points keeps the user's zoom and hidden traces.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from app.data import LiveSeries, thin
+from app.defaults import CHART_MAX_POINTS
+
+HEIGHT = 260
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf")
+
+
+def _layout(fig: go.Figure, title: str, y_title: str, *, revision: str, y_range: list[float] | None = None) -> None:
+    fig.update_layout(
+        title={"text": title, "font": {"size": 14}}, height=HEIGHT, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        uirevision=revision, legend={"orientation": "h", "y": -0.25}, hovermode="x unified",
+    )
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text=y_title, range=y_range)
+
+
+def _line(x: Any, y: Any, name: str, color: str, *, dash: str | None = None, markers: bool = False,
+          width: float = 2.0, opacity: float = 1.0) -> go.Scatter:
+    return go.Scatter(x=x, y=y, name=name, mode="lines+markers" if markers else "lines",
+                      line={"color": color, "dash": dash, "width": width}, opacity=opacity)
+
+
+def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINTS) -> dict[str, go.Figure]:
+    """The four live charts of a job: loss, accuracy, learning rate, images/s."""
+    ep = np.asarray(s.epoch, dtype=float)
+    figs: dict[str, go.Figure] = {}
+
+    loss = go.Figure()
+    if s.step_x:
+        x, y = thin(s.step_x, s.step_loss, max_points)
+        loss.add_trace(_line(x, y, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45))
+    if len(ep):
+        loss.add_trace(_line(ep, _arr(s.train_loss), "train loss", COLORS[0], markers=True))
+        loss.add_trace(_line(ep, _arr(s.val_loss), "val loss", COLORS[1], markers=True))
+    _layout(loss, "Loss", "loss", revision=revision)
+    figs["loss"] = loss
+
+    acc = go.Figure()
+    if len(ep):
+        acc.add_trace(_line(ep, _arr(s.train_acc), "train accuracy", COLORS[0], markers=True))
+        acc.add_trace(_line(ep, _arr(s.val_acc), "val accuracy", COLORS[1], markers=True))
+    _layout(acc, "Accuracy", "accuracy", revision=revision)
+    figs["accuracy"] = acc
+
+    lr = go.Figure()
+    if s.step_x:
+        x, y = thin(s.step_x, s.step_lr, max_points)
+        lr.add_trace(_line(x, y, "learning rate", COLORS[2]))
+    elif len(ep):
+        lr.add_trace(_line(ep, _arr(s.epoch_lr), "learning rate", COLORS[2], markers=True))
+    _layout(lr, "Learning rate", "lr", revision=revision)
+    figs["lr"] = lr
+
+    ips = go.Figure()
+    if s.step_x:
+        x, y = thin(s.step_x, s.step_ips, max_points)
+        ips.add_trace(_line(x, y, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6))
+    if len(ep):
+        ips.add_trace(_line(ep, _arr(s.epoch_ips), "images/s (epoch)", COLORS[4], markers=True))
+    _layout(ips, "Throughput", "images/s", revision=revision)
+    figs["throughput"] = ips
+    return figs
+
+
+def _arr(values: list[float | None]) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str]) -> go.Figure:
+    """Counts, true label down, predicted across; colour by the share of the true class (rows sum to 1)."""
+    z = np.asarray(matrix, dtype=float)
+    share = z / np.maximum(z.sum(axis=1, keepdims=True), 1)
+    labels = [str(c) for c in classes]
+    fig = go.Figure(go.Heatmap(
+        z=share, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, customdata=z.astype(int),
+        text=z.astype(int) if len(labels) <= 30 else None, texttemplate="%{text}" if len(labels) <= 30 else None,
+        hovertemplate="true %{y} → predicted %{x}: %{customdata} (%{z:.0%} of the class)<extra></extra>",
+        colorbar={"title": "share"},
+    ))
+    side = min(900, max(320, 36 * len(labels) + 120))
+    fig.update_layout(height=side, margin={"l": 10, "r": 10, "t": 30, "b": 10}, title="Confusion matrix (test)")
+    fig.update_xaxes(title_text="predicted", type="category")
+    fig.update_yaxes(title_text="true", type="category", autorange="reversed")
+    return fig
+
+
+def compare_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, go.Figure]:
+    """Overlay per-epoch curves of several runs: loss and accuracy (val solid, train dotted)."""
+    figs = {"loss": go.Figure(), "accuracy": go.Figure()}
+    for i, (label, epochs) in enumerate(runs.items()):
+        color = COLORS[i % len(COLORS)]
+        x = [e.get("epoch") for e in epochs]
+        for metric, fig in (("loss", figs["loss"]), ("acc", figs["accuracy"])):
+            fig.add_trace(_line(x, [e.get(f"val_{metric}") for e in epochs], f"{label} val", color, markers=True))
+            fig.add_trace(_line(x, [e.get(f"train_{metric}") for e in epochs], f"{label} train", color, dash="dot"))
+    _layout(figs["loss"], "Loss per epoch", "loss", revision="compare")
+    _layout(figs["accuracy"], "Accuracy per epoch", "accuracy", revision="compare")
+    for fig in figs.values():
+        fig.update_layout(height=340, legend={"orientation": "v", "y": 0.5, "x": 1.02})
+    return figs
+
+
+def counts_figure(counts: dict[str, int]) -> go.Figure:
+    """Images per class (dataset health)."""
+    fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), marker_color=COLORS[0]))
+    fig.update_layout(height=240, margin={"l": 10, "r": 10, "t": 30, "b": 10}, title="Images per class")
+    fig.update_xaxes(type="category")
+    return fig

@@ -1,0 +1,313 @@
+"""Data shaping for the pages, with no drawing: the jobs table, a job's live series, workers, comparisons.
+
+Everything here is plain Python over the dicts `worker.api` returns, so it can be tested and timed without Streamlit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.defaults import ACTIVE_STATES
+
+STATE_ICONS = {
+    "queued": "⏳", "running": "▶️", "recovering": "🔁", "finished": "✅", "failed": "❌", "cancelled": "⏹️",
+}
+"""A glyph per job state, so a state reads at a glance in tables and headers."""
+
+
+# ----------------------------------------------------------------------------------------------------- formatting
+def fmt_seconds(seconds: float | None) -> str:
+    """1h 02m, 3m 07s, 42s; '' when unknown."""
+    if seconds is None or math.isnan(seconds) or seconds < 0:
+        return ""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def fmt_ago(t: float | None, now: float | None = None) -> str:
+    """'4 s ago', '3 min ago'; '' when unknown."""
+    if not t:
+        return ""
+    d = max(0.0, (now or time.time()) - t)
+    if d < 90:
+        return f"{d:.0f} s ago"
+    if d < 5400:
+        return f"{d / 60:.0f} min ago"
+    return f"{d / 3600:.1f} h ago"
+
+
+def fmt_time(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return ""
+
+
+def state_label(state: str | None) -> str:
+    return f"{STATE_ICONS.get(state or '', '')} {state or 'unknown'}".strip()
+
+
+def job_label(job: dict[str, Any]) -> str:
+    """How a job is named in pickers: id · name · state."""
+    return f"{job.get('id')} · {job.get('name') or ''} · {job.get('state') or ''}"
+
+
+def timing_text(job: dict[str, Any]) -> str:
+    """Duration of a job that ended or has run, plus its ETA while running."""
+    if job.get("state") == "running" and job.get("eta") is not None:
+        return f"{fmt_seconds(job.get('duration'))} (ETA {fmt_seconds(job['eta'])})"
+    return fmt_seconds(job.get("duration"))
+
+
+# ----------------------------------------------------------------------------------------------------- jobs table
+JOB_COLUMNS = ["id", "name", "status", "progress", "epoch", "best val acc", "duration / ETA", "worker", "submitted"]
+
+
+def jobs_frame(jobs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per job for the jobs table (columns JOB_COLUMNS), in the order given (newest first)."""
+    rows = {c: [] for c in JOB_COLUMNS}
+    for j in jobs:
+        epochs = j.get("epochs")
+        rows["id"].append(j.get("id"))
+        rows["name"].append(j.get("name") or "")
+        rows["status"].append(state_label(j.get("state")))
+        rows["progress"].append(float(j.get("progress") or 0.0))
+        rows["epoch"].append(f"{j.get('epoch') or 0}/{epochs}" if epochs else "")
+        rows["best val acc"].append(j.get("best_val_acc"))
+        rows["duration / ETA"].append(timing_text(j))
+        rows["worker"].append(j.get("worker") or "")
+        rows["submitted"].append(datetime.fromtimestamp(j["submitted_at"]) if j.get("submitted_at") else None)
+    frame = pd.DataFrame(rows, columns=JOB_COLUMNS)
+    frame["best val acc"] = pd.to_numeric(frame["best val acc"], errors="coerce")
+    frame["submitted"] = pd.to_datetime(frame["submitted"])
+    return frame
+
+
+def state_counts(jobs: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for j in jobs:
+        counts[j.get("state") or "unknown"] = counts.get(j.get("state") or "unknown", 0) + 1
+    return counts
+
+
+def any_active(jobs: list[dict[str, Any]]) -> bool:
+    return any(j.get("state") in ACTIVE_STATES for j in jobs)
+
+
+# ---------------------------------------------------------------------------------------------------- live series
+@dataclasses.dataclass
+class LiveSeries:
+    """Every chart point of one job, grown from the stream entries after `last_id` (kept in st.session_state).
+
+    Steps are placed at fractional epochs ((epoch - 1) + step / steps_per_epoch). A resumed run repeats the steps of
+    the epoch it resumes; a step at or before the last one drawn replaces the points from there on, so every epoch
+    appears once in the charts, as in the stream's epoch events.
+    """
+
+    last_id: str = "0"
+    entries: int = 0
+    step_x: list[float] = dataclasses.field(default_factory=list)
+    step_loss: list[float | None] = dataclasses.field(default_factory=list)
+    step_lr: list[float | None] = dataclasses.field(default_factory=list)
+    step_ips: list[float | None] = dataclasses.field(default_factory=list)
+    epoch: list[int] = dataclasses.field(default_factory=list)
+    train_loss: list[float | None] = dataclasses.field(default_factory=list)
+    val_loss: list[float | None] = dataclasses.field(default_factory=list)
+    train_acc: list[float | None] = dataclasses.field(default_factory=list)
+    val_acc: list[float | None] = dataclasses.field(default_factory=list)
+    epoch_lr: list[float | None] = dataclasses.field(default_factory=list)
+    epoch_ips: list[float | None] = dataclasses.field(default_factory=list)
+    phase: str | None = None
+    report: dict[str, Any] | None = None
+
+    @property
+    def points(self) -> int:
+        """Chart points held (steps count once per plotted quantity; a test waits for this to grow)."""
+        return len(self.step_x) + len(self.epoch)
+
+    def add(self, events: list[dict[str, Any]]) -> int:
+        """Fold stream entries ({"id", "type", "data"}, oldest first) in; returns how many were new."""
+        n = 0
+        for ev in events:
+            self.last_id = ev["id"]
+            self.entries += 1
+            n += 1
+            data = ev.get("data") or {}
+            kind = ev.get("type")
+            if kind == "step":
+                self._add_step(data)
+            elif kind == "epoch":
+                self._add_epoch(data)
+            elif kind == "phase":
+                self.phase = data.get("phase")
+            elif kind == "report":
+                self.report = data
+        return n
+
+    def _add_step(self, d: dict[str, Any]) -> None:
+        steps = d.get("steps_per_epoch") or 0
+        if not steps or d.get("epoch") is None:
+            return
+        x = (int(d["epoch"]) - 1) + float(d.get("step") or 0) / steps
+        if self.step_x and x <= self.step_x[-1]:  # a resumed attempt redoes these steps: keep the new ones
+            cut = int(np.searchsorted(np.asarray(self.step_x), x, side="left"))
+            for series in (self.step_x, self.step_loss, self.step_lr, self.step_ips):
+                del series[cut:]
+        self.step_x.append(x)
+        self.step_loss.append(_num(d.get("loss")))
+        self.step_lr.append(_num(d.get("lr")))
+        self.step_ips.append(_num(d.get("images_per_sec")))
+
+    def _add_epoch(self, d: dict[str, Any]) -> None:
+        e = d.get("epoch")
+        if e is None or int(e) in self.epoch:  # the stream holds each epoch once; this guards a replayed read
+            return
+        self.epoch.append(int(e))
+        self.train_loss.append(_num(d.get("train_loss")))
+        self.val_loss.append(_num(d.get("val_loss")))
+        self.train_acc.append(_num(d.get("train_acc")))
+        self.val_acc.append(_num(d.get("val_acc")))
+        self.epoch_lr.append(_num(d.get("lr")))
+        self.epoch_ips.append(_num(d.get("images_per_sec")))
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def thin(x: list[float], y: list[float | None], max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most `max_points` evenly spaced points of a line (first and last kept), as float arrays (None → NaN)."""
+    xs = np.asarray(x, dtype=float)
+    ys = np.asarray([np.nan if v is None else v for v in y], dtype=float)
+    if len(xs) <= max_points:
+        return xs, ys
+    idx = np.unique(np.linspace(0, len(xs) - 1, max_points).round().astype(int))
+    return xs[idx], ys[idx]
+
+
+# -------------------------------------------------------------------------------------------------------- workers
+def gpus_text(gpus: list[dict[str, Any]] | None) -> str:
+    if not gpus:
+        return "CPU only"
+    parts = []
+    for g in gpus:
+        mem = g.get("memory_mb")
+        parts.append(f"{g.get('index', '?')}: {g.get('name', 'GPU')}" + (f" ({mem / 1024:.0f} GB)" if mem else ""))
+    return "; ".join(parts)
+
+
+WORKER_COLUMNS = ["name", "host", "kind", "GPUs", "slots", "state", "current job", "last heartbeat", "up since"]
+
+
+def workers_frame(workers: list[dict[str, Any]], now: float | None = None) -> pd.DataFrame:
+    now = now or time.time()
+    rows = [{
+        "name": w.get("name"), "host": w.get("hostname") or "", "kind": w.get("kind") or "",
+        "GPUs": gpus_text(w.get("gpus")), "slots": w.get("slots"), "state": w.get("state") or "",
+        "current job": w.get("current_job") or "", "last heartbeat": fmt_ago(w.get("heartbeat"), now),
+        "up since": fmt_time(w.get("started_at")),
+    } for w in workers]
+    return pd.DataFrame(rows, columns=WORKER_COLUMNS)
+
+
+# -------------------------------------------------------------------------------------------------------- compare
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 3}} → {"train.epochs": 3}."""
+    out: dict[str, Any] = {}
+    for k, v in (cfg or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def differing_params(configs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Rows: the dotted config keys whose values differ between the runs; columns: the runs (labels)."""
+    flat = {label: flatten(cfg) for label, cfg in configs.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    rows = {}
+    for k in keys:
+        values = [flat[label].get(k) for label in flat]
+        if len({repr(v) for v in values}) > 1:
+            rows[k] = [_cell(v) for v in values]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(flat)) if rows else pd.DataFrame(
+        columns=list(flat))
+
+
+def _cell(v: Any) -> str:
+    return "" if v is None else str(v)
+
+
+def final_metrics(job: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+    """The numbers a comparison lines up: best val accuracy, test metrics, epochs, time, export sizes."""
+    report = report or {}
+    test = report.get("test") or {}
+    export = report.get("export") or {}
+    onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
+    return {
+        "state": job.get("state"),
+        "epochs": f"{job.get('epoch') or 0}/{job.get('epochs') or '?'}",
+        "best val acc": job.get("best_val_acc"),
+        "test acc": test.get("accuracy"),
+        "test macro-F1": test.get("macro_f1"),
+        "duration": fmt_seconds(job.get("duration")),
+        "ONNX size": fmt_bytes(onnx.get("bytes")),
+        "INT8 acc": int8.get("accuracy"),
+        "INT8 size": fmt_bytes(int8.get("bytes")),
+    }
+
+
+def metrics_frame(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Columns: runs; rows: the final metrics (numbers formatted for reading)."""
+    out = {}
+    for label, m in rows.items():
+        out[label] = {k: (f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))) for k, v in m.items()}
+    return pd.DataFrame(out)
+
+
+# -------------------------------------------------------------------------------------------------------- reports
+def per_class_frame(report: dict[str, Any], split: str = "test") -> pd.DataFrame:
+    rows = (report.get(split) or {}).get("per_class") or []
+    frame = pd.DataFrame(rows, columns=["class", "precision", "recall", "f1", "support"])
+    return frame
+
+
+def export_rows(report: dict[str, Any]) -> pd.DataFrame:
+    """The export's evidence: ONNX parity with PyTorch, INT8 accuracy and sizes, one row per model file."""
+    export = report.get("export") or {}
+    onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
+    rows = []
+    if onnx:
+        rows.append({"file": "model.onnx", "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
+                     "test accuracy": onnx.get("accuracy"), "max |Δlogit| vs PyTorch": onnx.get("max_abs_diff"),
+                     "top-1 agreement": onnx.get("top1_agreement"), "opset": onnx.get("opset"),
+                     "latency ms (batch 1)": onnx.get("latency_ms_batch1")})
+    if int8:
+        rows.append({"file": "model.int8.onnx", "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
+                     "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
+                     "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
+                     "latency ms (batch 1)": int8.get("latency_ms_batch1")})
+    return pd.DataFrame(rows)

@@ -1,0 +1,56 @@
+"""Every tunable constant of the dashboard, in one place. Environment variables override a few (named below)."""
+from __future__ import annotations
+
+JOB_REFRESH_SECONDS = 2.0
+"""Seconds between redraws of a running job's live part (charts, progress, log tail)."""
+
+JOBS_REFRESH_SECONDS = 4.0
+"""Seconds between redraws of the jobs table while some job is queued, running or recovering."""
+
+WORKERS_REFRESH_SECONDS = 3.0
+"""Seconds between redraws of the workers table (heartbeats are every 2 s)."""
+
+REDIS_RETRY_SECONDS = 3.0
+"""Seconds between reconnection attempts while the Redis-down banner is shown."""
+
+JOBS_PAGE_LIMIT = 5000
+"""Most jobs the jobs table lists (newest first)."""
+
+JOB_PICKER_LIMIT = 300
+"""Most recent jobs offered in the job pickers (Job, Compare, Try it); a job linked by URL is always offered."""
+
+CHART_MAX_POINTS = 1500
+"""Points per line drawn in a live chart: longer series are thinned (every point stays in the session's series)."""
+
+LOG_TAIL_LINES = 40
+"""Log lines shown in a job's live log tail."""
+
+GALLERY_MAX_IMAGES = 24
+"""Misclassified test images shown in a finished job's gallery."""
+
+TRY_SAMPLES_DEFAULT = 4
+"""Test images picked by default on the Try it page."""
+
+TOP_K = 5
+"""Predictions shown per image on the Try it page."""
+
+UPLOAD_MAX_MB_ENV = "DASHBOARD_MAX_UPLOAD_MB"
+"""Environment variable: largest dataset zip the New-job page accepts, in MB (overrides the default below)."""
+
+UPLOAD_MAX_MB = 500
+"""Default largest dataset zip, in MB (Streamlit keeps an upload in memory; bigger sets: `python -m worker submit`)."""
+
+IMAGE_UPLOAD_MAX_MB = 20
+"""Largest single image the Try it page accepts, in MB."""
+
+UPLOADS_KEEP_SECONDS = 24 * 3600
+"""Uploaded zips older than this are removed from var/uploads/ (submission copies them into the artifact store)."""
+
+CONFIGS_DIR = "configs"
+"""Folder of YAML presets (relative to the repository root) offered on the New-job page."""
+
+DEFAULT_PRESET = "digits"
+"""Preset the New-job page starts from."""
+
+ACTIVE_STATES = ("queued", "running", "recovering")
+"""Job states that still change (pages that show them keep refreshing)."""

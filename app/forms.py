@@ -1,0 +1,196 @@
+"""The New-job form as data: presets from configs/, the fields it edits, and the mapping of validation messages back
+to fields. Validation itself is core's (through `worker.submit`): the dashboard only places its messages.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from app.defaults import CONFIGS_DIR, DEFAULT_PRESET
+from worker.defaults import MAX_GPUS_PER_JOB, PRIORITIES, REPO_ROOT
+
+BUILTIN_DATASETS = {
+    "digits": "digits — handwritten digits, 1,797 8×8 images, 10 classes (offline)",
+    "cifar10": "CIFAR-10 — 60,000 32×32 images, 10 classes (the worker needs the files in data/)",
+    "cifar100": "CIFAR-100 — 60,000 32×32 images, 100 classes (the worker needs the files in data/)",
+    "synthetic": "synthetic — random coloured shapes (smoke tests)",
+}
+UPLOAD = "upload"
+CLONED = "cloned"
+DATASET_LABELS = {**BUILTIN_DATASETS, UPLOAD: "Upload a .zip of class folders",
+                  CLONED: "The dataset of the cloned job"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One editable config key: `key` is the dotted config key (or a submission option: gpus, priority, name)."""
+
+    key: str
+    label: str
+    kind: str  # select | bool | int | float | text
+    options: tuple[Any, ...] = ()
+    help: str | None = None
+    min_value: float | None = None
+    max_value: float | None = None
+    step: float | None = None
+    fmt: str | None = None
+    optional: bool = False
+
+
+def model_names() -> tuple[str, ...]:
+    from core.models import list_models
+
+    return tuple(list_models())
+
+
+def fields() -> list[Field]:
+    """Every field of the form, in display order (sections: model, data, training, resources, export)."""
+    return [
+        Field("model.name", "Model", "select", model_names()),
+        Field("model.pretrained", "Pretrained (ImageNet weights)", "bool"),
+        Field("model.freeze", "Freeze", "select", ("none", "backbone"),
+              help="backbone: only the new head trains (needs pretrained)"),
+        Field("data.image_size", "Image size (px)", "int", min_value=0, max_value=4096, step=1, optional=True,
+              help="model input side; empty = the dataset's native size"),
+        Field("data.color_mode", "Colour mode", "select", ("RGB", "L")),
+        Field("data.augment", "Augmentation", "select", ("classic", "none", "strong"),
+              help="classic: random crop + flip + colour jitter; strong: TrivialAugment"),
+        Field("train.epochs", "Epochs", "int", min_value=0, step=1),
+        Field("train.batch_size", "Batch size", "int", min_value=0, step=1, help="per GPU (per DDP rank)"),
+        Field("optim.name", "Optimizer", "select", ("adamw", "sgd")),
+        Field("optim.lr", "Learning rate", "float", min_value=0.0, step=1e-4, fmt="%g"),
+        Field("optim.weight_decay", "Weight decay", "float", min_value=0.0, step=1e-4, fmt="%g"),
+        Field("sched.name", "Schedule", "select", ("cosine", "onecycle", "step", "none")),
+        Field("train.amp", "Mixed precision (AMP)", "bool"),
+        Field("train.label_smoothing", "Label smoothing", "float", min_value=0.0, step=0.05, fmt="%g"),
+        Field("gpus", "GPUs", "int", min_value=1, max_value=MAX_GPUS_PER_JOB, step=1,
+              help="GPUs on one worker (CPU ranks on a CPU-only worker)"),
+        Field("priority", "Priority", "select", PRIORITIES),
+        Field("name", "Job name (optional)", "text"),
+        Field("export.enabled", "Export ONNX when training ends", "bool"),
+        Field("export.int8", "Also an INT8 model", "bool"),
+    ]
+
+
+SUBMIT_OPTIONS = ("gpus", "priority", "name")
+"""Form fields that are options of submit_job, not config keys."""
+
+
+# ------------------------------------------------------------------------------------------------------- presets
+def presets_dir() -> Path:
+    return REPO_ROOT / CONFIGS_DIR
+
+
+def preset_names() -> list[str]:
+    """Preset names (YAML file stems in configs/), the default one first."""
+    names = sorted(p.stem for p in presets_dir().glob("*.yaml"))
+    if DEFAULT_PRESET in names:
+        names.remove(DEFAULT_PRESET)
+        names.insert(0, DEFAULT_PRESET)
+    return names
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset's raw mapping. Only names from preset_names() are read (no path a user typed reaches the disk)."""
+    from core.config import load_yaml
+
+    if name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+    return load_yaml(presets_dir() / f"{name}.yaml")
+
+
+def resolved(raw: dict[str, Any]) -> dict[str, Any]:
+    """Every key with its value (preset + defaults), for pre-filling the form; raw itself when it is invalid."""
+    from core.config import config_from_dict
+    from core.errors import ConfigError
+
+    try:
+        return config_from_dict(_without_data_path(raw)).to_dict()
+    except ConfigError:
+        return copy.deepcopy(raw)
+
+
+def _without_data_path(raw: dict[str, Any]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    data = raw.setdefault("data", {})
+    if data.get("name") == "imagefolder":  # pre-filling only: the path comes with the upload
+        data["name"] = "digits"
+    data.pop("path", None)
+    return raw
+
+
+def default_dataset(raw: dict[str, Any]) -> str:
+    """Which dataset choice a config starts with."""
+    data = raw.get("data") or {}
+    path = str(data.get("path") or "")
+    if path.startswith("artifact:"):
+        return CLONED
+    name = data.get("name") or "digits"
+    return UPLOAD if name == "imagefolder" else name
+
+
+def initial_values(raw: dict[str, Any], *, gpus: int = 1, priority: str = "default") -> dict[str, Any]:
+    """Field key → starting value, from a preset or a cloned job's config."""
+    cfg = resolved(raw)
+    out: dict[str, Any] = {}
+    for f in fields():
+        if f.key == "gpus":
+            out[f.key] = gpus
+        elif f.key == "priority":
+            out[f.key] = priority
+        elif f.key == "name":
+            out[f.key] = ""
+        else:
+            section, _, name = f.key.partition(".")
+            out[f.key] = (cfg.get(section) or {}).get(name)
+    return out
+
+
+def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The config dict to submit: the preset (or cloned config) with the form's values and dataset applied.
+
+    Keys the form does not show (hflip, log_every, ...) keep the preset's values. A built-in dataset drops any
+    data.path (workers read built-ins from their own disk); an upload's path is added by submit_job.
+    """
+    cfg = copy.deepcopy(raw)
+    for key, value in values.items():
+        if key in SUBMIT_OPTIONS:
+            continue
+        section, _, name = key.partition(".")
+        cfg.setdefault(section, {})[name] = value
+    data = cfg.setdefault("data", {})
+    if dataset in BUILTIN_DATASETS:
+        data["name"] = dataset
+        data.pop("path", None)
+    elif dataset == UPLOAD:
+        data["name"] = "imagefolder"
+        data.pop("path", None)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ error placement
+_KEY_RE = re.compile(r"^\s*([A-Za-z_][\w]*(?:\.[\w]+)*)\s*:\s*(.+)$", re.DOTALL)
+FIELD_ALIASES = {"data.path": "dataset", "data.name": "dataset", "dataset upload": "dataset", "timeout": "name"}
+
+
+def errors_by_field(message: str) -> dict[str, str]:
+    """'invalid config: train.epochs: ... ; optim.lr: ...' → {"train.epochs": ..., "optim.lr": ...}.
+
+    Keys not shown in the form land under "" (shown above the submit button), data keys under "dataset".
+    """
+    body = message.removeprefix("invalid config:").strip()
+    known = {f.key for f in fields()}
+    out: dict[str, str] = {}
+    for part in [p for p in body.split("; ") if p.strip()]:
+        m = _KEY_RE.match(part)
+        key = m.group(1) if m else part.partition(":")[0].strip()
+        if key.startswith("dataset"):
+            key = "dataset"
+        key = FIELD_ALIASES.get(key, key)
+        if key not in known and key != "dataset":
+            key = ""
+        out[key] = (out[key] + "; " if key in out else "") + part.strip()
+    return out

@@ -1,0 +1,92 @@
+"""Small widgets more than one page draws: the job picker, flash messages, cached report reads."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+import streamlit as st
+
+from app.connection import artifact_store
+from app.data import job_label
+from app.defaults import JOB_PICKER_LIMIT
+from worker import api
+from worker.errors import ArtifactError, NoSuchJobError
+
+PAGE_NEW = "views/new_job.py"
+PAGE_JOBS = "views/jobs.py"
+PAGE_JOB = "views/job.py"
+PAGE_COMPARE = "views/compare.py"
+PAGE_WORKERS = "views/workers.py"
+PAGE_TRY = "views/try_it.py"
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """Remember a message for the next run (callbacks run before the page draws)."""
+    st.session_state.setdefault("ui:flash", []).append((kind, message))
+
+
+def show_flash() -> None:
+    for kind, message in st.session_state.pop("ui:flash", []):
+        getattr(st, kind)(message)
+
+
+def recent_jobs(conn: redis.Redis, states: set[str] | None = None) -> list[dict[str, Any]]:
+    return api.list_jobs(conn, states, limit=JOB_PICKER_LIMIT)
+
+
+def job_picker(conn: redis.Redis, *, key: str, current: str | None, states: set[str] | None = None,
+               label: str = "Job", query_key: str = "job") -> str | None:
+    """A select box over recent jobs (the current one always offered); the chosen id, or None when there is none.
+
+    The choice is mirrored into the URL (`?job=ID`), so the page can be shared and survives a refresh; a URL that
+    names another job than the box remembers wins (the box follows links and st.switch_page).
+    """
+    jobs = recent_jobs(conn, states)
+    ids = [j["id"] for j in jobs]
+    labels = {j["id"]: job_label(j) for j in jobs}
+    if current and current not in labels:
+        try:
+            status = api.job_status(conn, current)
+            if states is None or status.get("state") in states:
+                ids.insert(0, current)
+                labels[current] = job_label(status)
+        except NoSuchJobError:
+            pass
+    if not ids:
+        return None
+    if current in ids and st.session_state.get(key) != current:
+        st.session_state[key] = current
+    elif st.session_state.get(key) not in ids:
+        st.session_state[key] = ids[0]
+
+    def to_url() -> None:
+        st.query_params[query_key] = st.session_state[key]
+
+    return st.selectbox(label, ids, format_func=lambda i: labels.get(i, i), key=key, on_change=to_url)
+
+
+@st.cache_data(ttl=300, max_entries=64, show_spinner=False)
+def job_report(job_id: str, version: float | None) -> dict[str, Any] | None:
+    """report.json of a job (None when it has none); `version` (the job's end time) keys the cache."""
+    try:
+        return json.loads(api.read_artifact(job_id, "report", store=artifact_store()))
+    except (ArtifactError, NoSuchJobError, ValueError, OSError):
+        return None
+
+
+@st.cache_data(ttl=300, max_entries=512, show_spinner=False)
+def artifact_bytes(job_id: str, name: str, version: float | None) -> bytes | None:
+    """Bytes of a small artifact (gallery images, samples); None when missing."""
+    try:
+        return api.read_artifact(job_id, name, store=artifact_store())
+    except (ArtifactError, NoSuchJobError, OSError):
+        return None
+
+
+@st.cache_data(ttl=30, max_entries=64, show_spinner=False)
+def artifact_names(job_id: str, version: float | None) -> list[str]:
+    try:
+        return api.artifact_files(job_id, store=artifact_store())
+    except (ArtifactError, NoSuchJobError, OSError):
+        return []

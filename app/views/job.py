@@ -1,0 +1,272 @@
+"""Job: live progress while it runs, results and downloads once it has ended. The URL (?job=ID) names the job.
+
+The live part is a fragment that reruns alone every JOB_REFRESH_SECONDS: it reads only the stream entries after
+the last one it drew (the series are kept in st.session_state per job), so a refresh neither reloads the page nor
+loses points. It stops refreshing once the job is final and the page redraws once with the results.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import streamlit as st
+
+from app import ui
+from app.charts import confusion_figure, live_figures
+from app.connection import REDIS_ERRORS, artifact_store, require_redis
+from app.data import LiveSeries, export_rows, fmt_bytes, fmt_seconds, fmt_time, per_class_frame, state_label
+from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
+from worker import api
+from worker.artifacts import NAMED_ARTIFACTS
+from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
+
+SERIES_KEPT = 8  # jobs whose chart series a session keeps (the most recently viewed)
+
+conn = require_redis()
+if goto := st.session_state.pop("job:goto", None):
+    st.switch_page(goto[0], query_params=goto[1])
+
+st.title("Job")
+ui.show_flash()
+job_id = ui.job_picker(conn, key="job:picker", current=st.query_params.get("job") or st.session_state.get("job:last"))
+if job_id is None:
+    st.info("No jobs yet.")
+    st.page_link(ui.PAGE_NEW, label="Submit one", icon=":material/add_circle:")
+    st.stop()
+if st.query_params.get("job") != job_id:
+    st.query_params["job"] = job_id
+st.session_state["job:last"] = job_id
+try:
+    status = api.job_status(conn, job_id)
+except NoSuchJobError as err:
+    st.error(str(err))
+    st.stop()
+
+
+def series_for(job: str) -> LiveSeries:
+    """This job's accumulated chart series (the session keeps the SERIES_KEPT most recently viewed)."""
+    order: list[str] = st.session_state.setdefault("job:series_order", [])
+    key = f"job:series:{job}"
+    if job in order:
+        order.remove(job)
+    order.append(job)
+    while len(order) > SERIES_KEPT:
+        st.session_state.pop(f"job:series:{order.pop(0)}", None)
+    if key not in st.session_state:
+        st.session_state[key] = LiveSeries()
+    return st.session_state[key]
+
+
+# --------------------------------------------------------------------------------------------------- header
+def cancel(job: str) -> None:
+    try:
+        state = api.cancel_job(conn, job, wait=0)
+        ui.flash(f"Cancel requested: job {job} is {state}." if state != "cancelled" else f"Job {job} cancelled.")
+    except (NoSuchJobError, InvalidJobStateError) as err:
+        ui.flash(str(err), "error")
+
+
+def retry(job: str) -> None:
+    try:
+        new = api.retry_job(conn, job, store=artifact_store())
+    except (NoSuchJobError, InvalidJobStateError, SubmissionError) as err:
+        ui.flash(str(err), "error")
+        return
+    ui.flash(f"Job {job} submitted again as {new}.")
+    st.session_state["job:goto"] = (ui.PAGE_JOB, {"job": new})
+
+
+def clone(job: str) -> None:
+    st.session_state["job:goto"] = (ui.PAGE_NEW, {"clone": job})
+
+
+st.subheader(f"{state_label(status['state'])} · {status.get('name') or job_id}")
+cfg = status.get("config") or {}
+st.caption(
+    f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
+    f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
+    f"submitted {fmt_time(status.get('submitted_at'))}"
+    + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
+)
+buttons = st.columns([1, 1, 1, 1, 4])
+if not status["final"]:
+    buttons[0].button("Cancel", icon=":material/stop_circle:", on_click=cancel, args=(job_id,), key="job:cancel")
+else:
+    buttons[0].button("Retry", icon=":material/replay:", on_click=retry, args=(job_id,), key="job:retry")
+buttons[1].button("Clone", icon=":material/content_copy:", on_click=clone, args=(job_id,), key="job:clone",
+                  help="open New job pre-filled with this job's settings")
+buttons[2].page_link(ui.PAGE_COMPARE, label="Compare", icon=":material/compare_arrows:",
+                     query_params={"jobs": job_id})
+if status["state"] == "finished":
+    buttons[3].page_link(ui.PAGE_TRY, label="Try it", icon=":material/image_search:", query_params={"job": job_id})
+
+
+# ------------------------------------------------------------------------------------------------ live part
+def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
+    epochs = s.get("epochs")
+    c = st.columns(5)
+    c[0].metric("State", state_label(s["state"]))
+    c[1].metric("Epoch", f"{s.get('epoch') or 0} / {epochs or '?'}")
+    c[2].metric("Best val accuracy", f"{s['best_val_acc']:.4f}" if s.get("best_val_acc") is not None else "–")
+    c[3].metric("Elapsed" if not s["final"] else "Duration", fmt_seconds(s.get("duration")) or "–")
+    c[4].metric("ETA", fmt_seconds(s.get("eta")) or ("done" if s["state"] == "finished" else "–"))
+    phase = s.get("phase") or series.phase
+    st.progress(min(1.0, max(0.0, s["progress"])),
+                text=f"{s['progress']:.0%}" + (f" · {phase}" if phase and not s["final"] else ""))
+    if s.get("waiting"):
+        st.info(f"Waiting: {s['waiting']}", icon=":material/hourglass_top:")
+    if s["state"] == "queued" and not s.get("waiting"):
+        st.info("Queued: it starts when a worker with enough GPUs is free.", icon=":material/hourglass_top:")
+    if s["state"] == "recovering":
+        st.warning(
+            f"**Recovering.** Its worker {s.get('previous_worker') or ''} was lost"
+            + (f" ({s['recovery_reason']})" if s.get("recovery_reason") else "")
+            + "; the job resumes from its last checkpoint on the next free worker "
+            + f"(recovery {s.get('recoveries') or 1}).",
+            icon=":material/sync_problem:")
+    if s["state"] == "running" and s.get("worker_alive") is False:
+        st.warning(f"Worker {s.get('worker')} stopped sending heartbeats; the job will be recovered on another "
+                   "worker if it does not come back.", icon=":material/heart_broken:")
+    if s["state"] == "running" and s.get("cancel_requested"):
+        st.info("Cancelling: its worker is stopping the training processes.", icon=":material/stop_circle:")
+    if s["state"] == "cancelled":
+        st.info(f"Cancelled. {s.get('error') or ''}", icon=":material/stop_circle:")
+    if s["state"] == "failed":
+        st.error(f"**Failed:** {s.get('error') or 'no error message'}", icon=":material/error:")
+
+
+def draw_charts(series: LiveSeries, job: str) -> None:
+    figs = live_figures(series, revision=job)
+    names = list(figs)
+    for row in range(0, len(names), 2):
+        cols = st.columns(2)
+        for col, name in zip(cols, names[row:row + 2]):
+            with col:
+                st.plotly_chart(figs[name], key=f"job:chart:{name}", config={"displaylogo": False})
+    st.caption(f"{series.points} chart points from {series.entries} stream entries (last id {series.last_id})",
+               help="Each refresh reads only the stream entries after the last id drawn.")
+
+
+def draw_log(s: dict[str, Any], job: str) -> None:
+    lines = [e["line"] for e in api.logs_tail(conn, job, LOG_TAIL_LINES)]
+    if not lines and s.get("log_tail"):
+        lines = list(s["log_tail"])
+    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != "finished"):
+        st.code("\n".join(lines) or "(no log lines yet)", language=None, height=300 if len(lines) > 12 else "content")
+
+
+def live(job: str, final_at_load: bool) -> None:
+    try:
+        s = api.job_status(conn, job)
+    except NoSuchJobError:
+        st.warning(f"Job {job} was deleted.")
+        return
+    except REDIS_ERRORS as err:
+        st.error(f"**Redis is unreachable.** {err}\n\nRetrying every {JOB_REFRESH_SECONDS:g} s.",
+                 icon=":material/cloud_off:")
+        return
+    series = series_for(job)
+    try:
+        series.add(api.events_since(conn, job, series.last_id))
+    except REDIS_ERRORS:
+        pass  # drawn from what we have; the next refresh continues from the same id
+    draw_status(s, series)
+    draw_charts(series, job)
+    draw_log(s, job)
+    if s["final"] and not final_at_load:
+        st.rerun()  # once: the whole page redraws with the results, and this fragment stops refreshing
+
+
+st.fragment(run_every=None if status["final"] else JOB_REFRESH_SECONDS)(live)(job_id, status["final"])
+
+
+# --------------------------------------------------------------------------------------------------- results
+def read_artifact(job: str, short: str) -> bytes:
+    return api.read_artifact(job, short, store=artifact_store())
+
+
+def draw_downloads(job: str, files: list[str]) -> None:
+    st.markdown("**Downloads**")
+    cols = st.columns(4)
+    for col, (short, label) in zip(cols, (("onnx", "model.onnx"), ("int8", "model.int8.onnx"), ("pt", "model.pt"),
+                                          ("bundle", "bundle.zip"))):
+        if NAMED_ARTIFACTS[short] in files:
+            col.download_button(label, data=functools.partial(read_artifact, job, short), file_name=f"{job}-{label}",
+                                 mime="application/zip" if label.endswith(".zip") else "application/octet-stream",
+                                 on_click="ignore", icon=":material/download:", key=f"job:download:{short}")
+        else:
+            col.button(label, disabled=True, key=f"job:download:{short}", icon=":material/download:",
+                       help="this job did not produce it (export off, or the export failed)")
+
+
+def draw_results(job: str, s: dict[str, Any]) -> None:
+    report = ui.job_report(job, s.get("ended_at"))
+    files = ui.artifact_names(job, s.get("ended_at"))
+    st.divider()
+    st.subheader("Results")
+    if report is None:
+        st.warning("This job has no report.json (it did not reach the test phase).")
+        draw_downloads(job, files)
+        return
+    test = report.get("test") or {}
+    c = st.columns(5)
+    c[0].metric("Test accuracy", f"{test.get('accuracy', 0):.4f}")
+    c[1].metric("Test macro-F1", f"{test.get('macro_f1', 0):.4f}")
+    c[2].metric("Top-5 accuracy", f"{test['top5_accuracy']:.4f}" if test.get("top5_accuracy") is not None else "–")
+    c[3].metric("Test loss", f"{test['loss']:.4f}" if test.get("loss") is not None else "–")
+    c[4].metric("Test images", f"{test.get('n', 0):,}")
+    draw_downloads(job, files)
+    classes = (report.get("data") or {}).get("classes") or []
+    tabs = st.tabs(["Confusion matrix", "Per class", "Misclassified", "Export"])
+    with tabs[0]:
+        if test.get("confusion_matrix"):
+            st.plotly_chart(confusion_figure(test["confusion_matrix"], classes), key="job:confusion")
+    with tabs[1]:
+        st.dataframe(per_class_frame(report), hide_index=True, column_config={
+            "precision": st.column_config.NumberColumn(format="%.3f"),
+            "recall": st.column_config.NumberColumn(format="%.3f"),
+            "f1": st.column_config.NumberColumn(format="%.3f"),
+        })
+    with tabs[2]:
+        wrong = (report.get("misclassified") or [])[:GALLERY_MAX_IMAGES]
+        if not wrong:
+            st.info("No misclassified test images.")
+        per_row = 8
+        for start in range(0, len(wrong), per_row):
+            cols = st.columns(per_row)
+            for col, item in zip(cols, wrong[start:start + per_row]):
+                data = ui.artifact_bytes(job, item["image"], s.get("ended_at"))
+                if data:
+                    col.image(data, width=84)
+                col.caption(f"true **{item['true']}** → pred **{item['pred']}** ({item.get('confidence', 0):.0%})")
+    with tabs[3]:
+        draw_export(report)
+
+
+def draw_export(report: dict[str, Any]) -> None:
+    export = report.get("export")
+    if not export:
+        st.info("Not exported (export was off for this job).")
+        return
+    onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
+    if export.get("error") or not export.get("ok", True):
+        st.error(f"Export failed: {export.get('error') or 'see the log'}")
+    c = st.columns(4)
+    if onnx:
+        c[0].metric("ONNX parity: max |Δlogit|", f"{onnx.get('max_abs_diff', float('nan')):.2e}")
+        c[1].metric("ONNX top-1 agreement", f"{onnx.get('top1_agreement', 0):.2%}")
+    if int8:
+        c[2].metric("INT8 test accuracy", f"{int8.get('accuracy', 0):.4f}",
+                    delta=f"{-100 * int8.get('accuracy_drop', 0):+.2f} pts vs FP32", delta_color="normal")
+        c[3].metric("INT8 size", fmt_bytes(int8.get("bytes")),
+                    delta=f"FP32 {fmt_bytes(onnx.get('bytes'))}", delta_color="off")
+    st.dataframe(export_rows(report), hide_index=True)
+
+
+if status["final"]:
+    if status["state"] == "finished":
+        draw_results(job_id, status)
+    else:
+        files = ui.artifact_names(job_id, status.get("ended_at"))
+        if any(NAMED_ARTIFACTS[k] in files for k in ("onnx", "pt")):
+            draw_downloads(job_id, files)

@@ -1,0 +1,206 @@
+"""New job: start from a preset (or a cloned job), edit it in a form, check the dataset's health, submit.
+
+Validation is core's, through worker.api.submit_job (the one submission function): its messages are placed under
+the fields they name, and nothing is enqueued until they are all fixed. After a submit the Job page opens (?job=ID).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from app import forms, ui
+from app.charts import counts_figure
+from app.connection import REDIS_ERRORS, artifact_store, require_redis, try_redis
+from app.data import fmt_bytes
+from app.upload import CheckedUpload, UploadError, check_upload, max_upload_mb
+from worker import api
+from worker.errors import NoSuchJobError, SubmissionError
+
+conn = require_redis()
+if submitted := st.session_state.pop("new:submitted", None):
+    st.switch_page(ui.PAGE_JOB, query_params={"job": submitted})
+
+st.title("New job")
+ui.show_flash()
+
+# ------------------------------------------------------------------------------------- where the config starts
+clone_id = st.query_params.get("clone")
+clone: dict[str, Any] | None = None
+if clone_id:
+    try:
+        clone = api.job_status(conn, clone_id)
+    except NoSuchJobError as err:
+        st.warning(f"Cannot clone: {err}")
+CLONE = "__clone__"
+options = ([CLONE] if clone else []) + forms.preset_names()
+choice = st.selectbox(
+    "Start from", options, key=f"new:preset:{clone_id or ''}",
+    format_func=lambda o: f"a copy of job {clone_id} ({clone.get('name')})" if o == CLONE and clone else f"preset {o}",
+    help="YAML presets from configs/; every value below can be changed",
+)
+if choice == CLONE and clone:
+    raw: dict[str, Any] = clone.get("config") or {}
+    init = forms.initial_values(raw, gpus=int(clone.get("gpus") or 1), priority=clone.get("priority") or "default")
+    init["name"] = f"{clone.get('name') or ''} (copy)".strip()
+else:
+    raw = forms.load_preset(choice)
+    init = forms.initial_values(raw)
+prefix = f"new:{clone_id}:" if choice == CLONE else f"new:{choice}:"
+errors: dict[str, str] = st.session_state.get("new:errors", {}) if st.session_state.get("new:errors_for") == prefix \
+    else {}
+
+
+# ------------------------------------------------------------------------------------------------------ dataset
+def checked_upload(upload: Any, color_mode: str) -> tuple[CheckedUpload | None, str | None]:
+    """Save and inspect an upload once per (file, colour mode); kept in the session for the submit."""
+    key = (upload.file_id, color_mode)
+    memo = st.session_state.get("new:upload")
+    if not memo or memo["key"] != key:
+        try:
+            with st.spinner("Checking the dataset…"):
+                result = check_upload(upload.getvalue(), color_mode=color_mode, display_name=upload.name)
+            memo = {"key": key, "result": result, "error": None}
+        except UploadError as err:
+            memo = {"key": key, "result": None, "error": str(err)}
+        st.session_state["new:upload"] = memo
+    return memo["result"], memo["error"]
+
+
+def show_health(checked: CheckedUpload, file_name: str) -> None:
+    r = checked.report
+    st.success(f"**{file_name}** ({fmt_bytes(checked.bytes)}): {len(r['classes'])} classes, "
+               f"{r['num_images']:,} images — ready to train.", icon=":material/check_circle:")
+    c = st.columns(4)
+    c[0].metric("Classes", len(r["classes"]))
+    c[1].metric("Images", f"{r['num_images']:,}")
+    c[2].metric("Skipped / corrupt", len(r["skipped_files"]))
+    c[3].metric("Imbalance (largest / smallest)", f"{r['imbalance_ratio']:g}×")
+    for w in r["warnings"]:
+        st.warning(w, icon=":material/warning:")
+    sizes = r["image_sizes"]
+    common = ", ".join(f"{w}×{h} ({n})" for (w, h), n in sizes["common"])
+    st.caption(f"Image sizes: from {sizes['min'][0]}×{sizes['min'][1]} to {sizes['max'][0]}×{sizes['max'][1]} px; "
+               f"most common: {common}" + (f"; pre-split folders: {', '.join(r['splits_found'])}"
+                                             if r.get("splits_found") else ""))
+    left, right = st.columns([2, 3])
+    with left:
+        st.plotly_chart(counts_figure(r["counts"]), key="new:counts")
+    with right:
+        st.markdown("**A few images per class**")
+        for name, thumbs in list(r["thumbnails"].items())[:20]:
+            row = st.columns([1, 5])
+            row[0].markdown(f"`{name}`  \n{r['counts'].get(name, 0)} images")
+            if thumbs:
+                row[1].image(thumbs, width=56)
+        if len(r["thumbnails"]) > 20:
+            st.caption(f"… and {len(r['thumbnails']) - 20} more classes")
+    if r["skipped_files"]:
+        with st.expander(f"{len(r['skipped_files'])} file(s) will be skipped"):
+            st.dataframe(r["skipped_files"], hide_index=True)
+
+
+st.subheader("Dataset")
+datasets = list(forms.BUILTIN_DATASETS) + [forms.UPLOAD]
+if forms.default_dataset(raw) == forms.CLONED:
+    datasets.insert(0, forms.CLONED)
+dataset = st.radio("Dataset", datasets, index=datasets.index(forms.default_dataset(raw))
+                   if forms.default_dataset(raw) in datasets else 0,
+                   format_func=lambda d: forms.DATASET_LABELS[d], key=prefix + "dataset", label_visibility="collapsed")
+upload_result: CheckedUpload | None = None
+if dataset == forms.UPLOAD:
+    upload = st.file_uploader(
+        "Dataset .zip", type=["zip"], key=prefix + "upload", max_upload_size=max_upload_mb(),
+        help=f"A .zip holding one folder per class (or train/val/test folders of class folders); at most "
+             f"{max_upload_mb()} MB",
+    )
+    if upload is None:
+        st.info("Upload a .zip of class folders: its health is checked here before anything is submitted.")
+    else:
+        mode = st.session_state.get(prefix + "data.color_mode", init.get("data.color_mode") or "RGB")
+        upload_result, upload_error = checked_upload(upload, mode)
+        if upload_error:
+            st.error(f"**This dataset cannot be used:** {upload_error}", icon=":material/block:")
+        elif upload_result is not None:
+            show_health(upload_result, upload.name)
+elif dataset == forms.CLONED:
+    st.caption(f"The cloned job's uploaded dataset: `{(raw.get('data') or {}).get('path')}`")
+elif dataset.startswith("cifar"):
+    st.caption("CIFAR trains on a worker that has the files in data/ (or set data.download on a machine with "
+               "internet); a worker without them fails the job with that reason.")
+if errors.get("dataset"):
+    st.error(errors["dataset"], icon=":material/error:")
+
+
+# --------------------------------------------------------------------------------------------------------- form
+def widget(field: forms.Field, value: Any, key: str) -> None:
+    if field.kind == "select":
+        opts = list(field.options)
+        if value not in opts and value is not None:
+            opts.append(value)  # a cloned job's value stays selectable
+        st.selectbox(field.label, opts, index=opts.index(value) if value in opts else 0, key=key, help=field.help)
+    elif field.kind == "bool":
+        st.checkbox(field.label, value=bool(value), key=key, help=field.help)
+    elif field.kind == "int":
+        st.number_input(field.label, value=None if value is None else int(value), step=1, key=key, help=field.help,
+                        min_value=None if field.min_value is None else int(field.min_value),
+                        max_value=None if field.max_value is None else int(field.max_value))
+    elif field.kind == "float":
+        st.number_input(field.label, value=float(value or 0.0), min_value=field.min_value, step=field.step,
+                        format=field.fmt, key=key, help=field.help)
+    else:
+        st.text_input(field.label, value=value or "", key=key, help=field.help)
+    if field.key in errors:
+        st.error(errors[field.key], icon=":material/error:")
+
+
+def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None) -> None:
+    """The form's callback: submit_job validates everything before it writes; its message lands on the fields."""
+    st.session_state["new:errors_for"] = prefix
+    values = {f.key: st.session_state.get(prefix + f.key) for f in forms.fields()}
+    cfg = forms.build_config(raw, values, dataset)
+    if dataset == forms.UPLOAD and checked is None:
+        memo = st.session_state.get("new:upload") or {}
+        reason = memo.get("error") or "upload a .zip of class folders first"
+        st.session_state["new:errors"] = {"dataset": f"dataset: {reason}"}
+        return
+    conn_now, why = try_redis()
+    if conn_now is None:
+        st.session_state["new:errors"] = {"": f"Redis is unreachable, nothing was submitted: {why}"}
+        return
+    try:
+        job_id = api.submit_job(
+            cfg, connection=conn_now, gpus=int(values["gpus"] or 0), priority=values["priority"],
+            dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
+            name=(values["name"] or "").strip() or None, store=artifact_store(),
+        )
+    except SubmissionError as err:
+        st.session_state["new:errors"] = forms.errors_by_field(str(err))
+        return
+    except REDIS_ERRORS as err:
+        st.session_state["new:errors"] = {"": f"Redis is unreachable, nothing was submitted: {err}"}
+        return
+    st.session_state["new:errors"] = {}
+    st.session_state["new:submitted"] = job_id
+    ui.flash(f"Job {job_id} submitted.")
+
+
+SECTIONS = {
+    "Model and data": ["model.name", "model.pretrained", "model.freeze", "data.image_size", "data.color_mode",
+                       "data.augment"],
+    "Training": ["train.epochs", "train.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
+                 "train.amp", "train.label_smoothing"],
+    "Resources and export": ["gpus", "priority", "name", "export.enabled", "export.int8"],
+}
+by_key = {f.key: f for f in forms.fields()}
+with st.form(prefix + "form", border=True):
+    columns = st.columns(len(SECTIONS), gap="large")
+    for col, (title, keys) in zip(columns, SECTIONS.items()):
+        with col:
+            st.markdown(f"**{title}**")
+            for k in keys:
+                widget(by_key[k], init.get(k), prefix + k)
+    if errors:
+        st.error("**Nothing was submitted.**  \n" + "  \n".join(errors.values()), icon=":material/block:")
+    st.form_submit_button("Submit job", type="primary", on_click=submit,
+                          args=(prefix, raw, dataset, upload_result), icon=":material/rocket_launch:")

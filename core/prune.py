@@ -109,7 +109,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     sink = MultiSink(JsonlSink(out / "metrics.jsonl"), PrintSink(), sink_from_env())
     stop_flag = {"stop": False}
-    T._install_sigterm(stop_flag)
+    T.install_sigterm(stop_flag)
     try:
         sink.emit("phase", {"phase": "data"})
         bundle = build_datasets(cfg)
@@ -188,8 +188,8 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
             "pruning": pruning,
         }
-        report["misclassified"] = T._write_predictions(out, bundle, test_out, classes)
-        report["samples"] = T._write_samples(out, bundle, classes)
+        report["misclassified"] = T.write_predictions(out, bundle, test_out, classes)
+        report["samples"] = T.write_samples(out, bundle, classes)
         T.write_json(out / "report.json", report)
         sink.emit("report", {k: v for k, v in report.items() if k != "misclassified"})
         print(f"prune: sparsity {stats['sparsity']:.4f} over {stats['pruned_layers']} layers, test accuracy "

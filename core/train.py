@@ -29,6 +29,7 @@ from core import distributed as D
 from core.config import Config, load_config, load_yaml, save_config
 from core.errors import Cancelled, ConfigError, CoreError, DataError, TrainingError, exit_code
 from core.evaluate import compute_metrics, predict
+from core.models import set_train_mode
 from core.events import EventSink, JsonlSink, MultiSink, NullSink, PrintSink, read_jsonl, sink_from_env
 
 MISCLASSIFIED_MAX = 48
@@ -90,14 +91,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16/AMX). Without them bf16 autocast is emulated and
+    much slower than fp32 (SimpleCNN on a 2-core AVX2 EPYC: 59 vs 432 images/s, see docs/benchmarks.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_context(cfg: Config, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None, str | None]:
-    """bf16 autocast on CPU; on CUDA bf16 when supported, else fp16 with a GradScaler."""
+    """On CUDA bf16 when supported, else fp16 with a GradScaler; on CPU bf16 only where it is faster (native bf16),
+    else fp32 (the report's `amp` then says None)."""
     if not cfg.train.amp:
         return nullcontext(), None, None
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.autocast("cuda", dtype=torch.bfloat16), None, "bf16"
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda"), "fp16"
+    if not cpu_has_native_bf16():
+        return nullcontext(), None, None
     return torch.autocast("cpu", dtype=torch.bfloat16), None, "bf16"
 
 
@@ -221,7 +234,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None, autocast: Any, cfg: Config, device: torch.device, epoch: int,
     info: D.DistInfo, sink: EventSink, global_step: int, deadline: float | None, stop_flag: dict[str, bool],
 ) -> tuple[dict[str, float], int]:
-    set_train_mode(model, frozen_backbone=cfg.model.freeze == "backbone")
+    set_train_mode(model)  # frozen submodules (BatchNorm stats, stochastic depth) stay in eval mode
     steps_per_epoch = len(loader)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -286,15 +299,6 @@ def train_one_epoch(
             "images_per_sec": totals[2] / max(seconds, 1e-9)}, global_step
 
 
-def set_train_mode(model: nn.Module, *, frozen_backbone: bool) -> None:
-    """model.train(), but BatchNorm layers whose parameters are frozen keep their running stats (eval mode)."""
-    model.train()
-    if frozen_backbone:
-        for m in unwrap(model).modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                m.eval()
-
-
 class _NoProgress:
     def update(self, n: int) -> None:
         pass
@@ -344,7 +348,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
     out = Path(out_dir)
     info, device = D.init_distributed(cfg.train.device)
     stop_flag = {"stop": False}
-    _install_sigterm(stop_flag)
+    install_sigterm(stop_flag)
     ckpt_dir = out / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     sinks: list[EventSink] = []
@@ -478,8 +482,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
                 "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
                 "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
             }
-            report["misclassified"] = _write_predictions(out, bundle, test_out, classes)
-            report["samples"] = _write_samples(out, bundle, classes)
+            report["misclassified"] = write_predictions(out, bundle, test_out, classes)
+            report["samples"] = write_samples(out, bundle, classes)
             write_json(out / "report.json", report)
             sink_all.emit("report", {k: v for k, v in report.items() if k not in ("misclassified",)})
         D.barrier(info)
@@ -516,7 +520,7 @@ def _export(out: Path, report: dict[str, Any], sink: EventSink) -> dict[str, Any
     return json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
-def _write_predictions(out: Path, bundle: Any, test_out: dict[str, np.ndarray], classes: list[str]) -> list[dict]:
+def write_predictions(out: Path, bundle: Any, test_out: dict[str, np.ndarray], classes: list[str]) -> list[dict]:
     """predictions.jsonl (every test sample) and PNGs of the first misclassified ones for the gallery."""
     probs, labels = test_out["probs"], test_out["labels"]
     if len(labels) == 0:
@@ -538,7 +542,7 @@ def _write_predictions(out: Path, bundle: Any, test_out: dict[str, np.ndarray], 
     return misclassified
 
 
-def _write_samples(out: Path, bundle: Any, classes: list[str]) -> list[dict]:
+def write_samples(out: Path, bundle: Any, classes: list[str]) -> list[dict]:
     """A few test images per class as PNGs (what "Try it" offers to classify)."""
     (out / "samples").mkdir(exist_ok=True)
     per_class: dict[int, int] = {}
@@ -569,7 +573,7 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
 
-def _install_sigterm(flag: dict[str, bool]) -> None:
+def install_sigterm(flag: dict[str, bool]) -> None:
     """SIGTERM (cancel) stops at the next step so the run folder is marked CANCELLED instead of torn mid-write."""
     def handler(signum: int, frame: Any) -> None:
         flag["stop"] = True

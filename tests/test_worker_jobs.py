@@ -16,7 +16,7 @@ from tests.fixtures_worker import DIGITS, explain_job, make_imagefolder, run_cli
 from worker import api, keys
 from worker.submit import submit_job
 
-FAST = ["export.enabled=false", "train.log_every=2"]
+FAST = ["export.enabled=false", "train.log_every=2", "data.image_size=16"]
 """Every job here: digits, no export (the Export issue tests that), frequent step events."""
 
 
@@ -196,7 +196,7 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
     assert time.monotonic() - t_dead < 60
     wait_for(lambda: 2 in epochs_streamed(redis_conn, job_id), 120, "epoch 2 on the second worker", explain=explain)
     st = api.job_status(redis_conn, job_id)
-    assert st["recoveries"] == 1 and st["worker"] != dead_name and st["resumed_from"] == 1
+    assert st["recoveries"] == 1 and st["worker"] != dead_name and st["resumed_from"] >= 1
 
     ranks = rank_processes(test_token)
     second.send_signal(signal.SIGTERM)  # honcho stop / Ctrl-C: the job is given back, not lost nor waited for
@@ -213,7 +213,7 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
     assert st["recoveries"] == 1
     assert epochs_streamed(redis_conn, job_id) == [1, 2, 3]  # each epoch once: re-emitted epochs were dropped
     starts = [e["data"] for e in api.events_since(redis_conn, job_id) if e["type"] == "start"]
-    assert [s["resumed_from"] for s in starts][:2] == [None, 1]  # the second attempt did not start from epoch 1
+    assert starts[0]["resumed_from"] is None and starts[1]["resumed_from"] >= 1  # attempt 2 did not restart at 1
     logs = [entry["line"] for entry in api.logs_tail(redis_conn, job_id, 2000)]
     assert any("re-queued as attempt 1" in line for line in logs)
     assert any("resuming from the last checkpoint" in line for line in logs)

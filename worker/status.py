@@ -49,7 +49,7 @@ if state ~= 'queued' and state ~= 'recovering' then return state or 'missing' en
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'attempt_started_at', ARGV[2],
            'updated_at', ARGV[2], 'rq_job', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'waiting')
+redis.call('HDEL', KEYS[1], 'waiting', 'error', 'error_kind', 'exit_code', 'log_tail')  -- an earlier attempt's
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('SREM', KEYS[3], ARGV[4])
 return 'ok'

@@ -202,6 +202,7 @@ def test_upload_shows_dataset_health_then_submits_it(app_env: Any, tmp_path: Pat
 
     widget(at, "number_input", "Epochs").set_value(1)
     widget(at, "selectbox", "Colour mode").set_value("RGB")
+    widget(at, "number_input", "Batch size").set_value(8)  # 36 images: a batch of 64 is refused at submission
     buttons(at)["Submit job"].click().run()
     assert not at.exception
     (job,) = api.list_jobs(app_env, with_config=True)

@@ -78,7 +78,7 @@ def test_gpu_count_is_checked_against_live_workers(redis_conn: Any, job_env: dic
 def test_local_dataset_is_checked_then_uploaded_once(redis_conn: Any, job_env: dict[str, str],
                                                      tmp_path: Path) -> None:
     folder = make_imagefolder(tmp_path / "shapes")
-    overrides = ["data.name=imagefolder", f"data.path={folder}", "data.image_size=16"]
+    overrides = ["data.name=imagefolder", f"data.path={folder}", "data.image_size=16", "train.batch_size=8"]
     # the dashboard never passes a path from the config itself: only its own saved upload (dataset_path)
     with pytest.raises(SubmissionError, match="upload"):
         submit_job(DIGITS, overrides, connection=redis_conn)
@@ -92,7 +92,8 @@ def test_local_dataset_is_checked_then_uploaded_once(redis_conn: Any, job_env: d
     store = ArtifactStore()
     assert store.exists(ref.removeprefix("artifact:"))
 
-    again = submit_job(DIGITS, ["data.image_size=16"], connection=redis_conn, dataset_path=folder)
+    again = submit_job(DIGITS, ["data.image_size=16", "train.batch_size=8"], connection=redis_conn,
+                       dataset_path=folder)
     assert api.job_status(redis_conn, again)["config"]["data"]["path"] == ref  # content-addressed: stored once
     assert len(list((Path(job_env["ARTIFACTS_DIR"]) / "datasets").iterdir())) == 1
 

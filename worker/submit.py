@@ -8,6 +8,7 @@ are often started after the jobs (`honcho start`, tests, autoscaling).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,46 @@ def check_dataset(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
     except DataError as err:
         raise SubmissionError(f"dataset: {err}") from None
     return {k: v for k, v in report.items() if k != "thumbnails"}
+
+
+DATASET_TRAIN_POOL = {"digits": 1797, "cifar10": 50_000, "cifar100": 50_000}
+"""Images a built-in dataset splits into train/val (digits: all 1797; CIFAR: its 50,000 training images)."""
+
+
+def train_images(cfg: dict[str, Any], report: dict[str, Any] | None = None) -> int | None:
+    """About how many images the train split will hold (None when unknown, e.g. a stored dataset being retried)."""
+    data = cfg["data"]
+    frac = data["split"][0]
+    if data["name"] == "imagefolder":
+        if report is None:
+            return None
+        by_split = report.get("counts_by_split") or {}
+        if "train" in by_split:  # a pre-split tree keeps its own train/ folder
+            return int(sum(by_split["train"].values()))
+        return math.ceil(int(report.get("num_images") or 0) * frac)
+    if data["name"] == "synthetic":
+        return math.ceil(int(data["synthetic_size"]) * frac)
+    pool = DATASET_TRAIN_POOL.get(data["name"])
+    if pool is None:
+        return None
+    if data["name"].startswith("cifar"):  # CIFAR keeps its test set: train/val share the training images
+        frac = frac / (data["split"][0] + data["split"][1])
+    return math.ceil(pool * frac)
+
+
+def check_batch_size(cfg: dict[str, Any], n_train: int | None, gpus: int) -> None:
+    """Refuse a per-rank batch larger than each rank's share of the train split (it would train on one short batch
+    per epoch, or on nothing at all)."""
+    if n_train is None:
+        return
+    per_rank = n_train // max(gpus, 1)
+    batch = int(cfg["train"]["batch_size"])
+    if batch > per_rank:
+        ranks = f" over {gpus} ranks" if gpus > 1 else ""
+        raise SubmissionError(
+            f"train.batch_size: {batch} is larger than the train split (about {n_train} images{ranks}, "
+            f"{per_rank} per rank); use at most {max(per_rank, 1)}, or a bigger dataset"
+        )
 
 
 def check_gpus(conn: redis.Redis, gpus: int) -> str | None:
@@ -101,6 +142,8 @@ def submit_job(
     waiting = check_gpus(connection, gpus)
 
     dataset: dict[str, Any] | None = None
+    if cfg["data"]["name"] != "imagefolder":
+        check_batch_size(cfg, train_images(cfg), gpus)
     data_path = cfg["data"].get("path")
     if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
         try:  # a clone/retry of a stored job: the dataset is already in the store
@@ -113,6 +156,7 @@ def submit_job(
         if dataset_path is None and not allow_local_paths:
             raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
         report = check_dataset(data_path, cfg)
+        check_batch_size(cfg, train_images(cfg, report), gpus)  # before the upload: a refusal writes nothing
         try:
             dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
                        "counts": report.get("counts"), "warnings": report.get("warnings", [])}

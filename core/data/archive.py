@@ -104,6 +104,7 @@ def extract_zip(zip_path: Path) -> Path:
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             _extract_members(zf, [i for i in infos if _wanted(i.filename)], tmp, zip_path)
+            _make_folders(infos, tmp)
             (tmp / _COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
             if target.exists():  # a stale half-extraction, or another process finished first
                 if (target / _COMPLETE_MARKER).is_file():
@@ -118,6 +119,21 @@ def extract_zip(zip_path: Path) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _make_folders(infos: list[zipfile.ZipInfo], dest: Path) -> None:
+    """Create every visible folder of the zip, also those left without an image (an empty class folder, one holding
+    only non-image files): the scan then refuses such a class by name, as it does for an unzipped folder, instead of
+    the class silently vanishing."""
+    root = dest.resolve()
+    for info in infos:
+        parts = [p for p in info.filename.replace("\\", "/").split("/") if p]
+        folder = parts if info.filename.endswith("/") else parts[:-1]
+        if not folder or any(is_ignored_part(p) for p in folder):
+            continue
+        out = (dest / "/".join(folder)).resolve()
+        if root in out.parents:  # entries were checked already; belt and braces
+            out.mkdir(parents=True, exist_ok=True)
 
 
 def _extract_members(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, zip_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The dashboard's entry point: `streamlit run app/streamlit_app.py` (Procfile `web:`; port from $PORT).
 
 It builds the navigation over the pages in app/views/ and runs the chosen one. A page that loses Redis halfway
-gets the Redis-down banner instead of a traceback.
+gets the Redis-down banner instead of a traceback. With a password (or OIDC) configured, nothing but the sign-in
+form is drawn until the session has signed in (app/auth.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts app/ on sys.path, not the 
 
 import streamlit as st
 
+from app.auth import require_login
 from app.connection import REDIS_ERRORS, redis_down
 
 st.set_page_config(page_title="Image-classifier training", page_icon=":material/model_training:", layout="wide")
@@ -27,6 +29,8 @@ PAGES = [
     st.Page("views/try_it.py", title="Try it", icon=":material/image_search:", url_path="try"),
 ]
 
+if not require_login():  # optional: DASHBOARD_PASSWORD, secrets, or OIDC (app/auth.py)
+    st.stop()
 page = st.navigation(PAGES)
 try:
     page.run()

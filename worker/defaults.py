@@ -101,3 +101,6 @@ LIST_LIMIT = 500
 
 UPLOAD_MAX_BYTES = 2 * 1024**3
 """Largest dataset (zip or zipped folder) submission uploads to the artifact store, in bytes."""
+
+STORE_FULL_BYTES = 1024**2
+"""A failed run whose run folder's file system has less free space than this (bytes) is reported as a full store."""

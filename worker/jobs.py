@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from worker.defaults import (
     CANCEL_POLL_INTERVAL,
     LOG_TAIL_LINES,
     REDIS_RETRY_SECONDS,
+    STORE_FULL_BYTES,
     TERMINATE_GRACE,
 )
 from worker.errors import ArtifactError, JobFailed
@@ -198,6 +200,33 @@ class JobRun:
                 return line.strip(), "TrainingError"
         return f"training exited with code {rc}", "TrainingError"
 
+    def _store_full(self, error: str) -> str | None:
+        """A message when the run folder's file system is (nearly) full: core's own error for a failed write is
+        often cryptic (torch.save: "unexpected pos ..."), so the worker says what happened."""
+        if self.run_dir is None:
+            return None
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            return None
+        if free < STORE_FULL_BYTES or "No space left on device" in error:
+            return f"the artifact store {self.store.url} is full ({free:,} bytes free where the run folder is)"
+        return None
+
+    def _mark_run(self, state: JobState, error: str) -> None:
+        """A run stopped by a signal (cancel, time limit) may die before core writes its CANCELLED/FAILED marker:
+        write it here, so the run folder (and its copy in the store) says it is partial."""
+        if state is JobState.FINISHED or self.run_dir is None or not self.run_dir.is_dir():
+            return
+        if (self.run_dir / "CANCELLED").exists() or (self.run_dir / "FAILED").exists():
+            return
+        marker = "CANCELLED" if state is JobState.CANCELLED else "FAILED"
+        try:
+            (self.run_dir / marker).write_text(f"{error or state.value} (marked by worker {self.ctx.worker_name})\n",
+                                               encoding="utf-8")
+        except OSError:
+            pass
+
     def _requeue_self(self, reason: str) -> dict[str, Any]:
         """Give the job back (worker shutting down): recovering, re-enqueued at the front; not a recovery count."""
         state, attempt = _retry_redis(claim_for_requeue, self.conn, self.job_id, self.ctx.worker_name,
@@ -253,7 +282,9 @@ class JobRun:
             self.log_file = (run_dir / "job.log").open("a", encoding="utf-8")
         except (ArtifactError, OSError) as err:
             self.note(f"cannot prepare the run: {err}")
-            return self._finish(JobState.FAILED, error=str(err), error_kind=type(err).__name__)
+            message = str(err) if isinstance(err, ArtifactError) else \
+                f"the artifact store {self.store.url} is not writable (preparing the run folder failed): {err}"
+            return self._finish(JobState.FAILED, error=message, error_kind="ArtifactError")
         devices = (self.ctx.devices or [])[:nproc]
         where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{nproc} CPU rank(s) (gloo)"
         self.note(f"attempt {attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
@@ -324,8 +355,11 @@ class JobRun:
         else:
             state = JobState.FAILED
             fields["error"], fields["error_kind"] = self._error_from(read_status(self.conn, self.job_id), rc)
+            if full := self._store_full(fields["error"]):
+                fields["error"], fields["error_kind"] = f"{full}: {fields['error']}", "ArtifactError"
             msg = f"failed with exit code {rc}: {fields['error']}"
         self.note(msg)
+        self._mark_run(state, fields.get("error") or "")
         try:
             self._sync(final=True)  # after the last note, so the uploaded job.log is complete
         except ArtifactError as err:

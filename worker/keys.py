@@ -11,8 +11,8 @@ import time
 from worker.defaults import KEY_PREFIX, MAX_GPUS_PER_JOB, PRIORITIES, QUEUE_PREFIX
 from worker.errors import NoSuchJobError
 
-JOB_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
-WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+JOB_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\Z")
+WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}\Z")
 
 
 def new_job_id() -> str:

@@ -20,15 +20,22 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 def _layout(fig: go.Figure, title: str, y_title: str, *, revision: str, y_range: list[float] | None = None) -> None:
     fig.update_layout(
         title={"text": title, "font": {"size": 14}}, height=HEIGHT, margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        uirevision=revision, legend={"orientation": "h", "y": -0.25}, hovermode="x unified",
+        uirevision=revision, hovermode="x unified",
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom", "font": {"size": 11}},
     )
-    fig.update_xaxes(title_text="epoch")
+    fig.update_xaxes(title_text="epoch", title_standoff=4)
     fig.update_yaxes(title_text=y_title, range=y_range)
+    if not fig.data:
+        fig.add_annotation(text="waiting for the first points", showarrow=False, xref="paper", yref="paper", x=0.5,
+                           y=0.5, font={"color": "gray"})
+        fig.update_xaxes(range=[0, 1], showticklabels=False)
+        fig.update_yaxes(showticklabels=False)
 
 
 def _line(x: Any, y: Any, name: str, color: str, *, dash: str | None = None, markers: bool = False,
           width: float = 2.0, opacity: float = 1.0) -> go.Scatter:
-    return go.Scatter(x=x, y=y, name=name, mode="lines+markers" if markers else "lines",
+    markers = markers or len(x) < 20  # a line of a few points is easier to read with its points marked
+    return go.Scatter(x=x, y=y, name=name, mode="lines+markers" if markers else "lines", marker={"size": 5},
                       line={"color": color, "dash": dash, "width": width}, opacity=opacity)
 
 
@@ -51,7 +58,7 @@ def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINT
     if len(ep):
         acc.add_trace(_line(ep, _arr(s.train_acc), "train accuracy", COLORS[0], markers=True))
         acc.add_trace(_line(ep, _arr(s.val_acc), "val accuracy", COLORS[1], markers=True))
-    _layout(acc, "Accuracy", "accuracy", revision=revision)
+    _layout(acc, "Accuracy", "accuracy", revision=revision, y_range=[0, 1.02] if len(ep) else None)
     figs["accuracy"] = acc
 
     lr = go.Figure()
@@ -108,7 +115,8 @@ def compare_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, go.Figur
     _layout(figs["loss"], "Loss per epoch", "loss", revision="compare")
     _layout(figs["accuracy"], "Accuracy per epoch", "accuracy", revision="compare")
     for fig in figs.values():
-        fig.update_layout(height=340, legend={"orientation": "v", "y": 0.5, "x": 1.02})
+        fig.update_layout(height=360, margin={"l": 10, "r": 10, "t": 70, "b": 10},
+                          legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom"})
     return figs
 
 

@@ -16,9 +16,16 @@ import pandas as pd
 from app.defaults import ACTIVE_STATES
 
 STATE_ICONS = {
-    "queued": "⏳", "running": "▶️", "recovering": "🔁", "finished": "✅", "failed": "❌", "cancelled": "⏹️",
+    "queued": "hourglass_top", "running": "play_circle", "recovering": "sync_problem", "finished": "check_circle",
+    "failed": "error", "cancelled": "stop_circle",
 }
-"""A glyph per job state, so a state reads at a glance in tables and headers."""
+"""A Material icon per job state (`:material/NAME:` in Streamlit text); icons, not emoji, so any browser draws them."""
+
+STATE_COLORS = {
+    "queued": "gray", "running": "blue", "recovering": "orange", "finished": "green", "failed": "red",
+    "cancelled": "gray",
+}
+"""A badge colour per job state."""
 
 
 # ----------------------------------------------------------------------------------------------------- formatting
@@ -60,13 +67,15 @@ def fmt_bytes(n: float | None) -> str:
     return ""
 
 
-def state_label(state: str | None) -> str:
-    return f"{STATE_ICONS.get(state or '', '')} {state or 'unknown'}".strip()
+def state_label(state: str | None, *, icon: bool = False) -> str:
+    """The state as text; with `icon`, prefixed by its Material icon (for Streamlit markdown, pills, badges)."""
+    text = state or "unknown"
+    return f":material/{STATE_ICONS[text]}: {text}" if icon and text in STATE_ICONS else text
 
 
 def job_label(job: dict[str, Any]) -> str:
-    """How a job is named in pickers: id · name · state."""
-    return f"{job.get('id')} · {job.get('name') or ''} · {job.get('state') or ''}"
+    """How a job is named in pickers: id · name (the state changes while a picker is open; pages show it apart)."""
+    return f"{job.get('id')} · {job.get('name') or ''}"
 
 
 def timing_text(job: dict[str, Any]) -> str:
@@ -142,12 +151,14 @@ class LiveSeries:
         """Chart points held (steps count once per plotted quantity; a test waits for this to grow)."""
         return len(self.step_x) + len(self.epoch)
 
-    def add(self, events: list[dict[str, Any]]) -> int:
-        """Fold stream entries ({"id", "type", "data"}, oldest first) in; returns how many were new."""
+    def add(self, events: list[dict[str, Any]], scanned: int | None = None) -> int:
+        """Fold stream entries ({"id", "type", "data"}, oldest first) in; returns how many were new.
+
+        `scanned`: how many stream entries the events stand for, when the reader thinned them (app/stream.py).
+        """
         n = 0
         for ev in events:
             self.last_id = ev["id"]
-            self.entries += 1
             n += 1
             data = ev.get("data") or {}
             kind = ev.get("type")
@@ -159,6 +170,7 @@ class LiveSeries:
                 self.phase = data.get("phase")
             elif kind == "report":
                 self.report = data
+        self.entries += n if scanned is None else scanned
         return n
 
     def _add_step(self, d: dict[str, Any]) -> None:

@@ -14,8 +14,18 @@ import streamlit as st
 from app import ui
 from app.charts import confusion_figure, live_figures
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
-from app.data import LiveSeries, export_rows, fmt_bytes, fmt_seconds, fmt_time, per_class_frame, state_label
+from app.data import (
+    STATE_COLORS,
+    STATE_ICONS,
+    LiveSeries,
+    export_rows,
+    fmt_bytes,
+    fmt_seconds,
+    fmt_time,
+    per_class_frame,
+)
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
+from app.stream import chart_events_since
 from worker import api
 from worker.artifacts import NAMED_ARTIFACTS
 from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
@@ -80,7 +90,7 @@ def clone(job: str) -> None:
     st.session_state["job:goto"] = (ui.PAGE_NEW, {"clone": job})
 
 
-st.subheader(f"{state_label(status['state'])} · {status.get('name') or job_id}")
+st.subheader(status.get("name") or job_id)
 cfg = status.get("config") or {}
 st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
@@ -104,8 +114,10 @@ if status["state"] == "finished":
 # ------------------------------------------------------------------------------------------------ live part
 def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
     epochs = s.get("epochs")
+    st.badge(s["state"], icon=f":material/{STATE_ICONS.get(s['state'], 'help')}:",
+             color=STATE_COLORS.get(s["state"], "gray"))
     c = st.columns(5)
-    c[0].metric("State", state_label(s["state"]))
+    c[0].metric("State", s["state"])
     c[1].metric("Epoch", f"{s.get('epoch') or 0} / {epochs or '?'}")
     c[2].metric("Best val accuracy", f"{s['best_val_acc']:.4f}" if s.get("best_val_acc") is not None else "–")
     c[3].metric("Elapsed" if not s["final"] else "Duration", fmt_seconds(s.get("duration")) or "–")
@@ -143,7 +155,7 @@ def draw_charts(series: LiveSeries, job: str) -> None:
         for col, name in zip(cols, names[row:row + 2]):
             with col:
                 st.plotly_chart(figs[name], key=f"job:chart:{name}", config={"displaylogo": False})
-    st.caption(f"{series.points} chart points from {series.entries} stream entries (last id {series.last_id})",
+    st.caption(f"Chart points: {series.points} (from {series.entries} stream entries, last id {series.last_id})",
                help="Each refresh reads only the stream entries after the last id drawn.")
 
 
@@ -155,7 +167,8 @@ def draw_log(s: dict[str, Any], job: str) -> None:
         st.code("\n".join(lines) or "(no log lines yet)", language=None, height=300 if len(lines) > 12 else "content")
 
 
-def live(job: str, final_at_load: bool) -> None:
+def live(job: str) -> None:
+    """The refreshing part of a job that has not ended: status, charts from the new stream entries, log tail."""
     try:
         s = api.job_status(conn, job)
     except NoSuchJobError:
@@ -167,17 +180,32 @@ def live(job: str, final_at_load: bool) -> None:
         return
     series = series_for(job)
     try:
-        series.add(api.events_since(conn, job, series.last_id))
+        series.add(*chart_events_since(conn, job, series.last_id))
     except REDIS_ERRORS:
         pass  # drawn from what we have; the next refresh continues from the same id
     draw_status(s, series)
     draw_charts(series, job)
     draw_log(s, job)
-    if s["final"] and not final_at_load:
-        st.rerun()  # once: the whole page redraws with the results, and this fragment stops refreshing
+    if s["final"]:
+        st.rerun()  # once: the whole page redraws as an ended job (results first), without this fragment
 
 
-st.fragment(run_every=None if status["final"] else JOB_REFRESH_SECONDS)(live)(job_id, status["final"])
+def ended(job: str, s: dict[str, Any]) -> None:
+    """A job that has ended: its status, results and downloads first, then its curves and log (no refreshing)."""
+    series = series_for(job)
+    series.add(*chart_events_since(conn, job, series.last_id))
+    draw_status(s, series)
+    if s["state"] == "finished":
+        draw_results(job, s)
+    else:
+        draw_log(s, job)
+        files = ui.artifact_names(job, s.get("ended_at"))
+        if any(NAMED_ARTIFACTS[k] in files for k in ("onnx", "pt")):
+            draw_downloads(job, files)
+    st.subheader("Training curves")
+    draw_charts(series, job)
+    if s["state"] == "finished":
+        draw_log(s, job)
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -202,7 +230,6 @@ def draw_downloads(job: str, files: list[str]) -> None:
 def draw_results(job: str, s: dict[str, Any]) -> None:
     report = ui.job_report(job, s.get("ended_at"))
     files = ui.artifact_names(job, s.get("ended_at"))
-    st.divider()
     st.subheader("Results")
     if report is None:
         st.warning("This job has no report.json (it did not reach the test phase).")
@@ -264,9 +291,6 @@ def draw_export(report: dict[str, Any]) -> None:
 
 
 if status["final"]:
-    if status["state"] == "finished":
-        draw_results(job_id, status)
-    else:
-        files = ui.artifact_names(job_id, status.get("ended_at"))
-        if any(NAMED_ARTIFACTS[k] in files for k in ("onnx", "pt")):
-            draw_downloads(job_id, files)
+    ended(job_id, status)
+else:
+    st.fragment(run_every=JOB_REFRESH_SECONDS)(live)(job_id)

@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import ui
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
-from app.data import any_active, jobs_frame, state_counts, state_label
+from app.data import any_active, job_label, jobs_frame, state_counts, state_label
 from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
 from worker import api
 from worker.errors import ArtifactError, InvalidJobStateError, NoSuchJobError, SubmissionError
@@ -128,7 +128,7 @@ def jobs_table() -> None:
         return
     counts = state_counts(jobs)
     wanted = st.pills("Filter by status", STATES, selection_mode="multi", key="jobs:filter",
-                      format_func=lambda s: f"{state_label(s)} ({counts.get(s, 0)})")
+                      format_func=lambda s: f"{state_label(s, icon=True)} ({counts.get(s, 0)})")
     shown = [j for j in jobs if not wanted or j.get("state") in wanted]
     ids = [j["id"] for j in shown]
     st.session_state["jobs:shown_ids"] = ids
@@ -143,7 +143,7 @@ def jobs_table() -> None:
                                                            else ""))
 
     st.session_state["jobs:picked"] = [j for j in picked() if j in ids]
-    labels = {j["id"]: f"{j['id']} · {j.get('name') or ''} · {j.get('state')}" for j in shown}
+    labels = {j["id"]: job_label(j) for j in shown}
     st.multiselect("Selected jobs", ids, key="jobs:picked", format_func=lambda i: labels.get(i, i),
                    placeholder="select rows in the table, or pick jobs here")
     n = len(picked())

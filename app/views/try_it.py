@@ -79,7 +79,8 @@ if images:
         left, right = st.columns([1, 3], vertical_alignment="center")
         with left:
             st.image(img, width=128)
-            verdict = "" if true is None else (" ✅" if top[0]["label"] == true else " ❌")
+            verdict = "" if true is None else (" :green[:material/check:]" if top[0]["label"] == true
+                                               else " :red[:material/close:]")
             truth = f" · true label **{true}**{verdict}" if true is not None else ""
             st.caption(f"{name.rsplit('/', 1)[-1]}{truth}")
         with right:

@@ -1,0 +1,210 @@
+"""End to end in a real browser: Debian's Chromium driven by Playwright, against a real redis-server, a real worker
+(`python -m worker run`) and `streamlit run` on free ports.
+
+A digits job is submitted through the form, its chart gains points while it runs, it reaches `finished`, model.onnx
+is downloaded through its button and classifies digits with onnxruntime. Every page is saved as a screenshot in
+tests/screenshots/ (git-ignored) for a person to look at.
+
+Chromium: /usr/bin/chromium (`apt-get install -y chromium`), never `playwright install`. Without it the test is
+skipped, except in CI (CI=true), where it fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import free_port
+from tests.fixtures_app import ROOT, wait_until
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOTS = ROOT / "tests" / "screenshots"
+EPOCHS = 3
+FINISH_TIMEOUT = 240.0
+"""Seconds the digits job may take from submission to `finished` (3 epochs + export on 2 busy cores)."""
+
+
+def require_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    message = f"{CHROMIUM} is missing: apt-get install -y chromium"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_http(url: str, timeout: float, proc: Any, spawn: Any) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited early:\n{spawn.output(proc)[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+    wait_until(up, timeout, f"{url} to answer", interval=0.3)
+
+
+@pytest.fixture
+def stack(redis_conn: Any, job_env: dict[str, str], spawn: Any, tmp_path: Path) -> dict[str, Any]:
+    """A worker and the dashboard (Redis is the session's redis-server); killed at teardown, pass or fail."""
+    require_chromium()
+    env = {**job_env, "DATA_CACHE_DIR": str(tmp_path / "data-cache"), "OMP_NUM_THREADS": "2"}
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1"], env, name="worker")
+    port = free_port()
+    web = spawn([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless=true",
+                 f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
+                 "--server.fileWatcherType=none"], env, name="streamlit")
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/_stcore/health", 60, web, spawn)
+    from worker import api
+
+    wait_until(lambda: api.list_workers(redis_conn) or worker.poll() is not None, 60, "the worker to advertise")
+    assert worker.poll() is None, spawn.output(worker)
+    return {"base": base, "conn": redis_conn, "spawn": spawn, "worker": worker, "web": web}
+
+
+def chart_points(page: Any) -> int:
+    """The live chart's point count, from the caption under the charts."""
+    text = page.get_by_text(re.compile(r"Chart points: \d+")).first.inner_text(timeout=30_000)
+    return int(re.search(r"Chart points: (\d+)", text).group(1))
+
+
+def shot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(700)  # let plotly finish drawing
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def settle(page: Any) -> None:
+    """Wait until Streamlit has finished running the script (its status widget says "Running" meanwhile)."""
+    page.wait_for_load_state("networkidle")
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        timeout=60_000)
+
+
+def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, Any], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from worker import api
+
+    conn, spawn = stack["conn"], stack["spawn"]
+    started = time.monotonic()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1500}, accept_downloads=True)
+            page.set_default_timeout(60_000)
+
+            # New job: the digits preset, 3 epochs, export on (the preset's default), submitted through the form
+            page.goto(stack["base"] + "/")
+            page.get_by_role("button", name=re.compile("Submit job")).wait_for()
+            epochs = page.get_by_label("Epochs", exact=True)
+            epochs.fill(str(EPOCHS))
+            epochs.press("Tab")
+            page.get_by_label("Job name (optional)").fill("browser digits")
+            assert page.get_by_label("Export ONNX when training ends").is_checked()
+            shot(page, "1-new-job")
+            page.get_by_role("button", name=re.compile("Submit job")).click()
+
+            # lands on the job's own page: ?job=ID
+            page.wait_for_url(re.compile(r"/job\?job=\d{8}-\d{6}-[0-9a-f]{6}"))
+            job_id = re.search(r"job=([0-9a-f-]+)", page.url).group(1)
+            assert api.job_status(conn, job_id)["config"]["train"]["epochs"] == EPOCHS
+
+            def state() -> str:
+                return api.job_status(conn, job_id)["state"]
+
+            explain = lambda: f"state {state()}\n" + "\n".join(
+                f"--- {p.args}\n{spawn.output(p)[-2500:]}" for p in spawn.procs)
+
+            # the chart gains points while the job runs, without reloading the page
+            wait_until(lambda: state() in ("running", "finished", "failed"), 60, "the job to start")
+            page.get_by_text(re.compile(r"Chart points: \d+")).wait_for()
+            page.evaluate("window.__sameDocument = true")  # gone if the browser reloaded the page
+            first = chart_points(page)
+
+            def grew_while_running() -> bool:
+                current, now = chart_points(page), state()
+                assert now in ("queued", "running"), f"the job ended ({now}) before the chart grew\n{explain()}"
+                return current > first and now == "running"
+
+            wait_until(grew_while_running, 150, f"the chart to grow past {first} points")
+            assert page.evaluate("window.__sameDocument === true")
+            # a screenshot once an epoch is drawn (skipped if the job was quicker than that)
+            wait_until(lambda: api.job_status(conn, job_id)["epoch"] >= 1 or state() != "running", 120,
+                       "the first epoch")
+            if state() == "running":
+                page.wait_for_timeout(2500)  # one fragment refresh
+                shot(page, "2-job-running")
+
+            # finished: the page redraws with the results by itself
+            wait_until(lambda: state() in ("finished", "failed", "cancelled"), FINISH_TIMEOUT, "the job to end")
+            assert state() == "finished", explain()
+            page.get_by_text("Results", exact=True).wait_for(timeout=30_000)
+            page.get_by_text("Test accuracy", exact=True).wait_for()
+            settle(page)
+            shot(page, "3-job-finished")
+            page.get_by_text("Training curves", exact=True).evaluate("e => e.scrollIntoView({block: 'start'})")
+            shot(page, "3b-job-curves")
+
+            # model.onnx through its download button: the very file of the job's export
+            button = page.get_by_test_id("stDownloadButton").filter(has_text="model.onnx").get_by_role("button")
+            with page.expect_download() as info:
+                button.click()
+            saved = tmp_path / "model.onnx"
+            info.value.save_as(saved)
+            assert saved.read_bytes() == api.read_artifact(job_id, "onnx")
+            classify_digits_with(saved, job_id)
+
+            # every other page, for the record
+            for name, path in (("4-jobs", "/jobs"), ("5-compare", f"/compare?jobs={job_id}"),
+                               ("6-workers", "/workers"), ("7-try-it", f"/try?job={job_id}")):
+                page.goto(stack["base"] + path)
+                settle(page)
+                assert not page.get_by_test_id("stException").count(), name
+                if name == "7-try-it":
+                    page.get_by_text(re.compile("Top-1 correct on")).wait_for()
+                if name == "4-jobs":
+                    page.get_by_text(job_id).first.wait_for(state="attached")  # a cell of the canvas table
+                shot(page, name)
+        finally:
+            browser.close()
+    print(f"browser test: {time.monotonic() - started:.0f} s")
+
+
+def classify_digits_with(model: Path, job_id: str) -> None:
+    """The downloaded model labels raw digits images of the job's test split (scikit-learn's 8x8 digits, scaled to
+    0..255) with onnxruntime, through the exported predict.py's preprocessing and the export's preprocess.json."""
+    import onnxruntime as ort
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from core.predict_template import classify, preprocess_image
+    from worker import api
+
+    pp = json.loads(api.read_artifact(job_id, "export/preprocess.json"))
+    labels = json.loads(api.read_artifact(job_id, "export/labels.json"))
+    test_ids = json.loads(api.read_artifact(job_id, "split.json"))["test"][:60]
+    digits = load_digits()
+    images = [Image.fromarray(np.clip(np.rint(digits.images[i] * 255 / 16), 0, 255).astype(np.uint8), mode="L")
+              for i in test_ids]
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    top = classify(session, np.stack([preprocess_image(img, pp) for img in images]), labels, 1,
+                   pp.get("input_name") or "input")
+    right = [t[0]["label"] == str(digits.target[i]) for t, i in zip(top, test_ids, strict=True)]
+    assert sum(right) >= 0.8 * len(right), f"{sum(right)} of {len(right)} test digits right"

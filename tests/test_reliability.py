@@ -142,12 +142,11 @@ def test_cancel_during_preparation_training_and_export(redis_conn: Any, job_env:
     wait_for(lambda: any(e["type"] == "step" for e in api.events_since(redis_conn, train)), 90, "a step",
              explain=explain_job(redis_conn, train, spawn))
     _cancel_and_check(redis_conn, train, job_env, test_token)
-    assert "checkpoints/last.pt" in status(redis_conn, train)["artifacts"]["files"] or True
 
     # 3. while exporting: report.json exists, the export is incomplete, the run says CANCELLED
     export = submit_job(DIGITS, ["train.epochs=1", "train.log_every=2", "data.image_size=16"],
                         connection=redis_conn, allow_local_paths=True)
-    wait_for(lambda: status(redis_conn, export)["phase"] == "export" or final(redis_conn, export), 120,
+    wait_for(lambda: status(redis_conn, export).get("phase") == "export" or final(redis_conn, export), 120,
              "the export phase", interval=0.1, explain=explain_job(redis_conn, export, spawn))
     st = _cancel_and_check(redis_conn, export, job_env, test_token)
     assert "export/bundle.zip" not in st["artifacts"]["files"]

@@ -196,6 +196,8 @@ class JobRun:
             return str(status["error"]), str(status.get("error_kind") or "TrainingError")
         tail = list(self.log.tail) if self.log else []
         for line in reversed(tail):
+            if line.rstrip().endswith("(traceback above)"):  # core's summary line: the exception's own line is better
+                continue
             if line.startswith("error:") or "Error:" in line:
                 return line.strip(), "TrainingError"
         return f"training exited with code {rc}", "TrainingError"
@@ -206,10 +208,11 @@ class JobRun:
         if self.run_dir is None:
             return None
         try:
-            free = shutil.disk_usage(self.run_dir).free
+            usage = shutil.disk_usage(self.run_dir)
         except OSError:
             return None
-        if free < STORE_FULL_BYTES or "No space left on device" in error:
+        free = usage.free
+        if (free < STORE_FULL_BYTES and free < usage.total * 0.05) or "No space left on device" in error:
             return f"the artifact store {self.store.url} is full ({free:,} bytes free where the run folder is)"
         return None
 

@@ -36,16 +36,17 @@ def predict(
         with ctx:
             logits = model(x)
         logits = logits.float()
-        losses.append(F.cross_entropy(logits, y, reduction="sum").cpu())
-        labels.append(y.cpu())
-        probs.append(torch.softmax(logits, dim=1).cpu())
+        # kept on the device: one host copy at the end instead of three sync points per batch
+        losses.append(F.cross_entropy(logits, y, reduction="sum"))
+        labels.append(y)
+        probs.append(torch.softmax(logits, dim=1))
     model.train(was_training)
     if not labels:
         return {"loss_sum": np.zeros(()), "labels": np.zeros(0, dtype=np.int64), "probs": np.zeros((0, 0))}
     return {
-        "loss_sum": torch.stack(losses).sum().numpy(),
-        "labels": torch.cat(labels).numpy().astype(np.int64),
-        "probs": torch.cat(probs).numpy().astype(np.float32),
+        "loss_sum": torch.stack(losses).sum().cpu().numpy(),
+        "labels": torch.cat(labels).cpu().numpy().astype(np.int64),
+        "probs": torch.cat(probs).cpu().numpy().astype(np.float32),
     }
 
 

@@ -273,7 +273,8 @@ def train_one_epoch(
         window_images += batch
         global_step += 1
         progress.update(1)
-        if step % cfg.train.log_every == 0 or step == steps_per_epoch:
+        # the run's very first step is reported at once so a watcher sees the job training without waiting log_every
+        if step % cfg.train.log_every == 0 or step == steps_per_epoch or global_step == 1:
             loss_value = loss.item()  # host sync point, only every log_every steps
             if not math.isfinite(loss_value):
                 raise TrainingError(

@@ -99,6 +99,20 @@ def test_redis_down_shows_a_banner_on_every_page(app_env: Any, monkeypatch: pyte
         assert "recovers by itself" in at.error[0].value
 
 
+def test_the_banner_goes_away_when_redis_is_back(app_env: Any, redis_url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    submit_digits(app_env, name="kept while Redis was away")
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    at = open_page("jobs")
+    assert "Redis is unreachable" in at.error[0].value and not at.dataframe
+    monkeypatch.setenv("REDIS_URL", redis_url)  # back (same server: its cached client reconnects by itself)
+    at.run()
+    assert not at.error and not at.exception
+    assert list(at.dataframe[0].value["name"]) == ["kept while Redis was away"]
+
+
 # ------------------------------------------------------------------------------------------------------ New job
 FORM_WIDGETS = {
     "selectbox": ["Start from", "Model", "Freeze", "Colour mode", "Augmentation", "Optimizer", "Schedule", "Priority"],

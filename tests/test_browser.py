@@ -83,22 +83,31 @@ def chart_points(page: Any) -> int:
 
 
 def shot(page: Any, name: str) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.wait_for_timeout(700)  # let plotly finish drawing
+    try:  # every plotly chart on the page has drawn its SVG
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')]"
+            ".every(e => e.querySelector('.main-svg'))", timeout=10_000)
+    except PlaywrightTimeout:  # a screenshot is for people: a slow chart must not fail the test
+        print(f"screenshot {name}: a chart had not drawn after 10 s")
+    page.wait_for_timeout(500)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
 
 
 def settle(page: Any) -> None:
-    """Wait until Streamlit has finished running the script (its status widget says "Running" meanwhile)."""
+    """Wait until Streamlit has finished running the script: no "Running" status, no stale (greyed) elements."""
     page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(300)  # a rerun the last action started has had time to show its status
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        "() => !(document.querySelector('[data-testid=\"stStatusWidget\"]')?.innerText || '').includes('Running')"
+        " && !document.querySelector('.stale-element, [data-stale=\"true\"]')",
         timeout=60_000)
 
 
 def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, Any], tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from worker import api
 
@@ -113,10 +122,21 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
             # New job: the digits preset, 3 epochs, export on (the preset's default), submitted through the form
             page.goto(stack["base"] + "/")
             page.get_by_role("button", name=re.compile("Submit job")).wait_for()
+
+            # an uploaded zip's health is shown before anything is submitted
+            page.get_by_text("Upload a .zip of class folders").click()
+            page.locator("input[type=file]").set_input_files(shapes_zip(tmp_path))
+            page.get_by_text(re.compile("ready to train")).wait_for()
+            settle(page)
+            shot(page, "0-new-job-upload-health")
+            page.get_by_text(re.compile("^digits — handwritten digits")).click()
+            page.get_by_text(re.compile("ready to train")).wait_for(state="detached")  # that rerun has landed
+            settle(page)
             epochs = page.get_by_label("Epochs", exact=True)
             epochs.fill(str(EPOCHS))
             epochs.press("Tab")
             page.get_by_label("Job name (optional)").fill("browser digits")
+            expect(epochs).to_have_value(str(EPOCHS))
             assert page.get_by_label("Export ONNX when training ends").is_checked()
             shot(page, "1-new-job")
             page.get_by_role("button", name=re.compile("Submit job")).click()
@@ -161,6 +181,10 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
             shot(page, "3-job-finished")
             page.get_by_text("Training curves", exact=True).evaluate("e => e.scrollIntoView({block: 'start'})")
             shot(page, "3b-job-curves")
+            for tab in ("Misclassified", "Export"):
+                page.get_by_role("tab", name=tab).click()
+                page.get_by_role("tab", name=tab).evaluate("e => e.scrollIntoView({block: 'start'})")
+                shot(page, f"3c-job-{tab.lower()}")
 
             # model.onnx through its download button: the very file of the job's export
             button = page.get_by_test_id("stDownloadButton").filter(has_text="model.onnx").get_by_role("button")
@@ -185,6 +209,21 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
         finally:
             browser.close()
     print(f"browser test: {time.monotonic() - started:.0f} s")
+
+
+def shapes_zip(tmp_path: Path) -> Path:
+    """A small uploadable dataset: three classes of coloured squares, one corrupt file."""
+    import zipfile
+
+    from tests.fixtures_worker import make_imagefolder
+
+    folder = make_imagefolder(tmp_path / "shapes", per_class=12, size=24)
+    (folder / "tri" / "corrupt.png").write_bytes(b"not a png")
+    path = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for p in sorted(folder.rglob("*")):
+            zf.write(p, p.relative_to(tmp_path).as_posix())
+    return path
 
 
 def classify_digits_with(model: Path, job_id: str) -> None:

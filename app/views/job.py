@@ -283,10 +283,13 @@ def draw_export(report: dict[str, Any]) -> None:
         c[0].metric("ONNX parity: max |Δlogit|", f"{onnx.get('max_abs_diff', float('nan')):.2e}")
         c[1].metric("ONNX top-1 agreement", f"{onnx.get('top1_agreement', 0):.2%}")
     if int8:
-        c[2].metric("INT8 test accuracy", f"{int8.get('accuracy', 0):.4f}",
-                    delta=f"{-100 * int8.get('accuracy_drop', 0):+.2f} pts vs FP32", delta_color="normal")
+        gain = round(-100 * (int8.get("accuracy_drop") or 0.0), 2) + 0.0  # + 0.0: no "-0.00"
+        c[2].metric("INT8 test accuracy", f"{int8.get('accuracy', 0):.4f}", delta=f"{gain:+.2f} pts vs FP32",
+                    delta_color="normal" if gain else "off", delta_arrow="auto" if gain else "off")
+        ratio = (onnx.get("bytes") or 0) / max(int8.get("bytes") or 1, 1)
         c[3].metric("INT8 size", fmt_bytes(int8.get("bytes")),
-                    delta=f"FP32 {fmt_bytes(onnx.get('bytes'))}", delta_color="off")
+                    delta=f"{ratio:.1f}× smaller than FP32 ({fmt_bytes(onnx.get('bytes'))})" if ratio else None,
+                    delta_color="off", delta_arrow="off")
     st.dataframe(export_rows(report), hide_index=True)
 
 

@@ -123,6 +123,9 @@ if dataset == forms.UPLOAD:
             st.error(f"**This dataset cannot be used:** {upload_error}", icon=":material/block:")
         elif upload_result is not None:
             show_health(upload_result, upload.name)
+            if mode == "L":
+                st.caption("Colour mode is L (greyscale), as in this preset: images train, and are shown here, in "
+                           "greyscale. Choose RGB under \"Model and data\" for colour images.")
 elif dataset == forms.CLONED:
     st.caption(f"The cloned job's uploaded dataset: `{(raw.get('data') or {}).get('path')}`")
 elif dataset.startswith("cifar"):

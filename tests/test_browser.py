@@ -205,10 +205,23 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
                     page.get_by_text(re.compile("Top-1 correct on")).wait_for()
                 if name == "4-jobs":
                     page.get_by_text(job_id).first.wait_for(state="attached")  # a cell of the canvas table
+                    select_first_row(page)
+                    # the row's job lands in "Selected jobs", which the action buttons act on
+                    page.get_by_test_id("stMultiSelect").get_by_text(re.compile(job_id)).wait_for()
+                    expect(page.locator("button[data-testid^=stBaseButton]", has_text=re.compile("Open$"))) \
+                        .to_be_enabled()
+                    settle(page)
                 shot(page, name)
         finally:
             browser.close()
     print(f"browser test: {time.monotonic() - started:.0f} s")
+
+
+def select_first_row(page: Any) -> None:
+    """Tick the selection box of the table's first row (the table is a canvas: click by position)."""
+    box = page.get_by_test_id("stDataFrame").first.bounding_box()
+    header = 36  # px: Streamlit's default row height, the header row included
+    page.mouse.click(box["x"] + 18, box["y"] + header + header / 2)
 
 
 def shapes_zip(tmp_path: Path) -> Path:

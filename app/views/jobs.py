@@ -10,7 +10,7 @@ import streamlit as st
 from app import ui
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.data import any_active, job_label, jobs_frame, state_counts, state_label
-from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
+from app.defaults import ACTIVE_STATES, JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
 from worker import api
 from worker.errors import ArtifactError, InvalidJobStateError, NoSuchJobError, SubmissionError
 from worker.status import JobState
@@ -147,11 +147,15 @@ def jobs_table() -> None:
     st.multiselect("Selected jobs", ids, key="jobs:picked", format_func=lambda i: labels.get(i, i),
                    placeholder="select rows in the table, or pick jobs here")
     n = len(picked())
+    states = {j["id"]: j.get("state") for j in shown}
+    active = sum(1 for i in picked() if states.get(i) in ACTIVE_STATES)
     b = st.columns(6)
     b[0].button("Open", on_click=open_picked, args=(ui.PAGE_JOB, "job"), disabled=n != 1,
                 icon=":material/open_in_new:", key="jobs:open")
-    b[1].button("Cancel", on_click=cancel_picked, disabled=n == 0, icon=":material/stop_circle:", key="jobs:cancel")
-    b[2].button("Retry", on_click=retry_picked, disabled=n == 0, icon=":material/replay:", key="jobs:retry")
+    b[1].button("Cancel", on_click=cancel_picked, disabled=active == 0, icon=":material/stop_circle:",
+                key="jobs:cancel", help="stop the selected queued, running or recovering jobs")
+    b[2].button("Retry", on_click=retry_picked, disabled=n - active == 0, icon=":material/replay:", key="jobs:retry",
+                help="submit the selected ended jobs again")
     b[3].button("Clone", on_click=open_picked, args=(ui.PAGE_NEW, "clone"), disabled=n != 1,
                 icon=":material/content_copy:", key="jobs:clone", help="open New job pre-filled with its settings")
     b[4].button("Compare", on_click=compare_picked, disabled=n < 2, icon=":material/compare_arrows:",

@@ -115,17 +115,18 @@ def test_corpus_is_refused_with_its_message_and_leaves_no_trace(
     cache = tmp_path / "data-cache"
     monkeypatch.setenv("DATA_CACHE_DIR", str(cache))
     env = {**job_env, "DATA_CACHE_DIR": str(cache)}
+    # RQ's suspension, set before the worker starts (a worker already blocked in its dequeue would still take the
+    # next job): the worker stays up and advertised (so the GPU check is real) but takes nothing, so the
+    # accepted cases stay queued until they are deleted
+    from rq.suspension import suspend
+
+    suspend(redis_conn)
     # a live 2-slot worker: the GPU check is real, and it must survive every case without picking anything up
     worker = spawn.python(["worker", "run", "--cpu", "--slots", "2"], env, name="worker")
     wait_for(lambda: api.list_workers(redis_conn), 60, "the worker to advertise itself",
              explain=lambda: spawn.output(worker))
     watched = [Path(job_env["ARTIFACTS_DIR"]), Path(job_env["TRAINER_VAR_DIR"]), ROOT / "var", cache]
     uploads = Path(job_env["TRAINER_VAR_DIR"]) / "uploads"
-    # RQ's suspension: the worker stays up and advertised (so the GPU check is real) but takes nothing, so the
-    # accepted cases stay queued until they are deleted
-    from rq.suspension import suspend
-
-    suspend(redis_conn)
 
     failures: list[str] = []
     for case in CASES:

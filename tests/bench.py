@@ -451,7 +451,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                     log(f"row 4 ({label}): {times[-1]:.2f} s")
                 rows.append(Row(f"submit → first step event, warm worker, {label}", statistics.median(times), target,
                                 "s", higher_is_better=False,
-                                note=f"digits preset (first step event at step log_every=5); runs {[round(t, 2) for t in times]}"))
+                                note=f"digits preset (the first step is reported at once); runs {[round(t, 2) for t in times]}"))
             rss_kb = _vm_hwm_kb(proc.pid)
             if rss_kb:
                 rows.append(Row("memory: peak RSS of the `python -m worker run` process", rss_kb / 1024, None, "MiB",

@@ -8,6 +8,7 @@ and events.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -349,7 +350,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
     out = Path(out_dir)
     info, device = D.init_distributed(cfg.train.device)
     stop_flag = {"stop": False}
-    install_sigterm(stop_flag)
+    install_sigterm(stop_flag, on_cancel=lambda: _mark_cancelled(out) if info.is_primary else None)
     ckpt_dir = out / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     sinks: list[EventSink] = []
@@ -460,7 +461,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
                 sink_all.emit("phase", {"phase": "early_stop", "epoch": epoch})
                 break
 
-        # ---- test with the best checkpoint
+        # ---- test with the best checkpoint; from here on SIGTERM stops the run at once (no step checks the flag)
+        stop_flag["immediate"] = True
+        if stop_flag["stop"]:
+            raise Cancelled("received SIGTERM: run cancelled")
         sink_all.emit("phase", {"phase": "test"})
         D.barrier(info)
         best = load_checkpoint(best_path if best_path.exists() else last_path)
@@ -559,6 +563,12 @@ def write_samples(out: Path, bundle: Any, classes: list[str]) -> list[dict]:
     return samples
 
 
+def _mark_cancelled(out: Path) -> None:
+    with contextlib.suppress(OSError):
+        (out / "CANCELLED").write_text("Cancelled: received SIGTERM after training (test or export phase)\n",
+                                       encoding="utf-8")
+
+
 def _peek_epoch(path: Path) -> int:
     if not path.exists():
         return 0
@@ -574,10 +584,20 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
 
-def install_sigterm(flag: dict[str, bool]) -> None:
-    """SIGTERM (cancel) stops at the next step so the run folder is marked CANCELLED instead of torn mid-write."""
+def install_sigterm(flag: dict[str, bool], on_cancel: Any = None) -> None:
+    """SIGTERM (cancel) stops at the next step so the run folder is marked CANCELLED instead of torn mid-write.
+
+    Past the training loop (test, export) no step checks the flag, and an exception raised from here could be
+    swallowed by library code (the ONNX exporter catches broadly): once `flag["immediate"]` is set, the handler marks
+    the run (`on_cancel`) and lets SIGTERM kill the process, leaving `export.partial/`, never a half `export/`.
+    """
     def handler(signum: int, frame: Any) -> None:
         flag["stop"] = True
+        if flag.get("immediate"):
+            if on_cancel is not None:
+                on_cancel()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     try:
         signal.signal(signal.SIGTERM, handler)

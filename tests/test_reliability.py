@@ -47,7 +47,6 @@ def final(conn: Any, job_id: str) -> bool:
 
 
 # ======================================================================================= Redis stopped mid-job
-@pytest.mark.slow
 def test_redis_restart_mid_job_loses_nothing(tmp_path: Path, spawn: Any, test_token: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m worker redis` (append-only, password in var/) is stopped with SIGTERM while a job trains and
@@ -125,7 +124,6 @@ def _cancel_and_check(conn: Any, job_id: str, job_env: dict[str, str], token: st
     return st
 
 
-@pytest.mark.slow
 def test_cancel_during_preparation_training_and_export(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                                        test_token: str, tmp_path: Path) -> None:
     worker = start_worker(spawn, job_env)
@@ -168,7 +166,6 @@ def tiny_store(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@pytest.mark.slow
 def test_unwritable_full_store_and_a_raising_job_fail_with_the_reason(
         redis_conn: Any, job_env: dict[str, str], spawn: Any, tiny_store: Path, monkeypatch: pytest.MonkeyPatch,
         test_token: str) -> None:

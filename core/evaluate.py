@@ -58,7 +58,7 @@ def compute_metrics(
     labels = np.asarray(labels, dtype=np.int64)
     preds = probs.argmax(axis=1) if len(labels) else np.zeros(0, dtype=np.int64)
     all_labels = list(range(n_classes))
-    out: dict[str, Any] = {"n": int(len(labels))}
+    out: dict[str, Any] = {"n": len(labels)}
     if len(labels) == 0:
         out.update(accuracy=0.0, macro_f1=0.0, weighted_f1=0.0, per_class=[], confusion_matrix=[])
         return out

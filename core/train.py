@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from core import distributed as D
 from core.config import Config, load_config, load_yaml, save_config
 from core.errors import Cancelled, ConfigError, CoreError, DataError, TrainingError, exit_code
 from core.evaluate import compute_metrics, predict
-from core.models import set_train_mode
 from core.events import EventSink, JsonlSink, MultiSink, NullSink, PrintSink, read_jsonl, sink_from_env
+from core.models import set_train_mode
 
 MISCLASSIFIED_MAX = 48
 """How many misclassified test images are saved as PNGs for the dashboard's gallery."""
@@ -143,7 +143,7 @@ def create_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def create_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     """Stepped once per batch. Lengths are in steps, derived from epochs × steps_per_epoch (no magic T_max)."""
     total = cfg.train.epochs * steps_per_epoch
-    warmup = min(int(round(cfg.sched.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+    warmup = min(round(cfg.sched.warmup_epochs * steps_per_epoch), max(total - 1, 0))
     name = cfg.sched.name
     if name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything else is a training failure: exit 1 with the traceback
         if rank == 0:
             traceback.print_exc()
             print("error: training failed (traceback above)", file=sys.stderr)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +123,7 @@ def seed_jobs(conn: Any, n: int) -> list[str]:
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    """The worker tests' `wait_for`, with the slower poll the dashboard tests use."""
+    from tests.fixtures_worker import wait_for
+
+    return wait_for(predicate, timeout, what, interval)

@@ -65,7 +65,7 @@ def test_cli_bad_config_exits_2_before_touching_data(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "core.train", str(ROOT / "configs/digits.yaml"), "--out", str(out),
          "--set", "optim.lr=-1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert "optim.lr" in proc.stderr and "-1" in proc.stderr
@@ -74,5 +74,5 @@ def test_cli_bad_config_exits_2_before_touching_data(tmp_path: Path) -> None:
 
 def test_cli_missing_config_file_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "core.train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert proc.returncode == 2 and "not found" in proc.stderr

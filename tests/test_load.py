@@ -40,6 +40,7 @@ def render_seconds() -> float:
 
 
 @pytest.mark.load
+@pytest.mark.timeout(7200)  # the suite-wide 600 s (pytest.ini) cut a 200-job run at 134 jobs
 def test_many_small_jobs_against_two_workers(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                              tmp_path: Path) -> None:
     n = int(os.environ.get("LOAD_JOBS", "200"))

@@ -313,12 +313,17 @@ def redis_server() -> Iterator[str]:
             yield url
         finally:
             client.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc, grace=10)
+
+
+def _stop(proc: subprocess.Popen, *, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: no server or worker the benchmark started outlives it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def worker_available() -> str | None:
@@ -458,12 +463,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                                 higher_is_better=False, note="the supervisor only; training runs in a child"))
         finally:
             conn.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc, grace=30)
             out.close()
     return rows
 

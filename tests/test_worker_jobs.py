@@ -15,6 +15,7 @@ import pytest
 from tests.fixtures_worker import DIGITS, explain_job, make_imagefolder, run_cli, wait_for
 from worker import api, keys
 from worker.submit import submit_job
+from worker.warmstart import BUSY_NAME, IDLE_NAME
 
 FAST = ["export.enabled=false", "train.log_every=2", "data.image_size=16"]
 """Every job here: digits, no export (the Export issue tests that), frequent step events."""
@@ -29,12 +30,14 @@ def epochs_streamed(conn: Any, job_id: str) -> list[int]:
 
 
 def rank_processes(token: str) -> list[psutil.Process]:
-    """Live training processes (core.train or torchrun, any rank) started by this test."""
+    """Live training processes (core.train or torchrun, any rank, or a worker's pre-started trainer that took a
+    job) started by this test. An idle pre-started trainer is not one: it holds no job."""
     out = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "name"]):
         try:
             cmd = " ".join(proc.info["cmdline"] or [])
-            if ("core.train" in cmd or "torch.distributed.run" in cmd) and "worker.guard" not in cmd \
+            busy_warm = "worker.warmstart" in cmd and proc.info["name"] == BUSY_NAME
+            if ("core.train" in cmd or "torch.distributed.run" in cmd or busy_warm) and "worker.guard" not in cmd \
                     and proc.environ().get("TRAINER_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
                 out.append(proc)
         except psutil.Error:
@@ -217,3 +220,57 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
     logs = [entry["line"] for entry in api.logs_tail(redis_conn, job_id, 2000)]
     assert any("re-queued as attempt 1" in line for line in logs)
     assert any("resuming from the last checkpoint" in line for line in logs)
+
+
+def warm_processes(token: str, name: str) -> list[psutil.Process]:
+    """This test's pre-started trainers (`python -m worker.warmstart`) whose process name is `name`."""
+    out = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            if "worker.warmstart" in " ".join(proc.info["cmdline"] or []) and proc.info["name"] == name \
+                    and proc.environ().get("TRAINER_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_one_rank_jobs_run_in_the_pre_started_trainer_and_start_cold_without_it(
+        redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str) -> None:
+    """A (non-burst) worker keeps one training process with torch imported; a one-rank job runs in it, the worker
+    starts the next one afterwards, and a job still runs (cold) when that process has died."""
+    worker = start_worker(spawn, job_env)
+    wait_for(lambda: [w.get("warm") for w in api.list_workers(redis_conn)] == ["ready"], 90,
+             "the worker to advertise a ready pre-started trainer")
+    idle = warm_processes(test_token, IDLE_NAME)
+    assert len(idle) == 1
+    guard_pid = idle[0].ppid()
+
+    job_id = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    explain = explain_job(redis_conn, job_id, spawn)
+    wait_for(lambda: api.job_status(redis_conn, job_id)["final"], 120, "the warm job", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "finished" and st["epoch"] == 1, explain()
+    assert int(st["pid"]) == guard_pid  # the job ran in the process that was waiting (under its guard)
+    assert not idle[0].is_running()  # and that process served this one job only
+    lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 200)]
+    assert any("pre-started training process" in line for line in lines)
+    assert any("epoch 1/1" in line for line in lines) and any(line.startswith("done: test accuracy") for line in lines)
+    assert epochs_streamed(redis_conn, job_id) == [1]
+
+    fresh = wait_for(lambda: warm_processes(test_token, IDLE_NAME), 60, "the next pre-started trainer")
+    assert fresh[0].pid != idle[0].pid
+    wait_for(lambda: [w.get("warm") for w in api.list_workers(redis_conn)] == ["ready"], 90, "it to be ready")
+    fresh[0].kill()  # e.g. the OOM killer took it while idle
+    fresh[0].wait(timeout=10)
+
+    cold = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    wait_for(lambda: api.job_status(redis_conn, cold)["final"], 120, "the cold job",
+             explain=explain_job(redis_conn, cold, spawn))
+    assert api.job_status(redis_conn, cold)["state"] == "finished"
+    assert not any("pre-started" in e["line"] for e in api.logs_tail(redis_conn, cold, 200))
+
+    wait_for(lambda: warm_processes(test_token, IDLE_NAME), 60, "a pre-started trainer after the cold job")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    wait_for(lambda: not warm_processes(test_token, IDLE_NAME), 10, "the idle trainer to stop with its worker")

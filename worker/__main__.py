@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -61,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     url, conn = wait_for_redis(args.wait)
     store = ArtifactStore()
     store.check_writable()
-    worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name)
+    prewarm = not args.no_prewarm and os.environ.get("WORKER_PREWARM", "1").strip().lower() not in ("0", "false", "no")
+    worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name, prewarm=prewarm)
     what = (f"GPU(s) {', '.join(str(g['index']) + ' ' + str(g['name']) for g in resources['gpus'])}"
             if resources["kind"] == "gpu" else f"CPU only, {resources['slots']} slot(s)")
     print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}", flush=True)
@@ -189,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=None, help="CPU-only worker: most ranks per job (default min(CPUs, 8))")
     s.add_argument("--name", default=None, help="worker name (default host-pid-random)")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Redis at start-up (default 60)")
+    s.add_argument("--no-prewarm", action="store_true",
+                   help="do not keep a pre-started training process (env WORKER_PREWARM=0 does the same)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("submit", help="validate, upload the dataset if local, enqueue; prints the job id last")

@@ -30,7 +30,7 @@ from worker.defaults import (
     TERMINATE_GRACE,
 )
 from worker.errors import ArtifactError, JobFailed
-from worker.launcher import Launched, train_command, train_env
+from worker.launcher import Launched, WarmTrainer, train_command, train_env
 from worker.queues import discard_rq_job, enqueue_attempt
 from worker.status import JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
 from worker.streaming import LogWriter
@@ -48,6 +48,8 @@ class WorkerContext:
     shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the worker is asked to stop: the running job is stopped and re-queued to resume elsewhere."""
     current_job: str | None = None
+    warm: WarmTrainer | None = None
+    """The pre-started one-rank trainer (None: every run starts cold)."""
 
 
 _context: WorkerContext | None = None
@@ -295,7 +297,11 @@ class JobRun:
         env = train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
         started = time.monotonic()
         timeout = status.get("timeout")
-        proc = Launched(cmd, env, self.on_line)
+        proc = self.ctx.warm.take(cmd, env, self.on_line) if self.ctx.warm is not None else None
+        if proc is not None:
+            self.note("running in the worker's pre-started training process")
+        else:
+            proc = Launched(cmd, env, self.on_line)
         update_fields(self.conn, self.job_id, {"pid": proc.pid, "run_dir": str(run_dir)})
         stop_sync = threading.Event()
         syncer = None

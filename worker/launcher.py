@@ -3,9 +3,15 @@
 N > 1 ranks run under `torchrun --standalone --nproc_per_node=N` (gloo on CPU, NCCL on GPUs: core picks);
 one rank runs `python -m core.train` directly, which reaches its first metric a few seconds sooner.
 Either way the command runs under `worker.guard` in a new session (see guard.py for why).
+
+A one-rank run usually does not start a process at all: the worker keeps one `WarmTrainer` ready, a guard plus a
+`python -m worker.warmstart` process that has already imported torch and core and waits on its stdin for a job.
+Handing a job to it skips the interpreter start-up and the imports (most of the time to the first step).
 """
 from __future__ import annotations
 
+import collections
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +22,7 @@ from pathlib import Path
 from worker.defaults import REPO_ROOT, TERMINATE_GRACE
 from worker.procutil import terminate_tree
 from worker.streaming import ENV_JOB_ID
+from worker.warmstart import READY_LINE
 
 SINK_SPEC = "worker.streaming:sink_from_env"
 """What the worker puts in CORE_EVENT_SINK so rank 0 streams its events into Redis."""
@@ -48,23 +55,36 @@ def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: 
 
 
 class Launched:
-    """A running command under the guard; its merged stdout/stderr lines go to `on_line`."""
+    """A running command under the guard; its merged stdout/stderr lines go to `on_line` (which may be replaced
+    while it runs). With `stdin_pipe` the command reads what `send` writes, else its stdin is /dev/null."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], on_line: Callable[[str], None], cwd: Path = REPO_ROOT):
+    def __init__(self, cmd: list[str], env: dict[str, str], on_line: Callable[[str], None], cwd: Path = REPO_ROOT,
+                 *, stdin_pipe: bool = False):
         guard = [sys.executable, "-m", "worker.guard", "--", *cmd]
+        self.on_line = on_line
         self.proc = subprocess.Popen(
-            guard, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, bufsize=0,
+            guard, env=env, cwd=str(cwd), stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, bufsize=0,
         )
         self.pid = self.proc.pid
-        self._reader = threading.Thread(target=self._read, args=(on_line,), name=f"reader-{self.pid}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"reader-{self.pid}", daemon=True)
         self._reader.start()
 
-    def _read(self, on_line: Callable[[str], None]) -> None:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in iter(self.proc.stdout.readline, b""):
-            on_line(raw.decode("utf-8", "replace"))
+            self.on_line(raw.decode("utf-8", "replace"))
         self.proc.stdout.close()
+
+    def send(self, text: str) -> bool:
+        """Write `text` to the command's stdin and close it; False when the command is gone."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text.encode("utf-8"))
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -80,3 +100,73 @@ class Launched:
             return self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             return None
+
+
+def warm_argv(cmd: list[str]) -> list[str] | None:
+    """The core.train arguments of a one-rank command (what a warm trainer can run), else None (torchrun)."""
+    if len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1:3] == ["-m", "core.train"]:
+        return cmd[3:]
+    return None
+
+
+class WarmTrainer:
+    """One pre-started one-rank training process (see the module docstring); it serves one job, then the worker
+    starts the next. `take` hands a job over, or returns None when the job must start cold (torchrun, another
+    environment, the warm process died)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = {k: v for k, v in env.items() if k != ENV_JOB_ID}
+        self.proc: Launched | None = None
+        self.ready = threading.Event()
+        self._early: collections.deque[str] = collections.deque(maxlen=200)
+        self._lock = threading.Lock()
+
+    def state(self) -> str:
+        """ready, starting or off (for the worker's advertisement)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return "off"
+        return "ready" if self.ready.is_set() else "starting"
+
+    def start(self) -> None:
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                return
+            self.ready.clear()
+            self._early.clear()
+            self.proc = Launched([sys.executable, "-m", "worker.warmstart"], self.env, self._before_handoff,
+                                 stdin_pipe=True)
+
+    def _before_handoff(self, line: str) -> None:
+        if line.strip() == READY_LINE:
+            self.ready.set()
+            return
+        with self._lock:  # import warnings and the like: passed on to the job that gets this process
+            self._early.append(line)
+
+    def take(self, cmd: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> Launched | None:
+        argv = warm_argv(cmd)
+        if argv is None or {k: v for k, v in env.items() if k != ENV_JOB_ID} != self.env:
+            return None  # not for a warm process; it stays ready for the next one-rank job
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is not None:
+            proc.wait_output(timeout=1.0)
+            return None
+        with self._lock:
+            early = list(self._early)
+            proc.on_line = on_line
+        for line in early:
+            on_line(line)
+        if not proc.send(json.dumps({"argv": argv, "env": {ENV_JOB_ID: env.get(ENV_JOB_ID, "")}}) + "\n"):
+            proc.stop(grace=1.0)
+            return None
+        return proc
+
+    def stop(self) -> None:
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.stop(grace=2.0)

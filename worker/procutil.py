@@ -41,6 +41,15 @@ def set_child_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def set_process_name(name: str) -> None:
+    """Set this process's short name (`ps -o comm`, psutil's `name()`; Linux, at most 15 bytes; else a no-op)."""
+    try:
+        with open("/proc/self/comm", "w", encoding="utf-8") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     """All live descendants of `pid` (empty when it is gone)."""
     try:

@@ -27,6 +27,7 @@ from rq.worker import SimpleWorker
 from worker import jobs, keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import HEARTBEAT_INTERVAL, RECOVERY_SCAN_INTERVAL
+from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
 
@@ -53,6 +54,7 @@ class TrainerWorker(SimpleWorker):
         store: ArtifactStore,
         name: str | None = None,
         ttl: int | None = None,
+        prewarm: bool = True,
     ):
         self.resources = resources
         self.slots = int(resources["slots"])
@@ -67,12 +69,16 @@ class TrainerWorker(SimpleWorker):
         self.store = store
         self.ctx = jobs.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
                                       devices=resources.get("devices"), store=store)
+        if prewarm:
+            devices = (resources.get("devices") or [])[:1]
+            self.ctx.warm = WarmTrainer(train_env(job_id="", redis_url=redis_url, devices=devices, nproc=1))
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._born = time.time()
         self._healthy_since: float | None = time.monotonic()
         self._last_scan = 0.0
         self._current_rq_job: Job | None = None
+        self._burst = False
 
     # ------------------------------------------------------------------------------------------------- presence
     def advertisement(self) -> dict[str, Any]:
@@ -83,6 +89,7 @@ class TrainerWorker(SimpleWorker):
             "python": r.get("python"), "state": self._public_state(),
             "current_job": self.ctx.current_job or "", "started_at": self._born,
             "queues": self.queue_names(), "artifacts": self.store.url,
+            "warm": self.ctx.warm.state() if self.ctx.warm is not None else "off",
         }
 
     def _public_state(self) -> str:
@@ -151,6 +158,21 @@ class TrainerWorker(SimpleWorker):
             super().execute_job(job, queue)
         finally:
             self._current_rq_job = None
+            self._prewarm()
+
+    def _prewarm(self) -> None:
+        """Start the next warm trainer, unless a burst worker is about to find its queues empty and exit."""
+        if self.ctx.warm is None or self.ctx.shutdown.is_set() or self._stop_requested:
+            return
+        try:
+            if self._burst and not any(q.count for q in self.queues):
+                return
+        except redis.exceptions.RedisError:
+            pass
+        try:
+            self.ctx.warm.start()
+        except OSError as err:  # no process could start (out of memory, pids): the next job starts cold
+            log.warning("worker %s: could not pre-start a trainer: %s", self.name, err)
 
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()
@@ -158,6 +180,8 @@ class TrainerWorker(SimpleWorker):
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
         jobs.set_context(self.ctx)
+        self._burst = burst
+        self._prewarm()
         self.beat()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
@@ -168,6 +192,8 @@ class TrainerWorker(SimpleWorker):
         finally:
             self._hb_stop.set()
             self._hb_thread.join(timeout=5)
+            if self.ctx.warm is not None:
+                self.ctx.warm.stop()
             try:
                 withdraw(self.connection, self.name)
             except redis.exceptions.RedisError:

@@ -9,75 +9,25 @@ server, worker and rank a test starts is gone when it ends, passed or failed.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.fixtures_redis import RedisServer, free_port, private_redis  # noqa: F401 - free_port: tests import it from here
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bind to port 0, let the kernel pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclasses.dataclass
-class RedisServer:
-    url: str
-    port: int
-    password: str
-    dir: Path
-    proc: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    import redis
-
-    from worker.procutil import own_session_preexec
-    from worker.server import server_binary, write_config
-
-    data_dir = tmp_path_factory.mktemp("redis")
-    password = "t-" + secrets.token_urlsafe(12)
-    port = free_port()
-    conf = write_config(data_dir, port, password)
-    log = (data_dir / "server.log").open("wb")
-    # parent-death SIGKILL: even a pytest killed with -9 leaves no redis-server behind
-    proc = subprocess.Popen([server_binary(), str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=own_session_preexec)  # noqa: PLW1509 - spawned before any thread
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {(data_dir / 'server.log').read_text()}") from None
-            time.sleep(0.05)
-    client.close()
-    try:
-        yield RedisServer(url=url, port=port, password=password, dir=data_dir, proc=proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with private_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,10 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     grad_clip: float | None = Field(default=None, gt=0)
     """Clip the global gradient norm to this; None = off."""
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
+    """NHWC memory format for the model and its inputs. auto: on for CPU training (oneDNN's NHWC kernels were faster
+    for every model here: 1.06-1.74x per training step) and for CUDA with train.amp (tensor cores); see
+    core.train.use_channels_last."""
     compile: bool = False
     early_stopping: int = Field(default=0, ge=0)
     """Stop after this many epochs without val-accuracy improvement; 0 = off."""

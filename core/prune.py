@@ -114,9 +114,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
         sink.emit("phase", {"phase": "data"})
         bundle = build_datasets(cfg)
         classes = run.classes
-        model = build_model(run).to(device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = build_model(run).to(device)  # NCHW while pruning: global_unstructured views weights as vectors
         loaders = T.make_loaders(ft_cfg, bundle, info, device)
         autocast, scaler, _ = T.autocast_context(ft_cfg, device)
 
@@ -125,6 +123,8 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
 
         before, _ = evaluate("test")
         layers = apply_pruning(model, amount, structured=structured)
+        if T.use_channels_last(ft_cfg, device):  # for the fine-tuning and evaluation that follow
+            model = model.to(memory_format=torch.channels_last)
         pruned_only, _ = evaluate("test")
         print(f"prune: test accuracy {before['accuracy']:.4f} before, {pruned_only['accuracy']:.4f} right after "
               f"pruning {amount:g} ({'structured' if structured else 'global unstructured'})", flush=True)

@@ -55,6 +55,9 @@ BATCH_SIZE = 64
 """Batch size of every training comparison (the presets' default)."""
 CLASSIC_WORKERS = 2
 """DataLoader workers of the classic pipeline (the issue's baseline)."""
+CHUNK_STEPS = 24
+"""Rows 2 and 3 alternate their sides every this many training steps (~1 s here), not every epoch: this machine's
+speed drifts by ±20 % between consecutive 5-second epochs of the same code, far more than the effects measured."""
 
 
 # ---------------------------------------------------------------------------------------------------------- rows
@@ -148,6 +151,28 @@ def ratio_median(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+class Chunks:
+    """A loader of `steps` batches per pass, taken from an endless run of `loader`'s epochs (set_epoch before each),
+    so that train_one_epoch runs a short chunk of real training: data path, loop and all."""
+
+    def __init__(self, loader: Any, steps: int):
+        self.loader, self.steps, self.epoch = loader, steps, 0
+        self._it: Iterator[Any] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        for _ in range(self.steps):
+            batch = next(self._it, None) if self._it is not None else None
+            if batch is None:
+                self.epoch += 1
+                self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+                batch = next(self._it)
+            yield batch
+
+
 def train_config(n_total: int, **overrides: Any) -> Any:
     from core.config import config_from_dict
 
@@ -178,12 +203,17 @@ def in_memory_bundle(cfg: Any) -> Any:
     return bundle
 
 
-def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device) -> nn.Module:
+def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, channels_last: bool | None = None
+              ) -> nn.Module:
+    """The config's model on `device`, in the memory format train() would use (or `channels_last` when given)."""
     from core.models import create_model
+    from core.train import use_channels_last
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, classes, in_chans=in_chans, image_size=32).to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+    if channels_last is None:
+        channels_last = use_channels_last(cfg, device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 # ------------------------------------------------------------------------------------------------ rows 1 and 2
@@ -199,6 +229,7 @@ def bench_training(quick: bool) -> list[Row]:
         make_loaders,
         set_epoch,
         train_one_epoch,
+        use_channels_last,
     )
 
     n_train = TRAIN_IMAGES
@@ -215,6 +246,7 @@ def bench_training(quick: bool) -> list[Row]:
     loaders = make_loaders(cfg, bundle, info, device)
     assert loaders["kind"] == "tensor_cache", loaders["kind"]
     core_model = new_model(cfg, bundle.in_chans, classes, device)
+    channels_last = use_channels_last(cfg, device)  # what train() does with this config on this device
     core_opt = create_optimizer(cfg, core_model)
     core_sched = create_scheduler(cfg, core_opt, len(loaders["train"]) * 100)
     autocast, scaler, _ = autocast_context(cfg, device)
@@ -231,7 +263,7 @@ def bench_training(quick: bool) -> list[Row]:
     # classic: DataLoader over the PIL-transform dataset, 2 workers, the loop as usually written (loss.item() per step)
     classic_loader = DataLoader(bundle.train, batch_size=BATCH_SIZE, shuffle=True, num_workers=CLASSIC_WORKERS,
                                 persistent_workers=True, drop_last=True)
-    classic_model = new_model(cfg, bundle.in_chans, classes, device)
+    classic_model = new_model(cfg, bundle.in_chans, classes, device, channels_last=False)
     classic_opt = create_optimizer(cfg, classic_model)
     classic_sched = create_scheduler(cfg, classic_opt, len(classic_loader) * 100)
 
@@ -257,30 +289,62 @@ def bench_training(quick: bool) -> list[Row]:
     xs = [(images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE].float() / 255 - mean) / std for i in range(n_steps)]
     ys = [labels[i * BATCH_SIZE:(i + 1) * BATCH_SIZE] for i in range(n_steps)]
     bound_model = new_model(cfg, bundle.in_chans, classes, device)
+    if channels_last:  # the bound computes in the same memory format as the core loop
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     bound_opt = create_optimizer(cfg, bound_model)
 
-    def bound_side() -> float:
+    bound_step = [0]
+
+    def bound_steps(steps: int) -> float:
         bound_model.train()
         t = time.perf_counter()
-        for x, y in zip(xs, ys):
-            loss = criterion(bound_model(x), y)
+        for _ in range(steps):
+            i = bound_step[0] % n_steps
+            bound_step[0] += 1
+            loss = criterion(bound_model(xs[i]), ys[i])
             bound_opt.zero_grad(set_to_none=True)
             loss.backward()
             bound_opt.step()
-        return n_steps * BATCH_SIZE / (time.perf_counter() - t)
+        return steps * BATCH_SIZE / (time.perf_counter() - t)
 
-    log(f"rows 1-2: {len(bundle.train)} train images, {reps} repetition(s) of 1 epoch per side")
-    got = alternate({"core": core_side, "classic": classic_side, "bound": bound_side}, reps)
-    log("rows 1-2: " + ", ".join(f"{k} {[round(v) for v in vs]} img/s" for k, vs in got.items()))
+    log(f"row 1: {len(bundle.train)} train images, {reps} repetition(s) of 1 epoch per side")
+    got = alternate({"core": core_side, "classic": classic_side, "bound": lambda: bound_steps(n_steps)}, reps)
+    log("row 1: " + ", ".join(f"{k} {[round(v) for v in vs]} img/s" for k, vs in got.items()))
     med = {k: statistics.median(v) for k, v in got.items()}
     detail = (f"core {med['core']:.0f}, classic {med['classic']:.0f}, bound {med['bound']:.0f} img/s; "
-              f"{len(bundle.train)} images, {reps}×1 epoch each, batch {BATCH_SIZE}")
+              f"{len(bundle.train)} images, {reps}×1 epoch each, batch {BATCH_SIZE}; core and bound "
+              f"{'channels_last (train.channels_last: auto)' if channels_last else 'NCHW'}, classic NCHW as usually "
+              "written")
+
+    # row 2: the real train_one_epoch over chunks of the tensor-cache loader vs the bound, alternating every chunk
+    chunks = Chunks(loaders["train"], CHUNK_STEPS)
+    pairs = 6 if quick else 3 * len(loaders["train"]) // CHUNK_STEPS
+
+    def core_chunk() -> float:
+        core_epoch[0] += 1
+        t = time.perf_counter()
+        train_one_epoch(core_model, chunks, criterion, core_opt, core_sched, scaler, autocast, cfg, device,
+                        core_epoch[0], info, NullSink(), 0, None, {})
+        return CHUNK_STEPS * BATCH_SIZE / (time.perf_counter() - t)
+
+    got2 = alternate({"core": core_chunk, "bound": lambda: bound_steps(CHUNK_STEPS)}, pairs)
+    ratios = [a / b for a, b in zip(got2["core"], got2["bound"])]
+    log(f"row 2: core/bound per chunk {[round(r, 3) for r in ratios]}")
     return [
         Row("core loop vs classic loop (images/s, SimpleCNN 32 px)", ratio_median(got["core"], got["classic"]), 2.0,
             "×", note=detail),
-        Row("core loop vs compute-only bound", ratio_median(got["core"], got["bound"]), 0.90, "ratio",
-            note="fwd+bwd+step on pre-made tensors is the bound"),
+        Row("core loop vs compute-only bound", statistics.median(ratios), 0.90, "ratio",
+            note=f"fwd+bwd+step on pre-made tensors is the bound; median of {pairs} alternating chunks of "
+                 f"{CHUNK_STEPS} steps (quartiles {_quartiles(ratios)}); whole epochs in row 1's run: "
+                 f"{ratio_median(got['core'], got['bound']):.2f}"),
     ]
+
+
+def _quartiles(values: list[float]) -> str:
+    if len(values) < 4:
+        return "n/a"
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.3f}–{q[2]:.3f}"
 
 
 # -------------------------------------------------------------------------------------------------- redis server
@@ -325,7 +389,6 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
         create_optimizer,
         create_scheduler,
         make_loaders,
-        set_epoch,
         train_one_epoch,
     )
     from worker import keys
@@ -346,13 +409,13 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
     job_id = keys.new_job_id()
     conn.hset(keys.job(job_id), mapping={"id": job_id, "state": "running"})  # the sink updates an existing job hash
     epoch = [0]
+    chunks = Chunks(loaders["train"], CHUNK_STEPS)
 
-    def run(sink: Any) -> float:
+    def run(sink: Any) -> float:  # a chunk of training, as one "epoch" with its start and epoch events
         epoch[0] += 1
-        set_epoch(loaders, cfg, epoch[0], info)
         sink.emit("start", {"epochs": 1000, "world_size": 1})
         t = time.perf_counter()
-        train_one_epoch(model, loaders["train"], criterion, opt, sched, scaler, autocast, cfg, device, epoch[0], info,
+        train_one_epoch(model, chunks, criterion, opt, sched, scaler, autocast, cfg, device, epoch[0], info,
                         sink, 0, None, {})
         sink.emit("epoch", {"epoch": epoch[0], "epochs": 1000})
         return time.perf_counter() - t
@@ -360,8 +423,8 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
     sink = _TimedSink(RedisEventSink(conn, job_id))
     server = psutil.Process(int(conn.info("server")["process_id"]))
     flusher = sink.inner._thread.native_id
-    reps = 3 if quick else 8
-    log(f"row 3: {len(bundle.train)} images, log_every={log_every}, {reps} alternating epoch pairs")
+    reps = 6 if quick else 30
+    log(f"row 3: {len(bundle.train)} images, log_every={log_every}, {reps} alternating pairs of {CHUNK_STEPS} steps")
     cpu0 = (_thread_cpu(flusher), sum(server.cpu_times()[:2]))
     try:
         got = alternate({"off": lambda: run(NullSink()), "on": lambda: run(sink)}, reps)
@@ -376,11 +439,12 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
     on_seconds = sum(got["on"])
     cost = sink.seconds + sink_cpu + server_cpu
     return [Row("Redis streaming on vs off: overhead", overhead, 1.0, "%", higher_is_better=False,
-                note=f"epoch time on/off, median of {reps} pairs (pair spread ±{spread:.1f} %); "
+                note=f"time of {CHUNK_STEPS} training steps on/off, median of {reps} alternating pairs (pair spread "
+                     f"±{spread:.1f} %); "
                      f"log_every={log_every}, {n_events} events written"),
             Row("Redis streaming: CPU it costs per second of training", cost / on_seconds * 100, 1.0, "%",
                 higher_is_better=False,
-                note=f"over the {reps} streaming epochs ({on_seconds:.1f} s): emit() calls {sink.seconds * 1000:.1f} ms, "
+                note=f"over the {reps} streaming chunks ({on_seconds:.1f} s): emit() calls {sink.seconds * 1000:.1f} ms, "
                      f"sink thread {sink_cpu * 1000:.0f} ms CPU, redis-server {server_cpu * 1000:.0f} ms CPU "
                      "(CPU time: what streaming takes from 2 cores, free of the run-to-run noise of row 3)")]
 

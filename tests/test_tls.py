@@ -167,10 +167,11 @@ def test_tls_server_refuses_plain_tcp_a_missing_or_wrong_password_and_an_untrust
 
     plain = refusal(f"redis://:{password}@127.0.0.1:{port}/0")
     assert plain.startswith(f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0"), plain
+    assert "use a rediss:// URL" in plain, plain
 
     anonymous = refusal(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required")
-    assert anonymous.startswith(f"Redis at rediss://127.0.0.1:{port}/0"), anonymous
-    assert "authenticated" in anonymous and "password" in anonymous, anonymous
+    assert anonymous == (f"Redis at rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required needs a "
+                         f"password: set REDIS_URL=rediss://:PASSWORD@127.0.0.1:{port}/0"), anonymous
 
     wrong = refusal(f"rediss://:not-{password}@127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required")
     assert wrong.startswith(f"Redis at rediss://:***@127.0.0.1:{port}/0") and "refused the password" in wrong, wrong

@@ -274,3 +274,30 @@ def test_one_rank_jobs_run_in_the_pre_started_trainer_and_start_cold_without_it(
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     wait_for(lambda: not warm_processes(test_token, IDLE_NAME), 10, "the idle trainer to stop with its worker")
+
+
+def test_finished_run_whose_events_never_reached_redis_takes_its_status_from_report_json(
+        redis_conn: Any, redis_url: str, job_env: dict[str, str], tmp_path: Path) -> None:
+    """When the training process could not reach Redis (a URL only the worker can use), the job must not end
+    `finished` at epoch 0 with no accuracy: the worker reads report.json and says so in the job's log."""
+    from worker.artifacts import ArtifactStore
+    from worker.jobs import JobRun, WorkerContext
+    from worker.streaming import LogWriter
+
+    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True)
+    ctx = WorkerContext(connection=redis_conn, redis_url=redis_url, worker_name="w", devices=None,
+                        store=ArtifactStore(job_env["ARTIFACTS_DIR"]))
+    run = JobRun(ctx, job_id)
+    run.run_dir = tmp_path / "run"
+    run.run_dir.mkdir()
+    run.log = LogWriter(redis_conn, job_id)
+    try:
+        assert run._fields_from_report() == {}  # no report: nothing to say
+        (run.run_dir / "report.json").write_text(json.dumps({"epochs_completed": 3, "test": {"accuracy": 0.97}}))
+        assert run._fields_from_report() == {"epoch": 3, "test_acc": 0.97}
+        redis_conn.hset(keys.job(job_id), "epoch", 3)  # the events did arrive: the stream's fields stand
+        assert run._fields_from_report() == {}
+    finally:
+        run.log.close()
+    lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 20)]
+    assert sum("no epoch event of this run reached Redis" in line for line in lines) == 1, lines

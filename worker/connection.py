@@ -79,18 +79,23 @@ def connect(url: str | None = None) -> redis.Redis:
 def check(conn: redis.Redis) -> redis.Redis:
     """PING; a friendly RedisUnavailableError instead of a driver traceback when it fails."""
     url = connection_url(conn)
+    parts = urlsplit(url)
     try:
         conn.ping()
-    except redis.exceptions.AuthenticationError as err:
-        raise RedisUnavailableError(f"Redis at {redact(url)} refused the password: {err}") from None
-    except redis.exceptions.ResponseError as err:
-        if "NOAUTH" in str(err):
+    except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError) as err:
+        no_password = not parts.password and ("NOAUTH" in str(err) or "authenticated" in str(err))
+        if no_password:  # redis-py 8 raises AuthenticationError for NOAUTH; older versions a ResponseError
+            host = f"{parts.hostname}:{parts.port or 6379}"
             raise RedisUnavailableError(
-                f"Redis at {redact(url)} needs a password: set REDIS_URL=redis://:PASSWORD@host:port/0"
+                f"Redis at {redact(url)} needs a password: set REDIS_URL={parts.scheme}://:PASSWORD@{host}/0"
             ) from None
+        if isinstance(err, redis.exceptions.AuthenticationError):
+            raise RedisUnavailableError(f"Redis at {redact(url)} refused the password: {err}") from None
         raise RedisUnavailableError(f"Redis at {redact(url)}: {err}") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as err:
         hint = "" if os.environ.get("REDIS_URL") else " (start it with `python -m worker redis` or `honcho start`)"
+        if parts.scheme == "redis" and "reset by peer" in str(err):  # what a TLS-only port does to plain TCP
+            hint += " (if that server only speaks TLS, use a rediss:// URL)"
         raise RedisUnavailableError(f"cannot reach Redis at {redact(url)}{hint}: {err}") from None
     return conn
 

@@ -7,6 +7,7 @@ worker hands over its context (connection, name, devices, store, shutdown flag) 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import socket
@@ -218,6 +219,24 @@ class JobRun:
             return f"the artifact store {self.store.url} is full ({free:,} bytes free where the run folder is)"
         return None
 
+    def _fields_from_report(self) -> dict[str, Any]:
+        """A finished run whose events never reached Redis (the training process could not connect: a REDIS_URL it
+        cannot use, a network that lets the worker through but not it) would show epoch 0 and no test accuracy.
+        Then the status takes them from the run's report.json, and the log says why the charts are empty."""
+        try:
+            if int(self.conn.hget(keys.job(self.job_id), "epoch") or 0) > 0:
+                return {}
+        except (redis.exceptions.RedisError, ValueError):
+            return {}
+        try:
+            report = json.loads(((self.run_dir or Path(".")) / "report.json").read_text(encoding="utf-8"))
+            fields = {"epoch": int(report["epochs_completed"]), "test_acc": float(report["test"]["accuracy"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        self.note("no epoch event of this run reached Redis (could the training process not connect to REDIS_URL?): "
+                  "its charts are empty; epoch and test accuracy are taken from report.json")
+        return fields
+
     def _mark_run(self, state: JobState, error: str) -> None:
         """A run stopped by a signal (cancel, time limit) may die before core writes its CANCELLED/FAILED marker:
         write it here, so the run folder (and its copy in the store) says it is partial."""
@@ -361,6 +380,7 @@ class JobRun:
             fields["error"] = msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"
         elif rc == 0:
             state, fields["error"], msg = JobState.FINISHED, None, f"finished in {seconds:g} s"
+            fields.update(self._fields_from_report())
         else:
             state = JobState.FAILED
             fields["error"], fields["error_kind"] = self._error_from(read_status(self.conn, self.job_id), rc)

@@ -24,8 +24,8 @@ IDLE_NAME, BUSY_NAME = "warm-trainer", "core.train"
 def preload() -> None:
     import torch
 
-    import core.data  # noqa: F401 - torchvision (and, through it, torch._dynamo): ~2 s of imports on its own
-    import core.models  # noqa: F401
+    import core.data  # torchvision (and, through it, torch._dynamo): ~2 s of imports on its own
+    import core.models
     import core.train  # noqa: F401 - training, evaluation, events
 
     spec = os.environ.get("CORE_EVENT_SINK", "").strip()

@@ -103,7 +103,7 @@ def cpu_has_native_bf16() -> bool:
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     """`train.channels_last` resolved for `device`. `auto` means on for the CPU, where oneDNN's NHWC convolutions
-    were faster for every model measured on a 2-core AVX2 EPYC (fwd+bwd+step, channels_last / NCHW: SimpleCNN 1.57-
+    were faster for every model measured on a 2-core AVX-512 EPYC (fwd+bwd+step, channels_last / NCHW: SimpleCNN 1.57-
     1.68×, dsconv_cnn 1.41-1.56×, MobileNetV3-S 1.66×, EfficientNet-Lite0 1.74×, ResNet-18 1.06-1.13×; see
     docs/benchmarks.md), and on for CUDA with mixed precision, where tensor cores work in NHWC (PyTorch's
     guidance; not measured here, no GPU). Off for CUDA in fp32."""

@@ -96,9 +96,12 @@ class Spawner:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __call__(self, args: list[str], env: dict[str, str], name: str = "proc") -> subprocess.Popen[bytes]:
+        from worker.procutil import set_parent_death_signal
+
         log = (self.log_dir / f"{name}-{len(self.procs)}.log").open("wb")
+        # parent-death SIGKILL: a pytest killed with -9 takes its workers along (their guards then stop the ranks)
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=set_parent_death_signal)  # noqa: PLW1509
         proc.log_path = log.name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc

@@ -363,16 +363,6 @@ def redis_server() -> Iterator[str]:
         yield server.url
 
 
-def _stop(proc: subprocess.Popen, *, grace: float) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds: no server or worker the benchmark started outlives it."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def worker_available() -> str | None:
     """None when worker/ provides what rows 3-4 use, else why not."""
     try:
@@ -521,6 +511,7 @@ def _first_step(conn: Any, job_id: str, timeout: float) -> float | None:
 
 
 def bench_submit(quick: bool, url: str) -> list[Row]:
+    from tests.fixtures_redis import stop
     from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
@@ -567,7 +558,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                                 note="`python -m worker.warmstart` with torch, torchvision, core, ONNX Runtime imported"))
         finally:
             conn.close()
-            _stop(proc, grace=30)
+            stop(proc, grace=30)
             out.close()
     return rows
 

@@ -19,6 +19,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: nothing a test or the benchmark started outlives it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclasses.dataclass
 class RedisServer:
     url: str
@@ -62,9 +72,4 @@ def private_redis(data_dir: Path, start_timeout: float = 15.0) -> Iterator[Redis
                 client.close()
             yield RedisServer(url=url, port=port, password=password, dir=data_dir, proc=proc)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)

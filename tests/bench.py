@@ -555,7 +555,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
             if warm:
                 rows.append(Row("memory: RSS of the worker's idle pre-started trainer", warm[0].memory_info().rss / 2**20,
                                 None, "MiB", higher_is_better=False,
-                                note="`python -m worker.warmstart` with torch, torchvision, core, ONNX Runtime imported"))
+                                note="`python -m worker.warmstart` with torch, torchvision, core and the Redis sink imported"))
         finally:
             conn.close()
             stop(proc, grace=30)

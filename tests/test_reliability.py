@@ -289,8 +289,8 @@ def test_dashboard_login_with_a_shared_password(redis_conn: Any, job_env: dict[s
 def test_dashboard_login_with_oidc_shows_only_the_sign_in_until_logged_in(redis_conn: Any, job_env: dict[str, str],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """An `[auth]` secrets section turns on st.login: a logged-out session sees "Sign in" and a "Log in" button and
-    nothing else; a logged-in one sees the dashboard and a "Log out" button. (The identity provider's redirect itself
-    needs a provider and Authlib; it is Streamlit's code, not exercised here.)"""
+    nothing else; a logged-in one sees the dashboard and a "Log out" button. (The redirect to the identity provider
+    and back needs a provider; it is Streamlit's code, not exercised here.)"""
     from streamlit.testing.v1 import AppTest
 
     from tests.fixtures_app import APP

@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.conftest import processes_with_token
 from tests.fixtures_worker import DIGITS, explain_job, make_imagefolder, run_cli, wait_for
 from worker import api, keys
 from worker.submit import submit_job
@@ -29,19 +30,22 @@ def epochs_streamed(conn: Any, job_id: str) -> list[int]:
     return [e["epoch"] for e in api.epoch_events(conn, job_id)]
 
 
+def _cmdline_and_name(proc: psutil.Process) -> tuple[str, str]:
+    try:
+        return " ".join(proc.cmdline()), proc.name()
+    except psutil.Error:  # gone meanwhile
+        return "", ""
+
+
 def rank_processes(token: str) -> list[psutil.Process]:
     """Live training processes (core.train or torchrun, any rank, or a worker's pre-started trainer that took a
     job) started by this test. An idle pre-started trainer is not one: it holds no job."""
     out = []
-    for proc in psutil.process_iter(["cmdline", "name"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            busy_warm = "worker.warmstart" in cmd and proc.info["name"] == BUSY_NAME
-            if ("core.train" in cmd or "torch.distributed.run" in cmd or busy_warm) and "worker.guard" not in cmd \
-                    and proc.environ().get("TRAINER_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.Error:
-            continue
+    for proc in processes_with_token(token):
+        cmd, name = _cmdline_and_name(proc)
+        busy_warm = "worker.warmstart" in cmd and name == BUSY_NAME
+        if ("core.train" in cmd or "torch.distributed.run" in cmd or busy_warm) and "worker.guard" not in cmd:
+            out.append(proc)
     return out
 
 
@@ -223,15 +227,13 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
 
 
 def warm_processes(token: str, name: str) -> list[psutil.Process]:
-    """This test's pre-started trainers (`python -m worker.warmstart`) whose process name is `name`."""
+    """This test's pre-started trainers (`python -m worker.warmstart`, not their guards) whose process name is
+    `name`."""
     out = []
-    for proc in psutil.process_iter(["cmdline", "name"]):
-        try:
-            if "worker.warmstart" in " ".join(proc.info["cmdline"] or []) and proc.info["name"] == name \
-                    and proc.environ().get("TRAINER_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.Error:
-            continue
+    for proc in processes_with_token(token):
+        cmd, proc_name = _cmdline_and_name(proc)
+        if "worker.warmstart" in cmd and "worker.guard" not in cmd and proc_name == name:
+            out.append(proc)
     return out
 
 

@@ -2,8 +2,8 @@
 
 It imports torch, core (models, data, training, evaluation) and the event sink (what every run imports, nothing
 more), runs one tiny convolution forward and backward (the first one pays for kernel set-up), prints READY_LINE,
-and then blocks on one JSON line on stdin: `{"argv": [core.train arguments], "env": {variables to set}}`. It then runs exactly what `python -m core.train ARGV`
-would, with the same exit code. End of stdin before a job (the worker let it go) exits 0. Its process name
+and then blocks on one JSON line on stdin: `{"argv": [core.train arguments], "env": {variables to set}}`. It then
+runs exactly what `python -m core.train ARGV` would, with the same exit code. End of stdin before a job (the worker let it go) exits 0. Its process name
 (`ps -o comm`) is IDLE_NAME until it gets its job, BUSY_NAME after.
 
 The worker starts it under `worker.guard` with the environment a one-rank job of that worker gets (devices, thread

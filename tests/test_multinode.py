@@ -133,3 +133,102 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
     status_json = json.loads(run_cli(["worker", "status", job_id, "--json"], env).stdout)
     assert len(status_json["nodes"]) == 2
     assert rank_processes(test_token) == []
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _node_worker(spawn: Any, name: str) -> subprocess.Popen[bytes]:
+    return next(p for p in spawn.procs if p.args[-1] == name)
+
+
+def _step_in_epoch(conn: Any, job_id: str, epoch: int) -> bool:
+    return any(e["type"] == "step" and e["data"].get("epoch") == epoch for e in api.events_since(conn, job_id, "0"))
+
+
+def test_lost_node_requeues_the_gang_which_resumes_on_a_new_one(redis_conn: Any, job_env: dict[str, str],
+                                                                 spawn: Any, test_token: str) -> None:
+    """Issue test 3: SIGKILL of node 0's whole tree (its worker, guard, torchrun, rank) mid-epoch: the other node
+    stops within 60 s, the job is re-queued as a whole and finishes on a new gang (the survivor and a third worker),
+    resuming from its checkpoint; every epoch appears once."""
+    env = mn_env(job_env)
+    for name in ("node-a", "node-b"):
+        start_worker(spawn, env, name)
+    wait_workers(redis_conn, 2)
+    job_id = submit_job(DIGITS, ["train.epochs=3", "train.batch_size=8", *FAST], connection=redis_conn,
+                        allow_local_paths=True, nodes=2)
+    explain = explain_job(redis_conn, job_id, spawn)
+    wait_for(lambda: _step_in_epoch(redis_conn, job_id, 2), 180, "a step of epoch 2", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    victim, survivor = st["gang"][0], st["gang"][1]
+    tree = _tree(_node_worker(spawn, victim).pid)
+    survivors = [p for p in rank_processes(test_token) if p.pid not in {t.pid for t in tree}]
+    assert survivors, "the surviving node runs no training process"
+    for proc in tree:  # the machine of node 0 is lost: its worker, guard, torchrun and rank at once
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    killed_at = time.monotonic()
+    start_worker(spawn, env, "node-c")
+    left = psutil.wait_procs(survivors, timeout=60)[1]
+    assert left == [], f"the surviving node's training processes still run 60 s after the loss: {left}"
+    assert time.monotonic() - killed_at < 60
+    wait_for(lambda: finished(redis_conn, job_id), 240, "the job to finish on a new gang", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "finished", explain()
+    assert st["recoveries"] == 1 and st["resumed_from"] is not None and sorted(st["gang"]) == sorted(
+        [survivor, "node-c"]), st
+    assert [e["epoch"] for e in api.epoch_events(redis_conn, job_id)] == [1, 2, 3]
+    lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 5000)]
+    assert any("re-queued as attempt 1" in line for line in lines), lines[-40:]
+    assert rank_processes(test_token) == []
+
+
+@pytest.mark.slow
+def test_two_gangs_and_a_single_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str],
+                                                       spawn: Any) -> None:
+    """Issue test 4: two 2-node jobs on two workers run one after the other (no deadlock); a 1-node job submitted
+    meanwhile also finishes. Slow (three jobs in a row, ~1 min); the order rule itself is tested above without
+    processes. Run it with  python -m pytest -m slow tests/test_multinode.py"""
+    env = mn_env(job_env)
+    for name in ("node-a", "node-b"):
+        start_worker(spawn, env, name)
+    wait_workers(redis_conn, 2)
+    args = ["train.epochs=1", *FAST]
+    first = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2)
+    second = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2)
+    single = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True)
+    for job_id in (first, second, single):
+        wait_for(lambda j=job_id: finished(redis_conn, j), 240, f"job {job_id}",
+                 explain=explain_job(redis_conn, job_id, spawn))
+    sts = {j: api.job_status(redis_conn, j) for j in (first, second, single)}
+    assert all(st["state"] == "finished" for st in sts.values()), sts
+    assert sts[first]["ended_at"] <= sts[second]["started_at"] + 1.0  # one after the other, the earlier first
+    assert sorted(sts[second]["gang"]) == ["node-a", "node-b"]
+    assert gang.reservations(redis_conn) == {}
+
+
+def test_cancel_stops_every_rank_on_every_node(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                               test_token: str) -> None:
+    """Issue test 5: cancel a running 2-node job: no training process left on either node within 10 s."""
+    env = mn_env(job_env)
+    for name in ("node-a", "node-b"):
+        start_worker(spawn, env, name)
+    wait_workers(redis_conn, 2)
+    job_id = submit_job(DIGITS, ["train.epochs=20", *FAST], connection=redis_conn, allow_local_paths=True, nodes=2)
+    explain = explain_job(redis_conn, job_id, spawn)
+    wait_for(lambda: _step_in_epoch(redis_conn, job_id, 1), 180, "training on both nodes", explain=explain)
+    assert len(rank_processes(test_token)) >= 4  # torchrun + one rank on each node
+    asked = time.monotonic()
+    assert api.cancel_job(redis_conn, job_id, wait=10) == "cancelled", explain()
+    left = psutil.wait_procs(rank_processes(test_token), timeout=max(0.0, 10 - (time.monotonic() - asked)))[1]
+    assert left == [] and time.monotonic() - asked <= 10.5, left
+    assert api.job_status(redis_conn, job_id)["state"] == "cancelled"
+    wait_for(lambda: {n["state"] for n in api.job_status(redis_conn, job_id)["nodes"]} == {"cancelled"}, 10,
+             "both nodes to record the cancel", explain=explain)

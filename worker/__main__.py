@@ -1,4 +1,4 @@
-"""`python -m worker redis | run | submit | status | cancel | logs | list | workers` (see CONTRACTS.md).
+"""`python -m worker redis | run | submit | status | cancel | logs | list | workers | doctor` (README "Jobs and workers").
 
 Thin wrappers over the package's functions; every error a user can cause prints one line, not a traceback.
 """
@@ -183,6 +183,12 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from worker.doctor import main as doctor
+
+    return doctor(as_json=args.json)
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description="Managed training jobs: Redis, workers, jobs.")
@@ -242,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("workers", help="live workers")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_workers)
+
+    s = sub.add_parser("doctor", help="can this machine serve jobs? checks each part and prints the fix (exit 1: no)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
     return p
 
 

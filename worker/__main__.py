@@ -1,4 +1,4 @@
-"""`python -m worker redis | run | submit | status | cancel | logs | list | workers | sweep | sweep-status |
+"""`python -m worker redis | run | submit | status | cancel | logs | list | workers | doctor | sweep | sweep-status |
 sweep-cancel | sweeps | sweep-dashboard` (README "Jobs and workers", docs/sweeps.md).
 
 Thin wrappers over the package's functions; every error a user can cause prints one line, not a traceback.
@@ -256,6 +256,12 @@ def cmd_sweep_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from worker.doctor import main as doctor
+
+    return doctor(as_json=args.json)
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description="Managed training jobs: Redis, workers, jobs.")
@@ -346,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.set_defaults(func=cmd_sweep_dashboard)
+
+    s = sub.add_parser("doctor", help="can this machine serve jobs? checks each part and prints the fix (exit 1: no)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
     return p
 
 

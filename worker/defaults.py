@@ -113,3 +113,15 @@ SWEEP_LOCK_WAIT = 10.0
 
 SWEEP_SCAN_INTERVAL = 5.0
 """Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
+
+DOCTOR_DISK_FAIL_GB = 2.0
+"""`worker doctor`: less free disk than this (GiB) where datasets or run folders go fails the check."""
+
+DOCTOR_DISK_WARN_GB = 20.0
+"""`worker doctor`: less free disk than this (GiB) is a warning (a CIFAR-sized job needs a few GiB with checkpoints)."""
+
+DOCTOR_PROBE_TIMEOUT = 90.0
+"""`worker doctor`: seconds the distributed-backend probe (a one-rank gloo/NCCL all-reduce) may take."""
+
+MIN_REDIS_VERSION = (5, 0)
+"""Oldest Redis the worker supports (streams, Lua scripts, RQ's commands)."""

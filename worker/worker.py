@@ -68,6 +68,7 @@ class TrainerWorker(SimpleWorker):
             worker_ttl=RQ_WORKER_TTL,
         )
         self.store = store
+        self.store_id = store.identity()
         self.ctx = jobs.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
                                       devices=resources.get("devices"), store=store)
         if prewarm:
@@ -90,7 +91,7 @@ class TrainerWorker(SimpleWorker):
             "gpus": r.get("gpus") or [], "slots": self.slots, "torch": r.get("torch"), "cuda": r.get("cuda"),
             "python": r.get("python"), "state": self._public_state(),
             "current_job": self.ctx.current_job or "", "started_at": self._born,
-            "queues": self.queue_names(), "artifacts": self.store.url,
+            "queues": self.queue_names(), "artifacts": self.store.url, "store_id": self.store_id,
             "warm": self.ctx.warm.state() if self.ctx.warm is not None else "off",
         }
 

@@ -28,10 +28,17 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from worker import gang, jobs, keys
 from worker.artifacts import ArtifactStore
-from worker.defaults import GANG_POLL_INTERVAL, HEARTBEAT_INTERVAL, JOB_RESULT_TTL, RECOVERY_SCAN_INTERVAL
+from worker.defaults import (
+    GANG_POLL_INTERVAL,
+    HEARTBEAT_INTERVAL,
+    JOB_RESULT_TTL,
+    RECOVERY_SCAN_INTERVAL,
+    SWEEP_SCAN_INTERVAL,
+)
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
+from worker.sweeps import heal_sweeps
 
 log = logging.getLogger("worker")
 
@@ -86,6 +93,7 @@ class TrainerWorker(SimpleWorker):
         self._born = time.time()
         self._healthy_since: float | None = time.monotonic()
         self._last_scan = 0.0
+        self._last_sweep_scan = 0.0
         self._current_rq_job: Job | None = None
         self._burst = False
 
@@ -142,6 +150,9 @@ class TrainerWorker(SimpleWorker):
         recovered += heal_stuck_recoveries(self.connection, by=self.name)
         if recovered:
             log.warning("worker %s: re-queued orphaned job(s) %s", self.name, ", ".join(recovered))
+        if now - self._last_sweep_scan >= SWEEP_SCAN_INTERVAL:
+            self._last_sweep_scan = now
+            heal_sweeps(self.connection)  # sweeps are driven by their workers: nothing else would notice
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(HEARTBEAT_INTERVAL):
@@ -161,6 +172,7 @@ class TrainerWorker(SimpleWorker):
         while not self._may_judge_others():
             time.sleep(0.5)
         self._last_scan = 0.0
+        self._last_sweep_scan = 0.0
         self._maybe_scan()
 
     # ---------------------------------------------------------------------------------------- multi-node gangs

@@ -108,6 +108,26 @@ def test_incomplete_gang_is_released_after_the_timeout(redis_conn: Any, job_env:
     assert redis_conn.zrange(keys.gangs(), 0, -1) == [job.encode()]  # still waiting for a gang
 
 
+def test_single_node_job_runs_when_a_gang_cannot_complete(redis_conn: Any, job_env: dict[str, str],
+                                                         spawn: Any) -> None:
+    """The starvation rule: a worker reserved for a gang that cannot complete (its second worker never comes) is
+    released after the timeout (3 s here) and then takes the queued single-node job; the gang job keeps waiting."""
+    fake_worker(redis_conn, "w-absent", ttl=120)  # alive enough to accept the 2-node job, but never reserves
+    env = mn_env(job_env, GANG_RESERVATION_TIMEOUT="3")
+    start_worker(spawn, env, "node-a")
+    wait_workers(redis_conn, 2)
+    waiting = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
+    wait_for(lambda: gang.reserved_job(redis_conn, "node-a") == waiting, 30, "node-a to reserve itself")
+    single = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    wait_for(lambda: finished(redis_conn, single), 120, "the single-node job",
+             explain=explain_job(redis_conn, single, spawn))
+    assert api.job_status(redis_conn, single)["state"] == "finished"
+    st = api.job_status(redis_conn, waiting)
+    assert st["state"] == "queued" and st["waiting"], st
+    logs = [e["line"] for e in api.logs_tail(redis_conn, waiting, 100)]
+    assert any("did not complete within 3 s" in line for line in logs), logs
+
+
 # ========================================================================================= real gangs (test 1)
 def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str) -> None:
     """Issue test 1: `--nodes 2 --gpus 1` on two one-slot workers finishes; world size 2; the record names both."""

@@ -147,7 +147,7 @@ def objective_figure(trials: list[dict[str, Any]], metric: str, direction: str) 
             ys.append(best)
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="best so far", line={"color": COLORS[2], "shape": "hv"}))
     _layout(fig, f"{metric} per trial", metric, revision="sweep:objective")
-    fig.update_xaxes(title_text="trial")
+    fig.update_xaxes(title_text="trial", tick0=0, dtick=max(1, len(trials) // 10))
     fig.update_layout(hovermode="closest")
     return fig
 

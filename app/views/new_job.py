@@ -200,6 +200,8 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
 def sweep_widgets(prefix: str, init: dict[str, Any]) -> None:
     """What a sweep varies and how (drawn outside the form, so picking a field shows its range at once)."""
     st.subheader("Sweep")
+    st.caption("Every trial is an ordinary job: the form below is its base config, and each trial changes the "
+               "fields picked here. Every range end and choice is checked like a job's config before anything starts.")
     fields_ = {f.key: f for f in forms.sweepable()}
     chosen = st.multiselect("Fields to vary", list(fields_), key=prefix + "sweep:vary",
                             format_func=lambda k: f"{fields_[k].label} ({k})",

@@ -17,13 +17,13 @@ from app.defaults import ACTIVE_STATES
 
 STATE_ICONS = {
     "queued": "hourglass_top", "running": "play_circle", "recovering": "sync_problem", "finished": "check_circle",
-    "failed": "error", "cancelled": "stop_circle",
+    "failed": "error", "cancelled": "stop_circle", "pruned": "content_cut",
 }
 """A Material icon per job state (`:material/NAME:` in Streamlit text); icons, not emoji, so any browser draws them."""
 
 STATE_COLORS = {
     "queued": "gray", "running": "blue", "recovering": "orange", "finished": "green", "failed": "red",
-    "cancelled": "gray",
+    "cancelled": "gray", "pruned": "violet",
 }
 """A badge colour per job state."""
 
@@ -346,4 +346,34 @@ def export_rows(report: dict[str, Any]) -> pd.DataFrame:
                      "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
                      "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": int8.get("latency_ms_batch1")})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------- sweeps
+def sweeps_frame(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
+    """The Sweeps list: one row per sweep, with its progress and trial counts."""
+    rows = []
+    for s in sweeps:
+        c = s.get("counts") or {}
+        rows.append({
+            "sweep": s.get("id"), "name": s.get("name"), "status": state_label(s.get("state")),
+            "progress": float(s.get("progress") or 0.0), "trials": f"{s.get('ended', 0)}/{s.get('trials')}",
+            "complete": c.get("complete", 0), "pruned": c.get("pruned", 0),
+            "failed": c.get("failed", 0) + c.get("cancelled", 0), "running": c.get("running", 0),
+            "queued": c.get("queued", 0), "best": s.get("best_value"),
+            "objective": f"{s.get('direction', '')[:3]} {s.get('metric', '')}",
+            "created": pd.to_datetime(s.get("created_at"), unit="s") if s.get("created_at") else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def trials_frame(trials: list[dict[str, Any]], keys: list[str]) -> pd.DataFrame:
+    """A sweep's trials table: number, state, value, epoch, one column per searched key, and a link to the job."""
+    rows = []
+    for t in trials:
+        rows.append({
+            "trial": t["number"], "status": state_label(t.get("state")), "value": t.get("value"),
+            "epoch": t.get("epoch"), **{k: t["params"].get(k) for k in keys},
+            "job": f"job?job={t['job']}" if t.get("job") else None, "note": t.get("error") or "",
+        })
     return pd.DataFrame(rows)

@@ -199,3 +199,20 @@ def errors_by_field(message: str) -> dict[str, str]:
             key = ""
         out[key] = (out[key] + "; " if key in out else "") + part.strip()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- sweep mode
+def sweepable() -> list[Field]:
+    """Fields a sweep can vary: every config key of the form (not the submission options gpus, priority, name)."""
+    return [f for f in fields() if f.key not in SUBMIT_OPTIONS and f.kind != "text"]
+
+
+def space_entry(field: Field, low: Any = None, high: Any = None, log: bool = False,
+                choices: list[Any] | None = None) -> dict[str, Any]:
+    """One parameter of a sweep's space (the space file's form) from the Sweep widgets of one field."""
+    if field.kind in ("select", "bool"):
+        return {"choice": list(choices or [])}
+    entry: dict[str, Any] = {field.kind: [low, high]}
+    if log:
+        entry["log"] = True
+    return entry

@@ -184,3 +184,33 @@ def test_mlflow_and_tensorboard_follow_a_run_and_its_resume(late_server: dict[st
     epochs = [json.loads(line)["data"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["type"] == "epoch"]
     assert val == pytest.approx({e["epoch"]: e["val_acc"] for e in epochs})
+
+
+def test_a_worker_names_and_tags_the_mlflow_run_after_its_job(late_server: dict[str, Any], job_env: dict[str, str],
+                                                              redis_conn: Any, spawn: Any, tmp_path: Path) -> None:
+    """MLFLOW_TRACKING_URI set on a worker (`python -m worker run`): the job's MLflow run is named after the job and
+    tagged with the job id, the worker and the uploaded dataset's hash (the name of its file in the artifact store)."""
+    from tests.fixtures_worker import explain_job, make_imagefolder, run_cli
+    from worker import api
+
+    url = late_server["start"]()
+    env = {**job_env, "MLFLOW_TRACKING_URI": url}
+    spawn.python(["worker", "run", "--cpu", "--slots", "1", "--name", "tracked-worker"], env, name="worker")
+    folder = make_imagefolder(tmp_path / "shapes", per_class=12, size=16)
+    res = run_cli(["worker", "submit", "configs/digits.yaml", "--set", "data.name=imagefolder",
+                   "--set", f"data.path={folder}", "--set", "data.image_size=16", "--set", "train.epochs=1",
+                   "--set", "train.batch_size=8", "--set", "export.enabled=false",
+                   "--set", "track.mlflow_experiment=worker-jobs"], env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job_id = res.stdout.split()[-1]
+    wait_for(lambda: api.job_status(redis_conn, job_id)["final"], 240, "the job to end",
+             explain=explain_job(redis_conn, job_id, spawn))
+    status = api.job_status(redis_conn, job_id)
+    assert status["state"] == "finished", explain_job(redis_conn, job_id, spawn)()
+    c = client(url)
+    (run,) = c.search_runs([c.get_experiment_by_name("worker-jobs").experiment_id])
+    assert run.info.run_name == status["name"] and run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["job_id"] == job_id and tags["worker"] == "tracked-worker"
+    assert f"artifact:datasets/{tags['dataset_hash']}.zip" == status["config"]["data"]["path"]
+    assert {m.step for m in c.get_metric_history(run.info.run_id, "val_acc")} == {1}

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -540,8 +541,24 @@ class TrialMonitor:
         self.metric = ""
         self.pruner = ""
         self.broken = False
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Import Optuna and replay the sweep's journal in the background while the trial starts: the worker's first
+        trial would otherwise pay for both (seconds) between its end and the next trial's enqueue."""
+        def load() -> None:
+            try:
+                self._trial()
+            except Exception as err:  # noqa: BLE001 - poll() tries again and reports
+                log.debug("sweep %s: preparing trial %d: %s", self.sweep_id, self.number, err)
+
+        threading.Thread(target=load, name=f"sweep-{self.sweep_id}-prepare", daemon=True).start()
 
     def _trial(self) -> Any:
+        with self._lock:
+            return self._load_trial()
+
+    def _load_trial(self) -> Any:
         if self.trial is None:
             import optuna
 

@@ -57,6 +57,9 @@ DIRECTIONS = ("maximize", "minimize")
 TRIAL_COUNTS = ("complete", "pruned", "failed", "cancelled", "running", "queued")
 """How `sweep_status` counts trials by their job's state (recovering counts as running)."""
 
+GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
+"""Keys `sweep_status` always has (None until they apply)."""
+
 _INTS = frozenset({"trials", "parallel", "seed", "max_epochs", "gpus", "best_trial"})
 _FLOATS = frozenset({"created_at", "updated_at", "ended_at", "best_value"})
 _JSONS = frozenset({"config", "overrides", "space", "dataset", "best_params", "allow_local_paths"})
@@ -472,6 +475,8 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
     """The record plus `counts` (by trial state), `ended` (trials done), `progress` (0-1) and, by default,
     `trials_table` (sweep_trials)."""
     st = read_sweep(conn, sweep_id)
+    for key in GUARANTEED:
+        st.setdefault(key, None)
     if with_trials:
         rows = sweep_trials(conn, sweep_id)
         st["trials_table"] = rows

@@ -229,15 +229,39 @@ def gpus_text(gpus: list[dict[str, Any]] | None) -> str:
     return "; ".join(parts)
 
 
-WORKER_COLUMNS = ["name", "host", "kind", "GPUs", "slots", "state", "current job", "last heartbeat", "up since"]
+WORKER_COLUMNS = ["name", "host", "address", "kind", "GPUs", "slots", "state", "current job", "reserved for",
+                  "last heartbeat", "up since"]
+
+
+NODE_COLUMNS = ["node", "worker", "host", "address", "ranks", "state"]
+
+
+def _node_ranks(node: dict[str, Any]) -> str:
+    """Global ranks `0–3` once the node started; before that, how many it will run."""
+    ranks = node.get("global_ranks") or []
+    if ranks:
+        return f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+    return f"{node.get('ranks') or '?'} rank(s)"
+
+
+def nodes_frame(nodes: list[dict[str, Any]]) -> pd.DataFrame:
+    """A multi-node job's nodes (worker.api.job_nodes): one row per node; `node` is empty while the gang gathers."""
+    rows = [{
+        "node": "" if n.get("node_rank") is None else str(n["node_rank"]), "worker": n.get("worker") or "",
+        "host": n.get("host") or "", "address": n.get("addr") or "",
+        "ranks": _node_ranks(n), "state": n.get("state") or "",
+    } for n in nodes]
+    return pd.DataFrame(rows, columns=NODE_COLUMNS)
 
 
 def workers_frame(workers: list[dict[str, Any]], now: float | None = None) -> pd.DataFrame:
     now = now or time.time()
     rows = [{
-        "name": w.get("name"), "host": w.get("hostname") or "", "kind": w.get("kind") or "",
+        "name": w.get("name"), "host": w.get("hostname") or "", "address": w.get("addr") or "",
+        "kind": w.get("kind") or "",
         "GPUs": gpus_text(w.get("gpus")), "slots": w.get("slots"), "state": w.get("state") or "",
-        "current job": w.get("current_job") or "", "last heartbeat": fmt_ago(w.get("heartbeat"), now),
+        "current job": w.get("current_job") or "", "reserved for": w.get("reserved_for") or "",
+        "last heartbeat": fmt_ago(w.get("heartbeat"), now),
         "up since": fmt_time(w.get("started_at")),
     } for w in workers]
     return pd.DataFrame(rows, columns=WORKER_COLUMNS)

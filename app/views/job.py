@@ -21,6 +21,7 @@ from app.data import (
     fmt_bytes,
     fmt_seconds,
     fmt_time,
+    nodes_frame,
     per_class_frame,
 )
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
@@ -93,7 +94,8 @@ st.subheader(status.get("name") or job_id)
 cfg = status.get("config") or {}
 st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
-    f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
+    + (f"{status['num_nodes']} nodes × " if (status.get("num_nodes") or 1) > 1 else "")
+    + f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
     f"submitted {fmt_time(status.get('submitted_at'))}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )
@@ -126,6 +128,11 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
                 text=f"{s['progress']:.0%}" + (f" · {phase}" if phase and not s["final"] else ""))
     if s.get("waiting"):
         st.info(f"Waiting: {s['waiting']}", icon=":material/hourglass_top:")
+    if s.get("nodes"):
+        st.markdown("**Nodes**")
+        st.dataframe(nodes_frame(s["nodes"]), hide_index=True, column_config={
+            "ranks": st.column_config.TextColumn("ranks", help="global DDP ranks on that node (rank 0 streams)"),
+        })
     if s["state"] == "queued" and not s.get("waiting"):
         st.info("Queued: it starts when a worker with enough GPUs is free.", icon=":material/hourglass_top:")
     if s["state"] == "recovering":

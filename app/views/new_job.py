@@ -49,7 +49,8 @@ choice = st.selectbox(
 )
 if choice == CLONE and clone:
     raw: dict[str, Any] = clone.get("config") or {}
-    init = forms.initial_values(raw, gpus=int(clone.get("gpus") or 1), priority=clone.get("priority") or "default")
+    init = forms.initial_values(raw, gpus=int(clone.get("gpus") or 1), nodes=int(clone.get("num_nodes") or 1),
+                                priority=clone.get("priority") or "default")
     init["name"] = f"{clone.get('name') or ''} (copy)".strip()
 else:
     raw = forms.load_preset(choice)
@@ -181,7 +182,8 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
         return
     try:
         job_id = api.submit_job(
-            cfg, connection=conn_now, gpus=int(values["gpus"] or 0), priority=values["priority"],
+            cfg, connection=conn_now, gpus=int(values["gpus"] or 0), nodes=int(values["nodes"] or 0),
+            priority=values["priority"],
             dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
             name=(values["name"] or "").strip() or None, store=artifact_store(),
         )
@@ -291,7 +293,7 @@ SECTIONS = {
                        "data.augment"],
     "Training": ["train.epochs", "train.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
                  "train.amp", "train.label_smoothing"],
-    "Resources and export": ["gpus", "priority", "name", "export.enabled", "export.int8"],
+    "Resources and export": ["gpus", "nodes", "priority", "name", "export.enabled", "export.int8"],
 }
 by_key = {f.key: f for f in forms.fields()}
 with st.form(prefix + "form", border=True):

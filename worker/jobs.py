@@ -360,6 +360,8 @@ class JobRun:
             proc = Launched(cmd, env, self.on_line)
         monitor = (TrialMonitor(self.conn, status["sweep"], int(status["trial"]), self.job_id)
                    if status.get("sweep") and status.get("trial") is not None else None)
+        if monitor is not None:
+            monitor.prepare()
         prune_reason = None
         self._launched(proc, run_dir)
         stop_sync = threading.Event()

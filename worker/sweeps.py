@@ -246,6 +246,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 def _acquire(conn: redis.Redis, sweep_id: str, wait: float) -> str | None:
     token = secrets.token_hex(8)
@@ -260,6 +265,12 @@ def _acquire(conn: redis.Redis, sweep_id: str, wait: float) -> str | None:
 
 def _release(conn: redis.Redis, sweep_id: str, token: str) -> None:
     conn.eval(_RELEASE, 1, keys.sweep_lock(sweep_id), token)
+
+
+def _still_held(conn: redis.Redis, sweep_id: str, token: str) -> bool:
+    """Renew the lock for another SWEEP_LOCK_TTL; False when it expired and may be someone else's now (a holder
+    stalled for longer than the TTL must not ask Optuna for more trials)."""
+    return bool(conn.eval(_EXTEND, 1, keys.sweep_lock(sweep_id), token, int(SWEEP_LOCK_TTL * 1000)))
 
 
 # -------------------------------------------------------------------------------------------------- the sweep loop
@@ -301,13 +312,13 @@ def advance(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT,
     if token is None:
         return False
     try:
-        _advance(conn, sweep_id, store)
+        _advance(conn, sweep_id, store, token)
     finally:
         _release(conn, sweep_id, token)
     return True
 
 
-def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> None:
+def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None, token: str) -> None:
     from optuna.trial import TrialState
 
     try:
@@ -354,6 +365,9 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
     active = sum(1 for t in all_trials if t.state == TrialState.RUNNING)
     distributions = {p.key: p.distribution() for p in params}
     while live and active < int(rec["parallel"]) and len(all_trials) < int(rec["trials"]):
+        if not _still_held(conn, sweep_id, token):
+            log.warning("sweep %s: lost its lock while advancing; the next scan goes on", sweep_id)
+            return
         study.sampler = sampler_for(rec, params, len(all_trials))
         trial = study.ask(distributions)
         try:
@@ -375,7 +389,7 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
         if live:
             every_failed = all(t.state == TrialState.FAIL for t in done)
             fields["state"] = SweepState.FAILED if every_failed else SweepState.FINISHED
-            fields["error"] = first_error if every_failed else None
+            fields["error"] = (first_error or "every trial was cancelled") if every_failed else None
             fields["ended_at"] = time.time()
         conn.srem(keys.active_sweeps(), sweep_id)
     conn.hset(keys.sweep(sweep_id), mapping=_encode(fields))
@@ -384,8 +398,13 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
 def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[str, Any],
              store: ArtifactStore | None) -> str:
     job_id = _submit_trial(conn, rec, number, values, store)
-    conn.hset(keys.sweep_trials(rec["id"]), str(number), job_id)
-    return job_id
+    if conn.hsetnx(keys.sweep_trials(rec["id"]), str(number), job_id):
+        return job_id
+    # another process enqueued this trial meanwhile (ours stalled past the lock's TTL): one job per trial
+    from worker.api import cancel_job
+
+    cancel_job(conn, job_id)
+    return _text(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
 
 
 def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT) -> None:

@@ -197,6 +197,8 @@ def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = 
             raise InvalidJobStateError(f"job {job_id} is still {state}; try again once it has stopped")
     for attempt in range(int(st.get("attempt") or 0) + 1):
         discard_rq_job(conn, keys.rq_job_id(job_id, attempt))
+        for node in range(int(st.get("num_nodes") or 1) if int(st.get("num_nodes") or 1) > 1 else 0):
+            discard_rq_job(conn, keys.rq_node_job_id(job_id, attempt, node))
     with conn.pipeline() as pipe:
         pipe.delete(*keys.job_keys(job_id))
         pipe.zrem(keys.jobs_index(), job_id)

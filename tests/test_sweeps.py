@@ -266,7 +266,8 @@ def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, j
     def running_on(worker: Any) -> str | None:
         for t in api.sweep_status(redis_conn, sweep_id)["trials_table"]:
             job = api.job_status(redis_conn, t["job"]) if t["job"] else {}
-            if job.get("state") == "running" and job.get("epoch", 0) >= 1 and str(worker.pid) in (job.get("worker") or ""):
+            mine = str(worker.pid) in (job.get("worker") or "")
+            if job.get("state") == "running" and job.get("epoch", 0) >= 1 and mine:
                 return t["job"]
         return None
 

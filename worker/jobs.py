@@ -34,7 +34,15 @@ from worker.defaults import (
 from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, WarmTrainer, train_command, train_env
 from worker.queues import discard_rq_job, enqueue_attempt
-from worker.status import FINAL_STATES, JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
+from worker.status import (
+    FINAL_STATES,
+    JobState,
+    claim_for_requeue,
+    mark_final,
+    mark_started,
+    read_status,
+    update_fields,
+)
 from worker.streaming import LogWriter
 from worker.sweeps import TrialMonitor, trial_ended
 

@@ -7,9 +7,9 @@
 
 Who drives a sweep: whoever notices a change. `create_sweep` enqueues the first `parallel` trials; the worker that
 ends a trial calls `advance`, which (under the sweep's Redis lock) tells Optuna the result and asks for and enqueues
-the next trial; every worker's heartbeat also advances the sweeps in `trainer:sweeps:active` every
-SWEEP_SCAN_INTERVAL seconds (in a thread of their own), which heals whatever a dead process left half done (a trial asked but never enqueued
-is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
+the next trial; every worker also advances the sweeps in `trainer:sweeps:active` every SWEEP_SCAN_INTERVAL seconds
+(from its heartbeat, in a thread of its own), which heals whatever a dead process left half done (a trial asked but
+never enqueued is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
 is recovered and resumes; Optuna hears of it once, when its job reaches a final state. Design: docs/sweeps.md.
 """
 from __future__ import annotations

@@ -23,6 +23,8 @@ from app.data import (
     fmt_time,
     nodes_frame,
     per_class_frame,
+    rank_kind,
+    resources_text,
 )
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
 from app.live import SharedSeries, shared_series
@@ -94,8 +96,8 @@ st.subheader(status.get("name") or job_id)
 cfg = status.get("config") or {}
 st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
-    + (f"{status['num_nodes']} nodes × " if (status.get("num_nodes") or 1) > 1 else "")
-    + f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
+    + resources_text(status, rank_kind(status, {w.get("kind") for w in api.list_workers(conn) if w.get("kind")}))
+    + f" · priority {status.get('priority') or 'default'} · "
     f"submitted {fmt_time(status.get('submitted_at'))}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import shutil
@@ -34,7 +33,6 @@ import traceback
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.config import Config, load_config
-from core.errors import ConfigError, CoreError, ExportError, RunDirError, exit_code
-
-REQUIRED_RUN_FILES = ("config.yaml", "labels.json", "preprocess.json", "checkpoints/best.pt", "report.json")
-"""What a finished run folder holds before it can be exported (train writes report.json last)."""
+from core import runfolder as rf
+from core.errors import CoreError, ExportError, RunDirError, exit_code
+from core.runfolder import BUNDLE_FILES, Run, build_model, load_run
 
 PARITY_MIN_IMAGES = 64
 """Images: parity is checked on at least this many real images (export.parity_images may raise it)."""
@@ -73,93 +69,10 @@ ResNet-18: see docs/export.md. U8S8 with reduce_range is ONNX Runtime's recommen
 INT8_REDUCE_RANGE = True
 """7-bit weights: avoids the U8S8 int16-accumulation saturation ONNX Runtime warns about on AVX2 CPUs without VNNI."""
 
-BUNDLE_FILES = ("model.onnx", "model.int8.onnx", "model.pt", "model.pt2", "labels.json", "preprocess.json",
-                "predict.py", "model_card.md")
-"""What bundle.zip holds (the files that exist; model.int8.onnx and model.pt2 may be missing, the report says why)."""
-
 PREDICT_TEMPLATE = Path(__file__).with_name("predict_template.py")
 """The standalone script copied into every export as predict.py."""
 
 Log = Callable[[str], None]
-
-
-# ------------------------------------------------------------------------------------------------------ run folder
-@dataclass
-class Run:
-    """A finished run folder, loaded and checked: everything needed to rebuild its model."""
-
-    path: Path
-    cfg: Config
-    classes: list[str]
-    preprocess: dict[str, Any]
-    report: dict[str, Any]
-    checkpoint: dict[str, Any]
-
-    @property
-    def in_chans(self) -> int:
-        return 1 if self.preprocess["color_mode"] == "L" else 3
-
-    @property
-    def image_size(self) -> int:
-        return int(self.preprocess["input_size"][0])
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{path}: half-written or not JSON ({err}); re-run training or the step that wrote it") from None
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Check that `run_dir` is a finished run and load it; RunDirError names the first thing that is wrong."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise RunDirError(f"run folder {str(path)!r} does not exist")
-    for marker in ("FAILED", "CANCELLED"):
-        if (path / marker).exists():
-            detail = (path / marker).read_text(encoding="utf-8", errors="replace").strip()
-            raise RunDirError(f"run folder {str(path)!r} is marked {marker} ({detail}); nothing to export")
-    missing = [name for name in REQUIRED_RUN_FILES if not (path / name).is_file()]
-    if missing:
-        raise RunDirError(f"run folder {str(path)!r} is missing {', '.join(missing)}: not a finished run "
-                          "(training writes report.json last)")
-    report = _read_json(path / "report.json")
-    if not isinstance(report, dict) or "test" not in report:
-        raise RunDirError(f"{path / 'report.json'}: has no 'test' section; the run did not finish")
-    classes = _read_json(path / "labels.json")
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise RunDirError(f"{path / 'labels.json'}: expected a JSON list of at least 2 class names, got {classes!r:.200}")
-    preprocess = _read_json(path / "preprocess.json")
-    needed = ("color_mode", "input_size", "resize_shorter", "center_crop", "mean", "std")
-    if not isinstance(preprocess, dict) or any(k not in preprocess for k in needed):
-        raise RunDirError(f"{path / 'preprocess.json'}: expected the keys {', '.join(needed)}")
-    try:
-        cfg = load_config(path / "config.yaml")
-    except ConfigError as err:
-        raise RunDirError(f"{path / 'config.yaml'}: {err}") from None
-    try:
-        checkpoint = torch.load(path / "checkpoints/best.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with non-tensor objects, ...
-        raise RunDirError(f"{path / 'checkpoints/best.pt'}: cannot be loaded ({type(err).__name__}: {err})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise RunDirError(f"{path / 'checkpoints/best.pt'}: expected a dict with a 'model' state_dict")
-    return Run(path, cfg, classes, preprocess, report, checkpoint)
-
-
-def build_model(run: Run) -> nn.Module:
-    """The run's model on the CPU in eval mode, with the best checkpoint's weights."""
-    from core.models import create_model
-
-    model = create_model(run.cfg.model.name, len(run.classes), in_chans=run.in_chans, pretrained=False,
-                         image_size=run.image_size, small_input=run.cfg.model.small_input,
-                         dropout=run.cfg.model.dropout)
-    try:
-        model.load_state_dict(run.checkpoint["model"])
-    except RuntimeError as err:
-        raise RunDirError(f"{run.path / 'checkpoints/best.pt'}: does not match model {run.cfg.model.name!r} with "
-                          f"{len(run.classes)} classes: {str(err)[:500]}") from None
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -581,17 +494,11 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- export
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _record_failure(run: Run, message: str) -> None:
     """report.json says why the export failed (the dashboard shows it); the export folder is left untouched."""
-    report = _read_json(run.path / "report.json")
+    report = rf.read_json(run.path / "report.json")
     report["export"] = {"ok": False, "error": message}
-    _write_json_atomic(run.path / "report.json", report)
+    rf.write_json(run.path / "report.json", report)
 
 
 def export_run(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
@@ -621,9 +528,9 @@ def export_run(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
     export["seconds"] = time.time() - t0
-    report = _read_json(run.path / "report.json")
+    report = rf.read_json(run.path / "report.json")
     report["export"] = export
-    _write_json_atomic(run.path / "report.json", report)
+    rf.write_json(run.path / "report.json", report)
     log(f"export: done in {export['seconds']:.1f}s → {final}")
     return export
 
@@ -718,8 +625,8 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
 
     # ---- PyTorch weights, the client contract files, the card and the bundle
     torch.save(model.state_dict(), out / "model.pt")
-    _write_json_atomic(out / "labels.json", run.classes)
-    _write_json_atomic(out / "preprocess.json", {**run.preprocess, "input_name": "input"})
+    rf.write_json(out / "labels.json", run.classes)
+    rf.write_json(out / "preprocess.json", {**run.preprocess, "input_name": "input"})
     shutil.copyfile(PREDICT_TEMPLATE, out / "predict.py")
     export["files"] = {name: (out / name).stat().st_size for name in BUNDLE_FILES if (out / name).exists()}
     (out / "model_card.md").write_text(model_card(run, export), encoding="utf-8")

@@ -25,11 +25,24 @@ from worker.queues import discard_rq_job
 from worker.status import FINAL_STATES, JobState, mark_final, parse_status, read_status, request_cancel
 from worker.streaming import epoch_events, events_since, follow_logs, logs_since, logs_tail, wait_events
 from worker.submit import submit_job
+from worker.sweeps import (
+    SweepState,
+    cancel_sweep,
+    create_sweep,
+    importances,
+    list_sweeps,
+    optuna_study,
+    sweep_status,
+    sweep_trials,
+    trial_ended,
+)
 
 __all__ = [
     "JobState", "artifact_files", "cancel_job", "delete_job", "epoch_events", "events_since", "follow_logs",
     "job_status", "list_jobs", "list_workers", "logs_since", "logs_tail", "open_artifact", "read_artifact",
     "retry_job", "submit_job", "wait_events",
+    "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
+    "sweep_trials",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")
@@ -108,6 +121,8 @@ def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
     st = read_status(conn, job_id) or {}
     if result == "cancelled":
         discard_rq_job(conn, st.get("rq_job"))
+        if st.get("sweep"):
+            trial_ended(conn, st["sweep"], wait=0)  # no worker ends it: its sweep learns now (or at the next scan)
         return JobState.CANCELLED.value
     if result != "requested":
         return result
@@ -115,6 +130,8 @@ def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
     if not is_alive(conn, owner):
         mark_final(conn, job_id, owner, JobState.CANCELLED, {"error": "cancelled (its worker was gone)"})
         discard_rq_job(conn, st.get("rq_job"))
+        if st.get("sweep"):
+            trial_ended(conn, st["sweep"], wait=0)
         return (read_status(conn, job_id) or {}).get("state", "missing")
     deadline = time.monotonic() + wait
     state = JobState.RUNNING.value

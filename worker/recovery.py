@@ -17,6 +17,7 @@ from worker.defaults import MAX_RECOVERIES, STUCK_RECOVERY_SECONDS
 from worker.jobs import requeue_recovered
 from worker.queues import discard_rq_job, fetch_rq_job
 from worker.status import claim_for_requeue
+from worker.sweeps import trial_ended
 
 log = logging.getLogger("worker.recovery")
 
@@ -58,9 +59,11 @@ def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_REC
             log.warning("job %s: %s; re-queued as attempt %d", job_id, reason, attempt)
             recovered.append(job_id)
         elif state == "failed":
-            rq_id = conn.hget(keys.job(job_id), "rq_job")
+            rq_id, sweep = conn.hmget(keys.job(job_id), "rq_job", "sweep")
             discard_rq_job(conn, rq_id.decode() if rq_id else None)
             log.warning("job %s: %s too many times; failed", job_id, reason)
+            if sweep:
+                trial_ended(conn, sweep.decode())
     return recovered
 
 

@@ -13,6 +13,7 @@ dashboard import them. The names themselves are a contract with users (scripts r
     CANCELLED, FAILED    markers with the reason, written when a run stops early
 
 Checkpoints are plain dicts of tensors and lists, so `load_checkpoint` reads them with `weights_only=True`.
+Importing this module does not import torch (the dashboard reads the names).
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from core.config import Config, load_config
 from core.errors import ConfigError, RunDirError
+
+if TYPE_CHECKING:  # torch is imported where a model or a checkpoint is touched: the names stay cheap to import
+    from torch import nn
 
 # ------------------------------------------------------------------------------------------------------ file names
 CONFIG = "config.yaml"
@@ -59,6 +60,8 @@ EXPORT_PARTIAL = "export.partial"
 """Where an export is built; renamed to EXPORT only once every file checked out."""
 EXPORT_OLD = "export.old"
 """The previous EXPORT while a new one is swapped in."""
+JOB_LOG = "job.log"
+"""The worker's log of the job (its notes and the training process's output), beside core's files."""
 CANCELLED = "CANCELLED"
 """Marker: the run was cancelled (its text says when)."""
 FAILED = "FAILED"
@@ -117,6 +120,8 @@ def read_json(path: Path) -> Any:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    import torch
+
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -124,6 +129,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A checkpoint written by this project (tensors, lists and numbers only)."""
+    import torch
+
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -26,6 +26,7 @@ from app.data import (
 )
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
 from app.stream import chart_events_since
+from core import runfolder as rf
 from worker import api
 from worker.artifacts import NAMED_ARTIFACTS
 from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
@@ -216,8 +217,8 @@ def read_artifact(job: str, short: str) -> bytes:
 def draw_downloads(job: str, files: list[str]) -> None:
     st.markdown("**Downloads**")
     cols = st.columns(4)
-    for col, (short, label) in zip(cols, (("onnx", "model.onnx"), ("int8", "model.int8.onnx"), ("pt", "model.pt"),
-                                          ("bundle", "bundle.zip"))):
+    for col, (short, label) in zip(cols, (("onnx", rf.ONNX), ("int8", rf.INT8_ONNX), ("pt", rf.STATE_DICT),
+                                          ("bundle", rf.BUNDLE))):
         if NAMED_ARTIFACTS[short] in files:
             col.download_button(label, data=functools.partial(read_artifact, job, short), file_name=f"{job}-{label}",
                                  mime="application/zip" if label.endswith(".zip") else "application/octet-stream",

@@ -1,32 +1,16 @@
 """Every exception the worker package raises on purpose; each message is meant for the user."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-from core.errors import FieldError
+from core.errors import FieldErrors
 
 
 class WorkerError(Exception):
     """Base class of the worker package's errors."""
 
 
-class SubmissionError(WorkerError):
+class SubmissionError(FieldErrors, WorkerError):
     """A job was refused at submission (bad config, dataset, GPU count, ...); nothing was enqueued. CLI exit 2.
-
-    Like core's ConfigError, `errors` holds one FieldError per bad key (config keys, or the submission options
-    gpus, priority, timeout, dataset), so the dashboard places each under its field.
-    """
-
-    def __init__(self, message: str, errors: Iterable[FieldError] = ()) -> None:
-        super().__init__(message)
-        self.errors: tuple[FieldError, ...] = tuple(errors) or (FieldError("", None, message),)
-
-    @classmethod
-    def on(cls, key: str, value: Any, message: str) -> SubmissionError:
-        """The refusal of one key: its message reads "key: message"."""
-        error = FieldError(key, value, message)
-        return cls(str(error), [error])
+    `errors`: one FieldError per bad key (config keys, or the options gpus, priority, timeout, dataset)."""
 
 
 class NoSuchJobError(WorkerError):

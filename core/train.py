@@ -1,7 +1,10 @@
 """Train an image classifier: `python -m core.train CONFIG --out RUN_DIR [--set k=v ...] [--resume]`.
 
-The loop is written out top to bottom: build data → model → optimizer/scheduler → for each epoch train, evaluate on
-val, checkpoint → test the best checkpoint → report (→ export). The same entry point runs under
+`train()` is a few named steps, top to bottom, like torchvision's reference script: prepare_run_folder → load_data →
+build_training_model → prepare_inputs (what the loop iterates) → create_train_state (+ resume_from) →
+wrap_for_training → run_epochs (each epoch: train_one_epoch, evaluate on val, checkpoint, event) → test_and_report
+(→ export). What the steps share travels in two small objects: `Runtime` (how and where the run computes, fixed for
+the run) and `TrainState` (the model, its optimizer and how far training got). The same entry point runs under
 `torchrun --nproc_per_node=N`: DDP with a DistributedSampler, metrics reduced across ranks, only rank 0 writes files
 and events.
 """
@@ -485,7 +488,7 @@ def load_data(rt: Runtime, out: Path) -> Any:
     return bundle
 
 
-def build_model(rt: Runtime, bundle: Any) -> nn.Module:
+def build_training_model(rt: Runtime, bundle: Any) -> nn.Module:
     """The config's model for the bundle's images, frozen as asked, on the device in its memory format."""
     from core.models import freeze_backbone
 
@@ -571,7 +574,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
                             stop_flag=stop_flag, deadline=t0 + cfg.train.time_limit if cfg.train.time_limit else None)
         rt.sink.emit("phase", {"phase": "data"})
         bundle = load_data(rt, out)
-        model = build_model(rt, bundle)
+        model = build_training_model(rt, bundle)
         loaders = prepare_inputs(rt, bundle)
         state = create_train_state(rt, model, len(loaders["train"]))
         if resume:

@@ -11,6 +11,8 @@ dashboard import them. The names themselves are a contract with users (scripts r
     predictions.jsonl    one line per test sample     misclassified/, samples/  PNGs for the dashboard
     export/              the verified export (EXPORT_FILES), built in export.partial/ and swapped in
     CANCELLED, FAILED    markers with the reason, written when a run stops early
+    tb/, mlflow.json     TensorBoard events and the MLflow run id (core/tracking.py)
+    job.log              the worker's log of the job
 
 Checkpoints are plain dicts of tensors and lists, so `load_checkpoint` reads them with `weights_only=True`.
 Importing this module does not import torch (the dashboard reads the names).
@@ -60,6 +62,10 @@ EXPORT_PARTIAL = "export.partial"
 """Where an export is built; renamed to EXPORT only once every file checked out."""
 EXPORT_OLD = "export.old"
 """The previous EXPORT while a new one is swapped in."""
+TENSORBOARD = "tb"
+"""Folder of TensorBoard event files (core/tracking.py)."""
+MLFLOW_RUN = "mlflow.json"
+"""The MLflow run of this run folder ({"tracking_uri", "experiment_id", "run_id"}): a resumed run continues it."""
 JOB_LOG = "job.log"
 """The worker's log of the job (its notes and the training process's output), beside core's files."""
 CANCELLED = "CANCELLED"

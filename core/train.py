@@ -458,7 +458,7 @@ def resume_from(rt: Runtime, state: TrainState, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------ steps
 def prepare_run_folder(cfg: Config, out: Path, *, resume: bool, sink: EventSink | None) -> list[EventSink]:
     """Rank 0: write config.yaml, clear a previous attempt's report and markers, keep (resume) or drop the events;
-    returns the sinks of this run (metrics.jsonl, the console, CORE_EVENT_SINK's, the caller's)."""
+    returns the sinks of this run (metrics.jsonl, the console, CORE_EVENT_SINK's, the caller's, TensorBoard/MLflow)."""
     (out / rf.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / rf.CONFIG)
     for stale in (rf.REPORT, *rf.MARKERS):
@@ -468,7 +468,10 @@ def prepare_run_folder(cfg: Config, out: Path, *, resume: bool, sink: EventSink 
         _truncate_metrics(metrics, _peek_epoch(out / rf.LAST_CHECKPOINT))
     else:
         metrics.unlink(missing_ok=True)
-    return [JsonlSink(metrics), PrintSink(), sink_from_env(), sink]
+    from core.tracking import tracking_sinks  # TensorBoard, MLflow: imported on their own thread
+
+    return [JsonlSink(metrics), PrintSink(), sink_from_env(), sink,
+            *tracking_sinks(cfg.track, cfg.to_dict(), out, resume=resume)]
 
 
 def load_data(rt: Runtime, out: Path) -> Any:
@@ -585,6 +588,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
         rt.sink.emit("start", {"epochs": cfg.train.epochs, "world_size": info.world_size,
                                "classes": list(bundle.classes), "counts": bundle.counts, "config": cfg.to_dict(),
                                "device": str(device), "amp": rt.amp, "resumed_from": state.epoch or None,
+                               "steps_per_epoch": len(loaders["train"]),
                                "data_path": loaders.get("kind", "dataloader")})
         if state.last_epoch_event is not None:
             rt.sink.emit("epoch", state.last_epoch_event)  # sinks drop it if already seen: each epoch appears once

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -55,6 +56,9 @@ DIRECTIONS = ("maximize", "minimize")
 
 TRIAL_COUNTS = ("complete", "pruned", "failed", "cancelled", "running", "queued")
 """How `sweep_status` counts trials by their job's state (recovering counts as running)."""
+
+GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
+"""Keys `sweep_status` always has (None until they apply)."""
 
 _INTS = frozenset({"trials", "parallel", "seed", "max_epochs", "gpus", "best_trial"})
 _FLOATS = frozenset({"created_at", "updated_at", "ended_at", "best_value"})
@@ -471,6 +475,8 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
     """The record plus `counts` (by trial state), `ended` (trials done), `progress` (0-1) and, by default,
     `trials_table` (sweep_trials)."""
     st = read_sweep(conn, sweep_id)
+    for key in GUARANTEED:
+        st.setdefault(key, None)
     if with_trials:
         rows = sweep_trials(conn, sweep_id)
         st["trials_table"] = rows
@@ -540,8 +546,24 @@ class TrialMonitor:
         self.metric = ""
         self.pruner = ""
         self.broken = False
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Import Optuna and replay the sweep's journal in the background while the trial starts: the worker's first
+        trial would otherwise pay for both (seconds) between its end and the next trial's enqueue."""
+        def load() -> None:
+            try:
+                self._trial()
+            except Exception as err:  # noqa: BLE001 - poll() tries again and reports
+                log.debug("sweep %s: preparing trial %d: %s", self.sweep_id, self.number, err)
+
+        threading.Thread(target=load, name=f"sweep-{self.sweep_id}-prepare", daemon=True).start()
 
     def _trial(self) -> Any:
+        with self._lock:
+            return self._load_trial()
+
+    def _load_trial(self) -> Any:
         if self.trial is None:
             import optuna
 

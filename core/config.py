@@ -230,17 +230,27 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """`raw[a][b] = value` for the key "a.b", making missing sections; ValueError("'a' is not a section") when a
+    part of the key holds a value instead of a section."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         parts, value = parse_override(item)
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(raw, ".".join(parts), value)
+        except ValueError as err:
+            raise ConfigError(f"--set {item!r}: {err}") from None
     return raw
 
 

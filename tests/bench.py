@@ -43,6 +43,18 @@ import psutil
 import torch
 from torch import nn
 
+from core import distributed as D
+from core.train import (
+    Runtime,
+    TrainState,
+    create_optimizer,
+    create_scheduler,
+    make_loaders,
+    set_epoch,
+    train_one_epoch,
+    use_channels_last,
+)
+
 __test__ = False  # pytest: nothing to collect here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +225,6 @@ def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, chann
               ) -> nn.Module:
     """The config's model on `device`, in the memory format train() would use (or `channels_last` when given)."""
     from core.models import create_model
-    from core.train import use_channels_last
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, classes, in_chans=in_chans, image_size=32).to(device)
@@ -226,17 +237,6 @@ def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, chann
 def bench_training(quick: bool) -> list[Row]:
     from torch.utils.data import DataLoader
 
-    from core import distributed as D
-    from core.train import (
-        Runtime,
-        TrainState,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        set_epoch,
-        train_one_epoch,
-        use_channels_last,
-    )
 
     n_train = TRAIN_IMAGES
     cfg = train_config(int(n_train / 0.8))
@@ -377,16 +377,7 @@ def worker_available() -> str | None:
 
 # ------------------------------------------------------------------------------------------------------- row 3
 def bench_streaming(quick: bool, url: str) -> list[Row]:
-    from core import distributed as D
     from core.events import NullSink
-    from core.train import (
-        Runtime,
-        TrainState,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        train_one_epoch,
-    )
     from worker import keys
     from worker.connection import connect
     from worker.streaming import RedisEventSink
@@ -840,16 +831,6 @@ def bench_gpu(quick: bool) -> list[Row]:
 def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
     from torch.utils.data import DataLoader
 
-    from core import distributed as D
-    from core.train import (
-        Runtime,
-        TrainState,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        set_epoch,
-        train_one_epoch,
-    )
 
     device = torch.device("cuda", 0)
     card = torch.cuda.get_device_name(0)

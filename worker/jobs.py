@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -34,7 +35,15 @@ from worker.defaults import (
 from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, WarmTrainer, train_command, train_env
 from worker.queues import discard_rq_job, enqueue_attempt
-from worker.status import FINAL_STATES, JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
+from worker.status import (
+    FINAL_STATES,
+    JobState,
+    claim_for_requeue,
+    mark_final,
+    mark_started,
+    read_status,
+    update_fields,
+)
 from worker.streaming import LogWriter
 from worker.sweeps import TrialMonitor, trial_ended
 
@@ -159,7 +168,9 @@ class JobRun:
             self.note(f"downloaded {n} file(s) of the run folder from {self.store.url} to resume")
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir.parent / "job_config.yaml"
-        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        tmp = config_path.with_name(f"{config_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, config_path)  # atomic: the nodes of a multi-node job on one shared store write it each
         nproc = int(status.get("gpus") or 1)
         self.run_dir = run_dir
         cmd = self._command(config_path, run_dir, nproc, resume)

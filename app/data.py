@@ -354,17 +354,19 @@ def per_class_frame(report: dict[str, Any], split: str = "test") -> pd.DataFrame
 
 
 def export_rows(report: dict[str, Any]) -> pd.DataFrame:
-    """The export's evidence: ONNX parity with PyTorch, INT8 accuracy and sizes, one row per model file."""
+    """The export's evidence: ONNX parity with PyTorch, INT8 accuracy and sizes, one row per model file; `deploy`
+    marks the file the export recommends (core/export/deploy.py)."""
     export = report.get("export") or {}
     onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
+    deploy = (export.get("deploy") or {}).get("file")
     rows = []
     if onnx:
-        rows.append({"file": rf.ONNX, "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
+        rows.append({"file": rf.ONNX, "deploy": deploy == rf.ONNX, "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
                      "test accuracy": onnx.get("accuracy"), "max |Δlogit| vs PyTorch": onnx.get("max_abs_diff"),
                      "top-1 agreement": onnx.get("top1_agreement"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": onnx.get("latency_ms_batch1")})
     if int8:
-        rows.append({"file": rf.INT8_ONNX, "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
+        rows.append({"file": rf.INT8_ONNX, "deploy": deploy == rf.INT8_ONNX, "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
                      "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
                      "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": int8.get("latency_ms_batch1")})

@@ -268,6 +268,10 @@ def draw_export(report: dict[str, Any]) -> None:
     onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
     if export.get("error") or not export.get("ok", True):
         st.error(f"Export failed: {export.get('error') or 'see the log'}")
+    deploy = export.get("deploy")
+    if deploy:
+        st.success(f"**Deploy `{deploy['file']}`.** {deploy['reason']}. The bundle's predict.py uses it when no model "
+                   "is named.", icon=":material/rocket_launch:")
     c = st.columns(4)
     if onnx:
         c[0].metric("ONNX parity: max |Δlogit|", f"{onnx.get('max_abs_diff', float('nan')):.2e}")

@@ -41,6 +41,15 @@ def _line(x: Any, y: Any, name: str, color: str, *, dash: str | None = None, mar
                       line={"color": color, "dash": dash, "width": width}, opacity=opacity)
 
 
+def _step_trace(s: LiveSeries, values: list[float], max_points: int, name: str, color: str,
+                **style: Any) -> list[dict[str, Any]]:
+    """The per-step curve of `values`, thinned to max_points, as a one-trace list; [] when no step event arrived."""
+    if not s.step_x:
+        return []
+    x, y = thin(s.step_x, values, max_points)
+    return [_line_spec(x, y, name, color, **style)]
+
+
 def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINTS) -> dict[str, go.Figure]:
     """The four live charts of a job: loss, accuracy, learning rate, images/s.
 
@@ -51,10 +60,7 @@ def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINT
     ep = np.asarray(s.epoch, dtype=float)
     figs: dict[str, go.Figure] = {}
 
-    loss = []
-    if s.step_x:
-        x, y = thin(s.step_x, s.step_loss, max_points)
-        loss.append(_line_spec(x, y, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45))
+    loss = _step_trace(s, s.step_loss, max_points, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45)
     if len(ep):
         loss.append(_line_spec(ep, _arr(s.train_loss), "train loss", COLORS[0], markers=True))
         loss.append(_line_spec(ep, _arr(s.val_loss), "val loss", COLORS[1], markers=True))
@@ -67,18 +73,12 @@ def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINT
     figs["accuracy"] = SpecFigure(_figure_spec(acc, "Accuracy", "accuracy", revision=revision,
                                                y_range=[0, 1.02] if len(ep) else None))
 
-    lr = []
-    if s.step_x:
-        x, y = thin(s.step_x, s.step_lr, max_points)
-        lr.append(_line_spec(x, y, "learning rate", COLORS[2]))
-    elif len(ep):
+    lr = _step_trace(s, s.step_lr, max_points, "learning rate", COLORS[2])
+    if not lr and len(ep):
         lr.append(_line_spec(ep, _arr(s.epoch_lr), "learning rate", COLORS[2], markers=True))
     figs["lr"] = SpecFigure(_figure_spec(lr, "Learning rate", "lr", revision=revision))
 
-    ips = []
-    if s.step_x:
-        x, y = thin(s.step_x, s.step_ips, max_points)
-        ips.append(_line_spec(x, y, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6))
+    ips = _step_trace(s, s.step_ips, max_points, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6)
     if len(ep):
         ips.append(_line_spec(ep, _arr(s.epoch_ips), "images/s (epoch)", COLORS[4], markers=True))
     figs["throughput"] = SpecFigure(_figure_spec(ips, "Throughput", "images/s", revision=revision))

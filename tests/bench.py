@@ -501,20 +501,44 @@ def _first_step(conn: Any, job_id: str, timeout: float) -> float | None:
     return None
 
 
+def _worker_env(tmp: str, url: str, **extra: str) -> dict[str, str]:
+    """The environment of a bench worker whose var/ and artifact store live in `tmp`."""
+    return {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
+            "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT), **extra}
+
+
+def _start_cpu_worker(env: dict[str, str], out: Any, *args: str) -> subprocess.Popen:
+    """`python -m worker run --cpu ARGS` in a session of its own (so `stop` ends its trainers too)."""
+    return subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", *args], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _submit_to_first_step(conn: Any, store: Any, **options: Any) -> float:
+    """Seconds from submitting the digits preset (no export) to its first step event; the job is then cancelled."""
+    from worker.api import cancel_job, job_status
+    from worker.submit import submit_job
+
+    t0 = time.monotonic()
+    job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn, store=store,
+                        **options)
+    t1 = _first_step(conn, job_id, 120)
+    cancel_job(conn, job_id, wait=30)
+    if t1 is None:
+        state = job_status(conn, job_id)
+        raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
+    return t1 - t0
+
+
 def bench_submit(quick: bool, url: str) -> list[Row]:
     from tests.fixtures_redis import stop
-    from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
-    from worker.submit import submit_job
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url)
         out = (Path(tmp) / "worker.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "2"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_cpu_worker(env, out, "--slots", "2")
         conn = connect(url)
         store = ArtifactStore(env["ARTIFACTS_DIR"])
         try:
@@ -523,15 +547,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                 times = []
                 for _ in range(1 if quick else 2):
                     _wait_worker(conn, time.monotonic() + 60)
-                    t0 = time.monotonic()
-                    job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                        gpus=gpus, store=store)
-                    t1 = _first_step(conn, job_id, 120)
-                    cancel_job(conn, job_id, wait=30)
-                    if t1 is None:
-                        state = job_status(conn, job_id)
-                        raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
-                    times.append(t1 - t0)
+                    times.append(_submit_to_first_step(conn, store, gpus=gpus))
                     log(f"row 4 ({label}): {times[-1]:.2f} s")
                 rows.append(Row(f"submit → first step event, warm worker, {label}", statistics.median(times), target,
                                 "s", higher_is_better=False,
@@ -562,19 +578,15 @@ def bench_multinode(quick: bool, url: str) -> list[Row]:
     """Two `python -m worker run --cpu --slots 1` workers on this machine (advertising 127.0.0.1): the time from
     submitting a 2-node digits job to its first step event (gang reservation, rendezvous, two torchruns)."""
     from tests.fixtures_redis import stop
-    from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
     from worker.presence import list_workers
-    from worker.submit import submit_job
 
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"), "WORKER_ADDR": "127.0.0.1",
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url, WORKER_ADDR="127.0.0.1")
         out = (Path(tmp) / "workers.log").open("wb")
-        procs = [subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1", "--no-prewarm",
-                                   "--name", f"bench-node-{i}"], cwd=ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+        procs = [_start_cpu_worker(env, out, "--slots", "1", "--no-prewarm", "--name", f"bench-node-{i}")
+                 for i in range(2)]
         conn = connect(url)
         store = ArtifactStore(env["ARTIFACTS_DIR"])
 
@@ -589,15 +601,7 @@ def bench_multinode(quick: bool, url: str) -> list[Row]:
                     if time.monotonic() > deadline:
                         raise TimeoutError("two idle workers did not advertise themselves within 60 s")
                     time.sleep(0.2)
-                t0 = time.monotonic()
-                job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                    gpus=1, nodes=2, store=store)
-                t1 = _first_step(conn, job_id, 120)
-                cancel_job(conn, job_id, wait=30)
-                if t1 is None:
-                    state = job_status(conn, job_id)
-                    raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
-                times.append(t1 - t0)
+                times.append(_submit_to_first_step(conn, store, gpus=1, nodes=2))
                 log(f"multi-node: {times[-1]:.2f} s")
         finally:
             conn.close()
@@ -974,11 +978,9 @@ def bench_sweep(quick: bool, url: str) -> list[Row]:
         finally:
             conn.close()
 
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url)
         out = (Path(tmp) / "worker.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_cpu_worker(env, out, "--slots", "1")
         conn = connect(url)
         try:
             _wait_worker(conn, time.monotonic() + 60)

@@ -51,6 +51,3 @@ CONFIGS_DIR = "configs"
 
 DEFAULT_PRESET = "digits"
 """Preset the New-job page starts from."""
-
-ACTIVE_STATES = ("queued", "running", "recovering")
-"""Job states that still change (pages that show them keep refreshing)."""

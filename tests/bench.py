@@ -534,7 +534,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                     _wait_worker(conn, time.monotonic() + 60)
                     t0 = time.monotonic()
                     job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                        gpus=gpus, store=store)
+                                        gpus=gpus, store=store).job_id
                     t1 = _first_step(conn, job_id, 120)
                     cancel_job(conn, job_id, wait=30)
                     if t1 is None:

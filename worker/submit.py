@@ -8,6 +8,7 @@ are often started after the jobs (`honcho start`, tests, autoscaling).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -22,7 +23,17 @@ from worker.defaults import MAX_GPUS_PER_JOB, PRIORITIES
 from worker.errors import ArtifactError, SubmissionError
 from worker.presence import max_live_slots
 from worker.queues import enqueue_attempt
-from worker.status import JobState, encode_fields
+from worker.record import JobRecord
+from worker.states import JobState
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    """What submission decided."""
+
+    job_id: str
+    waiting: str | None = None
+    """What the job waits for when no worker was alive to run it (its status says the same); None otherwise."""
 
 
 def validate_config(config: dict[str, Any] | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -119,8 +130,10 @@ def submit_job(
     allow_local_paths: bool = False,
     timeout: float | None = None,
     name: str | None = None,
-) -> str:
-    """Validate, upload the dataset if local, enqueue; returns the job id. SubmissionError: nothing was enqueued.
+    retried_from: str | None = None,
+) -> Submitted:
+    """Validate, upload the dataset if local, enqueue; returns the job id and whether it waits for a worker.
+    SubmissionError: nothing was enqueued.
 
     config: a dict (dashboard) or a YAML path (CLI); overrides: `dotted.key=value` strings.
     dataset_path: an uploaded zip/folder the *program* saved (the dashboard's upload); it becomes data.path.
@@ -128,6 +141,7 @@ def submit_job(
         leaves it False, so no path a browser user typed is ever read from this machine's disk.
     timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
+    retried_from: the job this one is a retry of (`worker.api.retry_job`).
     """
     if priority not in PRIORITIES:
         raise SubmissionError(f"priority: unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
@@ -173,7 +187,7 @@ def submit_job(
     now = time.time()
     fields = {
         "id": job_id,
-        "state": JobState.QUEUED.value,
+        "state": JobState.QUEUED,
         "name": name or f"{cfg['model']['name']} on {cfg['data']['name']}",
         "config": cfg,
         "overrides": overrides,
@@ -193,10 +207,12 @@ def submit_job(
         "waiting": waiting,
         "artifacts": {"run": store.uri(store.run_key(job_id))},
     }
+    if retried_from:
+        fields["retried_from"] = retried_from
     with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
-        pipe.hset(keys.job(job_id), mapping=encode_fields(fields))
+        JobRecord.create(pipe, fields)
         pipe.zadd(keys.jobs_index(), {job_id: now})
         enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
         pipe.execute()
-    return job_id
+    return Submitted(job_id, waiting)

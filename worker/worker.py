@@ -24,7 +24,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from worker import jobs, keys
+from worker import attempt, keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import HEARTBEAT_INTERVAL, RECOVERY_SCAN_INTERVAL
 from worker.launcher import WarmTrainer, train_env
@@ -67,7 +67,7 @@ class TrainerWorker(SimpleWorker):
             worker_ttl=RQ_WORKER_TTL,
         )
         self.store = store
-        self.ctx = jobs.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
+        self.ctx = attempt.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
                                       devices=resources.get("devices"), store=store)
         if prewarm:
             devices = (resources.get("devices") or [])[:1]
@@ -179,7 +179,7 @@ class TrainerWorker(SimpleWorker):
         self.ctx.shutdown.set()  # the running job (if any) is stopped and re-queued; see the module docstring
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
-        jobs.set_context(self.ctx)
+        attempt.set_context(self.ctx)
         self._burst = burst
         self._prewarm()
         self.beat()
@@ -198,4 +198,4 @@ class TrainerWorker(SimpleWorker):
                 withdraw(self.connection, self.name)
             except redis.exceptions.RedisError:
                 pass
-            jobs.set_context(None)
+            attempt.set_context(None)

@@ -18,12 +18,13 @@ from worker.api import ACTIVE_STATES, JobState
 STATE_ICONS = {
     JobState.QUEUED: "hourglass_top", JobState.RUNNING: "play_circle", JobState.RECOVERING: "sync_problem",
     JobState.FINISHED: "check_circle", JobState.FAILED: "error", JobState.CANCELLED: "stop_circle",
+    JobState.PRUNED: "content_cut",
 }
 """A Material icon per job state (`:material/NAME:` in Streamlit text); icons, not emoji, so any browser draws them."""
 
 STATE_COLORS = {
     JobState.QUEUED: "gray", JobState.RUNNING: "blue", JobState.RECOVERING: "orange", JobState.FINISHED: "green",
-    JobState.FAILED: "red", JobState.CANCELLED: "gray",
+    JobState.FAILED: "red", JobState.CANCELLED: "gray", JobState.PRUNED: "gray",
 }
 """A badge colour per job state."""
 

@@ -26,11 +26,24 @@ from worker.record import JobRecord, mark_final, request_cancel
 from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
 from worker.streaming import epoch_events, events_since, follow_logs, logs_since, logs_tail, wait_events
 from worker.submit import Submitted, submit_job
+from worker.sweeps import (
+    SweepState,
+    cancel_sweep,
+    create_sweep,
+    importances,
+    list_sweeps,
+    optuna_study,
+    sweep_status,
+    sweep_trials,
+    trial_ended,
+)
 
 __all__ = [
     "ACTIVE_STATES", "FINAL_STATES", "JobState", "Submitted", "artifact_files", "cancel_job", "delete_job",
     "epoch_events", "events_since", "follow_logs", "job_status", "list_jobs", "list_workers", "logs_since",
     "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job", "wait_events",
+    "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
+    "sweep_trials",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")
@@ -77,15 +90,19 @@ def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
     if result == "missing":
         raise NoSuchJobError(f"no such job {job_id!r}")
     record = JobRecord(conn, job_id)
-    record.refresh("worker", "rq_job")
+    record.refresh("worker", "rq_job", "sweep")
     if result == JobState.CANCELLED:
         discard_rq_job(conn, record.rq_job)
+        if record.get("sweep"):
+            trial_ended(conn, record.get("sweep"), wait=0)  # no worker ends it: its sweep learns now (or next scan)
         return JobState.CANCELLED.value
     if result != "requested":
         return result
     if not is_alive(conn, record.worker):
         mark_final(conn, job_id, record.worker, JobState.CANCELLED, {"error": "cancelled (its worker was gone)"})
         discard_rq_job(conn, record.rq_job)
+        if record.get("sweep"):
+            trial_ended(conn, record.get("sweep"), wait=0)
         return _state_now(record)
     deadline = time.monotonic() + wait
     state = JobState.RUNNING.value
@@ -110,7 +127,7 @@ def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = N
                                    "be retried")
     return submit_job(record.config, connection=conn, gpus=record.gpus, priority=record.priority, store=store,
                       allow_local_paths=True, timeout=record.timeout, name=record.get("name"),
-                      retried_from=job_id).job_id
+                      extra={"retried_from": job_id}).job_id
 
 
 def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None,

@@ -34,8 +34,9 @@ from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, WarmTrainer, train_command, train_env
 from worker.record import JobRecord, claim_for_requeue, mark_final, mark_started
 from worker.recovery import enqueue_next_attempt
-from worker.states import JobState
+from worker.states import FINAL_STATES, JobState
 from worker.streaming import LogWriter
+from worker.sweeps import TrialMonitor, trial_ended
 
 
 @dataclasses.dataclass
@@ -243,7 +244,7 @@ class Attempt:
             return
         if (self.run_dir / "CANCELLED").exists() or (self.run_dir / "FAILED").exists():
             return
-        marker = "CANCELLED" if state is JobState.CANCELLED else "FAILED"
+        marker = "CANCELLED" if state in (JobState.CANCELLED, JobState.PRUNED) else "FAILED"
         try:
             (self.run_dir / marker).write_text(f"{error or state.value} (marked by worker {self.ctx.worker_name})\n",
                                                encoding="utf-8")
@@ -280,19 +281,23 @@ class Attempt:
     def run(self) -> dict[str, Any]:
         if not self._start():
             return {"state": "skipped", "job_id": self.job_id}
+        sweep = self.record.get("sweep")  # a sweep's trial: its sweep learns when it ends
         self.ctx.current_job = self.job_id
         self.log = LogWriter(self.conn, self.job_id)
         try:
-            return self._run()
+            result = self._run()
         except Exception as err:  # a bug or an unexpected OS error must not leave the job `running` forever
             logging.getLogger("worker").exception("job %s: worker error", self.job_id)
             self.note(f"worker error: {type(err).__name__}: {err}")
-            return self._finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
+            result = self._finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
         finally:
             self.ctx.current_job = None
             if self.log_file is not None:
                 self.log_file.close()
             self.log.close()
+        if sweep and result.get("state") in FINAL_STATES:
+            trial_ended(self.conn, sweep)  # tell Optuna, enqueue the sweep's next trial
+        return result
 
     def _run(self) -> dict[str, Any]:
         attempt = self.record.attempt
@@ -314,8 +319,13 @@ class Attempt:
         proc = self.ctx.warm.take(cmd, env, self.on_line) if self.ctx.warm is not None else None
         if proc is not None:
             self.note("running in the worker's pre-started training process")
+            if self.record.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
+                self.ctx.warm.start()  # its trainer ready when this one ends (imports overlap with training)
         else:
             proc = Launched(cmd, env, self.on_line)
+        sweep, trial = self.record.get("sweep"), self.record.get("trial")
+        monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
+        prune_reason = None
         self.record.save(pid=proc.pid, run_dir=str(run_dir))
         stop_sync = threading.Event()
         syncer = None
@@ -336,6 +346,9 @@ class Attempt:
                 outcome = self._poll_flags()
                 if outcome:
                     break
+                if monitor is not None and (prune_reason := monitor.poll()):
+                    outcome = "prune"
+                    break
                 if timeout and time.monotonic() - started > float(timeout):
                     outcome = "timeout"
                     break
@@ -344,7 +357,8 @@ class Attempt:
                 self.note({"cancel": "cancel requested: stopping every rank",
                            "lost": "the job was taken over or deleted: stopping every rank",
                            "timeout": f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
-                           "shutdown": "worker shutting down: stopping every rank"}[outcome])
+                           "shutdown": "worker shutting down: stopping every rank",
+                           "prune": f"{prune_reason}: stopping every rank"}[outcome])
                 rc = proc.stop(TERMINATE_GRACE)
         except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
             proc.stop(grace=1.0)
@@ -370,6 +384,9 @@ class Attempt:
         fields: dict[str, Any] = {"exit_code": rc}
         if outcome == "cancel":
             state, fields["error"], msg = JobState.CANCELLED, "cancelled by request", f"cancelled after {seconds:g} s"
+        elif outcome == "prune":
+            state, fields["error"], fields["error_kind"] = JobState.PRUNED, prune_reason, "Pruned"
+            msg = f"pruned after {seconds:g} s"
         elif outcome == "timeout":
             state, fields["error_kind"] = JobState.FAILED, "Timeout"
             fields["error"] = msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"

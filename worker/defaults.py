@@ -104,3 +104,24 @@ UPLOAD_MAX_BYTES = 2 * 1024**3
 
 STORE_FULL_BYTES = 1024**2
 """A failed run whose run folder's file system has less free space than this (bytes) is reported as a full store."""
+
+SWEEP_LOCK_TTL = 30.0
+"""Seconds a sweep's lock lives when its holder dies (telling Optuna and enqueuing trials takes milliseconds)."""
+
+SWEEP_LOCK_WAIT = 10.0
+"""Seconds a process that ended a trial waits for the sweep's lock (the heartbeat scan retries when it gives up)."""
+
+SWEEP_SCAN_INTERVAL = 5.0
+"""Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
+
+DOCTOR_DISK_FAIL_GB = 2.0
+"""`worker doctor`: less free disk than this (GiB) where datasets or run folders go fails the check."""
+
+DOCTOR_DISK_WARN_GB = 20.0
+"""`worker doctor`: less free disk than this (GiB) is a warning (a CIFAR-sized job needs a few GiB with checkpoints)."""
+
+DOCTOR_PROBE_TIMEOUT = 90.0
+"""`worker doctor`: seconds the distributed-backend probe (a one-rank gloo/NCCL all-reduce) may take."""
+
+MIN_REDIS_VERSION = (5, 0)
+"""Oldest Redis the worker supports (streams, Lua scripts, RQ's commands)."""

@@ -105,3 +105,43 @@ def rq_job_id(job_id: str, attempt: int) -> str:
     A fresh RQ id per attempt keeps the dead attempt's RQ bookkeeping from ever touching the live one.
     """
     return job_id if attempt == 0 else f"{job_id}_r{attempt}"
+
+
+# ----------------------------------------------------------------------------------------------------------- sweeps
+def check_sweep_id(sweep_id: str) -> str:
+    """The id itself if well-formed (same shape as a job id), else NoSuchSweepError."""
+    from worker.errors import NoSuchSweepError
+
+    if not isinstance(sweep_id, str) or not JOB_ID_RE.match(sweep_id):
+        raise NoSuchSweepError(f"no such sweep {sweep_id!r} (sweep ids look like 20250101-120000-3fa9c2)")
+    return sweep_id
+
+
+def sweeps_index() -> str:
+    """ZSET sweep id → creation time (unix seconds): every sweep, for listing."""
+    return f"{KEY_PREFIX}:sweeps"
+
+
+def active_sweeps() -> str:
+    """SET of ids of sweeps still running: what every worker's sweep scan advances."""
+    return f"{KEY_PREFIX}:sweeps:active"
+
+
+def sweep(sweep_id: str) -> str:
+    """HASH: the sweep's record (settings, base config, space, state, counts, best trial). See docs/sweeps.md."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}"
+
+
+def sweep_trials(sweep_id: str) -> str:
+    """HASH trial number → job id: the job that runs each trial the sweep asked Optuna for."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:trials"
+
+
+def sweep_lock(sweep_id: str) -> str:
+    """STRING with a TTL: held while one process tells Optuna, asks for trials and enqueues them."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:lock"
+
+
+def sweep_journal(sweep_id: str) -> str:
+    """Key prefix of the sweep's Optuna journal (`<prefix>:log_number`, `<prefix>:log:<n>`)."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:optuna"

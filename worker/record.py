@@ -21,11 +21,11 @@ from worker.states import JobState
 
 JOB_CODEC = HashCodec(
     ints=frozenset({"epoch", "epochs", "gpus", "attempt", "recoveries", "exit_code", "resumed_from", "step",
-                    "global_step"}),
+                    "global_step", "trial"}),
     floats=frozenset({"progress", "best_val_acc", "val_acc", "train_acc", "train_loss", "val_loss", "lr",
                       "images_per_sec", "submitted_at", "started_at", "ended_at", "updated_at", "attempt_started_at",
                       "timeout", "test_acc", "epoch_seconds", "recovered_at"}),
-    jsons=frozenset({"config", "dataset", "log_tail", "artifacts", "overrides"}),
+    jsons=frozenset({"config", "dataset", "log_tail", "artifacts", "overrides", "params"}),
 )
 """Field types of the status hash; every other field is text."""
 

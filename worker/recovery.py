@@ -17,6 +17,7 @@ from worker.defaults import MAX_RECOVERIES, STUCK_RECOVERY_SECONDS
 from worker.queues import discard_rq_job, enqueue_attempt, fetch_rq_job
 from worker.record import JobRecord, claim_for_requeue
 from worker.states import JobState
+from worker.sweeps import trial_ended
 
 log = logging.getLogger("worker.recovery")
 
@@ -52,9 +53,11 @@ def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_REC
             log.warning("job %s: %s; re-queued as attempt %d", job_id, reason, attempt)
             recovered.append(job_id)
         elif state == JobState.FAILED:
-            record = JobRecord.find(conn, job_id, "rq_job")
+            record = JobRecord.find(conn, job_id, "rq_job", "sweep")
             discard_rq_job(conn, record.rq_job if record else None)
             log.warning("job %s: %s too many times; failed", job_id, reason)
+            if record is not None and record.get("sweep"):
+                trial_ended(conn, record.get("sweep"))
     return recovered
 
 

@@ -1,6 +1,6 @@
 """Job states: the one place they are spelled. Worker, CLI and dashboard compare against these, never raw strings.
 
-    queued ──start──▶ running ──▶ finished | failed | cancelled
+    queued ──start──▶ running ──▶ finished | failed | cancelled | pruned (a sweep's trial)
       │                 │  ▲
       │            worker died / shut down
       │                 ▼  │ start
@@ -21,6 +21,8 @@ class JobState(str, Enum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"
+    """A sweep's trial that its pruner stopped early (distinct from cancelled and failed)."""
 
     def __str__(self) -> str:
         return self.value
@@ -46,7 +48,7 @@ class JobState(str, Enum):
             return None
 
 
-FINAL_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED})
+FINAL_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED, JobState.PRUNED})
 """States a job never leaves."""
 
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RECOVERING})

@@ -118,6 +118,36 @@ def check_gpus(conn: redis.Redis, gpus: int) -> str | None:
     return None
 
 
+def resolve_dataset(
+    cfg: dict[str, Any], *, dataset_path: str | Path | None, store: ArtifactStore, allow_local_paths: bool, gpus: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Check and upload a local dataset (its `data.path` in `cfg` becomes the stored `artifact:` reference), or check
+    that a stored one exists. Returns (the job's `dataset` field, the dataset's health report when one was made)."""
+    data_path = cfg["data"].get("path")
+    if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
+        try:  # a clone/retry of a stored job: the dataset is already in the store
+            if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
+                raise SubmissionError(f"data.path: {data_path} is not in the artifact store {store.url}")
+        except ArtifactError as err:
+            raise SubmissionError(f"data.path: {err}") from None
+        return {"ref": data_path}, None
+    if cfg["data"]["name"] == "imagefolder":
+        if dataset_path is None and not allow_local_paths:
+            raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
+        report = check_dataset(data_path, cfg)
+        check_batch_size(cfg, train_images(cfg, report), gpus)  # before the upload: a refusal writes nothing
+        try:
+            dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
+                       "counts": report.get("counts"), "warnings": report.get("warnings", [])}
+        except ArtifactError as err:
+            raise SubmissionError(f"dataset upload: {err}") from None
+        cfg["data"]["path"] = dataset["ref"]
+        return dataset, report
+    if data_path and not allow_local_paths:
+        raise SubmissionError(f"data.path: {cfg['data']['name']} reads its files on the worker; leave data.path empty")
+    return None, None
+
+
 def submit_job(
     config: dict[str, Any] | str | Path,
     overrides: list[str] | None = None,
@@ -130,7 +160,7 @@ def submit_job(
     allow_local_paths: bool = False,
     timeout: float | None = None,
     name: str | None = None,
-    retried_from: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Submitted:
     """Validate, upload the dataset if local, enqueue; returns the job id and whether it waits for a worker.
     SubmissionError: nothing was enqueued.
@@ -141,7 +171,7 @@ def submit_job(
         leaves it False, so no path a browser user typed is ever read from this machine's disk.
     timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
-    retried_from: the job this one is a retry of (`worker.api.retry_job`).
+    extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`; a retry: `retried_from`).
     """
     if priority not in PRIORITIES:
         raise SubmissionError(f"priority: unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
@@ -155,30 +185,10 @@ def submit_job(
     check(connection)
     waiting = check_gpus(connection, gpus)
 
-    dataset: dict[str, Any] | None = None
     if cfg["data"]["name"] != "imagefolder":
         check_batch_size(cfg, train_images(cfg), gpus)
-    data_path = cfg["data"].get("path")
-    if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
-        try:  # a clone/retry of a stored job: the dataset is already in the store
-            if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
-                raise SubmissionError(f"data.path: {data_path} is not in the artifact store {store.url}")
-        except ArtifactError as err:
-            raise SubmissionError(f"data.path: {err}") from None
-        dataset = {"ref": data_path}
-    elif cfg["data"]["name"] == "imagefolder":
-        if dataset_path is None and not allow_local_paths:
-            raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
-        report = check_dataset(data_path, cfg)
-        check_batch_size(cfg, train_images(cfg, report), gpus)  # before the upload: a refusal writes nothing
-        try:
-            dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
-                       "counts": report.get("counts"), "warnings": report.get("warnings", [])}
-        except ArtifactError as err:
-            raise SubmissionError(f"dataset upload: {err}") from None
-        cfg["data"]["path"] = dataset["ref"]
-    elif data_path and not allow_local_paths:
-        raise SubmissionError(f"data.path: {cfg['data']['name']} reads its files on the worker; leave data.path empty")
+    dataset, _ = resolve_dataset(cfg, dataset_path=dataset_path, store=store, allow_local_paths=allow_local_paths,
+                                 gpus=gpus)
 
     if timeout is None and cfg["train"].get("time_limit"):
         timeout = float(cfg["train"]["time_limit"]) + 300.0
@@ -206,9 +216,8 @@ def submit_job(
         "rq_job": keys.rq_job_id(job_id, 0),
         "waiting": waiting,
         "artifacts": {"run": store.uri(store.run_key(job_id))},
+        **(extra or {}),
     }
-    if retried_from:
-        fields["retried_from"] = retried_from
     with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
         JobRecord.create(pipe, fields)

@@ -26,10 +26,11 @@ from rq.worker import SimpleWorker
 
 from worker import attempt, keys
 from worker.artifacts import ArtifactStore
-from worker.defaults import HEARTBEAT_INTERVAL, RECOVERY_SCAN_INTERVAL
+from worker.defaults import HEARTBEAT_INTERVAL, RECOVERY_SCAN_INTERVAL, SWEEP_SCAN_INTERVAL
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
+from worker.sweeps import heal_sweeps
 
 log = logging.getLogger("worker")
 
@@ -67,6 +68,7 @@ class TrainerWorker(SimpleWorker):
             worker_ttl=RQ_WORKER_TTL,
         )
         self.store = store
+        self.store_id = store.identity()
         self.ctx = attempt.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
                                       devices=resources.get("devices"), store=store)
         if prewarm:
@@ -77,6 +79,7 @@ class TrainerWorker(SimpleWorker):
         self._born = time.time()
         self._healthy_since: float | None = time.monotonic()
         self._last_scan = 0.0
+        self._last_sweep_scan = 0.0
         self._current_rq_job: Job | None = None
         self._burst = False
 
@@ -88,7 +91,7 @@ class TrainerWorker(SimpleWorker):
             "gpus": r.get("gpus") or [], "slots": self.slots, "torch": r.get("torch"), "cuda": r.get("cuda"),
             "python": r.get("python"), "state": self._public_state(),
             "current_job": self.ctx.current_job or "", "started_at": self._born,
-            "queues": self.queue_names(), "artifacts": self.store.url,
+            "queues": self.queue_names(), "artifacts": self.store.url, "store_id": self.store_id,
             "warm": self.ctx.warm.state() if self.ctx.warm is not None else "off",
         }
 
@@ -130,6 +133,9 @@ class TrainerWorker(SimpleWorker):
         recovered += heal_stuck_recoveries(self.connection, by=self.name)
         if recovered:
             log.warning("worker %s: re-queued orphaned job(s) %s", self.name, ", ".join(recovered))
+        if now - self._last_sweep_scan >= SWEEP_SCAN_INTERVAL:
+            self._last_sweep_scan = now
+            heal_sweeps(self.connection)  # sweeps are driven by their workers: nothing else would notice
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(HEARTBEAT_INTERVAL):
@@ -149,6 +155,7 @@ class TrainerWorker(SimpleWorker):
         while not self._may_judge_others():
             time.sleep(0.5)
         self._last_scan = 0.0
+        self._last_sweep_scan = 0.0
         self._maybe_scan()
 
     # ---------------------------------------------------------------------------------------------- RQ hooks

@@ -176,7 +176,7 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
             cfg, connection=conn_now, gpus=int(values["gpus"] or 0), priority=values["priority"],
             dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
             name=(values["name"] or "").strip() or None, store=artifact_store(),
-        )
+        ).job_id
     except SubmissionError as err:
         st.session_state["new:errors"] = forms.errors_by_field(str(err))
         return

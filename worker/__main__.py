@@ -64,10 +64,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = ArtifactStore()
     store.check_writable()
     prewarm = not args.no_prewarm and os.environ.get("WORKER_PREWARM", "1").strip().lower() not in ("0", "false", "no")
-    worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name, prewarm=prewarm)
+    from worker.multinode import primary_address
+
+    addr = (args.advertise_addr or os.environ.get("WORKER_ADDR", "").strip() or primary_address())
+    worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name, prewarm=prewarm,
+                           advertise_addr=addr)
     what = (f"GPU(s) {', '.join(str(g['index']) + ' ' + str(g['name']) for g in resources['gpus'])}"
             if resources["kind"] == "gpu" else f"CPU only, {resources['slots']} slot(s)")
-    print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}", flush=True)
+    print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}; address {addr}", flush=True)
     worker.work(burst=args.burst, logging_level="INFO")
     return 0
 
@@ -75,8 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from worker.submit import submit_job
 
-    submitted = submit_job(args.config, args.overrides, connection=_conn(), gpus=args.gpus, priority=args.priority,
-                           allow_local_paths=True, timeout=args.timeout)
+    submitted = submit_job(args.config, args.overrides, connection=_conn(), gpus=args.gpus, nodes=args.nodes,
+                           priority=args.priority, allow_local_paths=True, timeout=args.timeout)
     if submitted.waiting:
         print(f"note: {submitted.waiting}")
     print(f"submitted job {submitted.job_id}")
@@ -97,6 +101,10 @@ def cmd_status(args: argparse.Namespace) -> int:
           + (f"  best val acc {st['best_val_acc']:.4f}" if st.get("best_val_acc") is not None else ""))
     print(f"worker     {st.get('worker') or '-'}  attempt {st.get('attempt') or 0}  "
           f"recoveries {st.get('recoveries') or 0}")
+    for node in st.get("nodes") or []:
+        rank = "-" if node.get("node_rank") is None else node["node_rank"]
+        print(f"node {rank:<5} {node.get('worker')}  {node.get('host') or ''} {node.get('addr') or ''}  "
+              f"{node.get('ranks') or '?'} rank(s)  {node.get('state')}")
     print(f"submitted  {_ts(st.get('submitted_at'))}  started {_ts(st.get('started_at'))}  "
           f"ended {_ts(st.get('ended_at'))}")
     if st.get("error"):
@@ -276,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=None, help="CPU-only worker: most ranks per job (default min(CPUs, 8))")
     s.add_argument("--name", default=None, help="worker name (default host-pid-random)")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Redis at start-up (default 60)")
+    s.add_argument("--advertise-addr", default=None,
+                   help="address other machines reach this worker at, for multi-node jobs (env WORKER_ADDR; "
+                        "default: this host's primary address)")
     s.add_argument("--no-prewarm", action="store_true",
                    help="do not keep a pre-started training process (env WORKER_PREWARM=0 does the same)")
     s.set_defaults(func=cmd_run)
@@ -283,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="validate, upload the dataset if local, enqueue; prints the job id last")
     s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU gloo ranks) for the job (default 1)")
+    s.add_argument("--gpus", type=int, default=1,
+                   help="GPUs (or CPU gloo ranks) for the job, on each node (default 1)")
+    s.add_argument("--nodes", type=int, default=1,
+                   help="workers (machines) the job spans: one DDP job of nodes x gpus ranks (default 1)")
     s.add_argument("--priority", choices=PRIORITIES, default="default")
     s.add_argument("--timeout", type=float, default=None, help="wall-clock limit in seconds (default: none)")
     s.set_defaults(func=cmd_submit)

@@ -11,12 +11,13 @@ typed ever reaches the filesystem. Key layout and schemas: docs/redis.md.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import IO, Any
 
 import redis
 
-from worker import keys
+from worker import gang, keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import LIST_LIMIT, STATUS_WAIT_CANCEL
 from worker.errors import InvalidJobStateError, NoSuchJobError
@@ -40,8 +41,8 @@ from worker.sweeps import (
 
 __all__ = [
     "ACTIVE_STATES", "FINAL_STATES", "JobState", "Submitted", "artifact_files", "cancel_job", "delete_job",
-    "epoch_events", "events_since", "follow_logs", "job_status", "list_jobs", "list_workers", "logs_since",
-    "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job", "wait_events",
+    "epoch_events", "events_since", "follow_logs", "job_nodes", "job_status", "list_jobs", "list_workers",
+    "logs_since", "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job", "wait_events",
     "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
     "sweep_trials",
 ]
@@ -50,11 +51,34 @@ SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")
 """Bulky fields list_jobs leaves out (job_status has them)."""
 
 
+def job_nodes(conn: redis.Redis, job_id: str, st: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The nodes of a multi-node job, by node rank: `node_rank`, `worker`, `host`, `addr`, `ranks`, `global_ranks`,
+    `state` (`reserved` while the gang gathers; then `starting`, `running`, `finished`, `failed`, `cancelled`,
+    `lost`, `stopped`), `attempt`, `pid`, `exit_code`. Empty for a one-node job."""
+    if st is None:
+        record = JobRecord.find(conn, job_id)
+        st = record.fields if record else {}
+    if int(st.get("num_nodes") or 1) <= 1:
+        return []
+    if st.get("state") in (JobState.QUEUED, JobState.RECOVERING):
+        return [{"node_rank": None, "worker": name, "state": "reserved", "ranks": st.get("gpus")}
+                for name in gang.members(conn, job_id)]
+    out = [json.loads(v) for v in conn.hvals(keys.nodes(job_id))]
+    attempt = int(st.get("attempt") or 0)
+    known = {n.get("node_rank") for n in out if n.get("attempt") == attempt}
+    for rank, name in enumerate(gang.gang_of(st)):  # a node that has not written its entry yet
+        if rank not in known:
+            out.append({"node_rank": rank, "worker": name, "state": "starting", "ranks": st.get("gpus"),
+                        "attempt": attempt})
+    return sorted((n for n in out if n.get("attempt") == attempt), key=lambda n: n.get("node_rank") or 0)
+
+
 def job_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     """The full status of one job (NoSuchJobError when unknown): at least state, progress, epoch, epochs, error,
     artifacts, best_val_acc, worker, submitted_at/started_at/ended_at (unix seconds), duration, eta, config."""
     record = JobRecord.fetch(conn, job_id)
     st = record.status()
+    st["nodes"] = job_nodes(conn, job_id, st)
     if record.state is JobState.RUNNING and record.worker:
         st["worker_alive"] = is_alive(conn, record.worker)
     return st
@@ -90,7 +114,9 @@ def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
     if result == "missing":
         raise NoSuchJobError(f"no such job {job_id!r}")
     record = JobRecord(conn, job_id)
-    record.refresh("worker", "rq_job", "sweep")
+    record.refresh("worker", "rq_job", "sweep", "num_nodes")
+    if record.num_nodes > 1:
+        gang.discard(conn, job_id)  # out of the gangs ZSET, every reservation for it released
     if result == JobState.CANCELLED:
         discard_rq_job(conn, record.rq_job)
         if record.get("sweep"):
@@ -125,9 +151,9 @@ def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = N
     if record.state not in FINAL_STATES:
         raise InvalidJobStateError(f"job {job_id} is {record.state}; only a finished, failed or cancelled job can "
                                    "be retried")
-    return submit_job(record.config, connection=conn, gpus=record.gpus, priority=record.priority, store=store,
-                      allow_local_paths=True, timeout=record.timeout, name=record.get("name"),
-                      extra={"retried_from": job_id}).job_id
+    return submit_job(record.config, connection=conn, gpus=record.gpus, nodes=record.num_nodes,
+                      priority=record.priority, store=store, allow_local_paths=True, timeout=record.timeout,
+                      name=record.get("name"), extra={"retried_from": job_id}).job_id
 
 
 def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None,
@@ -146,6 +172,7 @@ def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = 
         pipe.zrem(keys.jobs_index(), job_id)
         pipe.srem(keys.running_set(), job_id)
         pipe.srem(keys.recovering_set(), job_id)
+        pipe.zrem(keys.gangs(), job_id)
         pipe.execute()
     (store or ArtifactStore()).delete_job(job_id)
 

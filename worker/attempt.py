@@ -53,6 +53,8 @@ class WorkerContext:
     current_job: str | None = None
     warm: WarmTrainer | None = None
     """The pre-started one-rank trainer (None: every run starts cold)."""
+    advertise_addr: str = "127.0.0.1"
+    """The address other machines reach this worker at (node 0 of a multi-node job hosts the rendezvous there)."""
 
 
 _context: WorkerContext | None = None
@@ -62,6 +64,11 @@ def set_context(ctx: WorkerContext | None) -> None:
     """The worker process registers itself here before it starts dequeuing (one worker per process)."""
     global _context
     _context = ctx
+
+
+def current_context() -> WorkerContext | None:
+    """The context of the `python -m worker run` process this code runs in (None under a plain `rq worker`)."""
+    return _context
 
 
 def _fallback_context() -> WorkerContext:
@@ -152,9 +159,24 @@ class Attempt:
         config_path = run_dir.parent / "job_config.yaml"
         config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         nproc = self.record.gpus
-        cmd = train_command(config_path, run_dir, nproc=nproc, resume=resume)
         self.run_dir = run_dir
+        cmd = self._command(config_path, run_dir, nproc, resume)
         return run_dir, cmd, nproc, resume
+
+    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+        """The training command of this attempt (a node of a multi-node job builds its own)."""
+        return train_command(config_path, run_dir, nproc=nproc, resume=resume)
+
+    def _env(self, devices: list[int], nproc: int) -> dict[str, str]:
+        return train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
+
+    def _launched(self, proc: Launched, run_dir: Path) -> None:
+        """The command is running (diagnostics in the status)."""
+        self.record.save(pid=proc.pid, run_dir=str(run_dir))
+
+    def _after_failed_exit(self, rc: int) -> str | None:
+        """The command exited non-zero by itself: an outcome that overrides `failed` ('lost', 'cancel'), or None."""
+        return None
 
     def _poll_flags(self) -> str | None:
         """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
@@ -313,7 +335,7 @@ class Attempt:
         where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{nproc} CPU rank(s) (gloo)"
         self.note(f"attempt {attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
                   + (", resuming from the last checkpoint" if resume else ""))
-        env = train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
+        env = self._env(devices, nproc)
         started = time.monotonic()
         timeout = self.record.timeout
         proc = self.ctx.warm.take(cmd, env, self.on_line) if self.ctx.warm is not None else None
@@ -326,7 +348,7 @@ class Attempt:
         sweep, trial = self.record.get("sweep"), self.record.get("trial")
         monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
         prune_reason = None
-        self.record.save(pid=proc.pid, run_dir=str(run_dir))
+        self._launched(proc, run_dir)
         stop_sync = threading.Event()
         syncer = None
         if not self.store.is_local:
@@ -375,6 +397,8 @@ class Attempt:
             if syncer is not None:
                 syncer.join(timeout=30)
         seconds = round(time.monotonic() - started, 1)
+        if outcome is None and rc not in (0, None):
+            outcome = self._after_failed_exit(rc)
 
         if outcome == "lost":
             return {"state": "lost", "job_id": self.job_id}

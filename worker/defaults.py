@@ -39,6 +39,24 @@ PRIORITIES = ("high", "default", "low")
 MAX_GPUS_PER_JOB = 16
 """Largest `--gpus N` a job may ask for (one node); more is refused at submission."""
 
+MAX_NODES_PER_JOB = 64
+"""Largest `--nodes N` (workers in one multi-node job's gang)."""
+
+GANG_RESERVATION_TIMEOUT = 60.0
+"""Seconds a multi-node job's gang may stay incomplete before its reservations are released; env
+GANG_RESERVATION_TIMEOUT overrides."""
+
+GANG_POLL_INTERVAL = 0.5
+"""Seconds between an idle or reserved worker's looks at the multi-node jobs (and its blocking dequeue's timeout
+is 1 s, so a gang is seen within about a second)."""
+
+RENDEZVOUS_TIMEOUT = 60
+"""Seconds every node of a multi-node job waits for the others: node 0's address, torchrun's static rendezvous."""
+
+MULTINODE_PG_TIMEOUT = 45
+"""Seconds a collective of a multi-node job may wait for a peer (the process group's timeout, CORE_DIST_TIMEOUT):
+a lost node stops the others within a minute instead of PyTorch's 30 minutes."""
+
 MAX_CPU_SLOTS = 8
 """Upper bound of the default slot count of a CPU-only worker (gloo ranks it can run at once)."""
 

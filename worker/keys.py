@@ -67,9 +67,30 @@ def heal_lock(job_id: str) -> str:
     return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:heal"
 
 
+def gang(job_id: str) -> str:
+    """HASH worker name → reservation time (unix s): the workers reserved for a multi-node job's next attempt."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:gang"
+
+
+def nodes(job_id: str) -> str:
+    """HASH node rank → JSON {worker, host, addr, ranks, state, attempt}: the nodes of a multi-node job's attempt."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:nodes"
+
+
 def job_keys(job_id: str) -> list[str]:
     """Every key of one job (what delete removes)."""
-    return [job(job_id), events(job_id), epochs_seen(job_id), logs(job_id), heal_lock(job_id)]
+    return [job(job_id), events(job_id), epochs_seen(job_id), logs(job_id), heal_lock(job_id), gang(job_id),
+            nodes(job_id)]
+
+
+def gangs() -> str:
+    """ZSET of multi-node job ids waiting for their gang, scored by priority, then submission time (lowest first)."""
+    return f"{KEY_PREFIX}:gangs"
+
+
+def reservations() -> str:
+    """HASH worker name → the multi-node job id it is reserved for (a worker holds at most one reservation)."""
+    return f"{KEY_PREFIX}:reservations"
 
 
 def workers_set() -> str:
@@ -97,6 +118,18 @@ def queues_for_slots(slots: int) -> list[str]:
     """Queues a worker with `slots` devices listens to, in serving order: priority first, then bigger jobs first."""
     slots = max(1, min(slots, MAX_GPUS_PER_JOB))
     return [queue_name(g, p) for p in PRIORITIES for g in range(slots, 0, -1)]
+
+
+def node_queue(worker_name: str) -> str:
+    """A worker's private RQ queue: it enqueues its own node of a multi-node job there and dequeues it at once."""
+    if not WORKER_NAME_RE.match(worker_name):
+        raise ValueError(f"invalid worker name {worker_name!r}")
+    return f"{QUEUE_PREFIX}:node:{worker_name}"
+
+
+def rq_node_job_id(job_id: str, attempt: int, node_rank: int) -> str:
+    """RQ's id for one node of one attempt of a multi-node job."""
+    return f"{check_job_id(job_id)}_a{attempt}_n{node_rank}"
 
 
 def rq_job_id(job_id: str, attempt: int) -> str:

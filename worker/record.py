@@ -20,12 +20,12 @@ from worker.hashcodec import HashCodec, text
 from worker.states import JobState
 
 JOB_CODEC = HashCodec(
-    ints=frozenset({"epoch", "epochs", "gpus", "attempt", "recoveries", "exit_code", "resumed_from", "step",
-                    "global_step", "trial"}),
+    ints=frozenset({"epoch", "epochs", "gpus", "num_nodes", "attempt", "recoveries", "exit_code", "resumed_from",
+                    "step", "global_step", "trial"}),
     floats=frozenset({"progress", "best_val_acc", "val_acc", "train_acc", "train_loss", "val_loss", "lr",
                       "images_per_sec", "submitted_at", "started_at", "ended_at", "updated_at", "attempt_started_at",
-                      "timeout", "test_acc", "epoch_seconds", "recovered_at"}),
-    jsons=frozenset({"config", "dataset", "log_tail", "artifacts", "overrides", "params"}),
+                      "timeout", "test_acc", "epoch_seconds", "recovered_at", "gang_since"}),
+    jsons=frozenset({"config", "dataset", "log_tail", "artifacts", "overrides", "params", "gang", "rendezvous"}),
 )
 """Field types of the status hash; every other field is text."""
 
@@ -129,6 +129,16 @@ class JobRecord:
     @property
     def priority(self) -> str:
         return self.get("priority", "default")
+
+    @property
+    def num_nodes(self) -> int:
+        """Workers (machines) the job spans; 1 for a one-node job."""
+        return int(self.get("num_nodes", 1))
+
+    @property
+    def gang(self) -> list[str]:
+        """A running multi-node job's workers, by node rank (node 0 first); [] otherwise."""
+        return list(self.get("gang", []))
 
     @property
     def rq_job(self) -> str | None:

@@ -12,7 +12,7 @@ import time
 import redis
 from rq.job import JobStatus
 
-from worker import keys
+from worker import gang, keys
 from worker.defaults import MAX_RECOVERIES, STUCK_RECOVERY_SECONDS
 from worker.queues import discard_rq_job, enqueue_attempt, fetch_rq_job
 from worker.record import JobRecord, claim_for_requeue
@@ -23,12 +23,15 @@ log = logging.getLogger("worker.recovery")
 
 
 def find_orphans(conn: redis.Redis) -> list[tuple[str, str]]:
-    """(job id, dead worker name) of running jobs whose worker stopped heartbeating."""
+    """(job id, dead worker name) of running jobs whose worker stopped heartbeating; for a multi-node job, any
+    worker of its gang (the first dead one is named)."""
     job_ids = sorted(j.decode() for j in conn.smembers(keys.running_set()))
     candidates, stale = [], []
-    for job_id, record in JobRecord.fetch_many(conn, job_ids, "worker").items():
+    for job_id, record in JobRecord.fetch_many(conn, job_ids, "worker", "gang").items():
         if record is None:
             stale.append(job_id)  # deleted job
+        elif record.state is JobState.RUNNING and record.gang:
+            candidates += [(job_id, name) for name in record.gang]
         elif record.state is JobState.RUNNING and record.worker:
             candidates.append((job_id, record.worker))
     if stale:
@@ -39,7 +42,11 @@ def find_orphans(conn: redis.Redis) -> list[tuple[str, str]]:
         for _, owner in candidates:
             pipe.exists(keys.worker(owner))
         alive = pipe.execute()
-    return [c for c, a in zip(candidates, alive) if not a]
+    out: dict[str, str] = {}
+    for (job_id, name), a in zip(candidates, alive):
+        if not a:
+            out.setdefault(job_id, name)
+    return list(out.items())
 
 
 def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_RECOVERIES) -> list[str]:
@@ -47,6 +54,14 @@ def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_REC
     recovered = []
     for job_id, owner in find_orphans(conn):
         reason = f"worker {owner} stopped heartbeating"
+        record = JobRecord.find(conn, job_id, "gang", "attempt")
+        if record is not None and record.gang:  # a multi-node job: the whole gang waits again (one scanner wins)
+            state, attempt = gang.requeue_running(conn, job_id, record.attempt,
+                                                  reason=f"{reason}; recovered by {by}", max_recoveries=max_recoveries)
+            if state == JobState.RECOVERING:
+                log.warning("job %s: %s; the gang waits again as attempt %d", job_id, reason, attempt)
+                recovered.append(job_id)
+            continue
         state, attempt = claim_for_requeue(conn, job_id, owner, max_recoveries=max_recoveries, reason=reason)
         if state == JobState.RECOVERING:
             requeue_recovered(conn, job_id, attempt, f"{reason}; recovered by {by}")
@@ -68,9 +83,12 @@ def heal_stuck_recoveries(conn: redis.Redis, *, by: str, after: float = STUCK_RE
     now = time.time()
     for raw in conn.smembers(keys.recovering_set()):
         job_id = raw.decode()
-        record = JobRecord.find(conn, job_id, "recovered_at", "attempt")
+        record = JobRecord.find(conn, job_id, "recovered_at", "attempt", "num_nodes", "priority", "submitted_at")
         if record is None or record.state is not JobState.RECOVERING:
             conn.srem(keys.recovering_set(), job_id)
+            continue
+        if record.num_nodes > 1:  # a multi-node job waits in the gangs ZSET, not in an RQ queue
+            conn.zadd(keys.gangs(), {job_id: gang.score(record.priority, record.get("submitted_at", 0.0))}, nx=True)
             continue
         if now - record.get("recovered_at", 0.0) < after:
             continue

@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import gang, keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
-from worker.defaults import MAX_GPUS_PER_JOB, PRIORITIES
+from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
 from worker.errors import ArtifactError, SubmissionError
-from worker.presence import max_live_slots
+from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
 from worker.record import JobRecord
 from worker.states import JobState
@@ -118,6 +118,24 @@ def check_gpus(conn: redis.Redis, gpus: int) -> str | None:
     return None
 
 
+def check_nodes(conn: redis.Redis, nodes: int, gpus: int) -> str | None:
+    """None for a one-node job; for N > 1 nodes the waiting note, or refuse when fewer than N live workers could
+    each host a node of `gpus` devices."""
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES_PER_JOB:
+        raise SubmissionError(f"nodes: must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
+    if nodes == 1:
+        return None
+    able = [w for w in list_workers(conn) if (w.get("slots") or 0) >= gpus]
+    if len(able) < nodes:
+        names = ", ".join(f"{w['name']} ({w.get('slots')} slot(s))" for w in able) or "none"
+        raise SubmissionError(
+            f"nodes: {nodes} nodes of {gpus} GPU(s) or CPU slot(s) each need {nodes} live workers that can each "
+            f"host {gpus}; {len(able)} can ({names}). Start more workers (python -m worker run on each machine), "
+            f"or ask for fewer nodes"
+        )
+    return gang.waiting_note(0, nodes)
+
+
 def resolve_dataset(
     cfg: dict[str, Any], *, dataset_path: str | Path | None, store: ArtifactStore, allow_local_paths: bool, gpus: int
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -154,6 +172,7 @@ def submit_job(
     *,
     connection: redis.Redis,
     gpus: int = 1,
+    nodes: int = 1,
     priority: str = "default",
     dataset_path: str | Path | None = None,
     store: ArtifactStore | None = None,
@@ -169,6 +188,7 @@ def submit_job(
     dataset_path: an uploaded zip/folder the *program* saved (the dashboard's upload); it becomes data.path.
     allow_local_paths: accept a `data.path` from the config itself (the CLI: the user's own machine). The dashboard
         leaves it False, so no path a browser user typed is ever read from this machine's disk.
+    nodes: workers the job spans (N > 1: one DDP job of N × gpus ranks, gang-scheduled; see worker/gang.py).
     timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
     extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`; a retry: `retried_from`).
@@ -184,11 +204,13 @@ def submit_job(
     store = store or ArtifactStore()
     check(connection)
     waiting = check_gpus(connection, gpus)
+    waiting = check_nodes(connection, nodes, gpus) or waiting
+    ranks = gpus * nodes
 
     if cfg["data"]["name"] != "imagefolder":
-        check_batch_size(cfg, train_images(cfg), gpus)
+        check_batch_size(cfg, train_images(cfg), ranks)
     dataset, _ = resolve_dataset(cfg, dataset_path=dataset_path, store=store, allow_local_paths=allow_local_paths,
-                                 gpus=gpus)
+                                 gpus=ranks)
 
     if timeout is None and cfg["train"].get("time_limit"):
         timeout = float(cfg["train"]["time_limit"]) + 300.0
@@ -203,8 +225,9 @@ def submit_job(
         "overrides": overrides,
         "dataset": dataset,
         "gpus": gpus,
+        "num_nodes": nodes,
         "priority": priority,
-        "queue": keys.queue_name(gpus, priority),
+        "queue": keys.queue_name(gpus, priority) if nodes == 1 else keys.gangs(),
         "submitted_at": now,
         "updated_at": now,
         "attempt": 0,
@@ -222,6 +245,9 @@ def submit_job(
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
         JobRecord.create(pipe, fields)
         pipe.zadd(keys.jobs_index(), {job_id: now})
-        enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
+        if nodes == 1:
+            enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
+        else:  # a multi-node job waits for its gang (worker/gang.py), not in an RQ queue
+            pipe.zadd(keys.gangs(), {job_id: gang.score(priority, now)})
         pipe.execute()
     return Submitted(job_id, waiting)

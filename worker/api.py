@@ -26,6 +26,8 @@ from worker.queues import discard_rq_job
 from worker.record import JobRecord, mark_final, request_cancel
 from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
 from worker.streaming import epoch_events, events_since, follow_logs, logs_since, logs_tail, wait_events
+from core.events import EPOCH_METRICS
+from worker.study import PRUNERS, SAMPLERS
 from worker.submit import Submitted, submit_job
 from worker.sweeps import (
     SweepState,
@@ -43,7 +45,8 @@ __all__ = [
     "ACTIVE_STATES", "FINAL_STATES", "JobState", "Submitted", "artifact_files", "cancel_job", "delete_job",
     "epoch_events", "events_since", "follow_logs", "job_nodes", "job_status", "list_jobs", "list_workers",
     "logs_since", "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job", "wait_events",
-    "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
+    "EPOCH_METRICS", "PRUNERS", "SAMPLERS", "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps",
+    "optuna_study", "sweep_status",
     "sweep_trials",
 ]
 

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import redis
 
+from core.events import EPOCH_METRICS
 from worker import gang, keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import LIST_LIMIT, STATUS_WAIT_CANCEL
@@ -25,8 +26,14 @@ from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
 from worker.record import JobRecord, mark_final, request_cancel
 from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
-from worker.streaming import epoch_events, events_since, follow_logs, logs_since, logs_tail, wait_events
-from core.events import EPOCH_METRICS
+from worker.streaming import (
+    epoch_events,
+    events_since,
+    follow_logs,
+    logs_since,
+    logs_tail,
+    wait_events,
+)
 from worker.study import PRUNERS, SAMPLERS
 from worker.submit import Submitted, submit_job
 from worker.sweeps import (

@@ -11,12 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_app import TEST_WORKER, open_page, texts
-from tests.fixtures_worker import DIGITS
+from tests.fixtures_app import open_page, texts
+from tests.fixtures_worker import DIGITS, run_trial
 from worker import api
-from worker.record import mark_final, mark_started
 from worker.states import JobState
-from worker.streaming import RedisEventSink
 from worker.sweeps import advance
 
 
@@ -24,20 +22,6 @@ from worker.sweeps import advance
 def app_env(redis_conn: Any, job_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("DATA_CACHE_DIR", str(tmp_path / "data-cache"))
     return redis_conn
-
-
-def run_trial(conn: Any, job_id: str, accs: list[float], *, state: JobState = JobState.FINISHED) -> None:
-    """A trial's job goes queued → running → `state`, streaming one epoch event per accuracy."""
-    assert mark_started(conn, job_id, TEST_WORKER, job_id) == "ok"
-    sink = RedisEventSink(conn, job_id)
-    sink.emit("start", {"epochs": 3, "world_size": 1})
-    for epoch, acc in enumerate(accs, 1):
-        sink.emit("epoch", {"epoch": epoch, "epochs": 3, "val_acc": acc, "best_val_acc": acc, "val_loss": 1 - acc,
-                            "train_loss": 1.0, "train_acc": acc, "val_macro_f1": acc, "lr": 0.01, "seconds": 1.0,
-                            "images_per_sec": 100.0})
-    sink.close()
-    assert mark_final(conn, job_id, TEST_WORKER, state, {"error_kind": "Pruned"} if state == JobState.PRUNED
-                      else {}) == "ok"
 
 
 def seeded_sweep(conn: Any) -> str:

@@ -173,7 +173,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
         return 0
     for w in workers:
         gpus = ", ".join(f"{g.get('name')} ({g.get('memory_mb')} MiB)" for g in w.get("gpus") or []) or "CPU"
-        print(f"{w['name']}  {w.get('hostname')}  {w.get('state')}  job={w.get('current_job') or '-'}  "
+        reserved = f"  reserved for {w['reserved_for']}" if w.get("reserved_for") else ""
+        print(f"{w['name']}  {w.get('hostname')} {w.get('addr') or ''}  {w.get('state')}{reserved}  "
+              f"job={w.get('current_job') or '-'}  "
               f"slots={w.get('slots')}  {gpus}  torch {w.get('torch')}")
     if not workers:
         print("no live worker")

@@ -170,13 +170,16 @@ def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = 
                wait: float = STATUS_WAIT_CANCEL) -> None:
     """Remove a job everywhere: its keys, its RQ records and its artifacts. A job still running is cancelled first
     (InvalidJobStateError when it does not stop within `wait` seconds)."""
-    record = JobRecord.fetch(conn, job_id, "attempt")
+    record = JobRecord.fetch(conn, job_id, "attempt", "num_nodes")
     if record.state not in FINAL_STATES:
         state = cancel_job(conn, job_id, wait=wait)
         if state not in FINAL_STATES:
             raise InvalidJobStateError(f"job {job_id} is still {state}; try again once it has stopped")
+    nodes = record.num_nodes
     for attempt in range(record.attempt + 1):
         discard_rq_job(conn, keys.rq_job_id(job_id, attempt))
+        for node in range(nodes if nodes > 1 else 0):  # a multi-node attempt: one RQ job per node
+            discard_rq_job(conn, keys.rq_node_job_id(job_id, attempt, node))
     with conn.pipeline() as pipe:
         pipe.delete(*keys.job_keys(job_id))
         pipe.zrem(keys.jobs_index(), job_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -158,7 +159,9 @@ class Attempt:
             self.note(f"downloaded {n} file(s) of the run folder from {self.store.url} to resume")
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir.parent / "job_config.yaml"
-        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        tmp = config_path.with_name(f"{config_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, config_path)  # atomic: the nodes of a multi-node job on one shared store write it each
         nproc = self.record.gpus
         self.run_dir = run_dir
         cmd = self._command(config_path, run_dir, nproc, resume)
@@ -356,6 +359,8 @@ class Attempt:
             proc = Launched(cmd, env, self.on_line)
         sweep, trial = self.record.get("sweep"), self.record.get("trial")
         monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
+        if monitor is not None:
+            monitor.prepare()
         prune_reason = None
         self._launched(proc, run_dir)
         stop_sync = threading.Event()

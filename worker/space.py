@@ -86,6 +86,11 @@ class Param:
 
 
 def _number(key: str, kind: str, value: Any) -> float | int:
+    if isinstance(value, str):  # YAML reads `1e-4` (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SubmissionError(f"space: {key}: bounds of {kind!r} must be numbers, got {value!r}")
     if kind == "int":

@@ -8,7 +8,7 @@
 Who drives a sweep: whoever notices a change. `create_sweep` enqueues the first `parallel` trials; the worker that
 ends a trial calls `advance`, which (under the sweep's Redis lock) tells Optuna the result and asks for and enqueues
 the next trial; every worker's heartbeat also advances the sweeps in `trainer:sweeps:active` every
-SWEEP_SCAN_INTERVAL seconds, which heals whatever a dead process left half done (a trial asked but never enqueued
+SWEEP_SCAN_INTERVAL seconds (in a thread of their own), which heals whatever a dead process left half done (a trial asked but never enqueued
 is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
 is recovered and resumes; Optuna hears of it once, when its job reaches a final state. Design: docs/sweeps.md.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -72,6 +73,9 @@ DIRECTIONS = ("maximize", "minimize")
 
 TRIAL_COUNTS = ("complete", "pruned", "failed", "cancelled", "running", "queued")
 """How `sweep_status` counts trials by their job's state (recovering counts as running)."""
+
+GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
+"""Keys `sweep_status` always has (None until they apply)."""
 
 SWEEP_CODEC = HashCodec(
     ints=frozenset({"trials", "parallel", "seed", "max_epochs", "gpus", "best_trial"}),
@@ -385,8 +389,12 @@ def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WA
 
 
 def heal_sweeps(conn: redis.Redis) -> None:
-    """Advance every active sweep whose lock is free (the worker heartbeat's scan)."""
-    for raw in conn.smembers(keys.active_sweeps()):
+    """Advance every active sweep whose lock is free (the workers' periodic scan)."""
+    try:
+        active = conn.smembers(keys.active_sweeps())
+    except redis.exceptions.RedisError:
+        return  # Redis away: the next scan tries again
+    for raw in active:
         try:
             advance(conn, text(raw), wait=0)
         except Exception as err:  # noqa: BLE001 - one broken sweep must not stop the scan
@@ -458,6 +466,8 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
     """The record plus `counts` (by trial state), `ended` (trials done), `progress` (0-1) and, by default,
     `trials_table` (sweep_trials)."""
     st = read_sweep(conn, sweep_id)
+    for key in GUARANTEED:
+        st.setdefault(key, None)
     if with_trials:
         rows = sweep_trials(conn, sweep_id)
         st["trials_table"] = rows
@@ -527,8 +537,29 @@ class TrialMonitor:
         self.metric = ""
         self.pruner = ""
         self.broken = False
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Import Optuna, replay the sweep's journal and import what submitting the next trial validates with (the
+        config schema's model list: torch, which a CPU worker has not imported) in the background while the trial
+        starts: the worker's first trial would otherwise pay for all three (seconds) between its end and the next
+        trial's enqueue."""
+        def load() -> None:
+            try:
+                self._trial()
+                from core.models import list_models
+
+                list_models()
+            except Exception as err:  # noqa: BLE001 - poll() tries again and reports
+                log.debug("sweep %s: preparing trial %d: %s", self.sweep_id, self.number, err)
+
+        threading.Thread(target=load, name=f"sweep-{self.sweep_id}-prepare", daemon=True).start()
 
     def _trial(self) -> Any:
+        with self._lock:
+            return self._load_trial()
+
+    def _load_trial(self) -> Any:
         if self.trial is None:
             import optuna
 
@@ -553,8 +584,6 @@ class TrialMonitor:
             if not epochs:
                 return None
             trial = self._trial()
-            if self.pruner == "none":
-                return None
             reported = storage_for(self.conn, self.sweep_id).get_trial(self.trial_id).intermediate_values
             for data in epochs:
                 value, step = data.get(self.metric), int(data.get("epoch") or 0)
@@ -562,7 +591,7 @@ class TrialMonitor:
                     continue
                 trial.report(float(value), step)
                 last = step >= int(data.get("epochs") or 0)  # stopping at the last epoch would save nothing
-                if not last and trial.should_prune():
+                if not last and self.pruner != "none" and trial.should_prune():
                     return f"pruned by the sweep's {self.pruner} pruner at epoch {step} ({self.metric} {value:.4g})"
         except redis.exceptions.RedisError:
             return None  # Redis away for a moment: the next tick reads the same events again

@@ -785,7 +785,12 @@ DASHBOARD_ROWS = ("dashboard: job page with 20,000 metric points", "dashboard: j
 def bench_dashboard(quick: bool, url: str) -> list[Row]:
     """Render times through streamlit.testing's AppTest (the dashboard tests' `open_page`), against seeded Redis."""
     try:
-        from tests.fixtures_app import open_page, seed_jobs, seed_step_events, submit_digits
+        from tests.fixtures_app import (
+            open_page,
+            seed_jobs,
+            seed_step_events,
+            submit_digits,
+        )
     except ImportError as err:
         return [na(n, 1.0, "s", f"dashboard not landed ({err})", higher_is_better=False) for n in DASHBOARD_ROWS]
     from worker.connection import connect
@@ -922,7 +927,8 @@ def bench_sweep(quick: bool, url: str) -> list[Row]:
     from worker import api
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
-    from worker.status import JobState, mark_final, mark_started
+    from worker.record import mark_final, mark_started
+    from worker.states import JobState
     from worker.streaming import RedisEventSink
     from worker.sweeps import advance
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from app.forms import sweepable
 from tests.fixtures_app import open_page, texts
 from tests.fixtures_worker import DIGITS, run_trial
 from worker import api
@@ -129,3 +130,17 @@ def test_a_pruned_job_says_so_on_the_jobs_and_job_pages(app_env: Any) -> None:
     at = open_page("jobs")
     assert not at.exception
     assert "pruned" in list(at.dataframe[0].value["status"])
+
+
+def test_the_form_cannot_express_the_other_bad_inputs(app_env: Any) -> None:
+    """Unknown keys, trials or parallel < 1 and a metric no epoch event carries (refused by the CLI, tests/
+    test_sweeps.py) cannot be entered here: the keys come from the form's fields, the counts' widgets stop at 1,
+    the metric is picked from the epoch metrics."""
+    at = open_page("new")
+    prefix = sweep_form(at, [])
+    assert set(at.multiselect(key=prefix + "sweep:vary").options) == {f"{f.label} ({f.key})" for f in sweepable()}
+    assert at.number_input(key=prefix + "sweep:trials").min == 1
+    assert at.number_input(key=prefix + "sweep:parallel").min == 1
+    assert list(at.selectbox(key=prefix + "sweep:metric").options) == list(api.EPOCH_METRICS)
+    at = start(at)
+    assert "Pick at least one field to vary" in texts(at) and not list(app_env.scan_iter(match="trainer:*"))

@@ -173,6 +173,14 @@ def test_advance_enqueues_an_orphaned_ask_and_tells_each_trial_once(redis_conn: 
     assert st["state"] == "finished" and st["best_trial"] == 0 and st["best_value"] == 0.6
     assert len(redis_conn.hgetall(keys.sweep_trials(sweep_id))) == 3
 
+    # a holder that stalled past the lock's TTL enqueues a trial another process already enqueued: its job is
+    # cancelled and the trial keeps its one job
+    from worker.sweeps import _enqueue
+
+    assert _enqueue(redis_conn, rec, 0, rows[0]["params"], None) == rows[0]["job"]
+    twins = [j for j in api.list_jobs(redis_conn) if j.get("sweep") == sweep_id and j.get("trial") == 0]
+    assert sorted(j["state"] for j in twins) == ["cancelled", "finished"]
+
 
 def test_a_sweep_whose_every_trial_fails_fails_with_the_first_error(redis_conn: Any, job_env: dict[str, str]) -> None:
     from worker.record import mark_final, mark_started
@@ -258,7 +266,8 @@ def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, j
     def running_on(worker: Any) -> str | None:
         for t in api.sweep_status(redis_conn, sweep_id)["trials_table"]:
             job = api.job_status(redis_conn, t["job"]) if t["job"] else {}
-            if job.get("state") == "running" and job.get("epoch", 0) >= 1 and str(worker.pid) in (job.get("worker") or ""):
+            mine = str(worker.pid) in (job.get("worker") or "")
+            if job.get("state") == "running" and job.get("epoch", 0) >= 1 and mine:
                 return t["job"]
         return None
 

@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="hyper-parameter search: every trial is a job; prints the sweep id")
     s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
-    s.add_argument("--space", required=True, help="SPACE.yaml: dotted keys → {float|int: [low, high]} or {choice: [...]}")
+    s.add_argument("--space", required=True,
+                   help="SPACE.yaml: dotted keys → {float|int: [low, high]} or {choice: [...]}")
     s.add_argument("--trials", type=int, required=True, help="trials in all")
     s.add_argument("--parallel", type=int, default=1, help="most trials queued or running at once (default 1)")
     s.add_argument("--metric", default="val_acc", help="the epoch metric to optimise (default val_acc)")
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sweeps)
 
-    s = sub.add_parser("sweep-dashboard", help="open a sweep's study in optuna-dashboard (pip install optuna-dashboard)")
+    s = sub.add_parser("sweep-dashboard",
+                       help="open a sweep's study in optuna-dashboard (pip install optuna-dashboard)")
     s.add_argument("sweep")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)

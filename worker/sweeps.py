@@ -7,9 +7,9 @@
 
 Who drives a sweep: whoever notices a change. `create_sweep` enqueues the first `parallel` trials; the worker that
 ends a trial calls `advance`, which (under the sweep's Redis lock) tells Optuna the result and asks for and enqueues
-the next trial; every worker's heartbeat also advances the sweeps in `trainer:sweeps:active` every
-SWEEP_SCAN_INTERVAL seconds (in a thread of their own), which heals whatever a dead process left half done (a trial asked but never enqueued
-is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
+the next trial; every worker also advances the sweeps in `trainer:sweeps:active` every SWEEP_SCAN_INTERVAL seconds
+(from its heartbeat, in a thread of its own), which heals whatever a dead process left half done (a trial asked but
+never enqueued is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
 is recovered and resumes; Optuna hears of it once, when its job reaches a final state. Design: docs/sweeps.md.
 """
 from __future__ import annotations
@@ -239,6 +239,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 def _acquire(conn: redis.Redis, sweep_id: str, wait: float) -> str | None:
     token = secrets.token_hex(8)
@@ -253,6 +258,12 @@ def _acquire(conn: redis.Redis, sweep_id: str, wait: float) -> str | None:
 
 def _release(conn: redis.Redis, sweep_id: str, token: str) -> None:
     conn.eval(_RELEASE, 1, keys.sweep_lock(sweep_id), token)
+
+
+def _still_held(conn: redis.Redis, sweep_id: str, token: str) -> bool:
+    """Renew the lock for another SWEEP_LOCK_TTL; False when it expired and may be someone else's now (a holder
+    stalled for longer than the TTL must not ask Optuna for more trials)."""
+    return bool(conn.eval(_EXTEND, 1, keys.sweep_lock(sweep_id), token, int(SWEEP_LOCK_TTL * 1000)))
 
 
 # -------------------------------------------------------------------------------------------------- the sweep loop
@@ -292,13 +303,13 @@ def advance(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT,
     if token is None:
         return False
     try:
-        _advance(conn, sweep_id, store)
+        _advance(conn, sweep_id, store, token)
     finally:
         _release(conn, sweep_id, token)
     return True
 
 
-def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> None:
+def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None, token: str) -> None:
     from optuna.trial import TrialState
 
     try:
@@ -345,6 +356,9 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
     active = sum(1 for t in all_trials if t.state == TrialState.RUNNING)
     distributions = {p.key: p.distribution() for p in params}
     while live and active < int(rec["parallel"]) and len(all_trials) < int(rec["trials"]):
+        if not _still_held(conn, sweep_id, token):
+            log.warning("sweep %s: lost its lock while advancing; the next scan goes on", sweep_id)
+            return
         study.sampler = sampler_for(rec, params, len(all_trials))
         trial = study.ask(distributions)
         try:
@@ -366,7 +380,7 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
         if live:
             every_failed = all(t.state == TrialState.FAIL for t in done)
             fields["state"] = SweepState.FAILED if every_failed else SweepState.FINISHED
-            fields["error"] = first_error if every_failed else None
+            fields["error"] = (first_error or "every trial was cancelled") if every_failed else None
             fields["ended_at"] = time.time()
         conn.srem(keys.active_sweeps(), sweep_id)
     conn.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode(fields))
@@ -375,8 +389,13 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
 def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[str, Any],
              store: ArtifactStore | None) -> str:
     job_id = _submit_trial(conn, rec, number, values, store)
-    conn.hset(keys.sweep_trials(rec["id"]), str(number), job_id)
-    return job_id
+    if conn.hsetnx(keys.sweep_trials(rec["id"]), str(number), job_id):
+        return job_id
+    # another process enqueued this trial meanwhile (ours stalled past the lock's TTL): one job per trial
+    from worker.api import cancel_job
+
+    cancel_job(conn, job_id)
+    return text(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
 
 
 def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT) -> None:

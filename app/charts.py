@@ -40,15 +40,23 @@ def _line(x: Any, y: Any, name: str, color: str, *, dash: str | None = None, mar
                       line={"color": color, "dash": dash, "width": width}, opacity=opacity)
 
 
+def _add_steps(fig: go.Figure, s: LiveSeries, values: list[float], max_points: int, name: str, color: str,
+               **style: Any) -> bool:
+    """The per-step curve of `values`, thinned to max_points; False when no step event has arrived."""
+    if not s.step_x:
+        return False
+    x, y = thin(s.step_x, values, max_points)
+    fig.add_trace(_line(x, y, name, color, **style))
+    return True
+
+
 def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINTS) -> dict[str, go.Figure]:
     """The four live charts of a job: loss, accuracy, learning rate, images/s."""
     ep = np.asarray(s.epoch, dtype=float)
     figs: dict[str, go.Figure] = {}
 
     loss = go.Figure()
-    if s.step_x:
-        x, y = thin(s.step_x, s.step_loss, max_points)
-        loss.add_trace(_line(x, y, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45))
+    _add_steps(loss, s, s.step_loss, max_points, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45)
     if len(ep):
         loss.add_trace(_line(ep, _arr(s.train_loss), "train loss", COLORS[0], markers=True))
         loss.add_trace(_line(ep, _arr(s.val_loss), "val loss", COLORS[1], markers=True))
@@ -63,18 +71,13 @@ def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINT
     figs["accuracy"] = acc
 
     lr = go.Figure()
-    if s.step_x:
-        x, y = thin(s.step_x, s.step_lr, max_points)
-        lr.add_trace(_line(x, y, "learning rate", COLORS[2]))
-    elif len(ep):
+    if not _add_steps(lr, s, s.step_lr, max_points, "learning rate", COLORS[2]) and len(ep):
         lr.add_trace(_line(ep, _arr(s.epoch_lr), "learning rate", COLORS[2], markers=True))
     _layout(lr, "Learning rate", "lr", revision=revision)
     figs["lr"] = lr
 
     ips = go.Figure()
-    if s.step_x:
-        x, y = thin(s.step_x, s.step_ips, max_points)
-        ips.add_trace(_line(x, y, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6))
+    _add_steps(ips, s, s.step_ips, max_points, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6)
     if len(ep):
         ips.add_trace(_line(ep, _arr(s.epoch_ips), "images/s (epoch)", COLORS[4], markers=True))
     _layout(ips, "Throughput", "images/s", revision=revision)

@@ -43,6 +43,18 @@ import psutil
 import torch
 from torch import nn
 
+from core import distributed as D
+from core.train import (
+    Runtime,
+    TrainState,
+    create_optimizer,
+    create_scheduler,
+    make_loaders,
+    set_epoch,
+    train_one_epoch,
+    use_channels_last,
+)
+
 __test__ = False  # pytest: nothing to collect here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +225,6 @@ def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, chann
               ) -> nn.Module:
     """The config's model on `device`, in the memory format train() would use (or `channels_last` when given)."""
     from core.models import create_model
-    from core.train import use_channels_last
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, classes, in_chans=in_chans, image_size=32).to(device)
@@ -226,17 +237,6 @@ def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, chann
 def bench_training(quick: bool) -> list[Row]:
     from torch.utils.data import DataLoader
 
-    from core import distributed as D
-    from core.events import NullSink
-    from core.train import (
-        autocast_context,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        set_epoch,
-        train_one_epoch,
-        use_channels_last,
-    )
 
     n_train = TRAIN_IMAGES
     cfg = train_config(int(n_train / 0.8))
@@ -255,15 +255,15 @@ def bench_training(quick: bool) -> list[Row]:
     channels_last = use_channels_last(cfg, device)  # what train() does with this config on this device
     core_opt = create_optimizer(cfg, core_model)
     core_sched = create_scheduler(cfg, core_opt, len(loaders["train"]) * 100)
-    autocast, scaler, _ = autocast_context(cfg, device)
+    core_rt = Runtime.create(cfg, device, info)
+    core_state = TrainState(core_model, core_opt, core_sched, criterion)
     core_epoch = [0]
 
     def core_side() -> float:
         core_epoch[0] += 1
         set_epoch(loaders, cfg, core_epoch[0], info)
         t = time.perf_counter()
-        train_one_epoch(core_model, loaders["train"], criterion, core_opt, core_sched, scaler, autocast,
-                                   cfg, device, core_epoch[0], info, NullSink(), 0, None, {})
+        train_one_epoch(core_rt, core_state, loaders["train"], core_epoch[0])
         return len(loaders["train"]) * BATCH_SIZE / (time.perf_counter() - t)  # drop_last: full batches only
 
     # classic: DataLoader over the PIL-transform dataset, 2 workers, the loop as usually written (loss.item() per step)
@@ -329,8 +329,7 @@ def bench_training(quick: bool) -> list[Row]:
     def core_chunk() -> float:
         core_epoch[0] += 1
         t = time.perf_counter()
-        train_one_epoch(core_model, chunks, criterion, core_opt, core_sched, scaler, autocast, cfg, device,
-                        core_epoch[0], info, NullSink(), 0, None, {})
+        train_one_epoch(core_rt, core_state, chunks, core_epoch[0])
         return CHUNK_STEPS * BATCH_SIZE / (time.perf_counter() - t)
 
     got2 = alternate({"core": core_chunk, "bound": lambda: bound_steps(CHUNK_STEPS)}, pairs)
@@ -378,15 +377,7 @@ def worker_available() -> str | None:
 
 # ------------------------------------------------------------------------------------------------------- row 3
 def bench_streaming(quick: bool, url: str) -> list[Row]:
-    from core import distributed as D
     from core.events import NullSink
-    from core.train import (
-        autocast_context,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        train_one_epoch,
-    )
     from worker import keys
     from worker.connection import connect
     from worker.streaming import RedisEventSink
@@ -399,8 +390,7 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
     model = new_model(cfg, bundle.in_chans, len(bundle.classes), device)
     opt = create_optimizer(cfg, model)
     sched = create_scheduler(cfg, opt, len(loaders["train"]) * 100)
-    autocast, scaler, _ = autocast_context(cfg, device)
-    criterion = nn.CrossEntropyLoss()
+    state = TrainState(model, opt, sched, nn.CrossEntropyLoss())
     conn = connect(url)
     job_id = keys.new_job_id()
     conn.hset(keys.job(job_id), mapping={"id": job_id, "state": "running"})  # the sink updates an existing job hash
@@ -411,8 +401,7 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
         epoch[0] += 1
         sink.emit("start", {"epochs": 1000, "world_size": 1})
         t = time.perf_counter()
-        train_one_epoch(model, chunks, criterion, opt, sched, scaler, autocast, cfg, device, epoch[0], info,
-                        sink, 0, None, {})
+        train_one_epoch(Runtime.create(cfg, device, info, sink), state, chunks, epoch[0])
         sink.emit("epoch", {"epoch": epoch[0], "epochs": 1000})
         return time.perf_counter() - t
 
@@ -510,20 +499,44 @@ def _first_step(conn: Any, job_id: str, timeout: float) -> float | None:
     return None
 
 
+def _worker_env(tmp: str, url: str, **extra: str) -> dict[str, str]:
+    """The environment of a bench worker whose var/ and artifact store live in `tmp`."""
+    return {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
+            "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT), **extra}
+
+
+def _start_cpu_worker(env: dict[str, str], out: Any, *args: str) -> subprocess.Popen:
+    """`python -m worker run --cpu ARGS` in a session of its own (so `stop` ends its trainers too)."""
+    return subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", *args], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _submit_to_first_step(conn: Any, store: Any, **options: Any) -> float:
+    """Seconds from submitting the digits preset (no export) to its first step event; the job is then cancelled."""
+    from worker.api import cancel_job, job_status
+    from worker.submit import submit_job
+
+    t0 = time.monotonic()
+    job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn, store=store,
+                        **options).job_id
+    t1 = _first_step(conn, job_id, 120)
+    cancel_job(conn, job_id, wait=30)
+    if t1 is None:
+        state = job_status(conn, job_id)
+        raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
+    return t1 - t0
+
+
 def bench_submit(quick: bool, url: str) -> list[Row]:
     from tests.fixtures_redis import stop
-    from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
-    from worker.submit import submit_job
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url)
         out = (Path(tmp) / "worker.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "2"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_cpu_worker(env, out, "--slots", "2")
         conn = connect(url)
         store = ArtifactStore(env["ARTIFACTS_DIR"])
         try:
@@ -532,15 +545,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                 times = []
                 for _ in range(1 if quick else 2):
                     _wait_worker(conn, time.monotonic() + 60)
-                    t0 = time.monotonic()
-                    job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                        gpus=gpus, store=store).job_id
-                    t1 = _first_step(conn, job_id, 120)
-                    cancel_job(conn, job_id, wait=30)
-                    if t1 is None:
-                        state = job_status(conn, job_id)
-                        raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
-                    times.append(t1 - t0)
+                    times.append(_submit_to_first_step(conn, store, gpus=gpus))
                     log(f"row 4 ({label}): {times[-1]:.2f} s")
                 rows.append(Row(f"submit → first step event, warm worker, {label}", statistics.median(times), target,
                                 "s", higher_is_better=False,
@@ -571,19 +576,15 @@ def bench_multinode(quick: bool, url: str) -> list[Row]:
     """Two `python -m worker run --cpu --slots 1` workers on this machine (advertising 127.0.0.1): the time from
     submitting a 2-node digits job to its first step event (gang reservation, rendezvous, two torchruns)."""
     from tests.fixtures_redis import stop
-    from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
     from worker.presence import list_workers
-    from worker.submit import submit_job
 
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"), "WORKER_ADDR": "127.0.0.1",
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url, WORKER_ADDR="127.0.0.1")
         out = (Path(tmp) / "workers.log").open("wb")
-        procs = [subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1", "--no-prewarm",
-                                   "--name", f"bench-node-{i}"], cwd=ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+        procs = [_start_cpu_worker(env, out, "--slots", "1", "--no-prewarm", "--name", f"bench-node-{i}")
+                 for i in range(2)]
         conn = connect(url)
         store = ArtifactStore(env["ARTIFACTS_DIR"])
 
@@ -598,15 +599,7 @@ def bench_multinode(quick: bool, url: str) -> list[Row]:
                     if time.monotonic() > deadline:
                         raise TimeoutError("two idle workers did not advertise themselves within 60 s")
                     time.sleep(0.2)
-                t0 = time.monotonic()
-                job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                    gpus=1, nodes=2, store=store).job_id
-                t1 = _first_step(conn, job_id, 120)
-                cancel_job(conn, job_id, wait=30)
-                if t1 is None:
-                    state = job_status(conn, job_id)
-                    raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
-                times.append(t1 - t0)
+                times.append(_submit_to_first_step(conn, store, gpus=1, nodes=2))
                 log(f"multi-node: {times[-1]:.2f} s")
         finally:
             conn.close()
@@ -847,16 +840,6 @@ def bench_gpu(quick: bool) -> list[Row]:
 def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
     from torch.utils.data import DataLoader
 
-    from core import distributed as D
-    from core.events import NullSink
-    from core.train import (
-        autocast_context,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        set_epoch,
-        train_one_epoch,
-    )
 
     device = torch.device("cuda", 0)
     card = torch.cuda.get_device_name(0)
@@ -867,10 +850,12 @@ def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
     info = D.DistInfo()
     loaders = make_loaders(cfg, bundle, info, device)
     criterion = nn.CrossEntropyLoss()
-    autocast, scaler, _ = autocast_context(cfg, device)
+    core_rt = Runtime.create(cfg, device, info)
+    autocast = core_rt.autocast
     models = {k: new_model(cfg, bundle.in_chans, len(bundle.classes), device) for k in ("core", "classic")}
     opts = {k: create_optimizer(cfg, m) for k, m in models.items()}
     scheds = {k: create_scheduler(cfg, o, 10_000) for k, o in opts.items()}
+    core_state = TrainState(models["core"], opts["core"], scheds["core"], criterion)
     classic_loader = DataLoader(bundle.train, batch_size=batch, shuffle=True, drop_last=True, pin_memory=True,
                                 num_workers=cfg.data.num_workers, persistent_workers=True, prefetch_factor=4)
     epoch = [0]
@@ -880,8 +865,7 @@ def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
         set_epoch(loaders, cfg, epoch[0], info)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        train_one_epoch(models["core"], loaders["train"], criterion, opts["core"], scheds["core"], scaler,
-                        autocast, cfg, device, epoch[0], info, NullSink(), 0, None, {})
+        train_one_epoch(core_rt, core_state, loaders["train"], epoch[0])
         torch.cuda.synchronize()
         return len(loaders["train"]) * batch / (time.perf_counter() - t)
 
@@ -965,11 +949,9 @@ def bench_sweep(quick: bool, url: str) -> list[Row]:
         finally:
             conn.close()
 
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url)
         out = (Path(tmp) / "worker.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_cpu_worker(env, out, "--slots", "1")
         conn = connect(url)
         try:
             _wait_worker(conn, time.monotonic() + 60)

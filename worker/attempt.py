@@ -20,6 +20,7 @@ from typing import Any
 import redis
 import yaml
 
+from core import runfolder as rf
 from worker import keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import connection_url
@@ -218,7 +219,7 @@ class Attempt:
     def _syncer(self, stop: threading.Event) -> None:
         """Remote store: upload the run folder while it trains (after each new checkpoint, at most every 10 s)."""
         last_sig = None
-        ckpt = (self.run_dir or Path(".")) / "checkpoints" / "last.pt"
+        ckpt = (self.run_dir or Path(".")) / rf.LAST_CHECKPOINT
         while not stop.wait(ARTIFACT_SYNC_INTERVAL):
             try:
                 sig = ckpt.stat().st_mtime_ns
@@ -263,7 +264,7 @@ class Attempt:
         except redis.exceptions.RedisError:
             return {}
         try:
-            report = json.loads(((self.run_dir or Path(".")) / "report.json").read_text(encoding="utf-8"))
+            report = json.loads(((self.run_dir or Path(".")) / rf.REPORT).read_text(encoding="utf-8"))
             fields = {"epoch": int(report["epochs_completed"]), "test_acc": float(report["test"]["accuracy"])}
         except (OSError, ValueError, KeyError, TypeError):
             return {}
@@ -276,12 +277,11 @@ class Attempt:
         write it here, so the run folder (and its copy in the store) says it is partial."""
         if state is JobState.FINISHED or self.run_dir is None or not self.run_dir.is_dir():
             return
-        if (self.run_dir / "CANCELLED").exists() or (self.run_dir / "FAILED").exists():
+        if any((self.run_dir / marker).exists() for marker in rf.MARKERS):
             return
-        marker = "CANCELLED" if state in (JobState.CANCELLED, JobState.PRUNED) else "FAILED"
+        marker = rf.CANCELLED if state in (JobState.CANCELLED, JobState.PRUNED) else rf.FAILED
         try:
-            (self.run_dir / marker).write_text(f"{error or state.value} (marked by worker {self.ctx.worker_name})\n",
-                                               encoding="utf-8")
+            rf.mark(self.run_dir, marker, f"{error or state.value} (marked by worker {self.ctx.worker_name})")
         except OSError:
             pass
 
@@ -337,7 +337,7 @@ class Attempt:
         attempt = self.record.attempt
         try:
             run_dir, cmd, nproc, resume = self._prepare()
-            self.log_file = (run_dir / "job.log").open("a", encoding="utf-8")
+            self.log_file = (run_dir / rf.JOB_LOG).open("a", encoding="utf-8")
         except (ArtifactError, OSError) as err:
             self.note(f"cannot prepare the run: {err}")
             message = str(err) if isinstance(err, ArtifactError) else \

@@ -178,7 +178,8 @@ def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = N
         raise InvalidJobStateError(f"job {job_id} is {st.get('state')}; only a finished, failed or cancelled job can "
                                    "be retried")
     new_id = submit_job(st["config"], connection=conn, gpus=int(st.get("gpus") or 1),
-                        nodes=int(st.get("num_nodes") or 1), priority=st.get("priority") or "default", store=store, allow_local_paths=True,
+                        nodes=int(st.get("num_nodes") or 1), priority=st.get("priority") or "default", store=store,
+                        allow_local_paths=True,
                         timeout=st.get("timeout"), name=st.get("name"))
     conn.hset(keys.job(new_id), "retried_from", job_id)
     return new_id

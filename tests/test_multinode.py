@@ -139,7 +139,8 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
                    *[a for s in ["train.epochs=1", *FAST] for a in ("--set", s)]], env)
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.split()[-1]
-    wait_for(lambda: finished(redis_conn, job_id), 180, "the 2-node job", explain=explain_job(redis_conn, job_id, spawn))
+    wait_for(lambda: finished(redis_conn, job_id), 180, "the 2-node job",
+             explain=explain_job(redis_conn, job_id, spawn))
     st = api.job_status(redis_conn, job_id)
     assert st["state"] == "finished", explain_job(redis_conn, job_id, spawn)()
     report = json.loads(api.read_artifact(job_id, "report"))

@@ -271,7 +271,8 @@ def unreserve(conn: redis.Redis, worker: str, job_id: str) -> None:
               1, keys.reservations(), worker, job_id)
 
 
-def requeue_running(conn: redis.Redis, job_id: str, attempt: int, *, reason: str, max_recoveries: int) -> tuple[str, int]:
+def requeue_running(conn: redis.Redis, job_id: str, attempt: int, *, reason: str,
+                    max_recoveries: int) -> tuple[str, int]:
     """The attempt `attempt` of a running multi-node job lost a node (or its worker shuts down): the whole job waits
     for a new gang and resumes from its checkpoint. ('recovering', new attempt), ('failed', 0) past the cap, or
     (the state, 0) when another caller already moved it on."""

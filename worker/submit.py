@@ -113,15 +113,15 @@ def check_nodes(conn: redis.Redis, nodes: int, gpus: int) -> str | None:
     """None for a one-node job; for N > 1 nodes the waiting note, or refuse when fewer than N live workers could
     each host a node of `gpus` devices."""
     if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES_PER_JOB:
-        raise SubmissionError(f"nodes: must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
+        raise SubmissionError.on("nodes", nodes, f"must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
     if nodes == 1:
         return None
     able = [w for w in list_workers(conn) if (w.get("slots") or 0) >= gpus]
     if len(able) < nodes:
         names = ", ".join(f"{w['name']} ({w.get('slots')} slot(s))" for w in able) or "none"
-        raise SubmissionError(
-            f"nodes: {nodes} nodes of {gpus} GPU(s) or CPU slot(s) each need {nodes} live workers that can each "
-            f"host {gpus}; {len(able)} can ({names}). Start more workers (python -m worker run on each machine), "
+        raise SubmissionError.on(
+            "nodes", nodes, f"{nodes} nodes of {gpus} GPU(s) or CPU slot(s) each need {nodes} live workers that can "
+            f"each host {gpus}; {len(able)} can ({names}). Start more workers (python -m worker run on each machine), "
             f"or ask for fewer nodes"
         )
     return gang.waiting_note(0, nodes)

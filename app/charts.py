@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 
 from app.data import LiveSeries, thin
 from app.defaults import CHART_MAX_POINTS
+from worker.api import JobState
 
 HEIGHT = 260
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -135,14 +136,14 @@ def objective_figure(trials: list[dict[str, Any]], metric: str, direction: str) 
     """The objective of each trial (complete ones, and pruned ones at the value they were stopped with) and the
     best so far."""
     fig = go.Figure()
-    for state, color, symbol in (("finished", COLORS[0], "circle"), ("pruned", COLORS[4], "x")):
+    for state, color, symbol in ((JobState.FINISHED, COLORS[0], "circle"), (JobState.PRUNED, COLORS[4], "x")):
         pts = [t for t in trials if t.get("state") == state and t.get("value") is not None]
         fig.add_trace(go.Scatter(x=[t["number"] for t in pts], y=[t["value"] for t in pts], mode="markers",
-                                 name="complete" if state == "finished" else state,
+                                 name="complete" if state is JobState.FINISHED else state.value,
                                  marker={"color": color, "symbol": symbol, "size": 9}))
     best, xs, ys = None, [], []
     for t in sorted(trials, key=lambda t: t["number"]):
-        if t.get("state") == "finished" and t.get("value") is not None:
+        if t.get("state") == JobState.FINISHED and t.get("value") is not None:
             better = best is None or (t["value"] > best if direction == "maximize" else t["value"] < best)
             best = t["value"] if better else best
         if best is not None:

@@ -13,18 +13,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from app.defaults import ACTIVE_STATES
 from core import runfolder as rf
+from worker.api import ACTIVE_STATES, JobState
 
 STATE_ICONS = {
-    "queued": "hourglass_top", "running": "play_circle", "recovering": "sync_problem", "finished": "check_circle",
-    "failed": "error", "cancelled": "stop_circle", "pruned": "content_cut",
+    JobState.QUEUED: "hourglass_top", JobState.RUNNING: "play_circle", JobState.RECOVERING: "sync_problem",
+    JobState.FINISHED: "check_circle", JobState.FAILED: "error", JobState.CANCELLED: "stop_circle",
+    JobState.PRUNED: "content_cut",
 }
 """A Material icon per job state (`:material/NAME:` in Streamlit text); icons, not emoji, so any browser draws them."""
 
 STATE_COLORS = {
-    "queued": "gray", "running": "blue", "recovering": "orange", "finished": "green", "failed": "red",
-    "cancelled": "gray", "pruned": "violet",
+    JobState.QUEUED: "gray", JobState.RUNNING: "blue", JobState.RECOVERING: "orange", JobState.FINISHED: "green",
+    JobState.FAILED: "red", JobState.CANCELLED: "gray", JobState.PRUNED: "violet",
 }
 """A badge colour per job state."""
 
@@ -81,7 +82,7 @@ def job_label(job: dict[str, Any]) -> str:
 
 def timing_text(job: dict[str, Any]) -> str:
     """Duration of a job that ended or has run, plus its ETA while running."""
-    if job.get("state") == "running" and job.get("eta") is not None:
+    if job.get("state") == JobState.RUNNING and job.get("eta") is not None:
         return f"{fmt_seconds(job.get('duration'))} (ETA {fmt_seconds(job['eta'])})"
     return fmt_seconds(job.get("duration"))
 

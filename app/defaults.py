@@ -52,9 +52,6 @@ CONFIGS_DIR = "configs"
 DEFAULT_PRESET = "digits"
 """Preset the New-job page starts from."""
 
-ACTIVE_STATES = ("queued", "running", "recovering")
-"""Job states that still change (pages that show them keep refreshing)."""
-
 ADDRESS_ENV = "DASHBOARD_ADDRESS"
 """Environment variable: the interface the dashboard listens on (`python -m app`, the Procfile's `web:` line)."""
 

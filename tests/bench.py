@@ -518,7 +518,7 @@ def _submit_to_first_step(conn: Any, store: Any, **options: Any) -> float:
 
     t0 = time.monotonic()
     job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn, store=store,
-                        **options)
+                        **options).job_id
     t1 = _first_step(conn, job_id, 120)
     cancel_job(conn, job_id, wait=30)
     if t1 is None:
@@ -778,7 +778,12 @@ DASHBOARD_ROWS = ("dashboard: job page with 20,000 metric points", "dashboard: j
 def bench_dashboard(quick: bool, url: str) -> list[Row]:
     """Render times through streamlit.testing's AppTest (the dashboard tests' `open_page`), against seeded Redis."""
     try:
-        from tests.fixtures_app import open_page, seed_jobs, seed_step_events, submit_digits
+        from tests.fixtures_app import (
+            open_page,
+            seed_jobs,
+            seed_step_events,
+            submit_digits,
+        )
     except ImportError as err:
         return [na(n, 1.0, "s", f"dashboard not landed ({err})", higher_is_better=False) for n in DASHBOARD_ROWS]
     from worker.connection import connect
@@ -906,7 +911,8 @@ def bench_sweep(quick: bool, url: str) -> list[Row]:
     from worker import api
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
-    from worker.status import JobState, mark_final, mark_started
+    from worker.record import mark_final, mark_started
+    from worker.states import JobState
     from worker.streaming import RedisEventSink
     from worker.sweeps import advance
 

@@ -338,7 +338,8 @@ def test_running_job_page_reads_only_new_stream_entries(app_env: Any) -> None:
 
 
 def test_recovering_and_failed_jobs_say_so(app_env: Any) -> None:
-    from worker.status import JobState, claim_for_requeue, mark_final, mark_started
+    from worker.record import claim_for_requeue, mark_final, mark_started
+    from worker.states import JobState
 
     job = seed_running_job(app_env)
     state, _ = claim_for_requeue(app_env, job, TEST_WORKER, max_recoveries=3, reason="worker lost (test)")

@@ -28,7 +28,7 @@ from worker.defaults import (
     SINK_BUFFER,
     SINK_CLOSE_TIMEOUT,
 )
-from worker.status import encode_fields
+from worker.record import encode_fields
 
 ENV_JOB_ID = "TRAINER_JOB_ID"
 """Environment variable naming the job whose stream rank 0's sink writes (set by the worker)."""

@@ -27,6 +27,7 @@ from app.data import (
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
 from app.stream import chart_events_since
 from worker import api
+from worker.api import JobState
 from worker.artifacts import NAMED_ARTIFACTS
 from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
 
@@ -71,7 +72,7 @@ def series_for(job: str) -> LiveSeries:
 def cancel(job: str) -> None:
     try:
         state = api.cancel_job(conn, job, wait=0)
-        ui.flash(f"Cancel requested: job {job} is {state}." if state != "cancelled" else f"Job {job} cancelled.")
+        ui.flash(f"Cancel requested: job {job} is {state}." if state != JobState.CANCELLED else f"Job {job} cancelled.")
     except (NoSuchJobError, InvalidJobStateError) as err:
         ui.flash(str(err), "error")
 
@@ -108,7 +109,7 @@ buttons[1].button("Clone", icon=":material/content_copy:", on_click=clone, args=
                   help="open New job pre-filled with this job's settings")
 buttons[2].page_link(ui.PAGE_COMPARE, label="Compare", icon=":material/compare_arrows:",
                      query_params={"jobs": job_id})
-if status["state"] == "finished":
+if status["state"] == JobState.FINISHED:
     buttons[3].page_link(ui.PAGE_TRY, label="Try it", icon=":material/image_search:", query_params={"job": job_id})
 
 
@@ -122,7 +123,7 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
     c[1].metric("Epoch", f"{s.get('epoch') or 0} / {epochs or '?'}")
     c[2].metric("Best val accuracy", f"{s['best_val_acc']:.4f}" if s.get("best_val_acc") is not None else "–")
     c[3].metric("Elapsed" if not s["final"] else "Duration", fmt_seconds(s.get("duration")) or "–")
-    c[4].metric("ETA", fmt_seconds(s.get("eta")) or ("done" if s["state"] == "finished" else "–"))
+    c[4].metric("ETA", fmt_seconds(s.get("eta")) or ("done" if s["state"] == JobState.FINISHED else "–"))
     phase = s.get("phase") or series.phase
     st.progress(min(1.0, max(0.0, s["progress"])),
                 text=f"{s['progress']:.0%}" + (f" · {phase}" if phase and not s["final"] else ""))
@@ -133,23 +134,23 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
         st.dataframe(nodes_frame(s["nodes"]), hide_index=True, column_config={
             "ranks": st.column_config.TextColumn("ranks", help="global DDP ranks on that node (rank 0 streams)"),
         })
-    if s["state"] == "queued" and not s.get("waiting"):
+    if s["state"] == JobState.QUEUED and not s.get("waiting"):
         st.info("Queued: it starts when a worker with enough GPUs is free.", icon=":material/hourglass_top:")
-    if s["state"] == "recovering":
+    if s["state"] == JobState.RECOVERING:
         st.warning(
             f"**Recovering.** Its worker {s.get('previous_worker') or ''} was lost"
             + (f" ({s['recovery_reason']})" if s.get("recovery_reason") else "")
             + "; the job resumes from its last checkpoint on the next free worker "
             + f"(recovery {s.get('recoveries') or 1}).",
             icon=":material/sync_problem:")
-    if s["state"] == "running" and s.get("worker_alive") is False:
+    if s["state"] == JobState.RUNNING and s.get("worker_alive") is False:
         st.warning(f"Worker {s.get('worker')} stopped sending heartbeats; the job will be recovered on another "
                    "worker if it does not come back.", icon=":material/heart_broken:")
-    if s["state"] == "running" and s.get("cancel_requested"):
+    if s["state"] == JobState.RUNNING and s.get("cancel_requested"):
         st.info("Cancelling: its worker is stopping the training processes.", icon=":material/stop_circle:")
-    if s["state"] == "cancelled":
+    if s["state"] == JobState.CANCELLED:
         st.info(f"Cancelled. {s.get('error') or ''}", icon=":material/stop_circle:")
-    if s["state"] == "failed":
+    if s["state"] == JobState.FAILED:
         st.error(f"**Failed:** {s.get('error') or 'no error message'}", icon=":material/error:")
 
 
@@ -169,7 +170,7 @@ def draw_log(s: dict[str, Any], job: str) -> None:
     lines = [e["line"] for e in api.logs_tail(conn, job, LOG_TAIL_LINES)]
     if not lines and s.get("log_tail"):
         lines = list(s["log_tail"])
-    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != "finished"):
+    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != JobState.FINISHED):
         st.code("\n".join(lines) or "(no log lines yet)", language=None, height=300 if len(lines) > 12 else "content")
 
 
@@ -201,7 +202,7 @@ def ended(job: str, s: dict[str, Any]) -> None:
     series = series_for(job)
     series.add(*chart_events_since(conn, job, series.last_id))
     draw_status(s, series)
-    if s["state"] == "finished":
+    if s["state"] == JobState.FINISHED:
         draw_results(job, s)
     else:
         draw_log(s, job)
@@ -210,7 +211,7 @@ def ended(job: str, s: dict[str, Any]) -> None:
             ui.draw_downloads(job, files)
     st.subheader("Training curves")
     draw_charts(series, job)
-    if s["state"] == "finished":
+    if s["state"] == JobState.FINISHED:
         draw_log(s, job)
 
 

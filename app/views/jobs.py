@@ -10,12 +10,11 @@ import streamlit as st
 from app import ui
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.data import any_active, job_label, jobs_frame, state_counts, state_label
-from app.defaults import ACTIVE_STATES, JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
+from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
 from worker import api
 from worker.errors import ArtifactError, InvalidJobStateError, NoSuchJobError, SubmissionError
-from worker.status import JobState
 
-STATES = [s.value for s in JobState]
+STATES = [s.value for s in api.JobState]
 
 conn = require_redis()
 if goto := st.session_state.pop("jobs:goto", None):
@@ -148,7 +147,7 @@ def jobs_table() -> None:
                    placeholder="select rows in the table, or pick jobs here")
     n = len(picked())
     states = {j["id"]: j.get("state") for j in shown}
-    active = sum(1 for i in picked() if states.get(i) in ACTIVE_STATES)
+    active = sum(1 for i in picked() if states.get(i) in api.ACTIVE_STATES)
     b = st.columns(6)
     b[0].button("Open", on_click=open_picked, args=(ui.PAGE_JOB, "job"), disabled=n != 1,
                 icon=":material/open_in_new:", key="jobs:open")

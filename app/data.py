@@ -362,12 +362,14 @@ def export_rows(report: dict[str, Any]) -> pd.DataFrame:
     deploy = (export.get("deploy") or {}).get("file")
     rows = []
     if onnx:
-        rows.append({"file": rf.ONNX, "deploy": deploy == rf.ONNX, "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
+        rows.append({"file": rf.ONNX, "deploy": deploy == rf.ONNX, "ok": onnx.get("ok"),
+                     "size": fmt_bytes(onnx.get("bytes")),
                      "test accuracy": onnx.get("accuracy"), "max |Δlogit| vs PyTorch": onnx.get("max_abs_diff"),
                      "top-1 agreement": onnx.get("top1_agreement"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": onnx.get("latency_ms_batch1")})
     if int8:
-        rows.append({"file": rf.INT8_ONNX, "deploy": deploy == rf.INT8_ONNX, "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
+        rows.append({"file": rf.INT8_ONNX, "deploy": deploy == rf.INT8_ONNX, "ok": int8.get("ok"),
+                     "size": fmt_bytes(int8.get("bytes")),
                      "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
                      "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": int8.get("latency_ms_batch1")})

@@ -30,6 +30,7 @@ from tests.fixtures_app import (
 from tests.fixtures_runs import digits_run_exported
 from tests.fixtures_worker import make_imagefolder
 from worker import api, keys
+from worker.artifacts import ArtifactStore
 from worker.presence import advertise
 
 
@@ -372,6 +373,8 @@ def test_finished_job_page_shows_results_and_downloads(app_env: Any, finished_ru
     assert downloads == {"model.onnx", "model.int8.onnx", "model.pt", "bundle.zip"}
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # four live charts + the confusion matrix
+    tb = f"tensorboard --logdir {ArtifactStore().local_run_dir(job) / 'tb'}"  # the one command to view its curves
+    assert any(c.value == tb for c in at.code), [c.value for c in at.code]
     deploy = report["export"]["deploy"]  # the Export tab names the file to deploy, and why
     assert any(f"Deploy `{deploy['file']}`." in m.value and deploy["reason"] in m.value for m in at.success)
     assert list(at.dataframe[0].value.columns) == ["class", "precision", "recall", "f1", "support"]

@@ -2,7 +2,8 @@
 
 The live part is a fragment that reruns alone every JOB_REFRESH_SECONDS: it reads only the stream entries after
 the last one read, into a series every viewer of the job shares with its figures (app/live.py), so a refresh neither
-reloads the page nor loses points, and ten viewers cost the server little more than one. It stops refreshing once the job is final and the page redraws once with the results.
+reloads the page nor loses points, and ten viewers cost the server little more than one. It stops refreshing once
+the job is final and the page redraws once with the results.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from app.data import (
 )
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
 from app.live import SharedSeries, shared_series
+from core import runfolder as rf
 from worker import api
 from worker.api import JobState
 from worker.artifacts import NAMED_ARTIFACTS
@@ -113,6 +115,23 @@ buttons[2].page_link(ui.PAGE_COMPARE, label="Compare", icon=":material/compare_a
                      query_params={"jobs": job_id})
 if status["state"] == JobState.FINISHED:
     buttons[3].page_link(ui.PAGE_TRY, label="Try it", icon=":material/image_search:", query_params={"job": job_id})
+
+
+def tensorboard_command(job: str) -> tuple[str, str]:
+    """(the command that opens this job's TensorBoard event files, a note on where they are)."""
+    store = artifact_store()
+    if store.is_local:
+        return f"tensorboard --logdir {store.local_run_dir(job) / rf.TENSORBOARD}", "on the machine of the store"
+    uri = store.uri(f"{store.run_key(job)}/{rf.TENSORBOARD}")
+    return (f"tensorboard --logdir {uri}", "TensorBoard reads s3:// and gs:// URLs with TensorFlow's file systems "
+            "installed; otherwise copy that folder first")
+
+
+with st.expander("Metrics in TensorBoard", icon=":material/insights:"):
+    command, where = tensorboard_command(job_id)
+    st.code(command, language="bash")
+    st.caption(f"The run folder's `{rf.TENSORBOARD}/` event files ({where}); they grow while the job runs. MLflow: set "
+               "MLFLOW_TRACKING_URI on the workers (README \"MLflow and TensorBoard\").")
 
 
 # ------------------------------------------------------------------------------------------------ live part

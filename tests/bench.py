@@ -15,7 +15,10 @@ Rows (targets from the Performance issue):
    ORT static INT8 vs ORT FP32 at 224 px: ≥ 2×.
 6. the digits preset's time to ≥ 0.98 test accuracy: ≤ 20 s, beside the classic recipe's.
 7. dashboard render times (job page with 20,000 metric points, jobs page with 1,000 jobs): ≤ 1 s each.
-8. memory: peak RSS of a training process running digits; tensor-cache size for 50,000 CIFAR-sized images.
+8. memory: peak RSS of a training process running digits; tensor-cache size for 50,000 CIFAR-sized images; the feature
+   cache for 10,000 images × 8 views.
+9. transfer: a frozen-backbone Lite0 job on 400 photo-like images, feature cache vs the current path, whole
+   `python -m core.train` time at 3 and 10 epochs (≥ 4× at 10) and the val accuracy of both.
 On a CUDA machine GPU rows are added (SimpleCNN and ResNet-18 at 32 px, bf16, channels_last, tensor cache on the GPU vs
 the classic pipeline). Rows whose prerequisites are missing say "n/a" and why; no number is ever estimated.
 """
@@ -720,6 +723,81 @@ def bench_cache_size() -> Row:
                higher_is_better=False, note=f"{nbytes:,} bytes uint8 ({nbytes / 2**20:.1f} MiB)")
 
 
+# ------------------------------------------------------------------------------------------------ transfer rows
+TRANSFER_PRESET = ROOT / "configs" / "transfer_efficientnet_lite0.yaml"
+TRANSFER_PHOTOS_PER_CLASS = 100
+"""Images per class of the transfer rows' photo set (tests.fixtures_images.make_photo_tree: 4 classes, 256 px)."""
+
+
+def bench_transfer(quick: bool) -> list[Row]:
+    """A frozen-backbone transfer job (the transfer preset: Lite0 at 224 px) on 400 photo-like images: whole
+    `python -m core.train` wall time with the feature cache vs the current path (train.feature_cache off), same
+    epochs, sides alternating; export off on both sides (it is the same model either way)."""
+    from tests.fixtures_images import make_photo_tree
+
+    epochs_list = (3, 10)
+    reps = 1 if quick else 2
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        photos = make_photo_tree(Path(tmp) / "photos", TRANSFER_PHOTOS_PER_CLASS)
+        for rep in range(reps):
+            for epochs in epochs_list:
+                sides = ["cache", "current"] if (rep + epochs) % 2 == 0 else ["current", "cache"]
+                for side in sides:
+                    overrides = [f"data.path={photos}", f"train.epochs={epochs}", "export.enabled=false",
+                                 f"train.feature_cache={'on' if side == 'cache' else 'off'}"]
+                    r = _train_subprocess(str(TRANSFER_PRESET), overrides, Path(tmp) / f"{side}-{epochs}-{rep}")
+                    runs.setdefault((side, epochs), []).append(r)
+                    rep_ = r["report"]
+                    log(f"transfer: {side} {epochs} epochs: {r['wall']:.1f} s, val acc {rep_['val']['accuracy']:.4f}, "
+                        f"test acc {rep_['test']['accuracy']:.4f}, peak RSS {r['rss_mib']:.0f} MiB")
+    first = runs[("cache", epochs_list[0])][0]["report"]
+    fc = first.get("feature_cache") or {}
+    counts = first["data"]["counts"]
+    rows = []
+    for epochs in epochs_list:
+        cache, current = runs[("cache", epochs)], runs[("current", epochs)]
+        walls = {k: [r["wall"] for r in v] for k, v in (("cache", cache), ("current", current))}
+        rows.append(Row(f"transfer job, feature cache vs current path: whole core.train time, {epochs} epochs",
+                        ratio_median(walls["current"], walls["cache"]), 4.0 if epochs == 10 else None, "×",
+                        note=f"Lite0 224 px frozen, {sum(counts.values())} photo-like images "
+                             f"({counts['train']}/{counts['val']}/{counts['test']}), process wall time: cache "
+                             f"{_seconds(walls['cache'])}, current {_seconds(walls['current'])}; "
+                             f"{fc.get('views')} views, embedding {fc.get('images_per_sec', 0):.1f} img/s "
+                             f"({fc.get('precision')}), {len(cache)} alternating pair(s)"))
+    cache10, current10 = runs[("cache", 10)], runs[("current", 10)]
+    acc = {k: statistics.median(r["report"]["val"]["accuracy"] for r in v)
+           for k, v in (("cache", cache10), ("current", current10))}
+    test = {k: statistics.median(r["report"]["test"]["accuracy"] for r in v)
+            for k, v in (("cache", cache10), ("current", current10))}
+    n_val = counts["val"]
+    se = math.sqrt(max(acc["current"] * (1 - acc["current"]), 1e-9) / n_val) * 100
+    rows.append(Row("transfer job, 10 epochs: val accuracy, feature cache − current path", (acc["cache"] - acc["current"])
+                    * 100, -round(se, 1), "points",
+                    note=f"best-checkpoint val accuracy (report.json val.accuracy), same seed, median over "
+                         f"{len(cache10)} run(s): cache {acc['cache']:.4f}, current {acc['current']:.4f} on {n_val} "
+                         f"images (target: within one binomial standard error, {se:.1f} points); test accuracy of "
+                         f"the whole fp32 model: cache {test['cache']:.4f}, current {test['current']:.4f}"))
+    return rows
+
+
+def _seconds(values: list[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values) + " s"
+
+
+def bench_feature_cache_size() -> Row:
+    from core.features import FEATURE_BYTES, feature_cache_bytes
+    from core.models import create_model, get_head
+
+    dim = get_head(create_model("efficientnet_lite0", 2, image_size=224)).in_features
+    cache = torch.empty((8, 10_000, dim), dtype=torch.float32)  # what FeatureBatchLoader holds for train
+    nbytes = cache.numel() * cache.element_size()
+    assert nbytes == feature_cache_bytes(10_000, 8, 0, dim) and cache.element_size() == FEATURE_BYTES
+    return Row("memory: feature cache of 10,000 images × 8 views (Lite0)", nbytes / 1e6, None, "MB",
+               higher_is_better=False, note=f"{nbytes:,} bytes: 8 × 10,000 × {dim} float32 ({nbytes / 2**20:.1f} "
+                                            "MiB); val images add one row each")
+
+
 # ------------------------------------------------------------------------------------------------------- row 7
 DASHBOARD_ROWS = ("dashboard: job page with 20,000 metric points", "dashboard: jobs page with 1,000 jobs")
 
@@ -778,7 +856,34 @@ def bench_gpu(quick: bool) -> list[Row]:
     for model_name in ("simple_cnn", "resnet18"):
         rows.append(_gpu_row(model_name, quick))
         torch.cuda.empty_cache()
+    rows.append(_gpu_transfer_row())
     return rows
+
+
+def _gpu_transfer_row(epochs: int = 10) -> Row:
+    """The transfer job of the transfer rows on the GPU, in this process: feature cache vs current path."""
+    from core.config import load_config
+    from core.train import train
+    from tests.fixtures_images import make_photo_tree
+
+    card = torch.cuda.get_device_name(0)
+    walls: dict[str, float] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-transfer-") as tmp:
+        photos = make_photo_tree(Path(tmp) / "photos", TRANSFER_PHOTOS_PER_CLASS)
+        for side in ("current", "cache"):
+            cfg = load_config(TRANSFER_PRESET, [f"data.path={photos}", f"train.epochs={epochs}", "train.device=cuda",
+                                                "export.enabled=false",
+                                                f"train.feature_cache={'on' if side == 'cache' else 'off'}"])
+            t = time.perf_counter()
+            reports[side] = train(cfg, Path(tmp) / side)
+            walls[side] = time.perf_counter() - t
+    fc = reports["cache"].get("feature_cache") or {}
+    return Row(f"GPU {card}: transfer job, feature cache vs current path, {epochs} epochs", walls["current"] /
+               walls["cache"], None, "×",
+               note=f"train() wall: cache {walls['cache']:.1f} s, current {walls['current']:.1f} s; val acc "
+                    f"{reports['cache']['val']['accuracy']:.4f} vs {reports['current']['val']['accuracy']:.4f}; "
+                    f"embedding {fc.get('images_per_sec', 0):,.0f} img/s ({fc.get('precision')}), one pair")
 
 
 def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
@@ -896,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--only", default=None, help="comma-separated sections: training,streaming,submit,inference,"
-                                                "digits,memory,dashboard,gpu")
+                                                "digits,transfer,memory,dashboard,gpu")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     info = machine()
@@ -935,8 +1040,12 @@ def main(argv: list[str] | None = None) -> int:
     if want("digits"):
         rows += _guard("rows 6, 8", lambda: bench_digits(args.quick), [
             Row("digits preset: time to ≥ 0.98 test accuracy", None, 20.0, "s", False)])
+    if want("transfer"):
+        rows += _guard("transfer rows", lambda: bench_transfer(args.quick), [
+            Row("transfer job, feature cache vs current path: whole core.train time, 10 epochs", None, 4.0, "×")])
     if want("memory"):
         rows.append(bench_cache_size())
+        rows.append(bench_feature_cache_size())
     if want("gpu") and torch.cuda.is_available():
         rows += _guard("GPU rows", lambda: bench_gpu(args.quick), [])
     seconds = time.perf_counter() - start

@@ -4,15 +4,21 @@
   must type it once; the comparison is constant-time and the password is never shown or logged.
 - OIDC: an `[auth]` section in `.streamlit/secrets.toml` (redirect_uri, cookie_secret, client_id, client_secret,
   server_metadata_url; see Streamlit's `st.login` docs) turns on "Log in" with that identity provider.
-- Neither: no login (the dashboard is meant for a trusted network then; it listens where `--server.address` says).
+- Neither: no login. That is allowed only while the dashboard listens on loopback (the default, 127.0.0.1): an
+  exposed one (`DASHBOARD_ADDRESS=0.0.0.0` or any other non-loopback address) refuses to start without a login unless
+  `DASHBOARD_ALLOW_OPEN=1` says so (`exposure_refusal`, checked by `python -m app` before the server starts and by
+  the entry page on every run, for a `streamlit run` started by hand).
 """
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from typing import Any
 
 import streamlit as st
+
+from app.defaults import ADDRESS_ENV, ALLOW_OPEN_ENV
 
 PASSWORD_ENV = "DASHBOARD_PASSWORD"
 """Environment variable holding the shared dashboard password (empty or unset: no password)."""
@@ -36,6 +42,50 @@ def shared_password() -> str | None:
 
 def oidc_configured() -> bool:
     return bool(_secret("auth"))
+
+
+def login_configured() -> bool:
+    """A shared password or OIDC sign-in is set up (every session must sign in before a page is drawn)."""
+    return bool(shared_password()) or oidc_configured()
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a listening address is reachable from this machine only. None or "" is Streamlit's default: every
+    interface."""
+    if not address:
+        return False
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, it is meant to be reached from elsewhere
+        return False
+
+
+def open_allowed() -> bool:
+    return os.environ.get(ALLOW_OPEN_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def exposure_refusal(address: str | None) -> str | None:
+    """Why the dashboard must not serve on `address` (None: it may): exposed beyond loopback with no login and no
+    explicit `DASHBOARD_ALLOW_OPEN=1`. The message says how to do each of the three fixes."""
+    if is_loopback(address) or login_configured() or open_allowed():
+        return None
+    if not address:
+        where = "every interface (no server.address set)"
+    else:
+        where = f"{address} (every interface)" if address in ("0.0.0.0", "::") else address
+    return (
+        f"Refusing to serve the dashboard on {where} without a login: anyone who can reach this machine could submit "
+        "jobs, use its GPUs and download every model and dataset. Do one of these:\n"
+        "- set a shared password: `DASHBOARD_PASSWORD=...` in the environment (or `dashboard_password = \"...\"` in "
+        ".streamlit/secrets.toml);\n"
+        "- or set up single sign-on: an `[auth]` section in .streamlit/secrets.toml (OIDC, see README "
+        "\"Dashboard access\");\n"
+        f"- or listen on loopback only: unset `{ADDRESS_ENV}` (default 127.0.0.1) and reach it through an SSH tunnel "
+        "(`ssh -L 8501:127.0.0.1:8501 HOST`) or a proxy that logs users in;\n"
+        f"- or, on a network you trust completely, say so: `{ALLOW_OPEN_ENV}=1`."
+    )
 
 
 def require_login() -> bool:

@@ -54,3 +54,18 @@ DEFAULT_PRESET = "digits"
 
 ACTIVE_STATES = ("queued", "running", "recovering")
 """Job states that still change (pages that show them keep refreshing)."""
+
+ADDRESS_ENV = "DASHBOARD_ADDRESS"
+"""Environment variable: the interface the dashboard listens on (`python -m app`, the Procfile's `web:` line)."""
+
+ADDRESS = "127.0.0.1"
+"""Default interface: loopback only. Any other address exposes the dashboard and needs a login (app/auth.py)."""
+
+ALLOW_OPEN_ENV = "DASHBOARD_ALLOW_OPEN"
+"""Environment variable: `1` lets an exposed dashboard start without a login (a network you trust completely)."""
+
+PORT_ENV = "PORT"
+"""Environment variable: the dashboard's TCP port (honcho sets it from .env)."""
+
+PORT = 8501
+"""Default TCP port of the dashboard."""

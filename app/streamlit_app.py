@@ -1,8 +1,9 @@
-"""The dashboard's entry point: `streamlit run app/streamlit_app.py` (Procfile `web:`; port from $PORT).
+"""The dashboard's entry point: `streamlit run app/streamlit_app.py`, started by `python -m app` (Procfile `web:`).
 
 It builds the navigation over the pages in app/views/ and runs the chosen one. A page that loses Redis halfway
 gets the Redis-down banner instead of a traceback. With a password (or OIDC) configured, nothing but the sign-in
-form is drawn until the session has signed in (app/auth.py).
+form is drawn until the session has signed in (app/auth.py). A server listening beyond loopback with no login (a
+`streamlit run --server.address 0.0.0.0` started by hand, past `python -m app`'s check) draws only the refusal.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts app/ on sys.path, not the 
 
 import streamlit as st
 
-from app.auth import require_login
+from app.auth import exposure_refusal, require_login
 from app.connection import REDIS_ERRORS, redis_down
 
 st.set_page_config(page_title="Image-classifier training", page_icon=":material/model_training:", layout="wide")
@@ -29,6 +30,10 @@ PAGES = [
     st.Page("views/try_it.py", title="Try it", icon=":material/image_search:", url_path="try"),
 ]
 
+refusal = exposure_refusal(st.get_option("server.address"))
+if refusal:
+    st.error(refusal, icon=":material/lock:")
+    st.stop()
 if not require_login():  # optional: DASHBOARD_PASSWORD, secrets, or OIDC (app/auth.py)
     st.stop()
 page = st.navigation(PAGES)

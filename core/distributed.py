@@ -28,6 +28,20 @@ class DistInfo:
         return self.world_size > 1
 
 
+DEFAULT_DIST_TIMEOUT = 1800.0
+"""Seconds a collective waits for the other ranks before failing (PyTorch's own default: 30 minutes)."""
+
+
+def dist_timeout() -> float:
+    """The process group's timeout: env CORE_DIST_TIMEOUT (seconds; multi-node workers set it short, so a lost node
+    stops the others instead of hanging them) or DEFAULT_DIST_TIMEOUT."""
+    raw = os.environ.get("CORE_DIST_TIMEOUT", "").strip()
+    try:
+        return max(1.0, float(raw)) if raw else DEFAULT_DIST_TIMEOUT
+    except ValueError:
+        return DEFAULT_DIST_TIMEOUT
+
+
 def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]:
     """Initialise the process group when launched by torchrun and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,7 +58,7 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
         device = torch.device("cpu")
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=dist_timeout()))
     return info, device
 
 

@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+EPOCH_METRICS = ("val_acc", "val_loss", "val_macro_f1", "train_acc", "train_loss", "best_val_acc", "lr", "seconds",
+                 "images_per_sec")
+"""The numbers every `epoch` event carries (see above): what a sweep may optimise and what its pruner watches."""
+
 
 class EventSink(Protocol):
     def emit(self, type: str, data: dict[str, Any]) -> None: ...

@@ -1,4 +1,5 @@
-"""`python -m worker redis | run | submit | status | cancel | logs | list | workers` (see CONTRACTS.md).
+"""`python -m worker redis | run | submit | status | cancel | logs | list | workers | doctor | sweep | sweep-status |
+sweep-cancel | sweeps | sweep-dashboard` (README "Jobs and workers", docs/sweeps.md).
 
 Thin wrappers over the package's functions; every error a user can cause prints one line, not a traceback.
 """
@@ -14,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.defaults import PRIORITIES, STATUS_WAIT_CANCEL
-from worker.errors import NoSuchJobError, SubmissionError, WorkerError
+from worker.errors import NoSuchJobError, NoSuchSweepError, SubmissionError, WorkerError
 
 
 def _ts(t: float | None) -> str:
@@ -63,10 +64,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = ArtifactStore()
     store.check_writable()
     prewarm = not args.no_prewarm and os.environ.get("WORKER_PREWARM", "1").strip().lower() not in ("0", "false", "no")
-    worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name, prewarm=prewarm)
+    from worker.multinode import primary_address
+
+    addr = (args.advertise_addr or os.environ.get("WORKER_ADDR", "").strip() or primary_address())
+    worker = TrainerWorker(conn, redis_url=url, resources=resources, store=store, name=args.name, prewarm=prewarm,
+                           advertise_addr=addr)
     what = (f"GPU(s) {', '.join(str(g['index']) + ' ' + str(g['name']) for g in resources['gpus'])}"
             if resources["kind"] == "gpu" else f"CPU only, {resources['slots']} slot(s)")
-    print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}", flush=True)
+    print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}; address {addr}", flush=True)
     worker.work(burst=args.burst, logging_level="INFO")
     return 0
 
@@ -76,7 +81,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from worker.submit import submit_job
 
     conn = _conn()
-    job_id = submit_job(args.config, args.overrides, connection=conn, gpus=args.gpus, priority=args.priority,
+    job_id = submit_job(args.config, args.overrides, connection=conn, gpus=args.gpus, nodes=args.nodes,
+                        priority=args.priority,
                         allow_local_paths=True, timeout=args.timeout)
     status = conn.hget(keys.job(job_id), "waiting")
     if status:
@@ -99,6 +105,10 @@ def cmd_status(args: argparse.Namespace) -> int:
           + (f"  best val acc {st['best_val_acc']:.4f}" if st.get("best_val_acc") is not None else ""))
     print(f"worker     {st.get('worker') or '-'}  attempt {st.get('attempt') or 0}  "
           f"recoveries {st.get('recoveries') or 0}")
+    for node in st.get("nodes") or []:
+        rank = "-" if node.get("node_rank") is None else node["node_rank"]
+        print(f"node {rank:<5} {node.get('worker')}  {node.get('host') or ''} {node.get('addr') or ''}  "
+              f"{node.get('ranks') or '?'} rank(s)  {node.get('state')}")
     print(f"submitted  {_ts(st.get('submitted_at'))}  started {_ts(st.get('started_at'))}  "
           f"ended {_ts(st.get('ended_at'))}")
     if st.get("error"):
@@ -174,6 +184,93 @@ def cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from worker.sweeps import create_sweep
+
+    sweep_id = create_sweep(args.config, args.space, connection=_conn(), trials=args.trials, parallel=args.parallel,
+                            metric=args.metric, direction=args.direction, sampler=args.sampler, pruner=args.pruner,
+                            name=args.name, overrides=args.overrides, gpus=args.gpus, priority=args.priority,
+                            allow_local_paths=True, seed=args.seed)
+    print(f"created sweep {sweep_id}")
+    return 0
+
+
+def _value(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from worker.sweeps import sweep_status
+
+    st = sweep_status(_conn(), args.sweep)
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    c = st["counts"]
+    print(f"sweep      {st['id']}  ({st.get('name') or ''})")
+    print(f"state      {st['state']}  {st['ended']}/{st['trials']} trials ended, parallel {st['parallel']}")
+    print("trials     " + "  ".join(f"{k} {c[k]}" for k in c))
+    print(f"objective  {st['direction']} {st['metric']}  sampler {st['sampler']}  pruner {st['pruner']}")
+    if st.get("best_trial") is not None:
+        params = ", ".join(f"{k}={_value(v)}" for k, v in (st.get("best_params") or {}).items())
+        print(f"best       trial {st['best_trial']}  {st['metric']} {_value(st.get('best_value'))}  "
+              f"job {st.get('best_job')}  ({params})")
+    if st.get("error"):
+        print(f"error      {st['error']}")
+    keys_ = list(st.get("space") or {})
+    print(f"{'#':>3} {'STATE':<10} {'VALUE':>8} {'EPOCH':>5}  {'JOB':<23} " + " ".join(f"{k:>16}" for k in keys_))
+    for t in st["trials_table"]:
+        print(f"{t['number']:>3} {t['state']:<10} {_value(t['value']):>8} {t['epoch']:>5}  {t['job'] or '-':<23} "
+              + " ".join(f"{_value(t['params'].get(k)):>16}" for k in keys_))
+    return 0
+
+
+def cmd_sweep_cancel(args: argparse.Namespace) -> int:
+    from worker.sweeps import cancel_sweep
+
+    print(f"sweep {args.sweep}: {cancel_sweep(_conn(), args.sweep)}")
+    return 0
+
+
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    from worker.sweeps import list_sweeps
+
+    sweeps = list_sweeps(_conn())
+    if args.json:
+        print(json.dumps(sweeps, indent=2, default=str))
+        return 0
+    print(f"{'SWEEP':<23} {'STATE':<10} {'ENDED':>7} {'DONE':>4} {'PRUN':>4} {'FAIL':>4} {'RUN':>4} {'QUEU':>4} "
+          f"{'BEST':>8}  NAME")
+    for s in sweeps:
+        c = s["counts"]
+        print(f"{s['id']:<23} {s['state']:<10} {s['ended']:>3}/{s['trials']:<3} {c['complete']:>4} {c['pruned']:>4} "
+              f"{c['failed'] + c['cancelled']:>4} {c['running']:>4} {c['queued']:>4} {_value(s.get('best_value')):>8}"
+              f"  {s.get('name') or ''}")
+    return 0
+
+
+def cmd_sweep_dashboard(args: argparse.Namespace) -> int:
+    from worker.study import storage_for
+    from worker.sweeps import read_sweep
+
+    conn = _conn()
+    read_sweep(conn, args.sweep)  # NoSuchSweepError for a bad id
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        print("error: optuna-dashboard is not installed: pip install optuna-dashboard", file=sys.stderr)
+        return 2
+    print(f"optuna-dashboard for sweep {args.sweep} on http://{args.host}:{args.port}/", flush=True)
+    run_server(storage_for(conn, args.sweep), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from worker.doctor import main as doctor
+
+    return doctor(as_json=args.json)
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description="Managed training jobs: Redis, workers, jobs.")
@@ -191,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slots", type=int, default=None, help="CPU-only worker: most ranks per job (default min(CPUs, 8))")
     s.add_argument("--name", default=None, help="worker name (default host-pid-random)")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Redis at start-up (default 60)")
+    s.add_argument("--advertise-addr", default=None,
+                   help="address other machines reach this worker at, for multi-node jobs (env WORKER_ADDR; "
+                        "default: this host's primary address)")
     s.add_argument("--no-prewarm", action="store_true",
                    help="do not keep a pre-started training process (env WORKER_PREWARM=0 does the same)")
     s.set_defaults(func=cmd_run)
@@ -198,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="validate, upload the dataset if local, enqueue; prints the job id last")
     s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU gloo ranks) for the job (default 1)")
+    s.add_argument("--gpus", type=int, default=1,
+                   help="GPUs (or CPU gloo ranks) for the job, on each node (default 1)")
+    s.add_argument("--nodes", type=int, default=1,
+                   help="workers (machines) the job spans: one DDP job of nodes x gpus ranks (default 1)")
     s.add_argument("--priority", choices=PRIORITIES, default="default")
     s.add_argument("--timeout", type=float, default=None, help="wall-clock limit in seconds (default: none)")
     s.set_defaults(func=cmd_submit)
@@ -227,6 +330,47 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("workers", help="live workers")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_workers)
+
+    s = sub.add_parser("sweep", help="hyper-parameter search: every trial is a job; prints the sweep id")
+    s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
+    s.add_argument("--space", required=True, help="SPACE.yaml: dotted keys → {float|int: [low, high]} or {choice: [...]}")
+    s.add_argument("--trials", type=int, required=True, help="trials in all")
+    s.add_argument("--parallel", type=int, default=1, help="most trials queued or running at once (default 1)")
+    s.add_argument("--metric", default="val_acc", help="the epoch metric to optimise (default val_acc)")
+    s.add_argument("--direction", choices=("maximize", "minimize"), default=None,
+                   help="default: minimize for losses and seconds, else maximize")
+    s.add_argument("--sampler", default="tpe", help="tpe (default), random or grid")
+    s.add_argument("--pruner", default="median", help="median (default), hyperband or none")
+    s.add_argument("--name", default=None, help="a label (default: model on dataset)")
+    s.add_argument("--seed", type=int, default=None, help="sampler seed (default: random)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the base config (as for submit)")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU gloo ranks) per trial (default 1)")
+    s.add_argument("--priority", choices=PRIORITIES, default="default")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("sweep-status", help="a sweep's state, best trial and trials")
+    s.add_argument("sweep")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sweep_status)
+
+    s = sub.add_parser("sweep-cancel", help="cancel a sweep and every queued or running trial")
+    s.add_argument("sweep")
+    s.set_defaults(func=cmd_sweep_cancel)
+
+    s = sub.add_parser("sweeps", help="sweeps, newest first")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sweeps)
+
+    s = sub.add_parser("sweep-dashboard", help="open a sweep's study in optuna-dashboard (pip install optuna-dashboard)")
+    s.add_argument("sweep")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.set_defaults(func=cmd_sweep_dashboard)
+
+    s = sub.add_parser("doctor", help="can this machine serve jobs? checks each part and prints the fix (exit 1: no)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
     return p
 
 
@@ -236,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except WorkerError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if args.command == "submit" or isinstance(err, (SubmissionError, NoSuchJobError)) else 1
+        refused = args.command in ("submit", "sweep") or isinstance(err, (SubmissionError, NoSuchJobError,
+                                                                           NoSuchSweepError))
+        return 2 if refused else 1
     except KeyboardInterrupt:
         return 130
 

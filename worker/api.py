@@ -11,12 +11,13 @@ typed ever reaches the filesystem. Key layout and schemas: docs/redis.md.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import IO, Any
 
 import redis
 
-from worker import keys
+from worker import gang, keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import LIST_LIMIT, STATUS_WAIT_CANCEL
 from worker.errors import InvalidJobStateError, NoSuchJobError
@@ -25,11 +26,24 @@ from worker.queues import discard_rq_job
 from worker.status import FINAL_STATES, JobState, mark_final, parse_status, read_status, request_cancel
 from worker.streaming import epoch_events, events_since, follow_logs, logs_since, logs_tail, wait_events
 from worker.submit import submit_job
+from worker.sweeps import (
+    SweepState,
+    cancel_sweep,
+    create_sweep,
+    importances,
+    list_sweeps,
+    optuna_study,
+    sweep_status,
+    sweep_trials,
+    trial_ended,
+)
 
 __all__ = [
     "JobState", "artifact_files", "cancel_job", "delete_job", "epoch_events", "events_since", "follow_logs",
-    "job_status", "list_jobs", "list_workers", "logs_since", "logs_tail", "open_artifact", "read_artifact",
+    "job_nodes", "job_status", "list_jobs", "list_workers", "logs_since", "logs_tail", "open_artifact", "read_artifact",
     "retry_job", "submit_job", "wait_events",
+    "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
+    "sweep_trials",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")
@@ -58,6 +72,26 @@ def _derive(st: dict[str, Any]) -> dict[str, Any]:
     return st
 
 
+def job_nodes(conn: redis.Redis, job_id: str, st: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The nodes of a multi-node job, by node rank: `node_rank`, `worker`, `host`, `addr`, `ranks`, `global_ranks`,
+    `state` (`reserved` while the gang gathers; then `starting`, `running`, `finished`, `failed`, `cancelled`,
+    `lost`, `stopped`), `attempt`, `pid`, `exit_code`. Empty for a one-node job."""
+    st = st if st is not None else (read_status(conn, job_id) or {})
+    if int(st.get("num_nodes") or 1) <= 1:
+        return []
+    if st.get("state") in (JobState.QUEUED.value, JobState.RECOVERING.value):
+        return [{"node_rank": None, "worker": name, "state": "reserved", "ranks": st.get("gpus")}
+                for name in gang.members(conn, job_id)]
+    out = [json.loads(v) for v in conn.hvals(keys.nodes(job_id))]
+    attempt = int(st.get("attempt") or 0)
+    known = {n.get("node_rank") for n in out if n.get("attempt") == attempt}
+    for rank, name in enumerate(gang.gang_of(st)):  # a node that has not written its entry yet
+        if rank not in known:
+            out.append({"node_rank": rank, "worker": name, "state": "starting", "ranks": st.get("gpus"),
+                        "attempt": attempt})
+    return sorted((n for n in out if n.get("attempt") == attempt), key=lambda n: n.get("node_rank") or 0)
+
+
 def job_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     """The full status of one job (NoSuchJobError when unknown): at least state, progress, epoch, epochs, error,
     artifacts, best_val_acc, worker, submitted_at/started_at/ended_at (unix seconds), duration, eta, config."""
@@ -65,6 +99,7 @@ def job_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
     if st is None:
         raise NoSuchJobError(f"no such job {job_id!r}")
     st = _derive(st)
+    st["nodes"] = job_nodes(conn, job_id, st)
     if st["state"] == JobState.RUNNING.value and st.get("worker"):
         st["worker_alive"] = is_alive(conn, st["worker"])
     return st
@@ -106,8 +141,12 @@ def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
     if result == "missing":
         raise NoSuchJobError(f"no such job {job_id!r}")
     st = read_status(conn, job_id) or {}
+    if int(st.get("num_nodes") or 1) > 1:
+        gang.discard(conn, job_id)  # out of the gangs ZSET, every reservation for it released
     if result == "cancelled":
         discard_rq_job(conn, st.get("rq_job"))
+        if st.get("sweep"):
+            trial_ended(conn, st["sweep"], wait=0)  # no worker ends it: its sweep learns now (or at the next scan)
         return JobState.CANCELLED.value
     if result != "requested":
         return result
@@ -115,6 +154,8 @@ def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
     if not is_alive(conn, owner):
         mark_final(conn, job_id, owner, JobState.CANCELLED, {"error": "cancelled (its worker was gone)"})
         discard_rq_job(conn, st.get("rq_job"))
+        if st.get("sweep"):
+            trial_ended(conn, st["sweep"], wait=0)
         return (read_status(conn, job_id) or {}).get("state", "missing")
     deadline = time.monotonic() + wait
     state = JobState.RUNNING.value
@@ -135,7 +176,7 @@ def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = N
         raise InvalidJobStateError(f"job {job_id} is {st.get('state')}; only a finished, failed or cancelled job can "
                                    "be retried")
     new_id = submit_job(st["config"], connection=conn, gpus=int(st.get("gpus") or 1),
-                        priority=st.get("priority") or "default", store=store, allow_local_paths=True,
+                        nodes=int(st.get("num_nodes") or 1), priority=st.get("priority") or "default", store=store, allow_local_paths=True,
                         timeout=st.get("timeout"), name=st.get("name"))
     conn.hset(keys.job(new_id), "retried_from", job_id)
     return new_id
@@ -159,6 +200,7 @@ def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = 
         pipe.zrem(keys.jobs_index(), job_id)
         pipe.srem(keys.running_set(), job_id)
         pipe.srem(keys.recovering_set(), job_id)
+        pipe.zrem(keys.gangs(), job_id)
         pipe.execute()
     (store or ArtifactStore()).delete_job(job_id)
 

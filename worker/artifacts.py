@@ -47,6 +47,9 @@ NAMED_ARTIFACTS = {
 }
 """Short names for the files clients ask for most (dashboard download buttons), relative to the run folder."""
 
+STORE_ID_KEY = "store-id"
+"""A file at the store's root holding a random id made on first use: machines that read the same id share the store."""
+
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -291,6 +294,30 @@ class ArtifactStore:
         except OSError as err:
             raise ArtifactError(f"cannot delete {key} from the artifact store {self.url}: {err}") from None
         shutil.rmtree(cache_dir() / "runs" / job_id, ignore_errors=True)
+
+    def identity(self) -> str:
+        """The store's id (STORE_ID_KEY), created when missing. Workers advertise it, and `python -m worker doctor`
+        compares it with theirs: two machines with a local folder each, or different buckets, see different ids."""
+        import uuid
+
+        key = self.path(STORE_ID_KEY)
+        if self.is_local:
+            path = Path(key)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # the first writer wins
+                    with os.fdopen(fd, "w") as fh:
+                        fh.write(uuid.uuid4().hex)
+                except FileExistsError:
+                    pass
+            return path.read_text(encoding="utf-8").strip()
+        if not self.fs.exists(key):
+            self.fs.makedirs(self.base, exist_ok=True)
+            with self.fs.open(key, "wb") as fh:
+                fh.write(uuid.uuid4().hex.encode())
+        with self.fs.open(key, "rb") as fh:  # read back: of two first writers, both keep the one that stayed
+            return fh.read().decode().strip()
 
     def check_writable(self) -> None:
         """Write and remove a probe file; ArtifactError with the store's URL when that fails (full, read-only)."""

@@ -39,6 +39,24 @@ PRIORITIES = ("high", "default", "low")
 MAX_GPUS_PER_JOB = 16
 """Largest `--gpus N` a job may ask for (one node); more is refused at submission."""
 
+MAX_NODES_PER_JOB = 64
+"""Largest `--nodes N` (workers in one multi-node job's gang)."""
+
+GANG_RESERVATION_TIMEOUT = 60.0
+"""Seconds a multi-node job's gang may stay incomplete before its reservations are released; env
+GANG_RESERVATION_TIMEOUT overrides."""
+
+GANG_POLL_INTERVAL = 0.5
+"""Seconds between an idle or reserved worker's looks at the multi-node jobs (and its blocking dequeue's timeout
+is 1 s, so a gang is seen within about a second)."""
+
+RENDEZVOUS_TIMEOUT = 60
+"""Seconds every node of a multi-node job waits for the others: node 0's address, torchrun's static rendezvous."""
+
+MULTINODE_PG_TIMEOUT = 45
+"""Seconds a collective of a multi-node job may wait for a peer (the process group's timeout, CORE_DIST_TIMEOUT):
+a lost node stops the others within a minute instead of PyTorch's 30 minutes."""
+
 MAX_CPU_SLOTS = 8
 """Upper bound of the default slot count of a CPU-only worker (gloo ranks it can run at once)."""
 
@@ -104,3 +122,24 @@ UPLOAD_MAX_BYTES = 2 * 1024**3
 
 STORE_FULL_BYTES = 1024**2
 """A failed run whose run folder's file system has less free space than this (bytes) is reported as a full store."""
+
+SWEEP_LOCK_TTL = 30.0
+"""Seconds a sweep's lock lives when its holder dies (telling Optuna and enqueuing trials takes milliseconds)."""
+
+SWEEP_LOCK_WAIT = 10.0
+"""Seconds a process that ended a trial waits for the sweep's lock (the heartbeat scan retries when it gives up)."""
+
+SWEEP_SCAN_INTERVAL = 5.0
+"""Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
+
+DOCTOR_DISK_FAIL_GB = 2.0
+"""`worker doctor`: less free disk than this (GiB) where datasets or run folders go fails the check."""
+
+DOCTOR_DISK_WARN_GB = 20.0
+"""`worker doctor`: less free disk than this (GiB) is a warning (a CIFAR-sized job needs a few GiB with checkpoints)."""
+
+DOCTOR_PROBE_TIMEOUT = 90.0
+"""`worker doctor`: seconds the distributed-backend probe (a one-rank gloo/NCCL all-reduce) may take."""
+
+MIN_REDIS_VERSION = (5, 0)
+"""Oldest Redis the worker supports (streams, Lua scripts, RQ's commands)."""

@@ -32,3 +32,7 @@ class ArtifactError(WorkerError):
 
 class JobFailed(WorkerError):
     """Raised by the RQ job function so RQ records the failure; our status hash holds the details."""
+
+
+class NoSuchSweepError(WorkerError):
+    """No sweep with this id exists (or the id is malformed)."""

@@ -33,8 +33,9 @@ from worker.defaults import (
 from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, WarmTrainer, train_command, train_env
 from worker.queues import discard_rq_job, enqueue_attempt
-from worker.status import JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
+from worker.status import FINAL_STATES, JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
 from worker.streaming import LogWriter
+from worker.sweeps import TrialMonitor, trial_ended
 
 
 @dataclasses.dataclass
@@ -51,6 +52,8 @@ class WorkerContext:
     current_job: str | None = None
     warm: WarmTrainer | None = None
     """The pre-started one-rank trainer (None: every run starts cold)."""
+    advertise_addr: str = "127.0.0.1"
+    """The address other machines reach this worker at (node 0 of a multi-node job hosts the rendezvous there)."""
 
 
 _context: WorkerContext | None = None
@@ -60,6 +63,11 @@ def set_context(ctx: WorkerContext | None) -> None:
     """The worker process registers itself here before it starts dequeuing (one worker per process)."""
     global _context
     _context = ctx
+
+
+def current_context() -> WorkerContext | None:
+    """The context of the `python -m worker run` process this code runs in (None under a plain `rq worker`)."""
+    return _context
 
 
 def _fallback_context() -> WorkerContext:
@@ -151,9 +159,24 @@ class JobRun:
         config_path = run_dir.parent / "job_config.yaml"
         config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         nproc = int(status.get("gpus") or 1)
-        cmd = train_command(config_path, run_dir, nproc=nproc, resume=resume)
         self.run_dir = run_dir
+        cmd = self._command(config_path, run_dir, nproc, resume)
         return run_dir, cmd, nproc, resume
+
+    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+        """The training command of this attempt (a node of a multi-node job builds its own)."""
+        return train_command(config_path, run_dir, nproc=nproc, resume=resume)
+
+    def _env(self, devices: list[int], nproc: int) -> dict[str, str]:
+        return train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
+
+    def _launched(self, proc: Launched, run_dir: Path) -> None:
+        """The command is running (diagnostics in the status)."""
+        update_fields(self.conn, self.job_id, {"pid": proc.pid, "run_dir": str(run_dir)})
+
+    def _after_failed_exit(self, rc: int) -> str | None:
+        """The command exited non-zero by itself: an outcome that overrides `failed` ('lost', 'cancel'), or None."""
+        return None
 
     def _poll_flags(self) -> str | None:
         """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
@@ -244,7 +267,7 @@ class JobRun:
             return
         if (self.run_dir / "CANCELLED").exists() or (self.run_dir / "FAILED").exists():
             return
-        marker = "CANCELLED" if state is JobState.CANCELLED else "FAILED"
+        marker = "CANCELLED" if state in (JobState.CANCELLED, JobState.PRUNED) else "FAILED"
         try:
             (self.run_dir / marker).write_text(f"{error or state.value} (marked by worker {self.ctx.worker_name})\n",
                                                encoding="utf-8")
@@ -288,16 +311,19 @@ class JobRun:
         self.ctx.current_job = self.job_id
         self.log = LogWriter(self.conn, self.job_id)
         try:
-            return self._run(status)
+            result = self._run(status)
         except Exception as err:  # a bug or an unexpected OS error must not leave the job `running` forever
             logging.getLogger("worker").exception("job %s: worker error", self.job_id)
             self.note(f"worker error: {type(err).__name__}: {err}")
-            return self._finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
+            result = self._finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
         finally:
             self.ctx.current_job = None
             if self.log_file is not None:
                 self.log_file.close()
             self.log.close()
+        if status.get("sweep") and result.get("state") in {s.value for s in FINAL_STATES}:
+            trial_ended(self.conn, status["sweep"])  # tell Optuna, enqueue the sweep's next trial
+        return result
 
     def _run(self, status: dict[str, Any]) -> dict[str, Any]:
         attempt = int(status.get("attempt") or 0)
@@ -313,15 +339,20 @@ class JobRun:
         where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{nproc} CPU rank(s) (gloo)"
         self.note(f"attempt {attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
                   + (", resuming from the last checkpoint" if resume else ""))
-        env = train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
+        env = self._env(devices, nproc)
         started = time.monotonic()
         timeout = status.get("timeout")
         proc = self.ctx.warm.take(cmd, env, self.on_line) if self.ctx.warm is not None else None
         if proc is not None:
             self.note("running in the worker's pre-started training process")
+            if status.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
+                self.ctx.warm.start()  # its trainer ready when this one ends (imports overlap with training)
         else:
             proc = Launched(cmd, env, self.on_line)
-        update_fields(self.conn, self.job_id, {"pid": proc.pid, "run_dir": str(run_dir)})
+        monitor = (TrialMonitor(self.conn, status["sweep"], int(status["trial"]), self.job_id)
+                   if status.get("sweep") and status.get("trial") is not None else None)
+        prune_reason = None
+        self._launched(proc, run_dir)
         stop_sync = threading.Event()
         syncer = None
         if not self.store.is_local:
@@ -341,6 +372,9 @@ class JobRun:
                 outcome = self._poll_flags()
                 if outcome:
                     break
+                if monitor is not None and (prune_reason := monitor.poll()):
+                    outcome = "prune"
+                    break
                 if timeout and time.monotonic() - started > float(timeout):
                     outcome = "timeout"
                     break
@@ -349,7 +383,8 @@ class JobRun:
                 self.note({"cancel": "cancel requested: stopping every rank",
                            "lost": "the job was taken over or deleted: stopping every rank",
                            "timeout": f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
-                           "shutdown": "worker shutting down: stopping every rank"}[outcome])
+                           "shutdown": "worker shutting down: stopping every rank",
+                           "prune": f"{prune_reason}: stopping every rank"}[outcome])
                 rc = proc.stop(TERMINATE_GRACE)
         except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
             proc.stop(grace=1.0)
@@ -366,6 +401,8 @@ class JobRun:
             if syncer is not None:
                 syncer.join(timeout=30)
         seconds = round(time.monotonic() - started, 1)
+        if outcome is None and rc not in (0, None):
+            outcome = self._after_failed_exit(rc)
 
         if outcome == "lost":
             return {"state": "lost", "job_id": self.job_id}
@@ -375,6 +412,9 @@ class JobRun:
         fields: dict[str, Any] = {"exit_code": rc}
         if outcome == "cancel":
             state, fields["error"], msg = JobState.CANCELLED, "cancelled by request", f"cancelled after {seconds:g} s"
+        elif outcome == "prune":
+            state, fields["error"], fields["error_kind"] = JobState.PRUNED, prune_reason, "Pruned"
+            msg = f"pruned after {seconds:g} s"
         elif outcome == "timeout":
             state, fields["error_kind"] = JobState.FAILED, "Timeout"
             fields["error"] = msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"

@@ -67,9 +67,30 @@ def heal_lock(job_id: str) -> str:
     return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:heal"
 
 
+def gang(job_id: str) -> str:
+    """HASH worker name → reservation time (unix s): the workers reserved for a multi-node job's next attempt."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:gang"
+
+
+def nodes(job_id: str) -> str:
+    """HASH node rank → JSON {worker, host, addr, ranks, state, attempt}: the nodes of a multi-node job's attempt."""
+    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:nodes"
+
+
 def job_keys(job_id: str) -> list[str]:
     """Every key of one job (what delete removes)."""
-    return [job(job_id), events(job_id), epochs_seen(job_id), logs(job_id), heal_lock(job_id)]
+    return [job(job_id), events(job_id), epochs_seen(job_id), logs(job_id), heal_lock(job_id), gang(job_id),
+            nodes(job_id)]
+
+
+def gangs() -> str:
+    """ZSET of multi-node job ids waiting for their gang, scored by priority, then submission time (lowest first)."""
+    return f"{KEY_PREFIX}:gangs"
+
+
+def reservations() -> str:
+    """HASH worker name → the multi-node job id it is reserved for (a worker holds at most one reservation)."""
+    return f"{KEY_PREFIX}:reservations"
 
 
 def workers_set() -> str:
@@ -99,9 +120,61 @@ def queues_for_slots(slots: int) -> list[str]:
     return [queue_name(g, p) for p in PRIORITIES for g in range(slots, 0, -1)]
 
 
+def node_queue(worker_name: str) -> str:
+    """A worker's private RQ queue: it enqueues its own node of a multi-node job there and dequeues it at once."""
+    if not WORKER_NAME_RE.match(worker_name):
+        raise ValueError(f"invalid worker name {worker_name!r}")
+    return f"{QUEUE_PREFIX}:node:{worker_name}"
+
+
+def rq_node_job_id(job_id: str, attempt: int, node_rank: int) -> str:
+    """RQ's id for one node of one attempt of a multi-node job."""
+    return f"{check_job_id(job_id)}_a{attempt}_n{node_rank}"
+
+
 def rq_job_id(job_id: str, attempt: int) -> str:
     """RQ's id for one attempt: the job id itself first, `{id}_r{n}` after the n-th recovery (RQ ids: [A-Za-z0-9_-]).
 
     A fresh RQ id per attempt keeps the dead attempt's RQ bookkeeping from ever touching the live one.
     """
     return job_id if attempt == 0 else f"{job_id}_r{attempt}"
+
+
+# ----------------------------------------------------------------------------------------------------------- sweeps
+def check_sweep_id(sweep_id: str) -> str:
+    """The id itself if well-formed (same shape as a job id), else NoSuchSweepError."""
+    from worker.errors import NoSuchSweepError
+
+    if not isinstance(sweep_id, str) or not JOB_ID_RE.match(sweep_id):
+        raise NoSuchSweepError(f"no such sweep {sweep_id!r} (sweep ids look like 20250101-120000-3fa9c2)")
+    return sweep_id
+
+
+def sweeps_index() -> str:
+    """ZSET sweep id → creation time (unix seconds): every sweep, for listing."""
+    return f"{KEY_PREFIX}:sweeps"
+
+
+def active_sweeps() -> str:
+    """SET of ids of sweeps still running: what every worker's sweep scan advances."""
+    return f"{KEY_PREFIX}:sweeps:active"
+
+
+def sweep(sweep_id: str) -> str:
+    """HASH: the sweep's record (settings, base config, space, state, counts, best trial). See docs/sweeps.md."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}"
+
+
+def sweep_trials(sweep_id: str) -> str:
+    """HASH trial number → job id: the job that runs each trial the sweep asked Optuna for."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:trials"
+
+
+def sweep_lock(sweep_id: str) -> str:
+    """STRING with a TTL: held while one process tells Optuna, asks for trials and enqueues them."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:lock"
+
+
+def sweep_journal(sweep_id: str) -> str:
+    """Key prefix of the sweep's Optuna journal (`<prefix>:log_number`, `<prefix>:log:<n>`)."""
+    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:optuna"

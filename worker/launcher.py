@@ -11,6 +11,7 @@ Handing a job to it skips the interpreter start-up and the imports (most of the 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.defaults import REPO_ROOT, TERMINATE_GRACE
+from worker.defaults import MULTINODE_PG_TIMEOUT, RENDEZVOUS_TIMEOUT, REPO_ROOT, TERMINATE_GRACE
 from worker.procutil import terminate_tree
 from worker.streaming import ENV_JOB_ID
 from worker.warmstart import READY_LINE
@@ -28,17 +29,57 @@ SINK_SPEC = "worker.streaming:sink_from_env"
 """What the worker puts in CORE_EVENT_SINK so rank 0 streams its events into Redis."""
 
 
-def train_command(config_path: Path, run_dir: Path, *, nproc: int, resume: bool) -> list[str]:
-    """The training command line (without the guard)."""
+@dataclasses.dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of one multi-node attempt meet: node 0's address and a port it picked, the node count, this
+    node's rank, and an id shared by every node of the attempt (job id + attempt)."""
+
+    addr: str
+    port: int
+    nnodes: int
+    node_rank: int
+    run_id: str
+
+
+def train_command(config_path: Path, run_dir: Path, *, nproc: int, resume: bool,
+                  rendezvous: Rendezvous | None = None) -> list[str]:
+    """The training command line (without the guard). With `rendezvous`: one node of a multi-node job, torchrun's
+    static rendezvous at node 0's address (node ranks handed out by the gang), its store timeout RENDEZVOUS_TIMEOUT."""
     args = ["-m", "core.train", str(config_path), "--out", str(run_dir)] + (["--resume"] if resume else [])
+    if rendezvous is not None:
+        r = rendezvous
+        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={r.nnodes}", f"--nproc-per-node={nproc}",
+                f"--node-rank={r.node_rank}", f"--master-addr={r.addr}", f"--master-port={r.port}",
+                f"--rdzv-id={r.run_id}", f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT}", "--max-restarts=0", *args]
     if nproc <= 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: int) -> dict[str, str]:
-    """Environment of the run: the sink, the job, the devices it may use, thread counts for CPU ranks."""
+def interface_of(addr: str) -> str | None:
+    """The network interface that holds `addr` on this machine (None when none does)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == addr for a in addrs):
+            return name
+    return None
+
+
+def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: int,
+              advertise_addr: str | None = None) -> dict[str, str]:
+    """Environment of the run: the sink, the job, the devices it may use, thread counts for CPU ranks.
+
+    With `advertise_addr` (a node of a multi-node job): the process-group timeout CORE_DIST_TIMEOUT (a lost peer
+    stops this node within a minute), and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when not set already, name the
+    interface holding that address, so the ranks talk over the address the other machines reach."""
     env = dict(os.environ)
+    if advertise_addr:
+        env["CORE_DIST_TIMEOUT"] = str(MULTINODE_PG_TIMEOUT)
+        iface = interface_of(advertise_addr)
+        if iface:
+            env.setdefault("GLOO_SOCKET_IFNAME", iface)
+            env.setdefault("NCCL_SOCKET_IFNAME", iface)
     env.update({
         "CORE_EVENT_SINK": SINK_SPEC,
         ENV_JOB_ID: job_id,

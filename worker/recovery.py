@@ -6,34 +6,39 @@ The next attempt resumes from the run folder's last checkpoint (`core.train --re
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import redis
 from rq.job import JobStatus
 
-from worker import keys
+from worker import gang, keys
 from worker.defaults import MAX_RECOVERIES, STUCK_RECOVERY_SECONDS
 from worker.jobs import requeue_recovered
 from worker.queues import discard_rq_job, fetch_rq_job
 from worker.status import claim_for_requeue
+from worker.sweeps import trial_ended
 
 log = logging.getLogger("worker.recovery")
 
 
 def find_orphans(conn: redis.Redis) -> list[tuple[str, str]]:
-    """(job id, dead worker name) of running jobs whose worker stopped heartbeating."""
+    """(job id, dead worker name) of running jobs whose worker stopped heartbeating; for a multi-node job, any
+    worker of its gang (the first dead one is named)."""
     job_ids = sorted(j.decode() for j in conn.smembers(keys.running_set()))
     if not job_ids:
         return []
     with conn.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hmget(keys.job(job_id), "state", "worker")
+            pipe.hmget(keys.job(job_id), "state", "worker", "gang")
         rows = pipe.execute()
     candidates, stale = [], []
-    for job_id, (state, owner) in zip(job_ids, rows):
+    for job_id, (state, owner, members) in zip(job_ids, rows):
         if state is None:
             stale.append(job_id)  # deleted job
+        elif state == b"running" and members:
+            candidates += [(job_id, name) for name in json.loads(members)]
         elif state == b"running" and owner:
             candidates.append((job_id, owner.decode()))
     if stale:
@@ -44,7 +49,11 @@ def find_orphans(conn: redis.Redis) -> list[tuple[str, str]]:
         for _, owner in candidates:
             pipe.exists(keys.worker(owner))
         alive = pipe.execute()
-    return [c for c, a in zip(candidates, alive) if not a]
+    out: dict[str, str] = {}
+    for (job_id, name), a in zip(candidates, alive):
+        if not a:
+            out.setdefault(job_id, name)
+    return list(out.items())
 
 
 def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_RECOVERIES) -> list[str]:
@@ -52,15 +61,25 @@ def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_REC
     recovered = []
     for job_id, owner in find_orphans(conn):
         reason = f"worker {owner} stopped heartbeating"
+        members, attempt_raw = conn.hmget(keys.job(job_id), "gang", "attempt")
+        if members:  # a multi-node job: the whole gang goes back to waiting (exactly one scanner wins the attempt)
+            state, attempt = gang.requeue_running(conn, job_id, int(attempt_raw or 0),
+                                                  reason=f"{reason}; recovered by {by}", max_recoveries=max_recoveries)
+            if state == "recovering":
+                log.warning("job %s: %s; the gang waits again as attempt %d", job_id, reason, attempt)
+                recovered.append(job_id)
+            continue
         state, attempt = claim_for_requeue(conn, job_id, owner, max_recoveries=max_recoveries, reason=reason)
         if state == "recovering":
             requeue_recovered(conn, job_id, attempt, f"{reason}; recovered by {by}")
             log.warning("job %s: %s; re-queued as attempt %d", job_id, reason, attempt)
             recovered.append(job_id)
         elif state == "failed":
-            rq_id = conn.hget(keys.job(job_id), "rq_job")
+            rq_id, sweep = conn.hmget(keys.job(job_id), "rq_job", "sweep")
             discard_rq_job(conn, rq_id.decode() if rq_id else None)
             log.warning("job %s: %s too many times; failed", job_id, reason)
+            if sweep:
+                trial_ended(conn, sweep.decode())
     return recovered
 
 
@@ -71,9 +90,14 @@ def heal_stuck_recoveries(conn: redis.Redis, *, by: str, after: float = STUCK_RE
     now = time.time()
     for raw in conn.smembers(keys.recovering_set()):
         job_id = raw.decode()
-        state, recovered_at, attempt = conn.hmget(keys.job(job_id), "state", "recovered_at", "attempt")
+        state, recovered_at, attempt, nodes, priority, submitted = conn.hmget(
+            keys.job(job_id), "state", "recovered_at", "attempt", "num_nodes", "priority", "submitted_at")
         if state != b"recovering":
             conn.srem(keys.recovering_set(), job_id)
+            continue
+        if int(nodes or 1) > 1:  # a multi-node job waits in the gangs ZSET, not in an RQ queue
+            conn.zadd(keys.gangs(), {job_id: gang.score((priority or b"default").decode(), float(submitted or 0))},
+                      nx=True)
             continue
         if now - float(recovered_at or 0) < after:
             continue

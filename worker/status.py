@@ -26,21 +26,24 @@ class JobState(str, Enum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"
+    """A sweep's trial that its pruner stopped early (distinct from cancelled and failed)."""
 
     @property
     def is_final(self) -> bool:
-        return self in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
+        return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED})
+FINAL_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED, JobState.PRUNED})
 
-INT_FIELDS = ("epoch", "epochs", "gpus", "attempt", "recoveries", "exit_code", "resumed_from", "step", "global_step")
+INT_FIELDS = ("epoch", "epochs", "gpus", "num_nodes", "attempt", "recoveries", "exit_code", "resumed_from", "step",
+              "global_step", "trial")
 FLOAT_FIELDS = (
     "progress", "best_val_acc", "val_acc", "train_acc", "train_loss", "val_loss", "lr", "images_per_sec",
     "submitted_at", "started_at", "ended_at", "updated_at", "attempt_started_at", "timeout", "test_acc",
-    "epoch_seconds",
+    "epoch_seconds", "gang_since",
 )
-JSON_FIELDS = ("config", "dataset", "log_tail", "artifacts", "overrides")
+JSON_FIELDS = ("config", "dataset", "log_tail", "artifacts", "overrides", "params", "gang", "rendezvous")
 
 # KEYS: job hash, running set, recovering set. ARGV: worker, now, rq job id, job id.
 _START = """

@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import gang, keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
-from worker.defaults import MAX_GPUS_PER_JOB, PRIORITIES
+from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
 from worker.errors import ArtifactError, SubmissionError
-from worker.presence import max_live_slots
+from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
 from worker.status import JobState, encode_fields
 
@@ -107,18 +107,68 @@ def check_gpus(conn: redis.Redis, gpus: int) -> str | None:
     return None
 
 
+def check_nodes(conn: redis.Redis, nodes: int, gpus: int) -> str | None:
+    """None for a one-node job; for N > 1 nodes the waiting note, or refuse when fewer than N live workers could
+    each host a node of `gpus` devices."""
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES_PER_JOB:
+        raise SubmissionError(f"nodes: must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
+    if nodes == 1:
+        return None
+    able = [w for w in list_workers(conn) if (w.get("slots") or 0) >= gpus]
+    if len(able) < nodes:
+        names = ", ".join(f"{w['name']} ({w.get('slots')} slot(s))" for w in able) or "none"
+        raise SubmissionError(
+            f"nodes: {nodes} nodes of {gpus} GPU(s) or CPU slot(s) each need {nodes} live workers that can each "
+            f"host {gpus}; {len(able)} can ({names}). Start more workers (python -m worker run on each machine), "
+            f"or ask for fewer nodes"
+        )
+    return gang.waiting_note(0, nodes)
+
+
+def resolve_dataset(
+    cfg: dict[str, Any], *, dataset_path: str | Path | None, store: ArtifactStore, allow_local_paths: bool, gpus: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Check and upload a local dataset (its `data.path` in `cfg` becomes the stored `artifact:` reference), or check
+    that a stored one exists. Returns (the job's `dataset` field, the dataset's health report when one was made)."""
+    data_path = cfg["data"].get("path")
+    if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
+        try:  # a clone/retry of a stored job: the dataset is already in the store
+            if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
+                raise SubmissionError(f"data.path: {data_path} is not in the artifact store {store.url}")
+        except ArtifactError as err:
+            raise SubmissionError(f"data.path: {err}") from None
+        return {"ref": data_path}, None
+    if cfg["data"]["name"] == "imagefolder":
+        if dataset_path is None and not allow_local_paths:
+            raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
+        report = check_dataset(data_path, cfg)
+        check_batch_size(cfg, train_images(cfg, report), gpus)  # before the upload: a refusal writes nothing
+        try:
+            dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
+                       "counts": report.get("counts"), "warnings": report.get("warnings", [])}
+        except ArtifactError as err:
+            raise SubmissionError(f"dataset upload: {err}") from None
+        cfg["data"]["path"] = dataset["ref"]
+        return dataset, report
+    if data_path and not allow_local_paths:
+        raise SubmissionError(f"data.path: {cfg['data']['name']} reads its files on the worker; leave data.path empty")
+    return None, None
+
+
 def submit_job(
     config: dict[str, Any] | str | Path,
     overrides: list[str] | None = None,
     *,
     connection: redis.Redis,
     gpus: int = 1,
+    nodes: int = 1,
     priority: str = "default",
     dataset_path: str | Path | None = None,
     store: ArtifactStore | None = None,
     allow_local_paths: bool = False,
     timeout: float | None = None,
     name: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Validate, upload the dataset if local, enqueue; returns the job id. SubmissionError: nothing was enqueued.
 
@@ -126,8 +176,10 @@ def submit_job(
     dataset_path: an uploaded zip/folder the *program* saved (the dashboard's upload); it becomes data.path.
     allow_local_paths: accept a `data.path` from the config itself (the CLI: the user's own machine). The dashboard
         leaves it False, so no path a browser user typed is ever read from this machine's disk.
+    nodes: workers the job spans (N > 1: one DDP job of N × gpus ranks, gang-scheduled; see worker/gang.py).
     timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
+    extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`).
     """
     if priority not in PRIORITIES:
         raise SubmissionError(f"priority: unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
@@ -140,31 +192,13 @@ def submit_job(
     store = store or ArtifactStore()
     check(connection)
     waiting = check_gpus(connection, gpus)
+    waiting = check_nodes(connection, nodes, gpus) or waiting
+    ranks = gpus * nodes
 
-    dataset: dict[str, Any] | None = None
     if cfg["data"]["name"] != "imagefolder":
-        check_batch_size(cfg, train_images(cfg), gpus)
-    data_path = cfg["data"].get("path")
-    if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
-        try:  # a clone/retry of a stored job: the dataset is already in the store
-            if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
-                raise SubmissionError(f"data.path: {data_path} is not in the artifact store {store.url}")
-        except ArtifactError as err:
-            raise SubmissionError(f"data.path: {err}") from None
-        dataset = {"ref": data_path}
-    elif cfg["data"]["name"] == "imagefolder":
-        if dataset_path is None and not allow_local_paths:
-            raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
-        report = check_dataset(data_path, cfg)
-        check_batch_size(cfg, train_images(cfg, report), gpus)  # before the upload: a refusal writes nothing
-        try:
-            dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
-                       "counts": report.get("counts"), "warnings": report.get("warnings", [])}
-        except ArtifactError as err:
-            raise SubmissionError(f"dataset upload: {err}") from None
-        cfg["data"]["path"] = dataset["ref"]
-    elif data_path and not allow_local_paths:
-        raise SubmissionError(f"data.path: {cfg['data']['name']} reads its files on the worker; leave data.path empty")
+        check_batch_size(cfg, train_images(cfg), ranks)
+    dataset, _ = resolve_dataset(cfg, dataset_path=dataset_path, store=store, allow_local_paths=allow_local_paths,
+                                 gpus=ranks)
 
     if timeout is None and cfg["train"].get("time_limit"):
         timeout = float(cfg["train"]["time_limit"]) + 300.0
@@ -179,8 +213,9 @@ def submit_job(
         "overrides": overrides,
         "dataset": dataset,
         "gpus": gpus,
+        "num_nodes": nodes,
         "priority": priority,
-        "queue": keys.queue_name(gpus, priority),
+        "queue": keys.queue_name(gpus, priority) if nodes == 1 else keys.gangs(),
         "submitted_at": now,
         "updated_at": now,
         "attempt": 0,
@@ -192,11 +227,15 @@ def submit_job(
         "rq_job": keys.rq_job_id(job_id, 0),
         "waiting": waiting,
         "artifacts": {"run": store.uri(store.run_key(job_id))},
+        **(extra or {}),
     }
     with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
         pipe.hset(keys.job(job_id), mapping=encode_fields(fields))
         pipe.zadd(keys.jobs_index(), {job_id: now})
-        enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
+        if nodes == 1:
+            enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
+        else:  # a multi-node job waits for its gang (worker/gang.py), not in an RQ queue
+            pipe.zadd(keys.gangs(), {job_id: gang.score(priority, now)})
         pipe.execute()
     return job_id

@@ -10,6 +10,7 @@ from its checkpoint on the next worker: an hours-long job is not lost to a resta
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -19,17 +20,25 @@ import time
 from typing import Any
 
 import redis
+from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import jobs, keys
+from worker import gang, jobs, keys
 from worker.artifacts import ArtifactStore
-from worker.defaults import HEARTBEAT_INTERVAL, RECOVERY_SCAN_INTERVAL
+from worker.defaults import (
+    GANG_POLL_INTERVAL,
+    HEARTBEAT_INTERVAL,
+    JOB_RESULT_TTL,
+    RECOVERY_SCAN_INTERVAL,
+    SWEEP_SCAN_INTERVAL,
+)
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
+from worker.sweeps import heal_sweeps
 
 log = logging.getLogger("worker")
 
@@ -55,6 +64,7 @@ class TrainerWorker(SimpleWorker):
         name: str | None = None,
         ttl: int | None = None,
         prewarm: bool = True,
+        advertise_addr: str | None = None,
     ):
         self.resources = resources
         self.slots = int(resources["slots"])
@@ -67,8 +77,14 @@ class TrainerWorker(SimpleWorker):
             worker_ttl=RQ_WORKER_TTL,
         )
         self.store = store
+        self.store_id = store.identity()
         self.ctx = jobs.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
                                       devices=resources.get("devices"), store=store)
+        if advertise_addr:
+            self.ctx.advertise_addr = advertise_addr
+        self.gang_timeout = gang.reservation_timeout()
+        self._reserved_for: str | None = None
+        self._single_first = False
         if prewarm:
             devices = (resources.get("devices") or [])[:1]
             self.ctx.warm = WarmTrainer(train_env(job_id="", redis_url=redis_url, devices=devices, nproc=1))
@@ -77,6 +93,7 @@ class TrainerWorker(SimpleWorker):
         self._born = time.time()
         self._healthy_since: float | None = time.monotonic()
         self._last_scan = 0.0
+        self._last_sweep_scan = 0.0
         self._current_rq_job: Job | None = None
         self._burst = False
 
@@ -88,14 +105,17 @@ class TrainerWorker(SimpleWorker):
             "gpus": r.get("gpus") or [], "slots": self.slots, "torch": r.get("torch"), "cuda": r.get("cuda"),
             "python": r.get("python"), "state": self._public_state(),
             "current_job": self.ctx.current_job or "", "started_at": self._born,
-            "queues": self.queue_names(), "artifacts": self.store.url,
+            "queues": self.queue_names(), "artifacts": self.store.url, "store_id": self.store_id,
             "warm": self.ctx.warm.state() if self.ctx.warm is not None else "off",
+            "addr": self.ctx.advertise_addr, "reserved_for": self._reserved_for or "",
         }
 
     def _public_state(self) -> str:
-        """idle, busy, suspended or starting (RQ's state is an Enum whose str() is not its value)."""
+        """idle, busy, reserved, suspended or starting (RQ's state is an Enum whose str() is not its value)."""
         if self.ctx.current_job:
             return "busy"
+        if self._reserved_for:
+            return "reserved"
         state = self.get_state()
         return str(getattr(state, "value", state))
 
@@ -130,6 +150,9 @@ class TrainerWorker(SimpleWorker):
         recovered += heal_stuck_recoveries(self.connection, by=self.name)
         if recovered:
             log.warning("worker %s: re-queued orphaned job(s) %s", self.name, ", ".join(recovered))
+        if now - self._last_sweep_scan >= SWEEP_SCAN_INTERVAL:
+            self._last_sweep_scan = now
+            heal_sweeps(self.connection)  # sweeps are driven by their workers: nothing else would notice
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(HEARTBEAT_INTERVAL):
@@ -149,7 +172,102 @@ class TrainerWorker(SimpleWorker):
         while not self._may_judge_others():
             time.sleep(0.5)
         self._last_scan = 0.0
+        self._last_sweep_scan = 0.0
         self._maybe_scan()
+
+    # ---------------------------------------------------------------------------------------- multi-node gangs
+    def _gang_turn(self) -> tuple[Job, Queue] | None:
+        """Reserve this idle worker for a waiting multi-node job, or follow its reservation: when the gang started,
+        the node to run (as an RQ job in this worker's private queue, so RQ's bookkeeping holds); else None."""
+        conn = self.connection
+        job_id = gang.reserved_job(conn, self.name)
+        if job_id is None:
+            if self._reserved_for:  # released (timed out, cancelled, dropped): a single-node job first, if any
+                self._single_first = True
+                self._reserved_for = None
+                return None
+            if self._single_first:
+                return None
+            job_id = gang.try_reserve(conn, self.name, self.slots)
+            if job_id is None:
+                return None
+            log.info("worker %s: reserved for multi-node job %s", self.name, job_id)
+        self._reserved_for = job_id
+        what, node_rank, attempt = gang.poll(conn, job_id, self.name, timeout=self.gang_timeout)
+        if what == "released":
+            self._reserved_for = None
+            self._single_first = True
+            return None
+        if what != "start":
+            return None
+        self._reserved_for = None
+        queue = Queue(keys.node_queue(self.name), connection=conn, serializer=JSONSerializer)
+        queue.enqueue_call("worker.multinode.train_node", args=[job_id, attempt], timeout=-1,
+                           job_id=keys.rq_node_job_id(job_id, attempt, node_rank), result_ttl=JOB_RESULT_TTL,
+                           failure_ttl=JOB_RESULT_TTL,
+                           description=f"train {job_id} (attempt {attempt}, node {node_rank})")
+        log.info("worker %s: gang of job %s complete: running node %d", self.name, job_id, node_rank)
+        return self.queue_class.dequeue_any([queue], None, connection=conn, job_class=self.job_class,
+                                            serializer=self.serializer,
+                                            death_penalty_class=self.death_penalty_class)
+
+    def _leave_gang(self) -> None:
+        """A worker leaving while reserved: out of the gang still gathering, or, when the gang just started
+        without it running its node, the attempt goes back to waiting (not counted as a recovery)."""
+        job_id = gang.reserved_job(self.connection, self.name)
+        if job_id is None:
+            return
+        if gang.drop(self.connection, job_id, [self.name]) < 0:
+            state, members, attempt = self.connection.hmget(keys.job(job_id), "state", "gang", "attempt")
+            if state == b"running" and self.name in json.loads(members or b"[]"):
+                gang.requeue_running(self.connection, job_id, int(attempt or 0), max_recoveries=-1,
+                                     reason=f"worker {self.name} shut down before its node started")
+        gang.unreserve(self.connection, self.name, job_id)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None,
+                                     max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+        """RQ's idle loop, plus the multi-node jobs: each round first looks at the waiting gangs (gang.py: the rules),
+        then blocks on the RQ queues for at most a second. A reserved worker takes no single-node job."""
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        idle_since = time.monotonic()
+        wait = 1.0
+        while True:
+            try:
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                node = self._gang_turn()
+                if node is not None:
+                    self.heartbeat()
+                    return node
+                if self._reserved_for:
+                    time.sleep(GANG_POLL_INTERVAL)
+                    continue
+                single_first, self._single_first = self._single_first, False
+                block = None if (timeout is None or single_first) else 1
+                result = self.queue_class.dequeue_any(self._ordered_queues, block, connection=self.connection,
+                                                      job_class=self.job_class, serializer=self.serializer,
+                                                      death_penalty_class=self.death_penalty_class)
+                if result is not None:
+                    job, queue = result
+                    self.reorder_queues(reference_queue=queue)
+                    job.redis_server_version = self.get_redis_server_version()
+                    log.info("worker %s: %s: %s", self.name, queue.name, job.id)
+                    self.heartbeat()
+                    return result
+                if timeout is None and not single_first:  # burst: nothing queued (a reserved worker waits above)
+                    return None
+            except DequeueTimeout:
+                pass
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+                log.error("worker %s: could not reach Redis (%s); retrying in %g s", self.name, err, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 30.0)
+                continue
+            wait = 1.0
+            if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
+                return None
 
     # ---------------------------------------------------------------------------------------------- RQ hooks
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -195,6 +313,7 @@ class TrainerWorker(SimpleWorker):
             if self.ctx.warm is not None:
                 self.ctx.warm.stop()
             try:
+                self._leave_gang()
                 withdraw(self.connection, self.name)
             except redis.exceptions.RedisError:
                 pass

@@ -48,9 +48,12 @@ artifacts = os.environ.get("ARTIFACTS_DIR", "").strip()
 st.markdown("On this machine (all its GPUs; a CPU-only machine runs jobs as CPU ranks):")
 st.code("python -m worker run", language="bash")
 st.markdown("On another machine with a checkout of this repository, pointed at the same Redis and artifact store "
-            "(`--gpus` picks the GPUs it may use):")
+            "(`--gpus` picks the GPUs it may use). Check the machine first: `python -m worker doctor` tests the torch "
+            "build against the driver, the GPUs, NCCL/gloo, Redis, the store (and that it is this one) and free disk, "
+            "and prints the fix for each problem (exit code 0 when the machine can serve):")
 shared = artifacts if "://" in artifacts else "s3://bucket/prefix"
-st.code(f"REDIS_URL='{redact(url)}' ARTIFACTS_DIR='{shared}' python -m worker run --gpus 0,1", language="bash")
+env = f"REDIS_URL='{redact(url)}' ARTIFACTS_DIR='{shared}'"
+st.code(f"{env} python -m worker doctor\n{env} python -m worker run --gpus 0,1", language="bash")
 notes = ["`***` stands for the Redis password (the embedded server keeps it in `var/redis/password`)."]
 if host in ("127.0.0.1", "localhost", "::1"):
     notes.append("This Redis listens on the loopback interface only: workers on other machines need a Redis they "

@@ -1,0 +1,235 @@
+"""Multi-node jobs: the gang reservation in Redis (worker/gang.py) and real gangs of `python -m worker run`
+processes running one DDP job with torchrun's static rendezvous (worker/multinode.py).
+
+Workers here are CPU workers with one slot each (`--cpu --slots 1`), advertising 127.0.0.1 (WORKER_ADDR), so every
+byte stays on loopback; tests/test_multinode_netns.py runs the same over a veth pair between two network namespaces.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.fixtures_worker import DIGITS, explain_job, run_cli, wait_for
+from tests.test_worker_jobs import rank_processes
+from worker import api, gang, keys
+from worker.errors import SubmissionError
+from worker.presence import advertise
+from worker.submit import submit_job
+
+FAST = ["export.enabled=false", "train.log_every=2", "data.image_size=8"]
+"""Every job here: digits at 8 px, no export, frequent step events."""
+
+
+def start_worker(spawn: Any, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+    return spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", name], env, name=name)
+
+
+def mn_env(job_env: dict[str, str], **extra: str) -> dict[str, str]:
+    return {**job_env, "WORKER_ADDR": "127.0.0.1", **extra}
+
+
+def fake_worker(conn: Any, name: str, slots: int = 1, ttl: int = 30) -> None:
+    """An advertisement without a process (the reservation logic only reads advertisements)."""
+    advertise(conn, name, {"name": name, "kind": "cpu", "slots": slots, "state": "idle"}, ttl)
+
+
+def wait_workers(conn: Any, n: int) -> None:
+    wait_for(lambda: len(api.list_workers(conn)) >= n, 60, f"{n} live workers")
+
+
+def finished(conn: Any, job_id: str) -> bool:
+    return bool(api.job_status(conn, job_id)["final"])
+
+
+# ============================================================================================= reservation only
+def test_bad_node_counts_are_refused_and_nothing_is_enqueued(redis_conn: Any, job_env: dict[str, str]) -> None:
+    fake_worker(redis_conn, "w-a")
+    fake_worker(redis_conn, "w-b", slots=2)
+    for nodes, why in ((0, "from 1 to"), (-1, "from 1 to"), (3, "need 3 live workers")):
+        with pytest.raises(SubmissionError, match=why):
+            submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=nodes)
+    with pytest.raises(SubmissionError, match="host 2; 1 can"):  # two nodes of 2 slots: one worker has 2
+        submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2, gpus=2)
+    assert api.list_jobs(redis_conn) == [] and redis_conn.zcard(keys.gangs()) == 0
+    res = run_cli(["worker", "submit", str(DIGITS), "--nodes", "3", *[a for s in FAST for a in ("--set", s)]],
+                  job_env)
+    assert res.returncode == 2 and "nodes: 3 nodes" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert api.list_jobs(redis_conn) == []
+
+
+def test_gang_fills_in_order_and_starts_atomically(redis_conn: Any, job_env: dict[str, str]) -> None:
+    """Two 2-node jobs, two workers: both reserve for the earlier one (no split, no deadlock); the second reservation
+    starts it in the same Lua call; a dead reserved worker is dropped and replaced; cancel releases everyone."""
+    for name in ("w-a", "w-b", "w-c"):
+        fake_worker(redis_conn, name)
+    first = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
+    second = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2, priority="high")
+    assert api.job_status(redis_conn, first)["waiting"] == "0 of 2 workers reserved"
+    # priority before submission time: the later high-priority job is served first
+    assert gang.try_reserve(redis_conn, "w-a", 1) == second
+    assert gang.try_reserve(redis_conn, "w-a", 1) == second  # one reservation per worker
+    st = api.job_status(redis_conn, second)
+    assert st["waiting"] == "1 of 2 workers reserved" and st["nodes"][0]["state"] == "reserved"
+    assert gang.try_reserve(redis_conn, "w-b", 1) == second
+    assert api.job_status(redis_conn, second)["state"] == "running"  # w-a + w-b completed it atomically
+    assert json.loads(redis_conn.hget(keys.job(second), "gang")) == ["w-a", "w-b"]
+    assert redis_conn.zrange(keys.gangs(), 0, -1) == [first.encode()]
+
+    assert gang.try_reserve(redis_conn, "w-c", 1) == first
+    redis_conn.delete(keys.worker("w-c"))  # w-c dies while reserved
+    fake_worker(redis_conn, "w-d")
+    assert gang.try_reserve(redis_conn, "w-d", 1) == first
+    assert gang.poll(redis_conn, first, "w-d", timeout=60)[0] == "wait"
+    assert gang.members(redis_conn, first) == ["w-d"], "the dead worker was not dropped"
+    assert api.job_status(redis_conn, first)["waiting"] == "1 of 2 workers reserved"
+
+    assert api.cancel_job(redis_conn, first) == "cancelled"
+    assert gang.reserved_job(redis_conn, "w-d") is None and redis_conn.zcard(keys.gangs()) == 0
+
+
+def test_incomplete_gang_is_released_after_the_timeout(redis_conn: Any, job_env: dict[str, str]) -> None:
+    for name in ("w-a", "w-b"):
+        fake_worker(redis_conn, name)
+    job = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
+    assert gang.try_reserve(redis_conn, "w-a", 1) == job
+    assert gang.poll(redis_conn, job, "w-a", timeout=60)[0] == "wait"
+    redis_conn.hset(keys.job(job), "gang_since", time.time() - 61)  # its first reservation is 61 s old
+    assert gang.poll(redis_conn, job, "w-a", timeout=60)[0] == "released"
+    st = api.job_status(redis_conn, job)
+    assert st["state"] == "queued" and "did not complete within 60 s" in st["waiting"]
+    assert gang.reserved_job(redis_conn, "w-a") is None and gang.members(redis_conn, job) == []
+    assert redis_conn.zrange(keys.gangs(), 0, -1) == [job.encode()]  # still waiting for a gang
+
+
+# ========================================================================================= real gangs (test 1)
+def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str) -> None:
+    """Issue test 1: `--nodes 2 --gpus 1` on two one-slot workers finishes; world size 2; the record names both."""
+    env = mn_env(job_env)
+    start_worker(spawn, env, "node-a")
+    start_worker(spawn, env, "node-b")
+    wait_workers(redis_conn, 2)
+    res = run_cli(["worker", "submit", str(DIGITS), "--nodes", "2", "--gpus", "1",
+                   *[a for s in ["train.epochs=1", *FAST] for a in ("--set", s)]], env)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.split()[-1]
+    wait_for(lambda: finished(redis_conn, job_id), 180, "the 2-node job", explain=explain_job(redis_conn, job_id, spawn))
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "finished", explain_job(redis_conn, job_id, spawn)()
+    report = json.loads(api.read_artifact(job_id, "report"))
+    assert report["world_size"] == 2 and st["world_size"] == "2"
+    assert sorted(st["gang"]) == ["node-a", "node-b"]
+    wait_for(lambda: [(n["node_rank"], n["state"]) for n in api.job_status(redis_conn, job_id)["nodes"]]
+             == [(0, "finished"), (1, "finished")], 10, "node 1 to record its end (node 0 records the job's)")
+    assert {n["worker"] for n in api.job_status(redis_conn, job_id)["nodes"]} == {"node-a", "node-b"}
+    lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 2000)]
+    assert any(line.startswith("[node 0] ") for line in lines) and any(line.startswith("[node 1] ") for line in lines)
+    assert any("--nnodes=2" in line or "rendezvous at 127.0.0.1:" in line for line in lines)
+    status_json = json.loads(run_cli(["worker", "status", job_id, "--json"], env).stdout)
+    assert len(status_json["nodes"]) == 2
+    assert rank_processes(test_token) == []
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _node_worker(spawn: Any, name: str) -> subprocess.Popen[bytes]:
+    return next(p for p in spawn.procs if p.args[-1] == name)
+
+
+def _step_in_epoch(conn: Any, job_id: str, epoch: int) -> bool:
+    return any(e["type"] == "step" and e["data"].get("epoch") == epoch for e in api.events_since(conn, job_id, "0"))
+
+
+def test_lost_node_requeues_the_gang_which_resumes_on_a_new_one(redis_conn: Any, job_env: dict[str, str],
+                                                                 spawn: Any, test_token: str) -> None:
+    """Issue test 3: SIGKILL of node 0's whole tree (its worker, guard, torchrun, rank) mid-epoch: the other node
+    stops within 60 s, the job is re-queued as a whole and finishes on a new gang (the survivor and a third worker),
+    resuming from its checkpoint; every epoch appears once."""
+    env = mn_env(job_env)
+    for name in ("node-a", "node-b"):
+        start_worker(spawn, env, name)
+    wait_workers(redis_conn, 2)
+    job_id = submit_job(DIGITS, ["train.epochs=3", "train.batch_size=8", *FAST], connection=redis_conn,
+                        allow_local_paths=True, nodes=2)
+    explain = explain_job(redis_conn, job_id, spawn)
+    wait_for(lambda: _step_in_epoch(redis_conn, job_id, 2), 180, "a step of epoch 2", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    victim, survivor = st["gang"][0], st["gang"][1]
+    tree = _tree(_node_worker(spawn, victim).pid)
+    survivors = [p for p in rank_processes(test_token) if p.pid not in {t.pid for t in tree}]
+    assert survivors, "the surviving node runs no training process"
+    for proc in tree:  # the machine of node 0 is lost: its worker, guard, torchrun and rank at once
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    killed_at = time.monotonic()
+    start_worker(spawn, env, "node-c")
+    left = psutil.wait_procs(survivors, timeout=60)[1]
+    assert left == [], f"the surviving node's training processes still run 60 s after the loss: {left}"
+    assert time.monotonic() - killed_at < 60
+    wait_for(lambda: finished(redis_conn, job_id), 240, "the job to finish on a new gang", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "finished", explain()
+    assert st["recoveries"] == 1 and st["resumed_from"] is not None and sorted(st["gang"]) == sorted(
+        [survivor, "node-c"]), st
+    assert [e["epoch"] for e in api.epoch_events(redis_conn, job_id)] == [1, 2, 3]
+    lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 5000)]
+    assert any("re-queued as attempt 1" in line for line in lines), lines[-40:]
+    assert rank_processes(test_token) == []
+
+
+@pytest.mark.slow
+def test_two_gangs_and_a_single_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str],
+                                                       spawn: Any) -> None:
+    """Issue test 4: two 2-node jobs on two workers run one after the other (no deadlock); a 1-node job submitted
+    meanwhile also finishes. Slow (three jobs in a row, ~1 min); the order rule itself is tested above without
+    processes. Run it with  python -m pytest -m slow tests/test_multinode.py"""
+    env = mn_env(job_env)
+    for name in ("node-a", "node-b"):
+        start_worker(spawn, env, name)
+    wait_workers(redis_conn, 2)
+    args = ["train.epochs=1", *FAST]
+    first = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2)
+    second = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2)
+    single = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True)
+    for job_id in (first, second, single):
+        wait_for(lambda j=job_id: finished(redis_conn, j), 240, f"job {job_id}",
+                 explain=explain_job(redis_conn, job_id, spawn))
+    sts = {j: api.job_status(redis_conn, j) for j in (first, second, single)}
+    assert all(st["state"] == "finished" for st in sts.values()), sts
+    assert sts[first]["ended_at"] <= sts[second]["started_at"] + 1.0  # one after the other, the earlier first
+    assert sorted(sts[second]["gang"]) == ["node-a", "node-b"]
+    assert gang.reservations(redis_conn) == {}
+
+
+def test_cancel_stops_every_rank_on_every_node(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                               test_token: str) -> None:
+    """Issue test 5: cancel a running 2-node job: no training process left on either node within 10 s."""
+    env = mn_env(job_env)
+    for name in ("node-a", "node-b"):
+        start_worker(spawn, env, name)
+    wait_workers(redis_conn, 2)
+    job_id = submit_job(DIGITS, ["train.epochs=20", *FAST], connection=redis_conn, allow_local_paths=True, nodes=2)
+    explain = explain_job(redis_conn, job_id, spawn)
+    wait_for(lambda: _step_in_epoch(redis_conn, job_id, 1), 180, "training on both nodes", explain=explain)
+    assert len(rank_processes(test_token)) >= 4  # torchrun + one rank on each node
+    asked = time.monotonic()
+    assert api.cancel_job(redis_conn, job_id, wait=10) == "cancelled", explain()
+    left = psutil.wait_procs(rank_processes(test_token), timeout=max(0.0, 10 - (time.monotonic() - asked)))[1]
+    assert left == [] and time.monotonic() - asked <= 10.5, left
+    assert api.job_status(redis_conn, job_id)["state"] == "cancelled"
+    wait_for(lambda: {n["state"] for n in api.job_status(redis_conn, job_id)["nodes"]} == {"cancelled"}, 10,
+             "both nodes to record the cancel", explain=explain)

@@ -1,0 +1,230 @@
+"""One node of a multi-node job: what each worker of a started gang runs (the RQ job `train_node`).
+
+The gang (worker/gang.py) made the attempt `running` and ordered its workers: the i-th is node rank i. Node 0 picks
+a free port on its advertised address and publishes `addr:port` in the job's `rendezvous` field; every node then
+runs `torchrun --nnodes N --nproc-per-node G --node-rank i --master-addr ADDR --master-port PORT` (static
+rendezvous, id `<job>-a<attempt>`), so global rank 0 is on node 0 and streams the events as a one-node job does.
+
+Ownership: node 0's worker is the job's `worker` and records the final state; the other nodes record only their own
+entry in `trainer:job:<id>:nodes`. Only node 0 writes (and uploads) the run folder; every node downloads it to
+resume. Log lines of node i carry the prefix `[node i]`.
+
+Faults: a node whose command fails by itself first checks whether a member of the gang died (its advertisement
+expires within WORKER_HEARTBEAT_TTL): then it re-queues the whole job (`gang.requeue_running`), which stops every
+other node (they poll the attempt number), and a new gang resumes from the last checkpoint. Otherwise the failure is
+the job's own. A machine that vanishes without closing its connections is caught by the recovery scan and by the
+process-group timeout (CORE_DIST_TIMEOUT) that the nodes run with.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from worker import gang, keys
+from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, RENDEZVOUS_TIMEOUT
+from worker.errors import JobFailed
+from worker.jobs import JobRun, WorkerContext, current_context
+from worker.launcher import Launched, Rendezvous, train_command, train_env
+from worker.presence import heartbeat_ttl
+from worker.status import JobState, read_status
+
+
+def primary_address() -> str:
+    """This host's primary address: the source address of its default route (no packet is sent), else the
+    address its hostname resolves to, else 127.0.0.1."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the route, a UDP connect sends nothing
+            return str(sock.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def free_port(addr: str) -> int:
+    """A TCP port free on `addr` right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return int(sock.getsockname()[1])
+
+
+class _Stop(Exception):
+    """The attempt ended before its command started (cancelled, taken over, node 0 never published)."""
+
+    def __init__(self, outcome: str):
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class NodeRun(JobRun):
+    """One node (rank `node_rank` of the gang) of one attempt of a multi-node job on this worker."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, attempt: int):
+        super().__init__(ctx, job_id)
+        self.attempt = attempt
+        self.node_rank = -1
+        self.members: list[str] = []
+        self.nnodes = 0
+
+    # --------------------------------------------------------------------------------------------------- helpers
+    def on_line(self, line: str, src: str = "train") -> None:
+        super().on_line(f"[node {self.node_rank}] {line}", src)
+
+    def _node(self, **fields: Any) -> None:
+        """Update this node's entry (worker, host, addr, ranks, state, attempt, ...) in the job's nodes hash."""
+        entry = {"node_rank": self.node_rank, "worker": self.ctx.worker_name, "host": socket.gethostname(),
+                 "addr": self.ctx.advertise_addr, "attempt": self.attempt, **fields}
+        try:
+            with self.conn.pipeline() as pipe:
+                pipe.exists(keys.job(self.job_id))
+                exists = pipe.execute()[0]
+            if exists:
+                old = self.conn.hget(keys.nodes(self.job_id), str(self.node_rank))
+                prev = json.loads(old) if old else {}
+                if prev.get("attempt") == self.attempt:
+                    entry = {**prev, **entry}
+                self.conn.hset(keys.nodes(self.job_id), str(self.node_rank), json.dumps(entry))
+        except redis.exceptions.RedisError:
+            pass
+
+    # ---------------------------------------------------------------------------------------------- JobRun hooks
+    def _start(self) -> dict[str, Any] | None:
+        status = read_status(self.conn, self.job_id)
+        me = self.ctx.worker_name
+        gang.unreserve(self.conn, me, self.job_id)
+        if status is None or status.get("state") != JobState.RUNNING.value \
+                or int(status.get("attempt") or 0) != self.attempt or me not in gang.gang_of(status):
+            return None
+        self.members = gang.gang_of(status)
+        self.node_rank = self.members.index(me)
+        self.nnodes = len(self.members)
+        ranks = int(status.get("gpus") or 1)
+        self._node(state="starting", ranks=ranks, global_ranks=[self.node_rank * ranks + i for i in range(ranks)])
+        return status
+
+    def _rendezvous(self) -> Rendezvous:
+        run_id = f"{self.job_id}-a{self.attempt}"
+        if self.node_rank == 0:
+            addr = self.ctx.advertise_addr
+            port = free_port(addr)
+            self.conn.hset(keys.job(self.job_id), "rendezvous",
+                           json.dumps({"attempt": self.attempt, "addr": addr, "port": port}))
+            self.note(f"rendezvous at {addr}:{port} (id {run_id}) for {self.nnodes} nodes")
+            return Rendezvous(addr, port, self.nnodes, 0, run_id)
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT
+        while time.monotonic() < deadline:
+            outcome = self._poll_flags()
+            if outcome:
+                raise _Stop(outcome)
+            raw = self.conn.hget(keys.job(self.job_id), "rendezvous")
+            info = json.loads(raw) if raw else {}
+            if info.get("attempt") == self.attempt:
+                return Rendezvous(str(info["addr"]), int(info["port"]), self.nnodes, self.node_rank, run_id)
+            time.sleep(CANCEL_POLL_INTERVAL)
+        what = f"node 0 ({self.members[0]}) did not publish its address within {RENDEZVOUS_TIMEOUT} s"
+        if not self._requeue_if_member_lost(what):
+            gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=MAX_RECOVERIES, reason=what)
+        raise _Stop("lost")
+
+    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+        return train_command(config_path, run_dir, nproc=nproc, resume=resume, rendezvous=self._rendezvous())
+
+    def _env(self, devices: list[int], nproc: int) -> dict[str, str]:
+        return train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc,
+                         advertise_addr=self.ctx.advertise_addr)
+
+    def _launched(self, proc: Launched, run_dir: Path) -> None:
+        self._node(state="running", pid=proc.pid)
+        if self.node_rank == 0:
+            super()._launched(proc, run_dir)
+
+    def _poll_flags(self) -> str | None:
+        try:
+            cancel, state, attempt = self.conn.hmget(keys.job(self.job_id), "cancel_requested", "state", "attempt")
+        except redis.exceptions.RedisError:
+            return None
+        if cancel == b"1":
+            return "cancel"
+        if state != b"running" or int(attempt or 0) != self.attempt:
+            return "lost"
+        return None
+
+    def _requeue_if_member_lost(self, what: str) -> bool:
+        dead = gang.dead_workers(self.conn, [m for m in self.members if m != self.ctx.worker_name])
+        if not dead:
+            return False
+        state, new_attempt = gang.requeue_running(
+            self.conn, self.job_id, self.attempt, max_recoveries=MAX_RECOVERIES,
+            reason=f"{what}: worker(s) {', '.join(dead)} of the gang stopped heartbeating")
+        self.note(f"{what}; worker(s) {', '.join(dead)} of the gang are gone: "
+                  + (f"re-queued as attempt {new_attempt}" if state == "recovering" else f"the job is {state}"))
+        return True
+
+    def _after_failed_exit(self, rc: int) -> str | None:
+        """A peer's death makes this node's ranks fail too (their connections close): wait up to one heartbeat TTL
+        for a member's advertisement to expire before calling the failure the job's own."""
+        deadline = time.monotonic() + heartbeat_ttl() + 2.0
+        while True:
+            outcome = self._poll_flags()
+            if outcome:
+                return outcome
+            if self._requeue_if_member_lost(f"this node's command exited with code {rc}"):
+                return "lost"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(CANCEL_POLL_INTERVAL)
+
+    def _sync(self, final: bool = False) -> None:
+        if self.node_rank == 0:  # only node 0 holds global rank 0, which writes the run folder
+            super()._sync(final)
+
+    def _mark_run(self, state: JobState, error: str) -> None:
+        if self.node_rank == 0:
+            super()._mark_run(state, error)
+
+    def _requeue_self(self, reason: str) -> dict[str, Any]:
+        state, new_attempt = gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=-1,
+                                                  reason=f"worker {self.ctx.worker_name}: {reason}")
+        self._node(state="stopped")
+        if state == "recovering":
+            self.note(f"re-queued as attempt {new_attempt} ({reason}); a new gang resumes from the last checkpoint")
+        return {"state": state, "job_id": self.job_id}
+
+    def _finish(self, state: JobState, **fields: Any) -> dict[str, Any]:
+        self._node(state=state.value, exit_code=fields.get("exit_code"))
+        if self.node_rank != 0:
+            return {"state": state.value, "job_id": self.job_id, "node_rank": self.node_rank, **fields}
+        return super()._finish(state, **fields)
+
+    def _run(self, status: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result = super()._run(status)
+        except _Stop as stop:
+            self.note({"cancel": "cancelled before this node started",
+                       "lost": "the attempt ended before this node started"}.get(stop.outcome, stop.outcome))
+            if stop.outcome == "cancel" and self.node_rank == 0:
+                return self._finish(JobState.CANCELLED, error="cancelled by request")
+            self._node(state="stopped")
+            return {"state": stop.outcome, "job_id": self.job_id}
+        if result.get("state") in ("lost", "recovering"):
+            self._node(state="lost" if result["state"] == "lost" else "stopped")
+        return result
+
+
+def train_node(job_id: str, attempt: int) -> dict[str, Any]:
+    """RQ entry point of one node (enqueued by its own worker into its private queue when the gang started)."""
+    ctx = current_context()
+    if ctx is None:
+        raise JobFailed("a node of a multi-node job runs only inside `python -m worker run`")
+    result = NodeRun(ctx, job_id, int(attempt)).run()
+    if result["state"] == JobState.FAILED.value and result.get("node_rank") in (None, 0):
+        raise JobFailed(f"job {job_id} failed: {result.get('error')}")
+    return result

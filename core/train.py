@@ -30,6 +30,7 @@ from core import distributed as D
 from core.config import Config, load_config, load_yaml, save_config
 from core.errors import Cancelled, ConfigError, CoreError, DataError, TrainingError, exit_code
 from core.evaluate import compute_metrics, predict
+from core.features import build_feature_loaders, plan_feature_cache
 from core.events import EventSink, JsonlSink, MultiSink, NullSink, PrintSink, read_jsonl, sink_from_env
 from core.models import set_train_mode
 
@@ -228,6 +229,29 @@ def set_epoch(loaders: dict[str, Any], cfg: Config, epoch: int, info: D.DistInfo
     seed_everything(cfg.train.seed * 1_000_003 + epoch * 997 + info.rank)
 
 
+def cache_features(cfg: Config, plan: Any, model: nn.Module, bundle: Any, loaders: dict[str, Any],
+                   info: D.DistInfo, device: torch.device, sink: EventSink, autocast: Any, amp: str | None
+                   ) -> dict[str, Any]:
+    """The feature-cache step (core.features): embed train views and val with the frozen backbone, reporting progress
+    as `embed` events and on the CLI's progress bar; returns loaders whose train/val batches are features."""
+    sink.emit("phase", {"phase": "embed"})
+    total = plan.views * plan.n_train + plan.n_val
+    bar = _progress(total, f"embedding {plan.views} view(s)", info)
+
+    def report(done: int, total: int, images_per_sec: float) -> None:
+        bar.update(done - report.shown)
+        report.shown = done
+        sink.emit("embed", {"done": done, "total": total, "views": plan.views, "images_per_sec": images_per_sec})
+    report.shown = 0
+
+    try:
+        return build_feature_loaders(cfg, plan, model, bundle, loaders, info, device, autocast=autocast,
+                                     precision=amp or "fp32", channels_last=use_channels_last(cfg, device),
+                                     report=report)
+    finally:
+        bar.close()
+
+
 def gather_predictions(out: dict[str, np.ndarray], idx: list[int], info: D.DistInfo) -> dict[str, np.ndarray]:
     """Each rank evaluated a disjoint shard; put the whole split back together in dataset order."""
     parts = D.all_gather_objects({"idx": idx, **out}, info)
@@ -261,7 +285,7 @@ def train_one_epoch(
             raise Cancelled("received SIGTERM: run cancelled")
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        if channels_last:
+        if channels_last and x.dim() == 4:  # cached features are [B, D]
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(x)
@@ -406,14 +430,17 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
         model.to(device)
         if use_channels_last(cfg, device):
             model = model.to(memory_format=torch.channels_last)
+        plan, plan_reason = plan_feature_cache(cfg, model, bundle, info.world_size)
         loaders = make_loaders(cfg, bundle, info, device)
+        autocast, scaler, amp_dtype = autocast_context(cfg, device)
+        if plan is not None:
+            loaders = cache_features(cfg, plan, model, bundle, loaders, info, device, sink_all, autocast, amp_dtype)
         steps_per_epoch = len(loaders["train"])
         if steps_per_epoch == 0:
             raise DataError(f"train.batch_size={cfg.train.batch_size} is larger than the train split "
                             f"({len(bundle.train)} images over {info.world_size} rank(s))")
         optimizer = create_optimizer(cfg, model)
         scheduler = create_scheduler(cfg, optimizer, steps_per_epoch)
-        autocast, scaler, amp_dtype = autocast_context(cfg, device)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
         start_epoch, best_val_acc, stale_epochs, last_epoch_event = 1, -1.0, 0, None
@@ -429,17 +456,20 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
             best_val_acc = float(ckpt.get("best_val_acc", -1.0))
             stale_epochs = int(ckpt.get("stale_epochs", 0))
             last_epoch_event = ckpt.get("epoch_event")
-        train_model: nn.Module = model
+        # with the feature cache only the head steps (and is what val batches, being features, go through)
+        train_model: nn.Module = loaders.get("head", model)
+        eval_model = train_model
         if info.enabled:
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.train.compile:
+                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.train.compile and plan is None:
             train_model = torch.compile(train_model)
 
         sink_all.emit("start", {"epochs": cfg.train.epochs, "world_size": info.world_size, "classes": classes,
                                 "counts": bundle.counts, "config": cfg.to_dict(), "device": str(device),
                                 "amp": amp_dtype, "resumed_from": start_epoch - 1 if start_epoch > 1 else None,
-                                "data_path": loaders.get("kind", "dataloader")})
+                                "data_path": loaders.get("kind", "dataloader"),
+                                "feature_cache": loaders.get("feature_cache") or {"off": plan_reason}})
         if last_epoch_event is not None:
             sink_all.emit("epoch", last_epoch_event)  # sinks drop it if already seen: each epoch appears once
         sink_all.emit("phase", {"phase": "train"})
@@ -451,7 +481,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
             stats, global_step = train_one_epoch(
                 train_model, loaders["train"], criterion, optimizer, scheduler, scaler, autocast, cfg, device,
                 epoch, info, sink_all, global_step, deadline, stop_flag)
-            val_metrics, _ = evaluate_split(model, loaders, "val", autocast, cfg, device, info, classes)
+            val_metrics, _ = evaluate_split(eval_model, loaders, "val", autocast, cfg, device, info, classes)
             improved = val_metrics["accuracy"] > best_val_acc
             if improved:
                 best_val_acc, stale_epochs = val_metrics["accuracy"], 0
@@ -483,7 +513,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
         best = load_checkpoint(best_path if best_path.exists() else last_path)
         model.load_state_dict(best["model"])
         best_val = best.get("val_metrics") or {}
-        test_metrics, test_out = evaluate_split(model, loaders, "test", autocast, cfg, device, info, classes)
+        # the feature cache may hold bf16 features: its test split goes through the whole model in fp32, as exported
+        test_autocast = nullcontext() if plan is not None else autocast
+        test_metrics, test_out = evaluate_split(model, loaders, "test", test_autocast, cfg, device, info, classes)
         report: dict[str, Any] = {}
         if info.is_primary:
             report = {
@@ -497,10 +529,13 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
                 "device": str(device),
                 "amp": amp_dtype,
                 "channels_last": use_channels_last(cfg, device),
+                "data_path": loaders.get("kind", "dataloader"),
                 "seconds": time.time() - t0,
                 "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
                 "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
             }
+            if "feature_cache" in loaders:
+                report["feature_cache"] = loaders["feature_cache"]
             report["misclassified"] = write_predictions(out, bundle, test_out, classes)
             report["samples"] = write_samples(out, bundle, classes)
             write_json(out / "report.json", report)

@@ -1,15 +1,23 @@
 """core.features: when the feature cache applies, what it holds, and that a head trained on it is the whole model's."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from core.config import load_config
+from core.config import load_config, save_config
 from core.data.fast import TensorBatchLoader
 from core.errors import ConfigError
+from core.events import read_jsonl
 from core.features import (
     FeatureBatchLoader,
     embed,
@@ -19,6 +27,9 @@ from core.features import (
     static_backbone,
 )
 from core.models import create_model, freeze_backbone
+from core.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TRANSFER = ["model.name=efficientnet_lite0", "model.pretrained=true", "model.freeze=backbone"]
 
@@ -120,3 +131,128 @@ def test_config_refuses_feature_cache_on_without_a_frozen_backbone() -> None:
         load_config(None, ["train.feature_cache=on"])
     with pytest.raises(ConfigError, match=r"data.feature_views"):
         load_config(None, ["data.feature_views=0"])
+
+
+# ------------------------------------------------------------------------------------------------ through core.train
+def tiny_transfer(*extra: str) -> list[str]:
+    """Lite0 with its real weights on 150 synthetic 32 px images, 3 classes: seconds per run on 2 cores."""
+    return [*TRANSFER, "data.name=synthetic", "data.synthetic_size=150", "data.synthetic_classes=3",
+            "data.synthetic_image_size=32", "train.batch_size=16", "train.epochs=3", "train.log_every=2",
+            "data.feature_views=2", *extra]
+
+
+def _records(run: Path, kind: str) -> list[dict[str, Any]]:
+    return [r["data"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == kind]
+
+
+def test_transfer_run_with_the_feature_cache(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_transfer("export.enabled=false"))
+    report = train(cfg, run)
+    start = _records(run, "start")[0]
+    assert start["data_path"] == "feature_cache" and report["data_path"] == "feature_cache"
+    counts = report["data"]["counts"]
+    fc = report["feature_cache"]
+    assert fc["views"] == 2 and fc["feature_dim"] == 1280 and fc["precision"] == "fp32"
+    assert fc["images_embedded"] == 2 * counts["train"] + counts["val"]  # test is not cached: the whole model tests
+    embeds = _records(run, "embed")
+    assert embeds and embeds[-1]["done"] == embeds[-1]["total"] == fc["images_embedded"]
+    phases = [p["phase"] for p in _records(run, "phase")]
+    assert phases.index("embed") < phases.index("train") < phases.index("test")
+    assert [e["epoch"] for e in _records(run, "epoch")] == [1, 2, 3]
+    assert all(s["images_per_sec"] > 0 for s in _records(run, "step"))
+    # only the head learned: the backbone is still the pretrained one
+    weights = torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
+    fresh = create_model("efficientnet_lite0", 3, pretrained=True, image_size=32)
+    assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items() if not k.startswith("fc."))
+    assert not torch.equal(weights["fc.weight"], fresh.state_dict()["fc.weight"])
+    # report.test is the whole fp32 network's on the test images (the best checkpoint, as export loads it)
+    from core.data import build_datasets
+
+    fresh.load_state_dict(torch.load(run / "checkpoints/best.pt", weights_only=True)["model"])
+    test = build_datasets(cfg).test
+    with torch.no_grad():
+        preds = fresh.eval()(torch.stack([test[i][0] for i in range(len(test))])).argmax(1)
+    saved = [json.loads(line)["pred"] for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert preds.tolist() == saved
+    assert report["test"]["accuracy"] == pytest.approx(float((preds == torch.from_numpy(test.labels)).float().mean()))
+
+
+@pytest.mark.slow
+def test_transfer_run_with_the_feature_cache_exports_the_whole_model(tmp_path: Path) -> None:
+    """`python -m pytest -m slow tests/test_features.py` (ONNX export of Lite0: a few minutes on 2 busy cores)."""
+    report = train(load_config(None, tiny_transfer("export.int8=false", "train.epochs=1")), tmp_path / "run")
+    assert report["data_path"] == "feature_cache"
+    onnx = report["export"]["onnx"]
+    assert onnx["top1_agreement"] == 1.0 and onnx["max_abs_diff"] <= 1e-3
+    assert onnx["accuracy"] == pytest.approx(report["test"]["accuracy"])  # the exported network's test accuracy
+
+
+def test_feature_cache_trains_what_the_current_path_trains(tmp_path: Path) -> None:
+    """Without augmentation (one view) and without dropout the head sees the same features in the same batches
+    (the epoch order is drawn like the tensor cache's): both paths end with the same head and the same metrics."""
+    common = tiny_transfer("data.augment=none", "export.enabled=false")
+    cached = train(load_config(None, [*common, "train.feature_cache=on"]), tmp_path / "cached")
+    current = train(load_config(None, [*common, "train.feature_cache=off"]), tmp_path / "current")
+    assert cached["data_path"] == "feature_cache" and current["data_path"] == "tensor_cache"
+    assert cached["feature_cache"]["views"] == 1
+    a = torch.load(tmp_path / "cached/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "current/checkpoints/last.pt", weights_only=True)["model"]
+    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=0, atol=1e-4)
+    assert cached["val"]["accuracy"] == current["val"]["accuracy"]
+    assert cached["test"]["confusion_matrix"] == current["test"]["confusion_matrix"]
+
+
+def test_resume_rebuilds_the_cache_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_transfer("export.enabled=false", "train.early_stopping=5"))
+    whole = train(cfg, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", sink=_CrashAfter(2))
+    resumed = train(load_config(tmp_path / "cut/config.yaml"), tmp_path / "cut", resume=True)
+    assert resumed["test"]["confusion_matrix"] == whole["test"]["confusion_matrix"]
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
+    assert torch.equal(a["fc.weight"], b["fc.weight"]), "the resumed head differs from the uninterrupted run's"
+    assert [e["epoch"] for e in _records(tmp_path / "cut", "epoch")] == [1, 2, 3]
+
+
+def test_auto_falls_back_to_the_current_path_over_the_memory_cap(tmp_path: Path) -> None:
+    report = train(load_config(None, tiny_transfer("export.enabled=false", "train.epochs=1", "data.cache_max_mb=1",
+                                                   "data.feature_views=64")), tmp_path / "run")
+    assert report["data_path"] != "feature_cache" and "feature_cache" not in report
+    start = _records(tmp_path / "run", "start")[0]
+    assert "data.cache_max_mb=1" in start["feature_cache"]["off"]
+
+
+class _CrashAfter:
+    """A sink that raises KeyboardInterrupt after a given epoch's event: a real interruption of the loop."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def emit(self, type: str, data: dict[str, Any]) -> None:
+        if type == "epoch" and data["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_each_embed_their_shard(tmp_path: Path) -> None:
+    """`python -m pytest -m slow tests/test_features.py` (about a minute): 2 gloo ranks, each embeds its shard."""
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    config = tmp_path / "tiny.yaml"
+    save_config(load_config(None, tiny_transfer("export.enabled=false", "train.feature_cache=on")), config)
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "core.train", str(config), "--out",
+                           str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    counts = report["data"]["counts"]
+    assert report["world_size"] == 2 and report["data_path"] == "feature_cache"
+    # rank 0 embedded half of the train split (2 views) and its half of val
+    assert report["feature_cache"]["images_embedded"] == 2 * (counts["train"] // 2) + -(-counts["val"] // 2)
+    assert [e["epoch"] for e in _records(out, "epoch")] == [1, 2, 3]
+    assert sum(sum(r) for r in report["test"]["confusion_matrix"]) == counts["test"]

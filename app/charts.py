@@ -126,3 +126,38 @@ def counts_figure(counts: dict[str, int]) -> go.Figure:
     fig.update_layout(height=240, margin={"l": 10, "r": 10, "t": 30, "b": 10}, title="Images per class")
     fig.update_xaxes(type="category")
     return fig
+
+
+def objective_figure(trials: list[dict[str, Any]], metric: str, direction: str) -> go.Figure:
+    """The objective of each trial (complete ones, and pruned ones at the value they were stopped with) and the
+    best so far."""
+    fig = go.Figure()
+    for state, color, symbol in (("finished", COLORS[0], "circle"), ("pruned", COLORS[4], "x")):
+        pts = [t for t in trials if t.get("state") == state and t.get("value") is not None]
+        fig.add_trace(go.Scatter(x=[t["number"] for t in pts], y=[t["value"] for t in pts], mode="markers",
+                                 name="complete" if state == "finished" else state,
+                                 marker={"color": color, "symbol": symbol, "size": 9}))
+    best, xs, ys = None, [], []
+    for t in sorted(trials, key=lambda t: t["number"]):
+        if t.get("state") == "finished" and t.get("value") is not None:
+            better = best is None or (t["value"] > best if direction == "maximize" else t["value"] < best)
+            best = t["value"] if better else best
+        if best is not None:
+            xs.append(t["number"])
+            ys.append(best)
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="best so far", line={"color": COLORS[2], "shape": "hv"}))
+    _layout(fig, f"{metric} per trial", metric, revision="sweep:objective")
+    fig.update_xaxes(title_text="trial", tick0=0, dtick=max(1, len(trials) // 10))
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def importances_figure(importances: dict[str, float]) -> go.Figure:
+    """Optuna's parameter importances as horizontal bars, most important on top."""
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig = go.Figure(go.Bar(x=[v for _, v in items], y=[k for k, _ in items], orientation="h",
+                           marker_color=COLORS[0]))
+    fig.update_layout(title={"text": "Parameter importances (Optuna)", "font": {"size": 14}}, height=HEIGHT,
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_xaxes(title_text="importance", range=[0, 1])
+    return fig

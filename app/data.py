@@ -17,13 +17,13 @@ from app.defaults import ACTIVE_STATES
 
 STATE_ICONS = {
     "queued": "hourglass_top", "running": "play_circle", "recovering": "sync_problem", "finished": "check_circle",
-    "failed": "error", "cancelled": "stop_circle",
+    "failed": "error", "cancelled": "stop_circle", "pruned": "content_cut",
 }
 """A Material icon per job state (`:material/NAME:` in Streamlit text); icons, not emoji, so any browser draws them."""
 
 STATE_COLORS = {
     "queued": "gray", "running": "blue", "recovering": "orange", "finished": "green", "failed": "red",
-    "cancelled": "gray",
+    "cancelled": "gray", "pruned": "violet",
 }
 """A badge colour per job state."""
 
@@ -229,15 +229,39 @@ def gpus_text(gpus: list[dict[str, Any]] | None) -> str:
     return "; ".join(parts)
 
 
-WORKER_COLUMNS = ["name", "host", "kind", "GPUs", "slots", "state", "current job", "last heartbeat", "up since"]
+WORKER_COLUMNS = ["name", "host", "address", "kind", "GPUs", "slots", "state", "current job", "reserved for",
+                  "last heartbeat", "up since"]
+
+
+NODE_COLUMNS = ["node", "worker", "host", "address", "ranks", "state"]
+
+
+def _node_ranks(node: dict[str, Any]) -> str:
+    """Global ranks `0–3` once the node started; before that, how many it will run."""
+    ranks = node.get("global_ranks") or []
+    if ranks:
+        return f"{ranks[0]}–{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+    return f"{node.get('ranks') or '?'} rank(s)"
+
+
+def nodes_frame(nodes: list[dict[str, Any]]) -> pd.DataFrame:
+    """A multi-node job's nodes (worker.api.job_nodes): one row per node; `node` is empty while the gang gathers."""
+    rows = [{
+        "node": "" if n.get("node_rank") is None else str(n["node_rank"]), "worker": n.get("worker") or "",
+        "host": n.get("host") or "", "address": n.get("addr") or "",
+        "ranks": _node_ranks(n), "state": n.get("state") or "",
+    } for n in nodes]
+    return pd.DataFrame(rows, columns=NODE_COLUMNS)
 
 
 def workers_frame(workers: list[dict[str, Any]], now: float | None = None) -> pd.DataFrame:
     now = now or time.time()
     rows = [{
-        "name": w.get("name"), "host": w.get("hostname") or "", "kind": w.get("kind") or "",
+        "name": w.get("name"), "host": w.get("hostname") or "", "address": w.get("addr") or "",
+        "kind": w.get("kind") or "",
         "GPUs": gpus_text(w.get("gpus")), "slots": w.get("slots"), "state": w.get("state") or "",
-        "current job": w.get("current_job") or "", "last heartbeat": fmt_ago(w.get("heartbeat"), now),
+        "current job": w.get("current_job") or "", "reserved for": w.get("reserved_for") or "",
+        "last heartbeat": fmt_ago(w.get("heartbeat"), now),
         "up since": fmt_time(w.get("started_at")),
     } for w in workers]
     return pd.DataFrame(rows, columns=WORKER_COLUMNS)
@@ -322,4 +346,34 @@ def export_rows(report: dict[str, Any]) -> pd.DataFrame:
                      "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
                      "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": int8.get("latency_ms_batch1")})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------------- sweeps
+def sweeps_frame(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
+    """The Sweeps list: one row per sweep, with its progress and trial counts."""
+    rows = []
+    for s in sweeps:
+        c = s.get("counts") or {}
+        rows.append({
+            "sweep": s.get("id"), "name": s.get("name"), "status": state_label(s.get("state")),
+            "progress": float(s.get("progress") or 0.0), "trials": f"{s.get('ended', 0)}/{s.get('trials')}",
+            "complete": c.get("complete", 0), "pruned": c.get("pruned", 0),
+            "failed": c.get("failed", 0) + c.get("cancelled", 0), "running": c.get("running", 0),
+            "queued": c.get("queued", 0), "best": s.get("best_value"),
+            "objective": f"{s.get('direction', '')[:3]} {s.get('metric', '')}",
+            "created": pd.to_datetime(s.get("created_at"), unit="s") if s.get("created_at") else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def trials_frame(trials: list[dict[str, Any]], keys: list[str]) -> pd.DataFrame:
+    """A sweep's trials table: number, state, value, epoch, one column per searched key, and a link to the job."""
+    rows = []
+    for t in trials:
+        rows.append({
+            "trial": t["number"], "status": state_label(t.get("state")), "value": t.get("value"),
+            "epoch": t.get("epoch"), **{k: t["params"].get(k) for k in keys},
+            "job": f"job?job={t['job']}" if t.get("job") else None, "note": t.get("error") or "",
+        })
     return pd.DataFrame(rows)

@@ -69,3 +69,6 @@ PORT_ENV = "PORT"
 
 PORT = 8501
 """Default TCP port of the dashboard."""
+
+SWEEPS_REFRESH_SECONDS = 4.0
+"""Seconds between redraws of a running sweep's view on the Sweeps page."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.defaults import CONFIGS_DIR, DEFAULT_PRESET
-from worker.defaults import MAX_GPUS_PER_JOB, PRIORITIES, REPO_ROOT
+from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES, REPO_ROOT
 
 BUILTIN_DATASETS = {
     "digits": "digits — handwritten digits, 1,797 8×8 images, 10 classes (offline)",
@@ -67,7 +67,10 @@ def fields() -> list[Field]:
         Field("train.amp", "Mixed precision (AMP)", "bool"),
         Field("train.label_smoothing", "Label smoothing", "float", min_value=0.0, step=0.05, fmt="%g"),
         Field("gpus", "GPUs", "int", min_value=1, max_value=MAX_GPUS_PER_JOB, step=1,
-              help="GPUs on one worker (CPU ranks on a CPU-only worker)"),
+              help="GPUs on each worker (CPU ranks on a CPU-only worker)"),
+        Field("nodes", "Nodes", "int", min_value=1, max_value=MAX_NODES_PER_JOB, step=1,
+              help="workers (machines) the job spans: one DDP job of nodes × GPUs ranks, started when that many "
+                   "workers are free (docs/multinode.md)"),
         Field("priority", "Priority", "select", PRIORITIES),
         Field("name", "Job name (optional)", "text"),
         Field("export.enabled", "Export ONNX when training ends", "bool"),
@@ -75,7 +78,7 @@ def fields() -> list[Field]:
     ]
 
 
-SUBMIT_OPTIONS = ("gpus", "priority", "name")
+SUBMIT_OPTIONS = ("gpus", "nodes", "priority", "name")
 """Form fields that are options of submit_job, not config keys."""
 
 
@@ -132,13 +135,15 @@ def default_dataset(raw: dict[str, Any]) -> str:
     return UPLOAD if name == "imagefolder" else name
 
 
-def initial_values(raw: dict[str, Any], *, gpus: int = 1, priority: str = "default") -> dict[str, Any]:
+def initial_values(raw: dict[str, Any], *, gpus: int = 1, nodes: int = 1, priority: str = "default") -> dict[str, Any]:
     """Field key → starting value, from a preset or a cloned job's config."""
     cfg = resolved(raw)
     out: dict[str, Any] = {}
     for f in fields():
         if f.key == "gpus":
             out[f.key] = gpus
+        elif f.key == "nodes":
+            out[f.key] = nodes
         elif f.key == "priority":
             out[f.key] = priority
         elif f.key == "name":
@@ -194,3 +199,20 @@ def errors_by_field(message: str) -> dict[str, str]:
             key = ""
         out[key] = (out[key] + "; " if key in out else "") + part.strip()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- sweep mode
+def sweepable() -> list[Field]:
+    """Fields a sweep can vary: every config key of the form (not the submission options gpus, priority, name)."""
+    return [f for f in fields() if f.key not in SUBMIT_OPTIONS and f.kind != "text"]
+
+
+def space_entry(field: Field, low: Any = None, high: Any = None, log: bool = False,
+                choices: list[Any] | None = None) -> dict[str, Any]:
+    """One parameter of a sweep's space (the space file's form) from the Sweep widgets of one field."""
+    if field.kind in ("select", "bool"):
+        return {"choice": list(choices or [])}
+    entry: dict[str, Any] = {field.kind: [low, high]}
+    if log:
+        entry["log"] = True
+    return entry

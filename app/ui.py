@@ -1,6 +1,7 @@
 """Small widgets more than one page draws: the job picker, flash messages, cached report reads."""
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -11,6 +12,7 @@ from app.connection import artifact_store
 from app.data import job_label
 from app.defaults import JOB_PICKER_LIMIT
 from worker import api
+from worker.artifacts import NAMED_ARTIFACTS
 from worker.errors import ArtifactError, NoSuchJobError
 
 PAGE_NEW = "views/new_job.py"
@@ -19,6 +21,7 @@ PAGE_JOB = "views/job.py"
 PAGE_COMPARE = "views/compare.py"
 PAGE_WORKERS = "views/workers.py"
 PAGE_TRY = "views/try_it.py"
+PAGE_SWEEPS = "views/sweeps.py"
 
 
 def flash(message: str, kind: str = "success") -> None:
@@ -90,3 +93,22 @@ def artifact_names(job_id: str, version: float | None) -> list[str]:
         return api.artifact_files(job_id, store=artifact_store())
     except (ArtifactError, NoSuchJobError, OSError):
         return []
+
+
+def read_artifact(job: str, short: str) -> bytes:
+    return api.read_artifact(job, short, store=artifact_store())
+
+
+def draw_downloads(job: str, files: list[str], key: str = "job") -> None:
+    """Download buttons for a job's models (disabled for what it did not produce); the Job and Sweeps pages."""
+    st.markdown("**Downloads**")
+    cols = st.columns(4)
+    for col, (short, label) in zip(cols, (("onnx", "model.onnx"), ("int8", "model.int8.onnx"), ("pt", "model.pt"),
+                                          ("bundle", "bundle.zip"))):
+        if NAMED_ARTIFACTS[short] in files:
+            col.download_button(label, data=functools.partial(read_artifact, job, short), file_name=f"{job}-{label}",
+                                 mime="application/zip" if label.endswith(".zip") else "application/octet-stream",
+                                 on_click="ignore", icon=":material/download:", key=f"{key}:download:{short}")
+        else:
+            col.button(label, disabled=True, key=f"{key}:download:{short}", icon=":material/download:",
+                       help="this job did not produce it (export off, or the export failed)")

@@ -134,6 +134,23 @@ class ExportConfig(_Section):
     opset: int = Field(default=18, ge=13)
 
 
+class TrackConfig(_Section):
+    """Where metrics go besides the run folder and the dashboard (core/tracking.py)."""
+
+    tensorboard: bool = True
+    """TensorBoard event files in RUN_DIR/tb/ (view: tensorboard --logdir RUN_DIR/tb)."""
+    mlflow: bool | None = None
+    """None: log to MLflow when MLFLOW_TRACKING_URI is set; true: always (URI from mlflow_uri or the variable);
+    false: never."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...); overrides MLFLOW_TRACKING_URI."""
+    mlflow_experiment: str = Field(default="image-classifier", min_length=1)
+    run_name: str | None = None
+    """The MLflow run's name (the worker sets the job's name)."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Tags of the MLflow run (the worker sets job_id, worker and, for an uploaded dataset, dataset_hash)."""
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -141,6 +158,7 @@ class Config(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     sched: SchedConfig = Field(default_factory=SchedConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:

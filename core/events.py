@@ -1,7 +1,7 @@
 """How core reports what happens: a tiny sink interface. Core never imports Redis or Streamlit.
 
 Event types (each an `emit(type, data)` call, `data` a JSON-able dict):
-- `start`:  {"epochs", "world_size", "classes", "counts", "config", "resumed_from"}
+- `start`:  {"epochs", "world_size", "classes", "counts", "config", "resumed_from", "steps_per_epoch"}
 - `step`:   {"epoch", "step", "global_step", "steps_per_epoch", "loss", "lr", "images_per_sec"}
 - `epoch`:  {"epoch" (1-based), "epochs", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
              "seconds", "images_per_sec", "best_val_acc"}

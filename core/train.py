@@ -402,7 +402,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
                 (out / "metrics.jsonl").unlink(missing_ok=True)
             else:
                 _truncate_metrics(out / "metrics.jsonl", resume_epoch)
-            sinks = [JsonlSink(out / "metrics.jsonl"), PrintSink(), sink_from_env(), sink]
+            from core.tracking import tracking_sinks  # TensorBoard, MLflow: imported on their own thread
+
+            sinks = [JsonlSink(out / "metrics.jsonl"), PrintSink(), sink_from_env(), sink,
+                     *tracking_sinks(cfg.track, cfg.to_dict(), out, resume=resume)]
         D.barrier(info)
         sink_all: EventSink = MultiSink(*sinks) if info.is_primary else NullSink()
         sink_all.emit("phase", {"phase": "data"})
@@ -468,6 +471,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
         sink_all.emit("start", {"epochs": cfg.train.epochs, "world_size": info.world_size, "classes": classes,
                                 "counts": bundle.counts, "config": cfg.to_dict(), "device": str(device),
                                 "amp": amp_dtype, "resumed_from": start_epoch - 1 if start_epoch > 1 else None,
+                                "steps_per_epoch": steps_per_epoch,
                                 "data_path": loaders.get("kind", "dataloader"),
                                 "feature_cache": loaders.get("feature_cache") or {"off": plan_reason}})
         if last_epoch_event is not None:

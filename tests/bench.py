@@ -566,6 +566,64 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
     return rows
 
 
+MULTINODE_ROW = "submit → first step event, 2-node × 1-rank job on two idle CPU workers"
+MULTINODE_GPU_ROW = "multi-node scaling: images/s of 2 nodes × G/2 GPUs vs 1 node × G GPUs"
+
+
+def bench_multinode(quick: bool, url: str) -> list[Row]:
+    """Two `python -m worker run --cpu --slots 1` workers on this machine (advertising 127.0.0.1): the time from
+    submitting a 2-node digits job to its first step event (gang reservation, rendezvous, two torchruns)."""
+    from tests.fixtures_redis import stop
+    from worker.api import cancel_job, job_status
+    from worker.artifacts import ArtifactStore
+    from worker.connection import connect
+    from worker.presence import list_workers
+    from worker.submit import submit_job
+
+    with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
+        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"), "WORKER_ADDR": "127.0.0.1",
+               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        out = (Path(tmp) / "workers.log").open("wb")
+        procs = [subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1", "--no-prewarm",
+                                   "--name", f"bench-node-{i}"], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+        conn = connect(url)
+        store = ArtifactStore(env["ARTIFACTS_DIR"])
+
+        def both_idle() -> bool:
+            return sum(w.get("state") == "idle" for w in list_workers(conn)) >= 2
+
+        try:
+            times = []
+            for _ in range(1 if quick else 3):
+                deadline = time.monotonic() + 60
+                while not both_idle():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("two idle workers did not advertise themselves within 60 s")
+                    time.sleep(0.2)
+                t0 = time.monotonic()
+                job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
+                                    gpus=1, nodes=2, store=store)
+                t1 = _first_step(conn, job_id, 120)
+                cancel_job(conn, job_id, wait=30)
+                if t1 is None:
+                    state = job_status(conn, job_id)
+                    raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
+                times.append(t1 - t0)
+                log(f"multi-node: {times[-1]:.2f} s")
+        finally:
+            conn.close()
+            for proc in procs:
+                stop(proc, grace=30)
+            out.close()
+    rows = [Row(MULTINODE_ROW, statistics.median(times), 15.0, "s", higher_is_better=False,
+                note=f"digits preset; gang of two --no-prewarm workers, torchrun static rendezvous on 127.0.0.1; "
+                     f"runs {[round(t, 2) for t in times]}")]
+    if not torch.cuda.is_available():
+        rows.append(na(MULTINODE_GPU_ROW, None, "ratio", "no CUDA GPU on this machine"))
+    return rows
+
+
 def _vm_hwm_kb(pid: int) -> int | None:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -1001,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--only", default=None, help="comma-separated sections: training,streaming,submit,inference,"
-                                                "digits,transfer,memory,dashboard,gpu")
+                                                "digits,transfer,memory,dashboard,gpu,multinode")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     info = machine()
@@ -1028,6 +1086,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows += _guard("row 3", lambda: bench_streaming(args.quick, url), [stream_row])
             if want("submit"):
                 rows += _guard("row 4", lambda: bench_submit(args.quick, url), submit_rows)
+    if want("multinode") and missing:
+        rows.append(na(MULTINODE_ROW, 15.0, "s", missing, higher_is_better=False))
+    elif want("multinode"):
+        with redis_server() as url:
+            rows += _guard("multi-node row", lambda: bench_multinode(args.quick, url),
+                           [Row(MULTINODE_ROW, None, 15.0, "s", False)])
     if want("dashboard") and missing:
         rows += [na(n, 1.0, "s", missing, higher_is_better=False) for n in DASHBOARD_ROWS]
     elif want("dashboard"):

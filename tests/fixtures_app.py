@@ -17,7 +17,7 @@ APP = ROOT / "app" / "streamlit_app.py"
 DIGITS = ROOT / "configs" / "digits.yaml"
 PAGES = {
     "new": "views/new_job.py", "jobs": "views/jobs.py", "job": "views/job.py", "compare": "views/compare.py",
-    "workers": "views/workers.py", "try": "views/try_it.py",
+    "workers": "views/workers.py", "try": "views/try_it.py", "sweeps": "views/sweeps.py",
 }
 TEST_WORKER = "test-worker"
 

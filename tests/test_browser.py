@@ -3,7 +3,8 @@
 
 A digits job is submitted through the form, its chart gains points while it runs, it reaches `finished`, model.onnx
 is downloaded through its button and classifies digits with onnxruntime. Every page is saved as a screenshot in
-tests/screenshots/ (git-ignored) for a person to look at.
+tests/screenshots/ (git-ignored) for a person to look at, and a small real sweep (3 one-epoch trials) shows on
+the Sweeps page.
 
 Chromium: /usr/bin/chromium (`apt-get install -y chromium`), never `playwright install`. Without it the test is
 skipped, except in CI (CI=true), where it fails.
@@ -206,6 +207,28 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
                         .to_be_enabled()
                     settle(page)
                 shot(page, name)
+
+            # a small real sweep on the same worker (3 one-epoch trials, one at a time), then its page
+            sweep_id = api.create_sweep(str(ROOT / "configs" / "digits.yaml"),
+                                        {"optim.lr": {"float": [1e-3, 1e-2], "log": True},
+                                         "train.batch_size": {"choice": [32, 64]}},
+                                        connection=conn, trials=3, parallel=1, pruner="none", seed=0,
+                                        name="browser sweep", allow_local_paths=True,
+                                        overrides=["train.epochs=1", "export.enabled=false", "data.image_size=16"])
+            wait_until(lambda: api.sweep_status(conn, sweep_id, with_trials=False)["final"], FINISH_TIMEOUT,
+                       "the sweep to finish")
+            assert api.sweep_status(conn, sweep_id, with_trials=False)["state"] == "finished"
+            page.goto(stack["base"] + f"/sweeps?sweep={sweep_id}")
+            page.get_by_text("Best trial", exact=True).wait_for()
+            page.get_by_text("Parameter importances (Optuna)").wait_for()
+            settle(page)
+            assert not page.get_by_test_id("stException").count()
+            shot(page, "8-sweeps")
+            page.goto(stack["base"] + "/")
+            page.get_by_text("Sweep", exact=True).click()
+            page.get_by_text("Fields to vary").wait_for()
+            settle(page)
+            shot(page, "9-new-job-sweep-mode")
         finally:
             browser.close()
     print(f"browser test: {time.monotonic() - started:.0f} s")

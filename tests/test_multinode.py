@@ -108,6 +108,26 @@ def test_incomplete_gang_is_released_after_the_timeout(redis_conn: Any, job_env:
     assert redis_conn.zrange(keys.gangs(), 0, -1) == [job.encode()]  # still waiting for a gang
 
 
+def test_single_node_job_runs_when_a_gang_cannot_complete(redis_conn: Any, job_env: dict[str, str],
+                                                         spawn: Any) -> None:
+    """The starvation rule: a worker reserved for a gang that cannot complete (its second worker never comes) is
+    released after the timeout (3 s here) and then takes the queued single-node job; the gang job keeps waiting."""
+    fake_worker(redis_conn, "w-absent", ttl=120)  # alive enough to accept the 2-node job, but never reserves
+    env = mn_env(job_env, GANG_RESERVATION_TIMEOUT="3")
+    start_worker(spawn, env, "node-a")
+    wait_workers(redis_conn, 2)
+    waiting = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
+    wait_for(lambda: gang.reserved_job(redis_conn, "node-a") == waiting, 30, "node-a to reserve itself")
+    single = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    wait_for(lambda: finished(redis_conn, single), 120, "the single-node job",
+             explain=explain_job(redis_conn, single, spawn))
+    assert api.job_status(redis_conn, single)["state"] == "finished"
+    st = api.job_status(redis_conn, waiting)
+    assert st["state"] == "queued" and st["waiting"], st
+    logs = [e["line"] for e in api.logs_tail(redis_conn, waiting, 100)]
+    assert any("did not complete within 3 s" in line for line in logs), logs
+
+
 # ========================================================================================= real gangs (test 1)
 def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str) -> None:
     """Issue test 1: `--nodes 2 --gpus 1` on two one-slot workers finishes; world size 2; the record names both."""
@@ -233,3 +253,43 @@ def test_cancel_stops_every_rank_on_every_node(redis_conn: Any, job_env: dict[st
     assert api.job_status(redis_conn, job_id)["state"] == "cancelled"
     wait_for(lambda: {n["state"] for n in api.job_status(redis_conn, job_id)["nodes"]} == {"cancelled"}, 10,
              "both nodes to record the cancel", explain=explain)
+
+
+# ==================================================================================================== dashboard
+def test_dashboard_nodes_field_waiting_gang_nodes_table_and_reservations(redis_conn: Any, job_env: dict[str, str],
+                                                                         tmp_path: Path, monkeypatch: Any) -> None:
+    """New job: a Nodes field (refused at the field when too few workers could host it); Job page: what the gang
+    waits for and its nodes; Workers page: which worker is reserved for which job."""
+    from tests.fixtures_app import open_page, texts
+    from tests.test_app import buttons, widget
+
+    monkeypatch.setenv("DATA_CACHE_DIR", str(tmp_path / "data-cache"))
+    fake_worker(redis_conn, "w-a")
+    fake_worker(redis_conn, "w-b")
+    at = open_page("new")
+    widget(at, "number_input", "Nodes").set_value(3)
+    buttons(at)["Submit job"].click().run()
+    assert not at.exception and api.list_jobs(redis_conn) == []
+    assert any(e.value.startswith("nodes: 3 nodes") for e in at.error), [e.value for e in at.error]
+    widget(at, "number_input", "Nodes").set_value(2)
+    buttons(at)["Submit job"].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    job_id = api.list_jobs(redis_conn)[0]["id"]
+    assert api.job_status(redis_conn, job_id)["num_nodes"] == 2
+
+    assert gang.try_reserve(redis_conn, "w-a", 1) == job_id
+    advertise(redis_conn, "w-a", {"name": "w-a", "kind": "cpu", "slots": 1, "state": "reserved",
+                                  "reserved_for": job_id, "addr": "10.0.0.5"}, 30)
+    at = open_page("job", {"job": job_id})
+    assert not at.exception and "1 of 2 workers reserved" in texts(at) and "2 nodes × 1 GPU(s)" in texts(at)
+    nodes = at.dataframe[0].value
+    assert list(nodes["worker"]) == ["w-a"] and list(nodes["state"]) == ["reserved"]
+    at = open_page("workers")
+    rows = at.dataframe[0].value.set_index("name")
+    assert rows.loc["w-a", "reserved for"] == job_id and rows.loc["w-a", "address"] == "10.0.0.5"
+    assert rows.loc["w-b", "reserved for"] == ""
+
+    assert gang.try_reserve(redis_conn, "w-b", 1) == job_id  # the gang is complete: running, nodes 0 and 1
+    at = open_page("job", {"job": job_id})
+    nodes = at.dataframe[0].value
+    assert not at.exception and list(nodes["node"]) == ["0", "1"] and list(nodes["worker"]) == ["w-a", "w-b"]

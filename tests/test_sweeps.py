@@ -54,7 +54,7 @@ def explain(conn: Any, sweep_id: str, spawn: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------- the space file
 def test_space_file_parses_to_optuna_distributions() -> None:
-    raw = yaml.safe_load(Path("configs/space_digits.yaml").read_text())
+    raw = yaml.safe_load(Path("configs/spaces/digits.yaml").read_text())
     params = parse_space(raw)
     assert [p.key for p in params] == list(raw)
     lr = params[0]

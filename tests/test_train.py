@@ -45,6 +45,7 @@ def test_run_folder_holds_the_contract_files(digits_run: tuple[Path, dict[str, A
     for name in ("config.yaml", "metrics.jsonl", "labels.json", "report.json", "split.json", "predictions.jsonl",
                  "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (out / name).exists(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard's files (core/tracking.py)
     report = json.loads((out / "report.json").read_text())
     assert json.loads((out / "labels.json").read_text()) == [str(i) for i in range(10)] == report["data"]["classes"]
     test = report["test"]

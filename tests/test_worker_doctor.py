@@ -18,6 +18,7 @@ from tests.fixtures_worker import ROOT, run_cli, wait_for
 
 def doctor(env: dict[str, str], prefix: list[str] | None = None) -> tuple[int, dict[str, Any]]:
     cmd = [*(prefix or []), sys.executable, "-m", "worker", "doctor", "--json"]
+    env = {**env, "WORKER_ADDR": "127.0.0.1"}  # the address check stays on loopback (a warning: single machine)
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     try:
         out = json.loads(res.stdout)
@@ -53,10 +54,11 @@ def test_a_good_setup_passes_and_a_worker_on_another_store_fails(job_env: dict[s
         checks["shared store"]["detail"]
     assert checks["distributed"]["data"]["gloo"] == "ok"
     assert checks["packages"]["status"] in ("ok", "warn") and checks["python"]["status"] == "ok"
+    assert checks["address"]["status"] == "warn" and "loopback" in checks["address"]["detail"]
 
     other = {**job_env, "ARTIFACTS_DIR": str(tmp_path / "another-store")}
     start_worker(spawn, other, redis_conn, "other-store")
-    text = run_cli(["worker", "doctor"], job_env, timeout=300)  # the human-readable form
+    text = run_cli(["worker", "doctor"], {**job_env, "WORKER_ADDR": "127.0.0.1"}, timeout=300)  # the human-readable form
     assert text.returncode == 1, text.stdout + text.stderr
     assert re.search(r"FAIL +shared store +1 of 2 live worker\(s\) use another artifact store", text.stdout)
     assert "other-store on" in text.stdout and "fix: set ARTIFACTS_DIR to the same store" in text.stdout

@@ -25,6 +25,8 @@ from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
 from worker.status import FINAL_STATES, JobState, mark_final, parse_status, read_status, request_cancel
 from worker.streaming import epoch_events, events_since, follow_logs, logs_since, logs_tail, wait_events
+from core.events import EPOCH_METRICS
+from worker.study import PRUNERS, SAMPLERS
 from worker.submit import submit_job
 from worker.sweeps import (
     SweepState,
@@ -42,7 +44,7 @@ __all__ = [
     "JobState", "artifact_files", "cancel_job", "delete_job", "epoch_events", "events_since", "follow_logs",
     "job_nodes", "job_status", "list_jobs", "list_workers", "logs_since", "logs_tail", "open_artifact", "read_artifact",
     "retry_job", "submit_job", "wait_events",
-    "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
+    "EPOCH_METRICS", "PRUNERS", "SAMPLERS", "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps", "optuna_study", "sweep_status",
     "sweep_trials",
 ]
 

@@ -5,7 +5,8 @@ Checks: Python and package versions against requirements.txt; the torch build ag
 (name, memory, free); the distributed backends (a one-rank gloo, and NCCL where there are GPUs, all-reduce in a child
 process); Redis (reachable with its password, version, persistence); the artifact store (written, read back and
 removed from here) and whether it is the store the live workers use (the id in its `store-id` file); free disk where
-datasets and run folders go; this machine's advertised name (resolvable, an address of this machine, reachable).
+datasets and run folders go; the address this worker advertises for multi-node jobs (`WORKER_ADDR` or the default
+route's source address: an address of this machine that accepts connections, not loopback).
 
 A check is `ok`, `warn` (the machine can serve, but something is off), `fail` (it cannot) or `skip` (not applicable
 here). Exit code 0 when nothing failed, 1 otherwise.
@@ -348,31 +349,37 @@ def check_disk(store: Any) -> Check:
 
 
 def check_address() -> Check:
-    """The name workers advertise (the host name): does it resolve to an address of this machine that accepts
-    connections? Other machines reach this one by it (the Workers page, multi-machine runs)."""
-    host = socket.gethostname()
-    try:
-        addrs = sorted({info[4][0] for info in socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)})
-    except socket.gaierror as err:
-        return Check("address", WARN, f"host name {host!r} does not resolve: {err}",
-                     f"add {host} to /etc/hosts or DNS with this machine's address")
-    outside = [a for a in addrs if not a.startswith("127.")]
-    target = (outside or addrs)[0]
+    """The address this worker advertises for multi-node jobs (`WORKER_ADDR`, else the default route's source
+    address, as `python -m worker run` picks it): an address of this machine that accepts TCP connections, and not
+    loopback when other machines must reach it (node 0 of a multi-node job hosts the rendezvous there)."""
+    import ipaddress
+
+    from worker.multinode import primary_address
+
+    given = os.environ.get("WORKER_ADDR", "").strip()
+    addr = given or primary_address()
+    source = "WORKER_ADDR" if given else "the default route's source address"
+    data = {"address": addr, "source": "WORKER_ADDR" if given else "default route"}
     try:
         with socket.socket() as srv:
-            srv.bind((target, 0))
+            srv.bind((addr, 0))
             srv.listen(1)
             with socket.create_connection(srv.getsockname(), timeout=5):
                 pass
     except OSError as err:
-        return Check("address", WARN, f"{host} resolves to {', '.join(addrs)}, but {target} is not reachable here: "
-                     f"{err}", f"fix {host}'s entry in /etc/hosts or DNS", {"host": host, "addresses": addrs})
-    if not outside:
-        return Check("address", WARN, f"{host} resolves to loopback only ({', '.join(addrs)}): other machines "
-                     "cannot reach this one by its name", f"map {host} to this machine's network address in DNS or "
-                     "/etc/hosts (only needed when machines must reach each other)", {"host": host, "addresses": addrs})
-    return Check("address", OK, f"{host} → {', '.join(addrs)}, accepting connections on {target}",
-                 data={"host": host, "addresses": addrs})
+        return Check("address", FAIL, f"{addr} ({source}) is not an address of this machine that accepts "
+                     f"connections: {err}", "set WORKER_ADDR (or --advertise-addr) to this machine's address on the "
+                     "network the other workers use (ip -brief addr shows them)", data)
+    try:
+        loopback = ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return Check("address", WARN, f"{addr} ({source}) is loopback: multi-node jobs cannot include this machine",
+                     "set WORKER_ADDR to this machine's network address (only needed for jobs over several machines)",
+                     data)
+    return Check("address", OK, f"{addr} ({source}) accepts TCP connections here; other machines must reach it on "
+                 "the ports docs/multinode.md lists", data=data)
 
 
 # ------------------------------------------------------------------------------------------------------- run

@@ -149,6 +149,7 @@ class JobRun:
             self.note(f"fetching dataset {path}")
             data["path"] = str(self.store.fetch_dataset(path))
         cfg["data"] = data
+        cfg["track"] = self._track(cfg.get("track") or {}, status, path)
         run_dir = self.store.local_run_dir(self.job_id)
         attempt = int(status.get("attempt") or 0)
         resume = attempt > 0
@@ -162,6 +163,14 @@ class JobRun:
         self.run_dir = run_dir
         cmd = self._command(config_path, run_dir, nproc, resume)
         return run_dir, cmd, nproc, resume
+
+    def _track(self, track: dict[str, Any], status: dict[str, Any], dataset_ref: Any) -> dict[str, Any]:
+        """The config's `track` section with what only the worker knows: the MLflow run is named after the job and
+        tagged with its id, this worker and the uploaded dataset's content hash (core/tracking.py)."""
+        tags = {**dict(track.get("tags") or {}), "job_id": self.job_id, "worker": self.ctx.worker_name}
+        if dataset_ref and str(dataset_ref).startswith(DATASET_REF_PREFIX):  # artifact:datasets/<sha256>.zip
+            tags["dataset_hash"] = str(dataset_ref).rsplit("/", 1)[-1].removesuffix(".zip")
+        return {**track, "run_name": track.get("run_name") or status.get("name") or self.job_id, "tags": tags}
 
     def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
         """The training command of this attempt (a node of a multi-node job builds its own)."""

@@ -6,7 +6,6 @@ loses points. It stops refreshing once the job is final and the page redraws onc
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import streamlit as st
@@ -22,6 +21,7 @@ from app.data import (
     fmt_bytes,
     fmt_seconds,
     fmt_time,
+    nodes_frame,
     per_class_frame,
 )
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
@@ -94,7 +94,8 @@ st.subheader(status.get("name") or job_id)
 cfg = status.get("config") or {}
 st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
-    f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
+    + (f"{status['num_nodes']} nodes × " if (status.get("num_nodes") or 1) > 1 else "")
+    + f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
     f"submitted {fmt_time(status.get('submitted_at'))}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )
@@ -127,6 +128,11 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
                 text=f"{s['progress']:.0%}" + (f" · {phase}" if phase and not s["final"] else ""))
     if s.get("waiting"):
         st.info(f"Waiting: {s['waiting']}", icon=":material/hourglass_top:")
+    if s.get("nodes"):
+        st.markdown("**Nodes**")
+        st.dataframe(nodes_frame(s["nodes"]), hide_index=True, column_config={
+            "ranks": st.column_config.TextColumn("ranks", help="global DDP ranks on that node (rank 0 streams)"),
+        })
     if s["state"] == "queued" and not s.get("waiting"):
         st.info("Queued: it starts when a worker with enough GPUs is free.", icon=":material/hourglass_top:")
     if s["state"] == "recovering":
@@ -201,7 +207,7 @@ def ended(job: str, s: dict[str, Any]) -> None:
         draw_log(s, job)
         files = ui.artifact_names(job, s.get("ended_at"))
         if any(NAMED_ARTIFACTS[k] in files for k in ("onnx", "pt")):
-            draw_downloads(job, files)
+            ui.draw_downloads(job, files)
     st.subheader("Training curves")
     draw_charts(series, job)
     if s["state"] == "finished":
@@ -209,31 +215,13 @@ def ended(job: str, s: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- results
-def read_artifact(job: str, short: str) -> bytes:
-    return api.read_artifact(job, short, store=artifact_store())
-
-
-def draw_downloads(job: str, files: list[str]) -> None:
-    st.markdown("**Downloads**")
-    cols = st.columns(4)
-    for col, (short, label) in zip(cols, (("onnx", "model.onnx"), ("int8", "model.int8.onnx"), ("pt", "model.pt"),
-                                          ("bundle", "bundle.zip"))):
-        if NAMED_ARTIFACTS[short] in files:
-            col.download_button(label, data=functools.partial(read_artifact, job, short), file_name=f"{job}-{label}",
-                                 mime="application/zip" if label.endswith(".zip") else "application/octet-stream",
-                                 on_click="ignore", icon=":material/download:", key=f"job:download:{short}")
-        else:
-            col.button(label, disabled=True, key=f"job:download:{short}", icon=":material/download:",
-                       help="this job did not produce it (export off, or the export failed)")
-
-
 def draw_results(job: str, s: dict[str, Any]) -> None:
     report = ui.job_report(job, s.get("ended_at"))
     files = ui.artifact_names(job, s.get("ended_at"))
     st.subheader("Results")
     if report is None:
         st.warning("This job has no report.json (it did not reach the test phase).")
-        draw_downloads(job, files)
+        ui.draw_downloads(job, files)
         return
     test = report.get("test") or {}
     c = st.columns(5)
@@ -242,7 +230,7 @@ def draw_results(job: str, s: dict[str, Any]) -> None:
     c[2].metric("Top-5 accuracy", f"{test['top5_accuracy']:.4f}" if test.get("top5_accuracy") is not None else "–")
     c[3].metric("Test loss", f"{test['loss']:.4f}" if test.get("loss") is not None else "–")
     c[4].metric("Test images", f"{test.get('n', 0):,}")
-    draw_downloads(job, files)
+    ui.draw_downloads(job, files)
     classes = (report.get("data") or {}).get("classes") or []
     tabs = st.tabs(["Confusion matrix", "Per class", "Misclassified", "Export"])
     with tabs[0]:

@@ -1,4 +1,6 @@
 """New job: start from a preset (or a cloned job), edit it in a form, check the dataset's health, submit.
+In "Sweep" mode the form is the trials' base config, and the Sweep section picks the fields that vary, their ranges
+or choices, the number of trials and how many run at once; "Start sweep" opens the Sweeps page (?sweep=ID).
 
 Validation is core's, through worker.api.submit_job (the one submission function): its messages are placed under
 the fields they name, and nothing is enqueued until they are all fixed. After a submit the Job page opens (?job=ID).
@@ -21,8 +23,14 @@ conn = require_redis()
 if submitted := st.session_state.pop("new:submitted", None):
     st.switch_page(ui.PAGE_JOB, query_params={"job": submitted})
 
+if sweep_made := st.session_state.pop("new:sweep_created", None):
+    st.switch_page(ui.PAGE_SWEEPS, query_params={"sweep": sweep_made})
+
 st.title("New job")
 ui.show_flash()
+mode = st.radio("Mode", ["Single job", "Sweep"], key="new:mode", horizontal=True,
+                help="Sweep: many jobs (trials) that vary the fields you pick, searched by Optuna")
+sweep_mode = mode == "Sweep"
 
 # ------------------------------------------------------------------------------------- where the config starts
 clone_id = st.query_params.get("clone")
@@ -41,7 +49,8 @@ choice = st.selectbox(
 )
 if choice == CLONE and clone:
     raw: dict[str, Any] = clone.get("config") or {}
-    init = forms.initial_values(raw, gpus=int(clone.get("gpus") or 1), priority=clone.get("priority") or "default")
+    init = forms.initial_values(raw, gpus=int(clone.get("gpus") or 1), nodes=int(clone.get("num_nodes") or 1),
+                                priority=clone.get("priority") or "default")
     init["name"] = f"{clone.get('name') or ''} (copy)".strip()
 else:
     raw = forms.load_preset(choice)
@@ -173,7 +182,8 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
         return
     try:
         job_id = api.submit_job(
-            cfg, connection=conn_now, gpus=int(values["gpus"] or 0), priority=values["priority"],
+            cfg, connection=conn_now, gpus=int(values["gpus"] or 0), nodes=int(values["nodes"] or 0),
+            priority=values["priority"],
             dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
             name=(values["name"] or "").strip() or None, store=artifact_store(),
         )
@@ -188,12 +198,102 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
     ui.flash(f"Job {job_id} submitted.")
 
 
+# ----------------------------------------------------------------------------------------------------- sweep mode
+def sweep_widgets(prefix: str, init: dict[str, Any]) -> None:
+    """What a sweep varies and how (drawn outside the form, so picking a field shows its range at once)."""
+    st.subheader("Sweep")
+    st.caption("Every trial is an ordinary job: the form below is its base config, and each trial changes the "
+               "fields picked here. Every range end and choice is checked like a job's config before anything starts.")
+    fields_ = {f.key: f for f in forms.sweepable()}
+    chosen = st.multiselect("Fields to vary", list(fields_), key=prefix + "sweep:vary",
+                            format_func=lambda k: f"{fields_[k].label} ({k})",
+                            placeholder="pick the fields the trials try different values of")
+    for key in chosen:
+        f, value = fields_[key], init.get(key)
+        cols = st.columns([2, 2, 2, 1])
+        cols[0].markdown(f"**{f.label}**  \n`{key}`")
+        if f.kind in ("select", "bool"):
+            options = list(f.options) if f.kind == "select" else [True, False]
+            cols[1].multiselect("Choices", options, default=options if f.kind == "bool" else [value]
+                                if value in options else [], key=prefix + f"sweep:{key}:choices")
+        elif f.kind == "int":
+            base = int(value or 1)
+            cols[1].number_input("Low", value=max(1, base // 2), step=1, key=prefix + f"sweep:{key}:low")
+            cols[2].number_input("High", value=base * 2, step=1, key=prefix + f"sweep:{key}:high")
+        else:
+            base = float(value or 0.1)
+            cols[1].number_input("Low", value=base / 10, format="%g", key=prefix + f"sweep:{key}:low")
+            cols[2].number_input("High", value=base * 10, format="%g", key=prefix + f"sweep:{key}:high")
+            cols[3].checkbox("log", value=key == "optim.lr", key=prefix + f"sweep:{key}:log")
+    c = st.columns(6)
+    c[0].number_input("Trials", min_value=1, value=8, step=1, key=prefix + "sweep:trials")
+    c[1].number_input("Parallel", min_value=1, value=2, step=1, key=prefix + "sweep:parallel",
+                      help="most trials queued or running at once")
+    c[2].selectbox("Metric", api.EPOCH_METRICS, key=prefix + "sweep:metric", help="an epoch metric to optimise")
+    c[3].selectbox("Direction", ["auto", "maximize", "minimize"], key=prefix + "sweep:direction",
+                   help="auto: minimize losses and seconds, maximize the rest")
+    c[4].selectbox("Sampler", api.SAMPLERS, key=prefix + "sweep:sampler")
+    c[5].selectbox("Pruner", api.PRUNERS, key=prefix + "sweep:pruner",
+                   help="stops trials whose epoch metric falls behind early")
+    if err := st.session_state.get("new:sweep_error") if st.session_state.get("new:errors_for") == prefix else None:
+        st.error(f"**Nothing was started.** {err}", icon=":material/block:")
+
+
+def sweep_space(prefix: str) -> dict[str, Any]:
+    fields_ = {f.key: f for f in forms.sweepable()}
+    space = {}
+    for key in st.session_state.get(prefix + "sweep:vary") or []:
+        g = lambda name: st.session_state.get(prefix + f"sweep:{key}:{name}")  # noqa: E731
+        space[key] = forms.space_entry(fields_[key], g("low"), g("high"), bool(g("log")), g("choices"))
+    return space
+
+
+def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None) -> None:
+    """The form's callback in Sweep mode: create_sweep validates the space and the config before it writes."""
+    st.session_state["new:errors_for"] = prefix
+    st.session_state["new:errors"] = {}
+    st.session_state["new:sweep_error"] = None
+    values = {f.key: st.session_state.get(prefix + f.key) for f in forms.fields()}
+    cfg = forms.build_config(raw, values, dataset)
+    if dataset == forms.UPLOAD and checked is None:
+        st.session_state["new:errors"] = {"dataset": "dataset: upload a .zip of class folders first"}
+        return
+    space = sweep_space(prefix)
+    if not space:
+        st.session_state["new:sweep_error"] = "Pick at least one field to vary."
+        return
+    conn_now, why = try_redis()
+    if conn_now is None:
+        st.session_state["new:sweep_error"] = f"Redis is unreachable: {why}"
+        return
+    g = lambda name: st.session_state.get(prefix + f"sweep:{name}")  # noqa: E731
+    try:
+        sweep_id = api.create_sweep(
+            cfg, space, connection=conn_now, trials=int(g("trials")), parallel=int(g("parallel")),
+            metric=g("metric"), direction=None if g("direction") == "auto" else g("direction"),
+            sampler=g("sampler"), pruner=g("pruner"), name=(values["name"] or "").strip() or None,
+            gpus=int(values["gpus"] or 0), priority=values["priority"], store=artifact_store(),
+            dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
+        )
+    except SubmissionError as err:
+        st.session_state["new:sweep_error"] = str(err)
+        return
+    except REDIS_ERRORS as err:
+        st.session_state["new:sweep_error"] = f"Redis is unreachable: {err}"
+        return
+    st.session_state["new:sweep_created"] = sweep_id
+    ui.flash(f"Sweep {sweep_id} started.")
+
+
+if sweep_mode:
+    sweep_widgets(prefix, init)
+
 SECTIONS = {
     "Model and data": ["model.name", "model.pretrained", "model.freeze", "data.image_size", "data.color_mode",
                        "data.augment"],
     "Training": ["train.epochs", "train.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
                  "train.amp", "train.label_smoothing"],
-    "Resources and export": ["gpus", "priority", "name", "export.enabled", "export.int8"],
+    "Resources and export": ["gpus", "nodes", "priority", "name", "export.enabled", "export.int8"],
 }
 by_key = {f.key: f for f in forms.fields()}
 with st.form(prefix + "form", border=True):
@@ -205,5 +305,9 @@ with st.form(prefix + "form", border=True):
                 widget(by_key[k], init.get(k), prefix + k)
     if errors:
         st.error("**Nothing was submitted.**  \n" + "  \n".join(errors.values()), icon=":material/block:")
-    st.form_submit_button("Submit job", type="primary", on_click=submit,
-                          args=(prefix, raw, dataset, upload_result), icon=":material/rocket_launch:")
+    if sweep_mode:
+        st.form_submit_button("Start sweep", type="primary", on_click=start_sweep,
+                              args=(prefix, raw, dataset, upload_result), icon=":material/tune:")
+    else:
+        st.form_submit_button("Submit job", type="primary", on_click=submit,
+                              args=(prefix, raw, dataset, upload_result), icon=":material/rocket_launch:")

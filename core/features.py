@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from core.data.fast import epoch_generator, train_partition
-from core.errors import ConfigError
+from core.errors import Cancelled, ConfigError
 from core.models import get_head, set_train_mode, unwrap_model
 
 FEATURE_BYTES = 4
@@ -174,11 +174,16 @@ def head_module(model: nn.Module, dropout: float) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------- embedding
 class Progress:
     """Counts embedded images; calls `report(done, total, images_per_sec)` at most every PROGRESS_EVERY_S seconds
-    and once at the end."""
+    and once at the end. `stop()` true (SIGTERM's flag) cancels the pass at the next batch."""
 
-    def __init__(self, total: int, report: Callable[[int, int, float], None] | None) -> None:
-        self.total, self.report, self.done = total, report, 0
+    def __init__(self, total: int, report: Callable[[int, int, float], None] | None,
+                 stop: Callable[[], bool] | None = None) -> None:
+        self.total, self.report, self.stop, self.done = total, report, stop, 0
         self.start = self._last = time.perf_counter()
+
+    def check(self) -> None:
+        if self.stop is not None and self.stop():
+            raise Cancelled("received SIGTERM: run cancelled")
 
     def add(self, n: int) -> None:
         self.done += n
@@ -208,6 +213,8 @@ def embed(model: nn.Module, batches: Any, device: torch.device, *, autocast: Any
     feats, labels = [], []
     try:
         for x, y in batches:
+            if progress is not None:
+                progress.check()
             x = x.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -249,12 +256,12 @@ def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views
 
 def build_feature_loaders(cfg: Any, plan: Plan, model: nn.Module, bundle: Any, loaders: dict[str, Any], info: Any,
                           device: torch.device, *, autocast: Any = None, precision: str = "fp32",
-                          channels_last: bool = False,
-                          report: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+                          channels_last: bool = False, report: Callable[[int, int, float], None] | None = None,
+                          stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Embed train (plan.views views) and val; returns `loaders` with train and val replaced by feature loaders
     (the uint8 train/val images are let go), `head`, `kind: feature_cache` and `feature_cache` (the report's block).
     test stays the image loader: it runs through the whole model."""
-    progress = Progress(plan.views * plan.n_train + plan.n_val, report)
+    progress = Progress(plan.views * plan.n_train + plan.n_val, report, stop)
     per_view = []
     labels = None
     for batches in train_views(cfg, bundle, loaders, info, plan.views):

@@ -230,8 +230,8 @@ def set_epoch(loaders: dict[str, Any], cfg: Config, epoch: int, info: D.DistInfo
 
 
 def cache_features(cfg: Config, plan: Any, model: nn.Module, bundle: Any, loaders: dict[str, Any],
-                   info: D.DistInfo, device: torch.device, sink: EventSink, autocast: Any, amp: str | None
-                   ) -> dict[str, Any]:
+                   info: D.DistInfo, device: torch.device, sink: EventSink, autocast: Any, amp: str | None,
+                   stop: Any = None) -> dict[str, Any]:
     """The feature-cache step (core.features): embed train views and val with the frozen backbone, reporting progress
     as `embed` events and on the CLI's progress bar; returns loaders whose train/val batches are features."""
     sink.emit("phase", {"phase": "embed"})
@@ -247,7 +247,7 @@ def cache_features(cfg: Config, plan: Any, model: nn.Module, bundle: Any, loader
     try:
         return build_feature_loaders(cfg, plan, model, bundle, loaders, info, device, autocast=autocast,
                                      precision=amp or "fp32", channels_last=use_channels_last(cfg, device),
-                                     report=report)
+                                     report=report, stop=stop)
     finally:
         bar.close()
 
@@ -437,7 +437,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
         loaders = make_loaders(cfg, bundle, info, device)
         autocast, scaler, amp_dtype = autocast_context(cfg, device)
         if plan is not None:
-            loaders = cache_features(cfg, plan, model, bundle, loaders, info, device, sink_all, autocast, amp_dtype)
+            loaders = cache_features(cfg, plan, model, bundle, loaders, info, device, sink_all, autocast, amp_dtype,
+                                     stop=lambda: stop_flag["stop"])
         steps_per_epoch = len(loaders["train"])
         if steps_per_epoch == 0:
             raise DataError(f"train.batch_size={cfg.train.batch_size} is larger than the train split "

@@ -16,10 +16,11 @@ from torch import nn
 
 from core.config import load_config, save_config
 from core.data.fast import TensorBatchLoader
-from core.errors import ConfigError
+from core.errors import Cancelled, ConfigError
 from core.events import read_jsonl
 from core.features import (
     FeatureBatchLoader,
+    Progress,
     embed,
     feature_cache_bytes,
     head_module,
@@ -74,6 +75,23 @@ def test_head_on_embedded_features_is_the_whole_model() -> None:
     with torch.no_grad():
         torch.testing.assert_close(head(feats), model(x), rtol=1e-4, atol=1e-5)
     assert head[1] is model.fc  # shared parameters: the optimizer and checkpoints see one model
+
+
+def test_cancel_stops_the_embedding_pass_at_the_next_batch() -> None:
+    model = freeze_backbone(create_model("efficientnet_lite0", 3, image_size=32))
+    batches = [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))] * 3
+    flag = {"stop": False}
+    seen = []
+
+    def report(done: int, total: int, ips: float) -> None:
+        seen.append(done)
+        flag["stop"] = True  # SIGTERM arrives after the first batch
+
+    progress = Progress(6, report, stop=lambda: flag["stop"])
+    progress._last = -1e9  # report every batch
+    with pytest.raises(Cancelled):
+        embed(model, batches, torch.device("cpu"), progress=progress)
+    assert seen == [2]
 
 
 def test_feature_loader_one_view_per_image_per_epoch_seeded() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from app.defaults import ACTIVE_STATES
+from core import runfolder as rf
 
 STATE_ICONS = {
     "queued": "hourglass_top", "running": "play_circle", "recovering": "sync_problem", "finished": "check_circle",
@@ -337,12 +338,12 @@ def export_rows(report: dict[str, Any]) -> pd.DataFrame:
     onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
     rows = []
     if onnx:
-        rows.append({"file": "model.onnx", "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
+        rows.append({"file": rf.ONNX, "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
                      "test accuracy": onnx.get("accuracy"), "max |Δlogit| vs PyTorch": onnx.get("max_abs_diff"),
                      "top-1 agreement": onnx.get("top1_agreement"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": onnx.get("latency_ms_batch1")})
     if int8:
-        rows.append({"file": "model.int8.onnx", "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
+        rows.append({"file": rf.INT8_ONNX, "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
                      "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
                      "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": int8.get("latency_ms_batch1")})

@@ -1,26 +1,24 @@
-"""The New-job form as data: presets from configs/, the fields it edits, and the mapping of validation messages back
-to fields. Validation itself is core's (through `worker.submit`): the dashboard only places its messages.
+"""The New-job form as data: presets from configs/, the fields it edits, and the placing of validation errors under
+fields. Validation itself is core's (through `worker.submit`), and so are the option lists (core/config.py's field
+types, core/data/builtin.py's datasets): the dashboard only shows them.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from app.defaults import CONFIGS_DIR, DEFAULT_PRESET
+from core.config import Config, choices
+from core.data.builtin import BUILTIN_DATASETS
+from core.errors import FieldError
 from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES, REPO_ROOT
 
-BUILTIN_DATASETS = {
-    "digits": "digits — handwritten digits, 1,797 8×8 images, 10 classes (offline)",
-    "cifar10": "CIFAR-10 — 60,000 32×32 images, 10 classes (the worker needs the files in data/)",
-    "cifar100": "CIFAR-100 — 60,000 32×32 images, 100 classes (the worker needs the files in data/)",
-    "synthetic": "synthetic — random coloured shapes (smoke tests)",
-}
 UPLOAD = "upload"
 CLONED = "cloned"
-DATASET_LABELS = {**BUILTIN_DATASETS, UPLOAD: "Upload a .zip of class folders",
+DATASET_LABELS = {**{name: d.label for name, d in BUILTIN_DATASETS.items()}, UPLOAD: "Upload a .zip of class folders",
                   CLONED: "The dataset of the cloned job"}
 
 
@@ -51,19 +49,19 @@ def fields() -> list[Field]:
     return [
         Field("model.name", "Model", "select", model_names()),
         Field("model.pretrained", "Pretrained (ImageNet weights)", "bool"),
-        Field("model.freeze", "Freeze", "select", ("none", "backbone"),
+        Field("model.freeze", "Freeze", "select", choices(Config, "model.freeze"),
               help="backbone: only the new head trains (needs pretrained)"),
         Field("data.image_size", "Image size (px)", "int", min_value=0, max_value=4096, step=1, optional=True,
               help="model input side; empty = the dataset's native size"),
-        Field("data.color_mode", "Colour mode", "select", ("RGB", "L")),
-        Field("data.augment", "Augmentation", "select", ("classic", "none", "strong"),
+        Field("data.color_mode", "Colour mode", "select", choices(Config, "data.color_mode")),
+        Field("data.augment", "Augmentation", "select", choices(Config, "data.augment"),
               help="classic: random crop + flip + colour jitter; strong: TrivialAugment"),
         Field("train.epochs", "Epochs", "int", min_value=0, step=1),
         Field("train.batch_size", "Batch size", "int", min_value=0, step=1, help="per GPU (per DDP rank)"),
-        Field("optim.name", "Optimizer", "select", ("adamw", "sgd")),
+        Field("optim.name", "Optimizer", "select", choices(Config, "optim.name")),
         Field("optim.lr", "Learning rate", "float", min_value=0.0, step=1e-4, fmt="%g"),
         Field("optim.weight_decay", "Weight decay", "float", min_value=0.0, step=1e-4, fmt="%g"),
-        Field("sched.name", "Schedule", "select", ("cosine", "onecycle", "step", "none")),
+        Field("sched.name", "Schedule", "select", choices(Config, "sched.name")),
         Field("train.amp", "Mixed precision (AMP)", "bool"),
         Field("train.label_smoothing", "Label smoothing", "float", min_value=0.0, step=0.05, fmt="%g"),
         Field("train.feature_cache", "Feature cache", "select", ("auto", "on", "off"),
@@ -191,27 +189,22 @@ def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str) -> d
 
 
 # ------------------------------------------------------------------------------------------------ error placement
-_KEY_RE = re.compile(r"^\s*([A-Za-z_][\w]*(?:\.[\w]+)*)\s*:\s*(.+)$", re.DOTALL)
 FIELD_ALIASES = {"data.path": "dataset", "data.name": "dataset", "dataset upload": "dataset", "timeout": "name"}
+"""Error keys shown under another field: every data key under the dataset choice, the timeout under the name."""
 
 
-def errors_by_field(message: str) -> dict[str, str]:
-    """'invalid config: train.epochs: ... ; optim.lr: ...' → {"train.epochs": ..., "optim.lr": ...}.
+def errors_by_field(errors: Iterable[FieldError]) -> dict[str, str]:
+    """A refusal's errors (`SubmissionError.errors`, `ConfigError.errors`) → {form field key: its messages}.
 
     Keys not shown in the form land under "" (shown above the submit button), data keys under "dataset".
     """
-    body = message.removeprefix("invalid config:").strip()
-    known = {f.key for f in fields()}
+    known = {f.key for f in fields()} | {"dataset"}
     out: dict[str, str] = {}
-    for part in [p for p in body.split("; ") if p.strip()]:
-        m = _KEY_RE.match(part)
-        key = m.group(1) if m else part.partition(":")[0].strip()
-        if key.startswith("dataset"):
-            key = "dataset"
-        key = FIELD_ALIASES.get(key, key)
-        if key not in known and key != "dataset":
+    for error in errors:
+        key = FIELD_ALIASES.get(error.key, error.key)
+        if key not in known:
             key = ""
-        out[key] = (out[key] + "; " if key in out else "") + part.strip()
+        out[key] = (out[key] + "; " if key in out else "") + str(error)
     return out
 
 

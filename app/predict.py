@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core import runfolder as rf
 from core.predict_template import classify, preprocess_image
 
 
@@ -28,9 +29,9 @@ def load_classifier(job_id: str, *, store: Any = None) -> Classifier:
 
     from worker import api
 
-    model = api.read_artifact(job_id, "export/model.onnx", store=store)
-    labels = json.loads(api.read_artifact(job_id, "export/labels.json", store=store))
-    pp = json.loads(api.read_artifact(job_id, "export/preprocess.json", store=store))
+    model = api.read_artifact(job_id, rf.exported(rf.ONNX), store=store)
+    labels = json.loads(api.read_artifact(job_id, rf.exported(rf.LABELS), store=store))
+    pp = json.loads(api.read_artifact(job_id, rf.exported(rf.PREPROCESS), store=store))
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     return Classifier(session=session, labels=labels, preprocess=pp,
                       input_name=pp.get("input_name") or session.get_inputs()[0].name)

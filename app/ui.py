@@ -11,6 +11,7 @@ import streamlit as st
 from app.connection import artifact_store
 from app.data import job_label
 from app.defaults import JOB_PICKER_LIMIT
+from core import runfolder as rf
 from worker import api
 from worker.artifacts import NAMED_ARTIFACTS
 from worker.errors import ArtifactError, NoSuchJobError
@@ -103,8 +104,8 @@ def draw_downloads(job: str, files: list[str], key: str = "job") -> None:
     """Download buttons for a job's models (disabled for what it did not produce); the Job and Sweeps pages."""
     st.markdown("**Downloads**")
     cols = st.columns(4)
-    for col, (short, label) in zip(cols, (("onnx", "model.onnx"), ("int8", "model.int8.onnx"), ("pt", "model.pt"),
-                                          ("bundle", "bundle.zip"))):
+    for col, (short, label) in zip(cols, (("onnx", rf.ONNX), ("int8", rf.INT8_ONNX), ("pt", rf.STATE_DICT),
+                                          ("bundle", rf.BUNDLE))):
         if NAMED_ARTIFACTS[short] in files:
             col.download_button(label, data=functools.partial(read_artifact, job, short), file_name=f"{job}-{label}",
                                  mime="application/zip" if label.endswith(".zip") else "application/octet-stream",

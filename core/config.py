@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.errors import ConfigError
+from core.errors import ConfigError, FieldError
+
+DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
+Augment = Literal["classic", "none", "strong"]
+"""classic: random crop + flip + colour jitter; strong: TrivialAugment; none: the eval transform only."""
+ColorMode = Literal["RGB", "L"]
+CacheMode = Literal["auto", "on", "off"]
+Freeze = Literal["none", "backbone"]
+Device = Literal["auto", "cpu", "cuda"]
+OptimizerName = Literal["adamw", "sgd"]
+ScheduleName = Literal["cosine", "onecycle", "step", "none"]
 
 FEATURE_VIEWS = 4
 """Default data.feature_views (chosen by measurement: docs/benchmarks.md, "Feature cache")."""
@@ -28,23 +38,23 @@ def _on_off(value: Any) -> Any:
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    name: DatasetName = "digits"
     path: str | None = None
     """imagefolder: a folder or .zip of class folders; cifar: the dataset root (default `data/`)."""
     image_size: int | None = Field(default=None, ge=4, le=1024)
     """Model input side in pixels; None = the dataset's native size (digits 8 → 32 is set by the preset)."""
     split: list[float] = Field(default_factory=lambda: [0.7, 0.2, 0.1])
     """train/val/test fractions, summing to 1. CIFAR keeps its official test set."""
-    augment: Literal["classic", "none", "strong"] = "classic"
+    augment: Augment = "classic"
     hflip: bool = True
     """Random horizontal flip in the classic/strong presets (off for digits and text-like data)."""
-    color_mode: Literal["RGB", "L"] = "RGB"
+    color_mode: ColorMode = "RGB"
     """RGB converts every image to 3 channels; L keeps one channel."""
     download: bool = False
     """cifar: download into `path` when the files are missing (needs internet)."""
     num_workers: int = Field(default=0, ge=0, le=64)
     pin_memory: bool = False
-    cache: Literal["auto", "on", "off"] = "auto"
+    cache: CacheMode = "auto"
     """Tensor cache (decode once, augment batches as tensors): auto = on when the dataset fits in memory."""
     cache_max_mb: int = Field(default=4096, ge=1)
     """MiB per process: `cache: auto` uses the tensor cache when its uint8 size is at most this; the feature cache
@@ -70,7 +80,7 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = "simple_cnn"
     pretrained: bool = False
-    freeze: Literal["none", "backbone"] = "none"
+    freeze: Freeze = "none"
     backbone_lr_scale: float = Field(default=0.1, gt=0, le=1)
     """When fine-tuning a pretrained model (freeze: none), the backbone learns at lr × this."""
     small_input: bool | None = None
@@ -100,8 +110,8 @@ class TrainConfig(_Section):
     eval_batch_size: int | None = Field(default=None, ge=1)
     time_limit: float | None = Field(default=None, gt=0)
     """Seconds; the run fails as timed out past it. None = no limit."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    feature_cache: Literal["auto", "on", "off"] = "auto"
+    device: Device = "auto"
+    feature_cache: CacheMode = "auto"
     """Embed images with the frozen backbone once and train only the head on the cached features (core.features).
     auto: on when the backbone is frozen and in eval mode (its output depends only on the image)."""
 
@@ -109,7 +119,7 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = Field(default=1e-3, gt=0, le=10)
     weight_decay: float = Field(default=1e-4, ge=0, le=1)
     momentum: float = Field(default=0.9, ge=0, lt=1)
@@ -117,7 +127,7 @@ class OptimConfig(_Section):
 
 
 class SchedConfig(_Section):
-    name: Literal["cosine", "onecycle", "step", "none"] = "cosine"
+    name: ScheduleName = "cosine"
     warmup_epochs: float = Field(default=0.0, ge=0)
     """Linear warm-up length in epochs (fractional allowed); converted to steps."""
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
@@ -163,34 +173,68 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_field(self) -> Config:
         if self.data.name == "imagefolder" and not self.data.path:
-            raise ValueError("data.path: required when data.name is 'imagefolder' (a folder or .zip of class folders)")
+            raise _KeyError("data.path", self.data.path,
+                            "required when data.name is 'imagefolder' (a folder or .zip of class folders)")
         if self.model.freeze == "backbone" and not self.model.pretrained:
-            raise ValueError("model.freeze: 'backbone' needs model.pretrained: true (a frozen random backbone learns nothing)")
+            raise _KeyError("model.freeze", self.model.freeze,
+                            "'backbone' needs model.pretrained: true (a frozen random backbone learns nothing)")
         if self.train.feature_cache == "on" and self.model.freeze != "backbone":
-            raise ValueError("train.feature_cache: 'on' needs model.freeze: backbone (a backbone that trains changes "
-                             "its features every step, so they cannot be computed once); use auto or off")
+            raise _KeyError("train.feature_cache", self.train.feature_cache,
+                            "'on' needs model.freeze: backbone (a backbone that trains changes its features every "
+                            "step, so they cannot be computed once); use auto or off")
         from core.models import list_models  # local import: models import torch, config must stay light
 
         if self.model.name not in list_models():
-            raise ValueError(f"model.name: unknown model {self.model.name!r}; choose from {', '.join(list_models())}")
+            raise _KeyError("model.name", self.model.name,
+                            f"unknown model {self.model.name!r}; choose from {', '.join(list_models())}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
+class _KeyError(ValueError):
+    """A cross-field check's error, naming the key it is about (pydantic reports those without a location)."""
+
+    def __init__(self, key: str, value: Any, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.error = FieldError(key, value, message)
+
+
+def _field_errors(err: ValidationError) -> list[FieldError]:
+    out = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (value {e['input']!r}); see README 'Configuration' for the allowed keys")
-        elif key:
-            lines.append(f"{key}: {msg} (got {e['input']!r})")
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _KeyError):
+            out.append(cause.error)
+        elif e["type"] == "extra_forbidden":
+            out.append(FieldError(key, e["input"], f"unknown key (value {e['input']!r}); see README 'Configuration' "
+                                                   "for the allowed keys"))
         else:
-            lines.append(msg)
-    return "invalid config: " + "; ".join(lines)
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(FieldError(key, e["input"], f"{msg} (got {e['input']!r})" if key else msg))
+    return out
+
+
+def validation_error(err: ValidationError) -> ConfigError:
+    """pydantic's errors as one ConfigError: "invalid config: key: what is wrong (got value); ..."."""
+    errors = _field_errors(err)
+    return ConfigError("invalid config: " + "; ".join(str(e) for e in errors), errors)
+
+
+def choices(model: type[BaseModel], key: str) -> tuple[Any, ...]:
+    """The allowed values of a `Literal` config field, in declaration order: `choices(Config, "optim.name")` →
+    ("adamw", "sgd"). The one list the dashboard's select boxes, error messages and dispatch tables use."""
+    annotation: Any = model
+    for part in key.split("."):
+        fields = getattr(annotation, "model_fields", None)
+        if not fields or part not in fields:
+            raise KeyError(f"{key}: not a config key")
+        annotation = fields[part].annotation
+    if get_origin(annotation) is not Literal:
+        raise KeyError(f"{key}: not a field with a fixed list of choices")
+    return get_args(annotation)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -208,17 +252,27 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """`raw[a][b] = value` for the key "a.b", making missing sections; ValueError("'a' is not a section") when a
+    part of the key holds a value instead of a section."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         parts, value = parse_override(item)
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(raw, ".".join(parts), value)
+        except ValueError as err:
+            raise ConfigError(f"--set {item!r}: {err}") from None
     return raw
 
 
@@ -231,7 +285,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise validation_error(err) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

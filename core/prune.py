@@ -16,7 +16,6 @@ sparsity itself, for runtimes that exploit it, and a starting point for physical
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -28,9 +27,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from core import runfolder as rf
 from core.config import Config, config_from_dict, save_config
-from core.errors import Cancelled, ConfigError, CoreError, exit_code
-from core.export import build_model, export_run, load_run
+from core.errors import ConfigError, CoreError, exit_code
+from core.export import export_run
 
 FINETUNE_LR_SCALE = 0.1
 """Fine-tuning learning rate as a fraction of the run's optim.lr (the model is already trained; no warm-up)."""
@@ -83,7 +83,6 @@ def _finetune_config(cfg: Config, epochs: int, lr_scale: float) -> Config:
 def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, structured: bool = False,
               finetune_epochs: int = 1, lr_scale: float = FINETUNE_LR_SCALE, export: bool = True) -> dict[str, Any]:
     """Prune, fine-tune and evaluate `run_dir`'s best checkpoint into the new run folder `out_dir`; returns its report."""
-    from core import distributed as D
     from core import train as T
     from core.data import build_datasets
     from core.events import JsonlSink, MultiSink, PrintSink, sink_from_env
@@ -93,7 +92,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
         raise ConfigError(f"--amount: must be a fraction between 0 and 1 (exclusive), got {amount}")
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs: must be >= 0, got {finetune_epochs}")
-    run = load_run(run_dir)
+    run = rf.load_run(run_dir)
     out = Path(out_dir)
     if out.resolve() == run.path.resolve():
         raise ConfigError(f"--out: {str(out)!r} is the source run; choose a new folder")
@@ -103,27 +102,26 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
     ft_cfg = _finetune_config(cfg, finetune_epochs, lr_scale)
     use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     device = torch.device("cuda" if use_cuda else "cpu")
-    info = D.DistInfo()
     T.seed_everything(cfg.train.seed)
 
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    sink = MultiSink(JsonlSink(out / "metrics.jsonl"), PrintSink(), sink_from_env())
+    (out / rf.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    sink = MultiSink(JsonlSink(out / rf.METRICS), PrintSink(), sink_from_env())
     stop_flag = {"stop": False}
     T.install_sigterm(stop_flag)
     try:
+        rt = T.Runtime.create(ft_cfg, device, sink=sink, stop_flag=stop_flag)
         sink.emit("phase", {"phase": "data"})
         bundle = build_datasets(cfg)
         classes = run.classes
-        model = build_model(run).to(device)  # NCHW while pruning: global_unstructured views weights as vectors
-        loaders = T.make_loaders(ft_cfg, bundle, info, device)
-        autocast, scaler, _ = T.autocast_context(ft_cfg, device)
+        model = rf.build_model(run).to(device)  # NCHW while pruning: global_unstructured views weights as vectors
+        loaders = T.make_loaders(ft_cfg, bundle, rt.info, device)
 
         def evaluate(split: str) -> tuple[dict[str, Any], dict]:
-            return T.evaluate_split(model, loaders, split, autocast, ft_cfg, device, info, classes)
+            return T.evaluate_split(rt, model, loaders, split, classes)
 
         before, _ = evaluate("test")
         layers = apply_pruning(model, amount, structured=structured)
-        if T.use_channels_last(ft_cfg, device):  # for the fine-tuning and evaluation that follow
+        if rt.channels_last:  # for the fine-tuning and evaluation that follow
             model = model.to(memory_format=torch.channels_last)
         pruned_only, _ = evaluate("test")
         print(f"prune: test accuracy {before['accuracy']:.4f} before, {pruned_only['accuracy']:.4f} right after "
@@ -136,23 +134,16 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
         best_epoch, best_state = 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
         if finetune_epochs:
             sink.emit("phase", {"phase": "train"})
-            optimizer = T.create_optimizer(ft_cfg, model)
-            scheduler = T.create_scheduler(ft_cfg, optimizer, len(loaders["train"]))
-            criterion = nn.CrossEntropyLoss(label_smoothing=ft_cfg.train.label_smoothing)
-            global_step = 0
+            state = T.create_train_state(rt, model, len(loaders["train"]))
             for epoch in range(1, finetune_epochs + 1):
-                T.set_epoch(loaders, ft_cfg, epoch, info)
-                stats, global_step = T.train_one_epoch(model, loaders["train"], criterion, optimizer, scheduler,
-                                                       scaler, autocast, ft_cfg, device, epoch, info, sink,
-                                                       global_step, None, stop_flag)
+                T.set_epoch(loaders, ft_cfg, epoch, rt.info)
+                stats = T.train_one_epoch(rt, state, loaders["train"], epoch)
                 val, _ = evaluate("val")
                 if val["accuracy"] > best_val["accuracy"]:
                     best_val, best_epoch = val, epoch
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                sink.emit("epoch", {"epoch": epoch, "epochs": finetune_epochs, **stats,
-                                    "val_loss": val.get("loss", 0.0), "val_acc": val["accuracy"],
-                                    "val_macro_f1": val["macro_f1"], "lr": optimizer.param_groups[-1]["lr"],
-                                    "best_val_acc": best_val["accuracy"]})
+                state.best_val_acc = best_val["accuracy"]
+                sink.emit("epoch", T.epoch_event(rt, state, epoch, stats, val))
         model.load_state_dict(best_state)  # masks included: the chosen weights are pruned like the others
         make_permanent(layers)
 
@@ -167,11 +158,9 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
                    "finetune_epochs": finetune_epochs, "best_epoch": best_epoch,
                    "finetune_lr": ft_cfg.optim.lr, "source_run": str(run.path)}
 
-        T.atomic_torch_save({"model": model.state_dict(), "epoch": best_epoch, "config": cfg.to_dict(),
-                             "val_metrics": best_val, "best_val_acc": best_val["accuracy"]},
-                            out / "checkpoints/best.pt")
-        save_config(cfg, out / "config.yaml")
-        for name in ("labels.json", "preprocess.json", "split.json"):
+        rf.save_best_checkpoint(out / rf.BEST_CHECKPOINT, model, epoch=best_epoch, cfg=cfg, val_metrics=best_val)
+        save_config(cfg, out / rf.CONFIG)
+        for name in (rf.LABELS, rf.PREPROCESS, rf.SPLIT):
             if (run.path / name).exists():
                 shutil.copyfile(run.path / name, out / name)
         report = {
@@ -190,20 +179,19 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, struct
         }
         report["misclassified"] = T.write_predictions(out, bundle, test_out, classes)
         report["samples"] = T.write_samples(out, bundle, classes)
-        T.write_json(out / "report.json", report)
+        rf.write_json(out / rf.REPORT, report)
         sink.emit("report", {k: v for k, v in report.items() if k != "misclassified"})
         print(f"prune: sparsity {stats['sparsity']:.4f} over {stats['pruned_layers']} layers, test accuracy "
               f"{before['accuracy']:.4f} → {test['accuracy']:.4f} after {finetune_epochs} fine-tune epoch(s)", flush=True)
         if export:
             sink.emit("phase", {"phase": "export"})
             export_run(out)
-            report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+            report = rf.read_json(out / rf.REPORT)
         sink.emit("phase", {"phase": "done"})
         return report
     except BaseException as err:
-        marker = "CANCELLED" if isinstance(err, (Cancelled, KeyboardInterrupt)) else "FAILED"
-        if not (out / "report.json").exists():
-            (out / marker).write_text(f"{type(err).__name__}: {err}\n", encoding="utf-8")
+        if not (out / rf.REPORT).exists():
+            rf.mark(out, rf.marker_for(err), f"{type(err).__name__}: {err}")
         sink.emit("error", {"error": str(err), "kind": type(err).__name__})
         raise
     finally:

@@ -33,11 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-TB_DIR = "tb"
-"""TensorBoard event files, inside the run folder."""
+from core import runfolder as rf
 
-MLFLOW_RUN_FILE = "mlflow.json"
-"""The MLflow run of this run folder ({"tracking_uri", "experiment_id", "run_id"}): a resumed run continues it."""
+TB_DIR = rf.TENSORBOARD
+MLFLOW_RUN_FILE = rf.MLFLOW_RUN
 
 BUFFER_EVENTS = 50_000
 """Events a tracking sink holds while its target is slow or away; beyond it the oldest step events are dropped."""
@@ -323,8 +322,8 @@ class MlflowSink(BackgroundSink):
         params = [Param(k, str(v)[:6000]) for k, v in flatten(self.config).items() if not k.startswith("track.")]
         for i in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[i:i + 100])
-        _write_json(self.run_dir / MLFLOW_RUN_FILE,
-                    {"tracking_uri": self.uri, "experiment_id": exp_id, "run_id": run_id})
+        rf.write_json(self.run_dir / MLFLOW_RUN_FILE,
+                      {"tracking_uri": self.uri, "experiment_id": exp_id, "run_id": run_id})
         self.run_id = run_id
         return run_id
 
@@ -365,10 +364,10 @@ class MlflowSink(BackgroundSink):
             self._log_artifacts(run_id)
 
     def _log_artifacts(self, run_id: str) -> None:
-        report = self.run_dir / "report.json"
+        report = self.run_dir / rf.REPORT
         if report.exists():
             self.client.log_artifact(run_id, str(report))
-        onnx_path = self.run_dir / "export" / "model.onnx"
+        onnx_path = self.run_dir / rf.exported(rf.ONNX)
         if onnx_path.exists():
             import mlflow
             import mlflow.onnx
@@ -377,7 +376,7 @@ class MlflowSink(BackgroundSink):
             if self.experiment_id:  # the logged model goes to the run's experiment (else to the default one)
                 mlflow.set_experiment(experiment_id=self.experiment_id)
             mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", run_id=run_id)
-        bundle = self.run_dir / "export" / "bundle.zip"
+        bundle = self.run_dir / rf.exported(rf.BUNDLE)
         if bundle.exists():
             self.client.log_artifact(run_id, str(bundle))
         self.artifacts_sent = True
@@ -393,7 +392,7 @@ class MlflowSink(BackgroundSink):
 def dataset_hash(run_dir: Path) -> str:
     """sha256 of the run's split.json and labels.json: the same images in the same splits with the same classes."""
     h = hashlib.sha256()
-    for name in ("split.json", "labels.json"):
+    for name in (rf.SPLIT, rf.LABELS):
         path = run_dir / name
         if path.exists():
             h.update(path.read_bytes())
@@ -405,12 +404,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------- setup

@@ -1,7 +1,10 @@
 """Train an image classifier: `python -m core.train CONFIG --out RUN_DIR [--set k=v ...] [--resume]`.
 
-The loop is written out top to bottom: build data → model → optimizer/scheduler → for each epoch train, evaluate on
-val, checkpoint → test the best checkpoint → report (→ export). The same entry point runs under
+`train()` is a few named steps, top to bottom, like torchvision's reference script: prepare_run_folder → load_data →
+build_training_model → prepare_inputs (what the loop iterates) → create_train_state (+ resume_from) →
+wrap_for_training → run_epochs (each epoch: train_one_epoch, evaluate on val, checkpoint, event) → test_and_report
+(→ export). What the steps share travels in two small objects: `Runtime` (how and where the run computes, fixed for
+the run) and `TrainState` (the model, its optimizer and how far training got). The same entry point runs under
 `torchrun --nproc_per_node=N`: DDP with a DistributedSampler, metrics reduced across ranks, only rank 0 writes files
 and events.
 """
@@ -18,6 +21,7 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from core import distributed as D
-from core.config import Config, load_config, load_yaml, save_config
+from core import runfolder as rf
+from core.config import Config, choices, load_config, load_yaml, save_config
 from core.errors import Cancelled, ConfigError, CoreError, DataError, TrainingError, exit_code
 from core.evaluate import compute_metrics, predict
 from core.features import build_feature_loaders, plan_feature_cache
 from core.events import EventSink, JsonlSink, MultiSink, NullSink, PrintSink, read_jsonl, sink_from_env
-from core.models import set_train_mode
+from core.models import set_train_mode, unwrap_model
 
 MISCLASSIFIED_MAX = 48
 """How many misclassified test images are saved as PNGs for the dashboard's gallery."""
@@ -73,24 +78,6 @@ def _to_lists(x: Any) -> Any:
 
 def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def cpu_has_native_bf16() -> bool:
@@ -144,13 +131,14 @@ def create_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
             if ps:
                 groups.append({"params": ps, "weight_decay": wd, "lr": cfg.optim.lr * scale, "lr_scale": scale})
     if not groups:
-        raise ConfigError("model: no trainable parameters (check model.freeze)")
+        raise ConfigError.on("model", None, "no trainable parameters (check model.freeze)")
     name = cfg.optim.name
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.optim.lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)
-    raise ConfigError(f"optim.name: unknown optimizer {name!r}; choose from adamw, sgd")
+    raise ConfigError.on("optim.name", name,
+                         f"unknown optimizer {name!r}; choose from {', '.join(choices(Config, 'optim.name'))}")
 
 
 def create_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
@@ -175,8 +163,9 @@ def create_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_ep
             return cfg.sched.gamma ** ((step // max(steps_per_epoch, 1)) // cfg.sched.step_epochs)
         return 1.0  # "none"
 
-    if name not in ("cosine", "step", "none"):
-        raise ConfigError(f"sched.name: unknown schedule {name!r}; choose from cosine, onecycle, step, none")
+    if name not in choices(Config, "sched.name"):
+        raise ConfigError.on("sched.name", name,
+                             f"unknown schedule {name!r}; choose from {', '.join(choices(Config, 'sched.name'))}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -229,25 +218,23 @@ def set_epoch(loaders: dict[str, Any], cfg: Config, epoch: int, info: D.DistInfo
     seed_everything(cfg.train.seed * 1_000_003 + epoch * 997 + info.rank)
 
 
-def cache_features(cfg: Config, plan: Any, model: nn.Module, bundle: Any, loaders: dict[str, Any],
-                   info: D.DistInfo, device: torch.device, sink: EventSink, autocast: Any, amp: str | None,
-                   stop: Any = None) -> dict[str, Any]:
+def cache_features(rt: Runtime, plan: Any, model: nn.Module, bundle: Any, loaders: dict[str, Any]) -> dict[str, Any]:
     """The feature-cache step (core.features): embed train views and val with the frozen backbone, reporting progress
-    as `embed` events and on the CLI's progress bar; returns loaders whose train/val batches are features."""
-    sink.emit("phase", {"phase": "embed"})
-    total = plan.views * plan.n_train + plan.n_val
-    bar = _progress(total, f"embedding {plan.views} view(s)", info)
+    as `embed` events and on the CLI's progress bar; returns loaders whose train/val batches are features, and the
+    head that trains on them."""
+    rt.sink.emit("phase", {"phase": "embed"})
+    bar = _progress(plan.views * plan.n_train + plan.n_val, f"embedding {plan.views} view(s)", rt.info)
+    shown = [0]
 
     def report(done: int, total: int, images_per_sec: float) -> None:
-        bar.update(done - report.shown)
-        report.shown = done
-        sink.emit("embed", {"done": done, "total": total, "views": plan.views, "images_per_sec": images_per_sec})
-    report.shown = 0
+        bar.update(done - shown[0])
+        shown[0] = done
+        rt.sink.emit("embed", {"done": done, "total": total, "views": plan.views, "images_per_sec": images_per_sec})
 
     try:
-        return build_feature_loaders(cfg, plan, model, bundle, loaders, info, device, autocast=autocast,
-                                     precision=amp or "fp32", channels_last=use_channels_last(cfg, device),
-                                     report=report, stop=stop)
+        return build_feature_loaders(rt.cfg, plan, model, bundle, loaders, rt.info, rt.device, autocast=rt.autocast,
+                                     precision=rt.amp or "fp32", channels_last=rt.channels_last, report=report,
+                                     stop=lambda: rt.stop_flag["stop"])
     finally:
         bar.close()
 
@@ -265,54 +252,114 @@ def gather_predictions(out: dict[str, np.ndarray], idx: list[int], info: D.DistI
             "probs": probs[perm]}
 
 
+# ----------------------------------------------------------------------------------------------------------- state
+@dataclass
+class Runtime:
+    """Where and how a run computes, fixed for its whole length: config, device, process group, mixed precision,
+    where events go, and when to stop (SIGTERM's flag, train.time_limit's deadline)."""
+
+    cfg: Config
+    device: torch.device
+    info: D.DistInfo = field(default_factory=D.DistInfo)
+    sink: EventSink = field(default_factory=NullSink)
+    autocast: Any = field(default_factory=nullcontext)
+    scaler: torch.amp.GradScaler | None = None
+    amp: str | None = None
+    """"bf16", "fp16" or None (fp32): what the report's `amp` says."""
+    channels_last: bool = False
+    stop_flag: dict[str, bool] = field(default_factory=lambda: {"stop": False})
+    deadline: float | None = None
+    """time.time() past which the run fails as timed out; None = no limit."""
+
+    @classmethod
+    def create(cls, cfg: Config, device: torch.device, info: D.DistInfo | None = None, sink: EventSink | None = None,
+               *, stop_flag: dict[str, bool] | None = None, deadline: float | None = None) -> Runtime:
+        autocast, scaler, amp = autocast_context(cfg, device)
+        return cls(cfg, device, info or D.DistInfo(), sink or NullSink(), autocast, scaler, amp,
+                   use_channels_last(cfg, device), stop_flag if stop_flag is not None else {"stop": False}, deadline)
+
+
+@dataclass
+class TrainState:
+    """What the epoch loop advances: the model and its optimizer, and how far training got.
+
+    `model` is the bare model (evaluated and checkpointed); `train_model` is the one stepped: the same object, or
+    DistributedDataParallel and/or torch.compile around it.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: nn.Module
+    train_model: nn.Module | None = None
+    global_step: int = 0
+    epoch: int = 0
+    """The last completed epoch (0 before the first)."""
+    best_val_acc: float = -1.0
+    stale_epochs: int = 0
+    """Epochs since val accuracy last improved (train.early_stopping)."""
+    last_epoch_event: dict[str, Any] | None = None
+    head: nn.Module | None = None
+    """With the feature cache: what trains and what val batches (features) go through, the model's own head."""
+    """The epoch event of the checkpoint resumed from, sent again so every sink has seen it."""
+
+    @property
+    def stepped(self) -> nn.Module:
+        return self.train_model if self.train_model is not None else self.model
+
+
+def create_train_state(rt: Runtime, model: nn.Module, steps_per_epoch: int) -> TrainState:
+    """Optimizer, per-step schedule and loss for `model` (not yet wrapped for DDP or compile)."""
+    optimizer = create_optimizer(rt.cfg, model)
+    return TrainState(model, optimizer, create_scheduler(rt.cfg, optimizer, steps_per_epoch),
+                      nn.CrossEntropyLoss(label_smoothing=rt.cfg.train.label_smoothing))
+
+
 # ------------------------------------------------------------------------------------------------------ epoch loop
-def train_one_epoch(
-    model: nn.Module, loader: Any, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    scaler: torch.amp.GradScaler | None, autocast: Any, cfg: Config, device: torch.device, epoch: int,
-    info: D.DistInfo, sink: EventSink, global_step: int, deadline: float | None, stop_flag: dict[str, bool],
-) -> tuple[dict[str, float], int]:
+def train_one_epoch(rt: Runtime, state: TrainState, loader: Any, epoch: int) -> dict[str, float]:
+    """One pass over `loader`: step events every train.log_every steps; returns the epoch's train stats."""
+    cfg, model, optimizer = rt.cfg, state.stepped, state.optimizer
     set_train_mode(model)  # frozen submodules (BatchNorm stats, stochastic depth) stay in eval mode
     steps_per_epoch = len(loader)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    correct = torch.zeros((), device=rt.device, dtype=torch.int64)
     seen = 0
     window_start, window_images = time.perf_counter(), 0
     epoch_start = time.perf_counter()
-    progress = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.train.epochs}", info)
-    channels_last = use_channels_last(cfg, device)
+    progress = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.train.epochs}", rt.info)
     for step, (x, y) in enumerate(loader, start=1):
-        if stop_flag.get("stop"):
+        if rt.stop_flag.get("stop"):
             raise Cancelled("received SIGTERM: run cancelled")
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:  # cached features are [B, D]
+        x = x.to(rt.device, non_blocking=True)
+        y = y.to(rt.device, non_blocking=True)
+        if rt.channels_last and x.dim() == 4:  # cached features are [B, D]
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
+        with rt.autocast:
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = state.criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
+        if rt.scaler is not None:
+            rt.scaler.scale(loss).backward()
             if cfg.train.grad_clip:
-                scaler.unscale_(optimizer)
+                rt.scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
         else:
             loss.backward()
             if cfg.train.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
-        scheduler.step()
+        state.scheduler.step()
         batch = y.shape[0]
         loss_sum += loss.detach().double() * batch
         correct += (logits.detach().argmax(1) == y).sum()
         seen += batch
         window_images += batch
-        global_step += 1
+        state.global_step += 1
         progress.update(1)
         # the run's very first step is reported at once so a watcher sees the job training without waiting log_every
-        if step % cfg.train.log_every == 0 or step == steps_per_epoch or global_step == 1:
+        if step % cfg.train.log_every == 0 or step == steps_per_epoch or state.global_step == 1:
             loss_value = loss.item()  # host sync point, only every log_every steps
             if not math.isfinite(loss_value):
                 raise TrainingError(
@@ -320,22 +367,22 @@ def train_one_epoch(
                     "or check the data"
                 )
             now = time.perf_counter()
-            ips = window_images * info.world_size / max(now - window_start, 1e-9)
+            ips = window_images * rt.info.world_size / max(now - window_start, 1e-9)
             window_start, window_images = now, 0
-            if info.is_primary:
-                sink.emit("step", {"epoch": epoch, "step": step, "global_step": global_step,
-                                   "steps_per_epoch": steps_per_epoch, "loss": loss_value,
-                                   "lr": optimizer.param_groups[-1]["lr"], "images_per_sec": ips})
-            if deadline is not None and time.time() > deadline:
+            if rt.info.is_primary:
+                rt.sink.emit("step", {"epoch": epoch, "step": step, "global_step": state.global_step,
+                                      "steps_per_epoch": steps_per_epoch, "loss": loss_value,
+                                      "lr": optimizer.param_groups[-1]["lr"], "images_per_sec": ips})
+            if rt.deadline is not None and time.time() > rt.deadline:
                 raise TrainingError(f"timed out: the run exceeded train.time_limit={cfg.train.time_limit:g} s")
     progress.close()
     seconds = time.perf_counter() - epoch_start
-    totals = D.all_reduce_sum([float(loss_sum.item()), float(correct.item()), float(seen)], device, info)
+    totals = D.all_reduce_sum([float(loss_sum.item()), float(correct.item()), float(seen)], rt.device, rt.info)
     if not math.isfinite(totals[0]):
         raise TrainingError(f"loss became non-finite during epoch {epoch}; lower optim.lr or enable train.grad_clip")
     n = max(totals[2], 1.0)
     return {"train_loss": totals[0] / n, "train_acc": totals[1] / n, "seconds": seconds,
-            "images_per_sec": totals[2] / max(seconds, 1e-9)}, global_step
+            "images_per_sec": totals[2] / max(seconds, 1e-9)}
 
 
 class _NoProgress:
@@ -354,30 +401,193 @@ def _progress(total: int, desc: str, info: D.DistInfo) -> Any:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def evaluate_split(model: nn.Module, loaders: dict[str, Any], split: str, autocast: Any, cfg: Config,
-                   device: torch.device, info: D.DistInfo, classes: list[str]) -> tuple[dict[str, Any], dict]:
-    out = predict(model, loaders[split], device, autocast=autocast, channels_last=use_channels_last(cfg, device))
-    out = gather_predictions(out, loaders[f"{split}_idx"], info)
+def evaluate_split(rt: Runtime, model: nn.Module, loaders: dict[str, Any], split: str,
+                   classes: list[str], *, fp32: bool = False) -> tuple[dict[str, Any], dict]:
+    """Metrics of `model` on a split (each rank predicts its shard; every rank gets the whole split's metrics).
+    fp32: without the run's autocast."""
+    out = predict(model, loaders[split], rt.device, autocast=nullcontext() if fp32 else rt.autocast,
+                  channels_last=rt.channels_last)
+    out = gather_predictions(out, loaders[f"{split}_idx"], rt.info)
     return compute_metrics(out["labels"], out["probs"], classes, loss_sum=float(out["loss_sum"])), out
 
 
+def epoch_event(rt: Runtime, state: TrainState, epoch: int, stats: dict[str, float],
+                val_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The `epoch` event: train stats, validation metrics, the lr and the best val accuracy so far."""
+    return {"epoch": epoch, "epochs": rt.cfg.train.epochs, **stats, "val_loss": val_metrics.get("loss", 0.0),
+            "val_acc": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
+            "lr": state.optimizer.param_groups[-1]["lr"], "best_val_acc": state.best_val_acc}
+
+
+def run_epochs(rt: Runtime, state: TrainState, loaders: dict[str, Any], classes: list[str], out: Path) -> None:
+    """Epochs state.epoch+1 .. train.epochs: train, validate, checkpoint (rank 0), emit; early stopping."""
+    cfg = rt.cfg
+    for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+        set_epoch(loaders, cfg, epoch, rt.info)
+        stats = train_one_epoch(rt, state, loaders["train"], epoch)
+        val_metrics, _ = evaluate_split(rt, state.head or state.model, loaders, "val", classes)
+        improved = val_metrics["accuracy"] > state.best_val_acc
+        if improved:
+            state.best_val_acc, state.stale_epochs = val_metrics["accuracy"], 0
+        else:
+            state.stale_epochs += 1
+        event = epoch_event(rt, state, epoch, stats, val_metrics)
+        if rt.info.is_primary:
+            save_checkpoint(out / rf.LAST_CHECKPOINT, rt, state, epoch, event, val_metrics)
+            if improved:
+                rf.save_best_checkpoint(out / rf.BEST_CHECKPOINT, state.model, epoch=epoch, cfg=cfg,
+                                        val_metrics=val_metrics)
+        D.barrier(rt.info)
+        rt.sink.emit("epoch", event)  # after the checkpoint: a crash in between is healed on resume
+        state.epoch = epoch
+        if cfg.train.early_stopping and state.stale_epochs >= cfg.train.early_stopping:
+            rt.sink.emit("phase", {"phase": "early_stop", "epoch": epoch})
+            break
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoint
-def save_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, epoch: int,
-                    cfg: Config, extra: dict[str, Any]) -> None:
-    atomic_torch_save({
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+def save_checkpoint(path: Path, rt: Runtime, state: TrainState, epoch: int, event: dict[str, Any],
+                    val_metrics: dict[str, Any]) -> None:
+    """checkpoints/last.pt: everything a resume needs to continue exactly where this epoch ended."""
+    rf.atomic_torch_save({
+        "model": unwrap_model(state.model).state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.scheduler.state_dict(),
+        "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
         "epoch": epoch,
         "rng": rng_state(),
-        "config": cfg.to_dict(),
-        **extra,
+        "config": rt.cfg.to_dict(),
+        "best_val_acc": state.best_val_acc,
+        "stale_epochs": state.stale_epochs,
+        "epoch_event": event,
+        "val_metrics": val_metrics,
     }, path)
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def resume_from(rt: Runtime, state: TrainState, path: Path) -> None:
+    """Load checkpoints/last.pt into the state (model, optimizer, schedule, scaler, RNGs, progress), if it exists."""
+    if not path.exists():
+        return
+    ckpt = rf.load_checkpoint(path)
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if rt.scaler is not None and ckpt.get("scaler"):
+        rt.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    state.epoch = int(ckpt["epoch"])
+    state.best_val_acc = float(ckpt.get("best_val_acc", -1.0))
+    state.stale_epochs = int(ckpt.get("stale_epochs", 0))
+    state.last_epoch_event = ckpt.get("epoch_event")
+
+
+# ------------------------------------------------------------------------------------------------------------ steps
+def prepare_run_folder(cfg: Config, out: Path, *, resume: bool, sink: EventSink | None) -> list[EventSink]:
+    """Rank 0: write config.yaml, clear a previous attempt's report and markers, keep (resume) or drop the events;
+    returns the sinks of this run (metrics.jsonl, the console, CORE_EVENT_SINK's, the caller's, TensorBoard/MLflow)."""
+    (out / rf.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / rf.CONFIG)
+    for stale in (rf.REPORT, *rf.MARKERS):
+        (out / stale).unlink(missing_ok=True)
+    metrics = out / rf.METRICS
+    if resume:
+        _truncate_metrics(metrics, _peek_epoch(out / rf.LAST_CHECKPOINT))
+    else:
+        metrics.unlink(missing_ok=True)
+    from core.tracking import tracking_sinks  # TensorBoard, MLflow: imported on their own thread
+
+    return [JsonlSink(metrics), PrintSink(), sink_from_env(), sink,
+            *tracking_sinks(cfg.track, cfg.to_dict(), out, resume=resume)]
+
+
+def load_data(rt: Runtime, out: Path) -> Any:
+    """The seeded DataBundle; rank 0 writes labels.json, split.json and preprocess.json."""
+    seed_everything(rt.cfg.train.seed)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    from core.data import build_datasets
+
+    bundle = build_datasets(rt.cfg)
+    if len(bundle.train) < rt.info.world_size:
+        raise DataError(f"the train split has {len(bundle.train)} images, fewer than {rt.info.world_size} ranks")
+    if rt.info.is_primary:
+        rf.write_json(out / rf.LABELS, list(bundle.classes))
+        rf.write_json(out / rf.SPLIT, bundle.split)
+        rf.write_json(out / rf.PREPROCESS, {"input_name": "input", **bundle.preprocess})
+    return bundle
+
+
+def build_training_model(rt: Runtime, bundle: Any) -> nn.Module:
+    """The config's model for the bundle's images, frozen as asked, on the device in its memory format."""
+    from core.models import freeze_backbone
+
+    model = rf.create_run_model(rt.cfg, len(bundle.classes), bundle.preprocess, pretrained=rt.cfg.model.pretrained)
+    if rt.cfg.model.freeze == "backbone":
+        freeze_backbone(model)
+    model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def prepare_inputs(rt: Runtime, bundle: Any) -> dict[str, Any]:
+    """What the epoch loop iterates: loaders for train (sharded, shuffled per epoch) and val/test (see make_loaders)."""
+    loaders = make_loaders(rt.cfg, bundle, rt.info, rt.device)
+    if len(loaders["train"]) == 0:
+        raise DataError(f"train.batch_size={rt.cfg.train.batch_size} is larger than the train split "
+                        f"({len(bundle.train)} images over {rt.info.world_size} rank(s))")
+    return loaders
+
+
+def wrap_for_training(rt: Runtime, model: nn.Module) -> nn.Module:
+    """DistributedDataParallel under torchrun, then torch.compile when train.compile is set."""
+    wrapped = model
+    if rt.info.enabled:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.cfg.train.compile and getattr(model, "head_name", None):  # a bare feature-cache head is not compiled
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def test_and_report(rt: Runtime, state: TrainState, loaders: dict[str, Any], bundle: Any, out: Path,
+                    t0: float) -> dict[str, Any]:
+    """Test the best checkpoint (last.pt when no epoch improved); rank 0 writes predictions, samples and
+    report.json and returns the report (other ranks: {})."""
+    D.barrier(rt.info)
+    best_path = out / rf.BEST_CHECKPOINT
+    best = rf.load_checkpoint(best_path if best_path.exists() else out / rf.LAST_CHECKPOINT)
+    model = state.model
+    model.load_state_dict(best["model"])
+    classes = list(bundle.classes)
+    # with the feature cache (maybe bf16 features) the test split goes through the whole model in fp32, as exported
+    test_metrics, test_out = evaluate_split(rt, model, loaders, "test", classes, fp32="feature_cache" in loaders)
+    if not rt.info.is_primary:
+        return {}
+    cfg = rt.cfg
+    report: dict[str, Any] = {
+        "test": test_metrics,
+        "val": {**(best.get("val_metrics") or {}), "epoch": int(best.get("epoch", state.epoch))},
+        "data": {"name": cfg.data.name, "classes": classes, "counts": bundle.counts,
+                 "class_counts": bundle.class_counts, "preprocess": bundle.preprocess},
+        "skipped_files": bundle.skipped_files,
+        "epochs_completed": state.epoch,
+        "world_size": rt.info.world_size,
+        "device": str(rt.device),
+        "amp": rt.amp,
+        "channels_last": rt.channels_last,
+        "data_path": loaders.get("kind", "dataloader"),
+        "seconds": time.time() - t0,
+        "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    if "feature_cache" in loaders:
+        report["feature_cache"] = loaders["feature_cache"]
+    report["misclassified"] = write_predictions(out, bundle, test_out, classes)
+    report["samples"] = write_samples(out, bundle, classes)
+    rf.write_json(out / rf.REPORT, report)
+    rt.sink.emit("report", {k: v for k, v in report.items() if k not in ("misclassified",)})
+    return report
 
 
 # ------------------------------------------------------------------------------------------------------------ train
@@ -388,174 +598,54 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
     info, device = D.init_distributed(cfg.train.device)
     stop_flag = {"stop": False}
     install_sigterm(stop_flag, on_cancel=lambda: _mark_cancelled(out) if info.is_primary else None)
-    ckpt_dir = out / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     sinks: list[EventSink] = []
     try:
         if info.is_primary:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-            for stale in ("report.json", "CANCELLED", "FAILED"):
-                (out / stale).unlink(missing_ok=True)
-            resume_epoch = _peek_epoch(last_path) if resume else 0
-            if not resume:
-                (out / "metrics.jsonl").unlink(missing_ok=True)
-            else:
-                _truncate_metrics(out / "metrics.jsonl", resume_epoch)
-            from core.tracking import tracking_sinks  # TensorBoard, MLflow: imported on their own thread
-
-            sinks = [JsonlSink(out / "metrics.jsonl"), PrintSink(), sink_from_env(), sink,
-                     *tracking_sinks(cfg.track, cfg.to_dict(), out, resume=resume)]
+            sinks = prepare_run_folder(cfg, out, resume=resume, sink=sink)
         D.barrier(info)
-        sink_all: EventSink = MultiSink(*sinks) if info.is_primary else NullSink()
-        sink_all.emit("phase", {"phase": "data"})
-
-        seed_everything(cfg.train.seed)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        from core.data import build_datasets
-        from core.models import create_model, freeze_backbone
-
-        bundle = build_datasets(cfg)
-        classes = list(bundle.classes)
-        if len(bundle.train) < info.world_size:
-            raise DataError(f"the train split has {len(bundle.train)} images, fewer than {info.world_size} ranks")
-        if info.is_primary:
-            write_json(out / "labels.json", classes)
-            write_json(out / "split.json", bundle.split)
-            write_json(out / "preprocess.json", {"input_name": "input", **bundle.preprocess})
-
-        image_size = int(bundle.preprocess["input_size"][0])
-        model = create_model(cfg.model.name, len(classes), in_chans=bundle.in_chans, pretrained=cfg.model.pretrained,
-                             image_size=image_size, small_input=cfg.model.small_input, dropout=cfg.model.dropout)
-        if cfg.model.freeze == "backbone":
-            freeze_backbone(model)
-        model.to(device)
-        if use_channels_last(cfg, device):
-            model = model.to(memory_format=torch.channels_last)
+        rt = Runtime.create(cfg, device, info, MultiSink(*sinks) if info.is_primary else NullSink(),
+                            stop_flag=stop_flag, deadline=t0 + cfg.train.time_limit if cfg.train.time_limit else None)
+        rt.sink.emit("phase", {"phase": "data"})
+        bundle = load_data(rt, out)
+        model = build_training_model(rt, bundle)
+        loaders = prepare_inputs(rt, bundle)
         plan, plan_reason = plan_feature_cache(cfg, model, bundle, info.world_size)
-        loaders = make_loaders(cfg, bundle, info, device)
-        autocast, scaler, amp_dtype = autocast_context(cfg, device)
         if plan is not None:
-            loaders = cache_features(cfg, plan, model, bundle, loaders, info, device, sink_all, autocast, amp_dtype,
-                                     stop=lambda: stop_flag["stop"])
-        steps_per_epoch = len(loaders["train"])
-        if steps_per_epoch == 0:
-            raise DataError(f"train.batch_size={cfg.train.batch_size} is larger than the train split "
-                            f"({len(bundle.train)} images over {info.world_size} rank(s))")
-        optimizer = create_optimizer(cfg, model)
-        scheduler = create_scheduler(cfg, optimizer, steps_per_epoch)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+            loaders = cache_features(rt, plan, model, bundle, loaders)
+        state = create_train_state(rt, model, len(loaders["train"]))
+        state.head = loaders.get("head")
+        if resume:
+            resume_from(rt, state, out / rf.LAST_CHECKPOINT)
+        state.train_model = wrap_for_training(rt, state.head or model)
+        state.global_step = state.epoch * len(loaders["train"])
 
-        start_epoch, best_val_acc, stale_epochs, last_epoch_event = 1, -1.0, 0, None
-        if resume and last_path.exists():
-            ckpt = load_checkpoint(last_path)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["lr_scheduler"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            start_epoch = int(ckpt["epoch"]) + 1
-            best_val_acc = float(ckpt.get("best_val_acc", -1.0))
-            stale_epochs = int(ckpt.get("stale_epochs", 0))
-            last_epoch_event = ckpt.get("epoch_event")
-        # with the feature cache only the head steps (and is what val batches, being features, go through)
-        train_model: nn.Module = loaders.get("head", model)
-        eval_model = train_model
-        if info.enabled:
-            train_model = nn.parallel.DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.train.compile and plan is None:
-            train_model = torch.compile(train_model)
-
-        sink_all.emit("start", {"epochs": cfg.train.epochs, "world_size": info.world_size, "classes": classes,
-                                "counts": bundle.counts, "config": cfg.to_dict(), "device": str(device),
-                                "amp": amp_dtype, "resumed_from": start_epoch - 1 if start_epoch > 1 else None,
-                                "steps_per_epoch": steps_per_epoch,
-                                "data_path": loaders.get("kind", "dataloader"),
-                                "feature_cache": loaders.get("feature_cache") or {"off": plan_reason}})
-        if last_epoch_event is not None:
-            sink_all.emit("epoch", last_epoch_event)  # sinks drop it if already seen: each epoch appears once
-        sink_all.emit("phase", {"phase": "train"})
-        deadline = t0 + cfg.train.time_limit if cfg.train.time_limit else None
-        global_step = (start_epoch - 1) * steps_per_epoch
-        epochs_completed = start_epoch - 1
-        for epoch in range(start_epoch, cfg.train.epochs + 1):
-            set_epoch(loaders, cfg, epoch, info)
-            stats, global_step = train_one_epoch(
-                train_model, loaders["train"], criterion, optimizer, scheduler, scaler, autocast, cfg, device,
-                epoch, info, sink_all, global_step, deadline, stop_flag)
-            val_metrics, _ = evaluate_split(eval_model, loaders, "val", autocast, cfg, device, info, classes)
-            improved = val_metrics["accuracy"] > best_val_acc
-            if improved:
-                best_val_acc, stale_epochs = val_metrics["accuracy"], 0
-            else:
-                stale_epochs += 1
-            event = {"epoch": epoch, "epochs": cfg.train.epochs, **stats, "val_loss": val_metrics.get("loss", 0.0),
-                     "val_acc": val_metrics["accuracy"], "val_macro_f1": val_metrics["macro_f1"],
-                     "lr": optimizer.param_groups[-1]["lr"], "best_val_acc": best_val_acc}
-            if info.is_primary:
-                extra = {"best_val_acc": best_val_acc, "stale_epochs": stale_epochs, "epoch_event": event,
-                         "val_metrics": val_metrics}
-                save_checkpoint(last_path, model, optimizer, scheduler, scaler, epoch, cfg, extra)
-                if improved:
-                    atomic_torch_save({"model": unwrap(model).state_dict(), "epoch": epoch, "config": cfg.to_dict(),
-                                       "val_metrics": val_metrics, "best_val_acc": best_val_acc}, best_path)
-            D.barrier(info)
-            sink_all.emit("epoch", event)  # after the checkpoint: a crash in between is healed on resume
-            epochs_completed = epoch
-            if cfg.train.early_stopping and stale_epochs >= cfg.train.early_stopping:
-                sink_all.emit("phase", {"phase": "early_stop", "epoch": epoch})
-                break
+        rt.sink.emit("start", {"epochs": cfg.train.epochs, "world_size": info.world_size,
+                               "classes": list(bundle.classes), "counts": bundle.counts, "config": cfg.to_dict(),
+                               "device": str(device), "amp": rt.amp, "resumed_from": state.epoch or None,
+                               "steps_per_epoch": len(loaders["train"]),
+                               "data_path": loaders.get("kind", "dataloader"),
+                               "feature_cache": loaders.get("feature_cache") or {"off": plan_reason}})
+        if state.last_epoch_event is not None:
+            rt.sink.emit("epoch", state.last_epoch_event)  # sinks drop it if already seen: each epoch appears once
+        rt.sink.emit("phase", {"phase": "train"})
+        run_epochs(rt, state, loaders, list(bundle.classes), out)
 
         # ---- test with the best checkpoint; from here on SIGTERM stops the run at once (no step checks the flag)
         stop_flag["immediate"] = True
         if stop_flag["stop"]:
             raise Cancelled("received SIGTERM: run cancelled")
-        sink_all.emit("phase", {"phase": "test"})
-        D.barrier(info)
-        best = load_checkpoint(best_path if best_path.exists() else last_path)
-        model.load_state_dict(best["model"])
-        best_val = best.get("val_metrics") or {}
-        # the feature cache may hold bf16 features: its test split goes through the whole model in fp32, as exported
-        test_autocast = nullcontext() if plan is not None else autocast
-        test_metrics, test_out = evaluate_split(model, loaders, "test", test_autocast, cfg, device, info, classes)
-        report: dict[str, Any] = {}
-        if info.is_primary:
-            report = {
-                "test": test_metrics,
-                "val": {**best_val, "epoch": int(best.get("epoch", epochs_completed))},
-                "data": {"name": cfg.data.name, "classes": classes, "counts": bundle.counts,
-                         "class_counts": bundle.class_counts, "preprocess": bundle.preprocess},
-                "skipped_files": bundle.skipped_files,
-                "epochs_completed": epochs_completed,
-                "world_size": info.world_size,
-                "device": str(device),
-                "amp": amp_dtype,
-                "channels_last": use_channels_last(cfg, device),
-                "data_path": loaders.get("kind", "dataloader"),
-                "seconds": time.time() - t0,
-                "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
-                "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-            }
-            if "feature_cache" in loaders:
-                report["feature_cache"] = loaders["feature_cache"]
-            report["misclassified"] = write_predictions(out, bundle, test_out, classes)
-            report["samples"] = write_samples(out, bundle, classes)
-            write_json(out / "report.json", report)
-            sink_all.emit("report", {k: v for k, v in report.items() if k not in ("misclassified",)})
+        rt.sink.emit("phase", {"phase": "test"})
+        report = test_and_report(rt, state, loaders, bundle, out, t0)
         D.barrier(info)
         D.cleanup_distributed()
         if info.is_primary and cfg.export.enabled:
-            report = _export(out, report, sink_all)
-        sink_all.emit("phase", {"phase": "done"})
+            report = _export(out, report, rt.sink)
+        rt.sink.emit("phase", {"phase": "done"})
         return report
     except BaseException as err:
         if info.is_primary:
-            marker = "CANCELLED" if isinstance(err, (Cancelled, KeyboardInterrupt)) else "FAILED"
             try:
-                (out / marker).write_text(f"{type(err).__name__}: {err}\n", encoding="utf-8")
+                rf.mark(out, rf.marker_for(err), f"{type(err).__name__}: {err}")
                 for s in sinks:
                     if s is not None:
                         s.emit("error", {"error": str(err), "kind": type(err).__name__})
@@ -576,7 +666,7 @@ def _export(out: Path, report: dict[str, Any], sink: EventSink) -> dict[str, Any
     except ImportError:
         return report
     export_run(out)
-    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return rf.read_json(out / rf.REPORT)
 
 
 def write_predictions(out: Path, bundle: Any, test_out: dict[str, np.ndarray], classes: list[str]) -> list[dict]:
@@ -585,16 +675,15 @@ def write_predictions(out: Path, bundle: Any, test_out: dict[str, np.ndarray], c
     if len(labels) == 0:
         return []
     preds, conf = probs.argmax(1), probs.max(1)
-    mis_dir = out / "misclassified"
-    mis_dir.mkdir(exist_ok=True)
+    (out / rf.MISCLASSIFIED).mkdir(exist_ok=True)
     misclassified = []
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+    with (out / rf.PREDICTIONS).open("w", encoding="utf-8") as fh:
         for i, (t, p, c) in enumerate(zip(labels, preds, conf)):
             sample_id = bundle.test_ids[i]
             fh.write(json.dumps({"index": i, "id": sample_id, "true": int(t), "pred": int(p),
                                  "confidence": float(c)}) + "\n")
             if t != p and len(misclassified) < MISCLASSIFIED_MAX:
-                name = f"misclassified/{len(misclassified):04d}.png"
+                name = f"{rf.MISCLASSIFIED}/{len(misclassified):04d}.png"
                 bundle.eval_image("test", i).save(out / name)
                 misclassified.append({"index": i, "id": sample_id, "true": classes[t], "pred": classes[p],
                                       "confidence": float(c), "image": name})
@@ -603,7 +692,7 @@ def write_predictions(out: Path, bundle: Any, test_out: dict[str, np.ndarray], c
 
 def write_samples(out: Path, bundle: Any, classes: list[str]) -> list[dict]:
     """A few test images per class as PNGs (what "Try it" offers to classify)."""
-    (out / "samples").mkdir(exist_ok=True)
+    (out / rf.SAMPLES).mkdir(exist_ok=True)
     per_class: dict[int, int] = {}
     samples = []
     labels = bundle.eval_uint8("test")[1].tolist() if hasattr(bundle, "eval_uint8") else []
@@ -611,7 +700,7 @@ def write_samples(out: Path, bundle: Any, classes: list[str]) -> list[dict]:
         if per_class.get(label, 0) >= SAMPLES_PER_CLASS:
             continue
         per_class[label] = per_class.get(label, 0) + 1
-        name = f"samples/{len(samples):04d}.png"
+        name = f"{rf.SAMPLES}/{len(samples):04d}.png"
         bundle.eval_image("test", i).save(out / name)
         samples.append({"index": i, "label": classes[label], "image": name})
     return samples
@@ -619,14 +708,13 @@ def write_samples(out: Path, bundle: Any, classes: list[str]) -> list[dict]:
 
 def _mark_cancelled(out: Path) -> None:
     with contextlib.suppress(OSError):
-        (out / "CANCELLED").write_text("Cancelled: received SIGTERM after training (test or export phase)\n",
-                                       encoding="utf-8")
+        rf.mark(out, rf.CANCELLED, "Cancelled: received SIGTERM after training (test or export phase)")
 
 
 def _peek_epoch(path: Path) -> int:
     if not path.exists():
         return 0
-    return int(load_checkpoint(path).get("epoch", 0))
+    return int(rf.load_checkpoint(path).get("epoch", 0))
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
@@ -676,8 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides)
         raw_path: str | None = args.config
-        if args.resume and (Path(args.out) / "config.yaml").exists():
-            raw_path = str(Path(args.out) / "config.yaml")  # resume with the resolved config of the run
+        if args.resume and (Path(args.out) / rf.CONFIG).exists():
+            raw_path = str(Path(args.out) / rf.CONFIG)  # resume with the resolved config of the run
             load_yaml(raw_path)
         cfg = load_config(raw_path, overrides)
         report = train(cfg, args.out, resume=args.resume)
@@ -698,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: test accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
               f"epochs {report['epochs_completed']}  {report['seconds']:.1f}s  → {args.out}")
         if "export" in report:
-            print(f"export: {Path(args.out) / 'export'}")
+            print(f"export: {Path(args.out) / rf.EXPORT}")
     return 0
 
 

@@ -46,6 +46,18 @@ import psutil
 import torch
 from torch import nn
 
+from core import distributed as D
+from core.train import (
+    Runtime,
+    TrainState,
+    create_optimizer,
+    create_scheduler,
+    make_loaders,
+    set_epoch,
+    train_one_epoch,
+    use_channels_last,
+)
+
 __test__ = False  # pytest: nothing to collect here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +228,6 @@ def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, chann
               ) -> nn.Module:
     """The config's model on `device`, in the memory format train() would use (or `channels_last` when given)."""
     from core.models import create_model
-    from core.train import use_channels_last
 
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, classes, in_chans=in_chans, image_size=32).to(device)
@@ -229,17 +240,6 @@ def new_model(cfg: Any, in_chans: int, classes: int, device: torch.device, chann
 def bench_training(quick: bool) -> list[Row]:
     from torch.utils.data import DataLoader
 
-    from core import distributed as D
-    from core.events import NullSink
-    from core.train import (
-        autocast_context,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        set_epoch,
-        train_one_epoch,
-        use_channels_last,
-    )
 
     n_train = TRAIN_IMAGES
     cfg = train_config(int(n_train / 0.8))
@@ -258,15 +258,15 @@ def bench_training(quick: bool) -> list[Row]:
     channels_last = use_channels_last(cfg, device)  # what train() does with this config on this device
     core_opt = create_optimizer(cfg, core_model)
     core_sched = create_scheduler(cfg, core_opt, len(loaders["train"]) * 100)
-    autocast, scaler, _ = autocast_context(cfg, device)
+    core_rt = Runtime.create(cfg, device, info)
+    core_state = TrainState(core_model, core_opt, core_sched, criterion)
     core_epoch = [0]
 
     def core_side() -> float:
         core_epoch[0] += 1
         set_epoch(loaders, cfg, core_epoch[0], info)
         t = time.perf_counter()
-        train_one_epoch(core_model, loaders["train"], criterion, core_opt, core_sched, scaler, autocast,
-                                   cfg, device, core_epoch[0], info, NullSink(), 0, None, {})
+        train_one_epoch(core_rt, core_state, loaders["train"], core_epoch[0])
         return len(loaders["train"]) * BATCH_SIZE / (time.perf_counter() - t)  # drop_last: full batches only
 
     # classic: DataLoader over the PIL-transform dataset, 2 workers, the loop as usually written (loss.item() per step)
@@ -332,8 +332,7 @@ def bench_training(quick: bool) -> list[Row]:
     def core_chunk() -> float:
         core_epoch[0] += 1
         t = time.perf_counter()
-        train_one_epoch(core_model, chunks, criterion, core_opt, core_sched, scaler, autocast, cfg, device,
-                        core_epoch[0], info, NullSink(), 0, None, {})
+        train_one_epoch(core_rt, core_state, chunks, core_epoch[0])
         return CHUNK_STEPS * BATCH_SIZE / (time.perf_counter() - t)
 
     got2 = alternate({"core": core_chunk, "bound": lambda: bound_steps(CHUNK_STEPS)}, pairs)
@@ -381,15 +380,7 @@ def worker_available() -> str | None:
 
 # ------------------------------------------------------------------------------------------------------- row 3
 def bench_streaming(quick: bool, url: str) -> list[Row]:
-    from core import distributed as D
     from core.events import NullSink
-    from core.train import (
-        autocast_context,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        train_one_epoch,
-    )
     from worker import keys
     from worker.connection import connect
     from worker.streaming import RedisEventSink
@@ -402,8 +393,7 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
     model = new_model(cfg, bundle.in_chans, len(bundle.classes), device)
     opt = create_optimizer(cfg, model)
     sched = create_scheduler(cfg, opt, len(loaders["train"]) * 100)
-    autocast, scaler, _ = autocast_context(cfg, device)
-    criterion = nn.CrossEntropyLoss()
+    state = TrainState(model, opt, sched, nn.CrossEntropyLoss())
     conn = connect(url)
     job_id = keys.new_job_id()
     conn.hset(keys.job(job_id), mapping={"id": job_id, "state": "running"})  # the sink updates an existing job hash
@@ -414,8 +404,7 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
         epoch[0] += 1
         sink.emit("start", {"epochs": 1000, "world_size": 1})
         t = time.perf_counter()
-        train_one_epoch(model, chunks, criterion, opt, sched, scaler, autocast, cfg, device, epoch[0], info,
-                        sink, 0, None, {})
+        train_one_epoch(Runtime.create(cfg, device, info, sink), state, chunks, epoch[0])
         sink.emit("epoch", {"epoch": epoch[0], "epochs": 1000})
         return time.perf_counter() - t
 
@@ -959,16 +948,6 @@ def _gpu_transfer_row(epochs: int = 10) -> Row:
 def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
     from torch.utils.data import DataLoader
 
-    from core import distributed as D
-    from core.events import NullSink
-    from core.train import (
-        autocast_context,
-        create_optimizer,
-        create_scheduler,
-        make_loaders,
-        set_epoch,
-        train_one_epoch,
-    )
 
     device = torch.device("cuda", 0)
     card = torch.cuda.get_device_name(0)
@@ -979,10 +958,12 @@ def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
     info = D.DistInfo()
     loaders = make_loaders(cfg, bundle, info, device)
     criterion = nn.CrossEntropyLoss()
-    autocast, scaler, _ = autocast_context(cfg, device)
+    core_rt = Runtime.create(cfg, device, info)
+    autocast = core_rt.autocast
     models = {k: new_model(cfg, bundle.in_chans, len(bundle.classes), device) for k in ("core", "classic")}
     opts = {k: create_optimizer(cfg, m) for k, m in models.items()}
     scheds = {k: create_scheduler(cfg, o, 10_000) for k, o in opts.items()}
+    core_state = TrainState(models["core"], opts["core"], scheds["core"], criterion)
     classic_loader = DataLoader(bundle.train, batch_size=batch, shuffle=True, drop_last=True, pin_memory=True,
                                 num_workers=cfg.data.num_workers, persistent_workers=True, prefetch_factor=4)
     epoch = [0]
@@ -992,8 +973,7 @@ def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
         set_epoch(loaders, cfg, epoch[0], info)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        train_one_epoch(models["core"], loaders["train"], criterion, opts["core"], scheds["core"], scaler,
-                        autocast, cfg, device, epoch[0], info, NullSink(), 0, None, {})
+        train_one_epoch(core_rt, core_state, loaders["train"], epoch[0])
         torch.cuda.synchronize()
         return len(loaders["train"]) * batch / (time.perf_counter() - t)
 
@@ -1023,6 +1003,93 @@ def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
                ratio_median(got["core"], got["classic"]), None, "×",
                note=f"core {med['core']:,.0f} img/s, classic {med['classic']:,.0f} img/s "
                     f"({cfg.data.num_workers} workers), batch {batch}, {len(bundle.train)} images")
+
+
+# ------------------------------------------------------------------------------------------------------ sweeps
+SWEEP_ROWS = ("sweep: overhead per trial (tell + ask + submit, under the sweep's lock)",
+              "sweep: a trial's end → the next trial's first step event, warm worker")
+
+
+def bench_sweep(quick: bool, url: str) -> list[Row]:
+    """Row A: `advance` (what the worker that ends a trial calls: tell Optuna, ask for the next trial, enqueue its job)
+    timed in one process, over a TPE sweep whose trials "ended" through the worker's own state functions (no
+    training). Row B: a real sweep of one-epoch digits trials, one at a time, on one worker: the gap between a
+    trial's `ended_at` and the first step event of the next trial (both on this machine's clock)."""
+    from tests.fixtures_redis import stop
+    from worker import api
+    from worker.artifacts import ArtifactStore
+    from worker.connection import connect
+    from worker.status import JobState, mark_final, mark_started
+    from worker.streaming import RedisEventSink
+    from worker.sweeps import advance
+
+    rows: list[Row] = []
+    digits = str(ROOT / "configs" / "digits.yaml")
+    space = {"optim.lr": {"float": [1e-4, 1e-1], "log": True}, "train.batch_size": {"choice": [32, 64, 128]},
+             "optim.weight_decay": {"float": [1e-6, 1e-2], "log": True}}
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        store = ArtifactStore(str(Path(tmp) / "artifacts"))
+        conn = connect(url)
+        try:
+            n = 15 if quick else 30
+            sweep_id = api.create_sweep(digits, space, connection=conn, trials=n + 1, parallel=1, seed=0,
+                                        allow_local_paths=True, store=store)
+            times = []
+            for i in range(n):
+                [job_id] = [t["job"] for t in api.sweep_trials(conn, sweep_id) if t["state"] == "queued"]
+                assert mark_started(conn, job_id, "bench-worker", job_id) == "ok"
+                sink = RedisEventSink(conn, job_id)
+                sink.emit("epoch", {"epoch": 1, "epochs": 1, "val_acc": 0.5 + 0.01 * (i % 7)})
+                sink.close()
+                mark_final(conn, job_id, "bench-worker", JobState.FINISHED, {})
+                t0 = time.perf_counter()
+                advance(conn, sweep_id, store=store)
+                times.append(time.perf_counter() - t0)
+            later = times[10:]  # TPE samples with a model from the 11th trial on (before: random start-up trials)
+            rows.append(Row(SWEEP_ROWS[0], statistics.median(times) * 1000, 50.0, "ms", higher_is_better=False,
+                            note=f"{n} trials, 3 parameters, TPE; median over all; after its 10 random start-up "
+                                 f"trials median {statistics.median(later) * 1000:.0f} ms, max "
+                                 f"{max(later) * 1000:.0f} ms; the first call in a process also replays the journal"))
+            log(f"sweep row A: {[round(t * 1000) for t in times]} ms")
+            for key in conn.scan_iter(match="rq:queue:*"):
+                conn.delete(key)  # row B's worker must not train row A's leftover trial
+        finally:
+            conn.close()
+
+        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
+               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        out = (Path(tmp) / "worker.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        conn = connect(url)
+        try:
+            _wait_worker(conn, time.monotonic() + 60)
+            trials = 3 if quick else 5
+            sweep_id = api.create_sweep(digits, space, connection=conn, trials=trials, parallel=1, pruner="none",
+                                        seed=1, allow_local_paths=True, store=ArtifactStore(env["ARTIFACTS_DIR"]),
+                                        overrides=["train.epochs=1", "export.enabled=false"])
+            deadline = time.monotonic() + 120 * trials
+            while not api.sweep_status(conn, sweep_id, with_trials=False)["final"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the sweep did not finish")
+                time.sleep(0.5)
+            jobs = [api.job_status(conn, t["job"]) for t in api.sweep_trials(conn, sweep_id)]
+            gaps = []
+            for prev, nxt in zip(jobs, jobs[1:]):
+                steps = api.events_since(conn, nxt["id"], types={"step"}, count=None)
+                first = int(steps[0]["id"].split("-")[0]) / 1000 if steps else None
+                if first is not None and prev.get("ended_at"):
+                    gaps.append(first - prev["ended_at"])
+            log(f"sweep row B: gaps {[round(g, 2) for g in gaps]} s")
+            rows.append(Row(SWEEP_ROWS[1], statistics.median(gaps) if gaps else None, 1.0, "s",
+                            higher_is_better=False,
+                            note=f"{trials} one-epoch digits trials, parallel 1, one CPU worker (it pre-starts the "
+                                 f"next trainer while a trial runs); gaps {[round(g, 2) for g in gaps]}"))
+        finally:
+            conn.close()
+            stop(proc, grace=30)
+            out.close()
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------- docs
@@ -1071,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--only", default=None, help="comma-separated sections: training,streaming,submit,inference,"
-                                                "digits,transfer,memory,dashboard,gpu,multinode")
+                                                "digits,transfer,memory,dashboard,sweep,gpu,multinode")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     info = machine()
@@ -1110,6 +1177,12 @@ def main(argv: list[str] | None = None) -> int:
         with redis_server() as url:
             rows += _guard("row 7", lambda: bench_dashboard(args.quick, url),
                            [Row(n, None, 1.0, "s", False) for n in DASHBOARD_ROWS])
+    if want("sweep") and missing:
+        rows += [na(n, t, u, missing, higher_is_better=False) for n, t, u in zip(SWEEP_ROWS, (50.0, 1.0), ("ms", "s"))]
+    elif want("sweep"):
+        with redis_server() as url:
+            rows += _guard("sweep rows", lambda: bench_sweep(args.quick, url),
+                           [Row(SWEEP_ROWS[0], None, 50.0, "ms", False), Row(SWEEP_ROWS[1], None, 1.0, "s", False)])
     if want("inference"):
         rows += _guard("row 5", lambda: bench_inference(args.quick), [
             Row("ORT FP32 vs eager, batch 1", None, 1.5, "×"), Row("ORT INT8 vs ORT FP32, 224 px", None, 2.0, "×")])

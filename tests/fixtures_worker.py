@@ -58,3 +58,22 @@ def explain_job(conn: Any, job_id: str, spawn: Any) -> Callable[[], str]:
         procs = "\n".join(f"--- {p.args}\n{spawn.output(p)[-3000:]}" for p in spawn.procs)
         return f"status: {st}\nlogs:\n{logs}\nprocesses:\n{procs}"
     return text
+
+
+def run_trial(conn: Any, job_id: str, accs: list[float], *, state: Any = None, worker: str = "test-worker") -> None:
+    """A sweep trial's job goes queued → running → `state` (default finished) through the worker's own state
+    functions, streaming one epoch event per accuracy through the Redis sink: a trial that "ran", without training."""
+    from worker.status import JobState, mark_final, mark_started
+    from worker.streaming import RedisEventSink
+
+    state = state or JobState.FINISHED
+    assert mark_started(conn, job_id, worker, job_id) == "ok"
+    sink = RedisEventSink(conn, job_id)
+    sink.emit("start", {"epochs": 3, "world_size": 1})
+    for epoch, acc in enumerate(accs, 1):
+        sink.emit("epoch", {"epoch": epoch, "epochs": 3, "val_acc": acc, "best_val_acc": acc, "val_loss": 1 - acc,
+                            "train_loss": 1.0, "train_acc": acc, "val_macro_f1": acc, "lr": 0.01, "seconds": 1.0,
+                            "images_per_sec": 100.0})
+    sink.close()
+    fields = {"error_kind": "Pruned"} if state == JobState.PRUNED else {}
+    assert mark_final(conn, job_id, worker, state, fields) == "ok"

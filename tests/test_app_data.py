@@ -54,15 +54,22 @@ def test_stream_reader_thins_steps_on_the_server_and_reads_only_new_entries(redi
 
 
 def test_errors_land_on_the_fields_they_name() -> None:
-    msg = ("invalid config: train.epochs: Input should be greater than or equal to 1 (got 0); "
-           "optim.lr: Input should be greater than 0 (got 0.0); data.split: bad (got [1])")
-    out = forms.errors_by_field(msg)
+    from core.config import config_from_dict
+    from core.errors import ConfigError
+    from worker.errors import SubmissionError
+
+    with pytest.raises(ConfigError) as exc:  # core's own validation: one FieldError per bad key
+        config_from_dict({"train": {"epochs": 0}, "optim": {"lr": 0.0}, "data": {"split": [1]}})
+    assert str(exc.value) == "invalid config: " + "; ".join(str(e) for e in exc.value.errors)
+    out = forms.errors_by_field(exc.value.errors)
     assert set(out) == {"train.epochs", "optim.lr", ""}
     assert out[""].startswith("data.split")  # not a form field: shown above the submit button
-    assert forms.errors_by_field("gpus: no live worker can run 4 device(s)") == {
+    assert forms.errors_by_field(SubmissionError.on("gpus", 4, "no live worker can run 4 device(s)").errors) == {
         "gpus": "gpus: no live worker can run 4 device(s)"}
-    assert set(forms.errors_by_field("dataset upload: disk full")) == {"dataset"}
-    assert set(forms.errors_by_field("data.path: required when data.name is 'imagefolder'")) == {"dataset"}
+    assert set(forms.errors_by_field(SubmissionError.on("dataset upload", "d.zip", "disk full").errors)) == {"dataset"}
+    with pytest.raises(ConfigError) as exc:  # a cross-field check names its key too
+        config_from_dict({"data": {"name": "imagefolder"}})
+    assert set(forms.errors_by_field(exc.value.errors)) == {"dataset"}
 
 
 @pytest.mark.parametrize("name", forms.preset_names())

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_app import TEST_WORKER, open_page, texts
-from tests.fixtures_worker import DIGITS
+from app.forms import sweepable
+from tests.fixtures_app import open_page, texts
+from tests.fixtures_worker import DIGITS, run_trial
 from worker import api
-from worker.status import JobState, mark_final, mark_started
-from worker.streaming import RedisEventSink
+from worker.status import JobState
 from worker.sweeps import advance
 
 
@@ -23,20 +23,6 @@ from worker.sweeps import advance
 def app_env(redis_conn: Any, job_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("DATA_CACHE_DIR", str(tmp_path / "data-cache"))
     return redis_conn
-
-
-def run_trial(conn: Any, job_id: str, accs: list[float], *, state: JobState = JobState.FINISHED) -> None:
-    """A trial's job goes queued → running → `state`, streaming one epoch event per accuracy."""
-    assert mark_started(conn, job_id, TEST_WORKER, job_id) == "ok"
-    sink = RedisEventSink(conn, job_id)
-    sink.emit("start", {"epochs": 3, "world_size": 1})
-    for epoch, acc in enumerate(accs, 1):
-        sink.emit("epoch", {"epoch": epoch, "epochs": 3, "val_acc": acc, "best_val_acc": acc, "val_loss": 1 - acc,
-                            "train_loss": 1.0, "train_acc": acc, "val_macro_f1": acc, "lr": 0.01, "seconds": 1.0,
-                            "images_per_sec": 100.0})
-    sink.close()
-    assert mark_final(conn, job_id, TEST_WORKER, state, {"error_kind": "Pruned"} if state == JobState.PRUNED
-                      else {}) == "ok"
 
 
 def seeded_sweep(conn: Any) -> str:
@@ -144,3 +130,17 @@ def test_a_pruned_job_says_so_on_the_jobs_and_job_pages(app_env: Any) -> None:
     at = open_page("jobs")
     assert not at.exception
     assert "pruned" in list(at.dataframe[0].value["status"])
+
+
+def test_the_form_cannot_express_the_other_bad_inputs(app_env: Any) -> None:
+    """Unknown keys, trials or parallel < 1 and a metric no epoch event carries (refused by the CLI, tests/
+    test_sweeps.py) cannot be entered here: the keys come from the form's fields, the counts' widgets stop at 1,
+    the metric is picked from the epoch metrics."""
+    at = open_page("new")
+    prefix = sweep_form(at, [])
+    assert set(at.multiselect(key=prefix + "sweep:vary").options) == {f"{f.label} ({f.key})" for f in sweepable()}
+    assert at.number_input(key=prefix + "sweep:trials").min == 1
+    assert at.number_input(key=prefix + "sweep:parallel").min == 1
+    assert list(at.selectbox(key=prefix + "sweep:metric").options) == list(api.EPOCH_METRICS)
+    at = start(at)
+    assert "Pick at least one field to vary" in texts(at) and not list(app_env.scan_iter(match="trainer:*"))

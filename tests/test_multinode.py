@@ -146,7 +146,9 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
     assert report["world_size"] == 2 and st["world_size"] == "2"
     assert sorted(st["gang"]) == ["node-a", "node-b"]
     wait_for(lambda: [(n["node_rank"], n["state"]) for n in api.job_status(redis_conn, job_id)["nodes"]]
-             == [(0, "finished"), (1, "finished")], 10, "node 1 to record its end (node 0 records the job's)")
+             == [(0, "finished"), (1, "finished")], 30, "node 1 to record its end (node 0 records the job's)",
+             explain=lambda: f"nodes: {api.job_status(redis_conn, job_id)['nodes']}\n"
+                             + explain_job(redis_conn, job_id, spawn)())
     assert {n["worker"] for n in api.job_status(redis_conn, job_id)["nodes"]} == {"node-a", "node-b"}
     lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 2000)]
     assert any(line.startswith("[node 0] ") for line in lines) and any(line.startswith("[node 1] ") for line in lines)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures_worker import DIGITS, run_cli, wait_for
+from tests.fixtures_worker import DIGITS, run_cli, run_trial, wait_for
 from worker import api, keys
 from worker.__main__ import main as cli
 from worker.errors import SubmissionError
@@ -126,6 +126,127 @@ def test_api_refuses_the_same_as_the_cli(redis_conn: Any, job_env: dict[str, str
     assert set(written(redis_conn).values()) == {0}
 
 
+# ------------------------------------------------------------------------------------ the loop, without training
+SPACE = {"optim.lr": {"float": [1e-3, 1e-1], "log": True}, "train.batch_size": {"choice": [32, 64]}}
+
+
+def test_cancel_ends_the_sweep_and_every_queued_trial(redis_conn: Any, job_env: dict[str, str],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=5, parallel=3,
+                                allow_local_paths=True)
+    assert api.sweep_status(redis_conn, sweep_id)["counts"]["queued"] == 3
+    run_trial(redis_conn, api.sweep_trials(redis_conn, sweep_id)[0]["job"], [0.5])  # one ended before the cancel
+    assert cli(["sweep-cancel", sweep_id]) == 0 and "cancelled" in capsys.readouterr().out
+    st = api.sweep_status(redis_conn, sweep_id)
+    assert st["state"] == "cancelled" and st["final"] and st["ended_at"]
+    assert st["counts"]["cancelled"] == 2 and st["counts"]["queued"] == 0 and st["ended"] == 3
+    assert [r["optuna_state"] for r in st["trials_table"]] == ["complete", "fail", "fail"]  # told once each
+    assert not redis_conn.sismember(keys.active_sweeps(), sweep_id)
+    queued = [i.decode() for k in redis_conn.scan_iter(match="rq:queue:*") for i in redis_conn.lrange(k, 0, -1)]
+    assert queued == [st["trials_table"][0]["job"]]  # only the "ran" trial's entry (no worker dequeued it here)
+    assert cli(["sweep-cancel", sweep_id]) == 0  # a second cancel changes nothing
+
+
+def test_advance_enqueues_an_orphaned_ask_and_tells_each_trial_once(redis_conn: Any, job_env: dict[str, str]) -> None:
+    from worker.space import parse_space
+    from worker.study import load_study
+    from worker.sweeps import advance, read_sweep
+
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=3, parallel=1, pruner="none",
+                                allow_local_paths=True)
+    rec = read_sweep(redis_conn, sweep_id)
+    study = load_study(redis_conn, sweep_id, rec)
+    study.ask({p.key: p.distribution() for p in parse_space(rec["space"])})  # asked, then its asker "died"
+    assert advance(redis_conn, sweep_id)
+    rows = api.sweep_trials(redis_conn, sweep_id)
+    assert [r["state"] for r in rows] == ["queued", "queued"]  # the orphan got its job; parallel 1 asks no third
+    run_trial(redis_conn, rows[0]["job"], [0.4, 0.6])
+    run_trial(redis_conn, rows[1]["job"], [0.7], state=api.JobState.PRUNED)
+    for _ in range(3):  # the worker that ended it, the heartbeat scan, another scan: told once
+        assert advance(redis_conn, sweep_id)
+    rows = api.sweep_trials(redis_conn, sweep_id)
+    assert [r["optuna_state"] for r in rows] == ["complete", "pruned", "running"]
+    assert rows[0]["value"] == 0.6 and rows[0]["intermediate"] == {}  # no monitor ran: only the tell
+    run_trial(redis_conn, rows[2]["job"], [0.3])
+    assert advance(redis_conn, sweep_id)
+    st = api.sweep_status(redis_conn, sweep_id)
+    assert st["state"] == "finished" and st["best_trial"] == 0 and st["best_value"] == 0.6
+    assert len(redis_conn.hgetall(keys.sweep_trials(sweep_id))) == 3
+
+    # a holder that stalled past the lock's TTL enqueues a trial another process already enqueued: its job is
+    # cancelled and the trial keeps its one job
+    from worker.sweeps import _enqueue
+
+    assert _enqueue(redis_conn, rec, 0, rows[0]["params"], None) == rows[0]["job"]
+    twins = [j for j in api.list_jobs(redis_conn) if j.get("sweep") == sweep_id and j.get("trial") == 0]
+    assert sorted(j["state"] for j in twins) == ["cancelled", "finished"]
+
+
+def test_a_sweep_whose_every_trial_fails_fails_with_the_first_error(redis_conn: Any, job_env: dict[str, str]) -> None:
+    from worker.status import mark_final, mark_started
+    from worker.sweeps import advance
+
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=2, parallel=1,
+                                allow_local_paths=True)
+    for i in range(2):
+        job = [r["job"] for r in api.sweep_trials(redis_conn, sweep_id) if r["state"] == "queued"][0]
+        mark_started(redis_conn, job, "w", job)
+        mark_final(redis_conn, job, "w", api.JobState.FAILED, {"error": f"boom {i}"})
+        advance(redis_conn, sweep_id)
+    st = api.sweep_status(redis_conn, sweep_id)
+    assert st["state"] == "failed" and st["error"].endswith("boom 0") and st["best_trial"] is None
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "none"])
+def test_the_monitor_reports_epochs_and_asks_the_pruner(redis_conn: Any, job_env: dict[str, str], pruner: str) -> None:
+    """What a worker's job loop does for a trial (TrialMonitor.poll), over trials whose events are streamed here."""
+    from worker.status import mark_final, mark_started
+    from worker.streaming import RedisEventSink
+    from worker.sweeps import TrialMonitor, advance
+
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=4, parallel=4, pruner=pruner,
+                                allow_local_paths=True, overrides=["train.epochs=3"])
+    jobs = [r["job"] for r in api.sweep_trials(redis_conn, sweep_id)]
+    verdicts = []
+    for number, (job, accs) in enumerate(zip(jobs, ([0.8, 0.9, 0.95], [0.7, 0.85, 0.9], [0.75, 0.8, 0.9],
+                                                    [0.05]))):
+        mark_started(redis_conn, job, "w", job)
+        monitor = TrialMonitor(redis_conn, sweep_id, number, job)
+        sink = RedisEventSink(redis_conn, job)
+        for epoch, acc in enumerate(accs, 1):
+            sink.emit("epoch", {"epoch": epoch, "epochs": 3, "val_acc": acc})
+            time.sleep(0.3)  # the sink sends a non-step event at once, from its own thread
+            verdicts.append((number, epoch, monitor.poll()))
+        sink.close()
+        assert not monitor.broken
+        if number < 3:
+            mark_final(redis_conn, job, "w", api.JobState.FINISHED, {})
+            advance(redis_conn, sweep_id)
+    rows = api.sweep_trials(redis_conn, sweep_id)
+    assert rows[0]["intermediate"] == {1: 0.8, 2: 0.9, 3: 0.95}  # every epoch reported once
+    assert all(v is None for n, e, v in verdicts if n < 3 and e == 3)  # never at a trial's last epoch
+    last = verdicts[-1][2]
+    if pruner == "median":
+        assert last and "median pruner at epoch 1" in last, verdicts
+    if pruner == "none":
+        assert all(v is None for _, _, v in verdicts)
+
+
+def test_sweep_dashboard_says_how_to_install_optuna_dashboard(redis_conn: Any, job_env: dict[str, str],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("optuna")
+    try:
+        import optuna_dashboard  # noqa: F401
+        pytest.skip("optuna-dashboard is installed here (docs/sweeps.md: checked by hand with 0.21.0)")
+    except ImportError:
+        pass
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=1, parallel=1,
+                                allow_local_paths=True)
+    assert cli(["sweep-dashboard", sweep_id]) == 2
+    assert "pip install optuna-dashboard" in capsys.readouterr().err
+    assert cli(["sweep-dashboard", "20250101-120000-abcdef"]) == 2  # an unknown sweep, before any import
+
+
 # ---------------------------------------------------------------------------------------------- real sweeps
 def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                                               tmp_path: Path) -> None:
@@ -145,7 +266,8 @@ def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, j
     def running_on(worker: Any) -> str | None:
         for t in api.sweep_status(redis_conn, sweep_id)["trials_table"]:
             job = api.job_status(redis_conn, t["job"]) if t["job"] else {}
-            if job.get("state") == "running" and job.get("epoch", 0) >= 1 and str(worker.pid) in (job.get("worker") or ""):
+            mine = str(worker.pid) in (job.get("worker") or "")
+            if job.get("state") == "running" and job.get("epoch", 0) >= 1 and mine:
                 return t["job"]
         return None
 

@@ -177,7 +177,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
         return 0
     for w in workers:
         gpus = ", ".join(f"{g.get('name')} ({g.get('memory_mb')} MiB)" for g in w.get("gpus") or []) or "CPU"
-        print(f"{w['name']}  {w.get('hostname')}  {w.get('state')}  job={w.get('current_job') or '-'}  "
+        reserved = f"  reserved for {w['reserved_for']}" if w.get("reserved_for") else ""
+        print(f"{w['name']}  {w.get('hostname')} {w.get('addr') or ''}  {w.get('state')}{reserved}  "
+              f"job={w.get('current_job') or '-'}  "
               f"slots={w.get('slots')}  {gpus}  torch {w.get('torch')}")
     if not workers:
         print("no live worker")
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="hyper-parameter search: every trial is a job; prints the sweep id")
     s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
-    s.add_argument("--space", required=True, help="SPACE.yaml: dotted keys → {float|int: [low, high]} or {choice: [...]}")
+    s.add_argument("--space", required=True,
+                   help="SPACE.yaml: dotted keys → {float|int: [low, high]} or {choice: [...]}")
     s.add_argument("--trials", type=int, required=True, help="trials in all")
     s.add_argument("--parallel", type=int, default=1, help="most trials queued or running at once (default 1)")
     s.add_argument("--metric", default="val_acc", help="the epoch metric to optimise (default val_acc)")
@@ -362,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sweeps)
 
-    s = sub.add_parser("sweep-dashboard", help="open a sweep's study in optuna-dashboard (pip install optuna-dashboard)")
+    s = sub.add_parser("sweep-dashboard",
+                       help="open a sweep's study in optuna-dashboard (pip install optuna-dashboard)")
     s.add_argument("sweep")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)

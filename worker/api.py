@@ -195,8 +195,11 @@ def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = 
         state = cancel_job(conn, job_id, wait=wait)
         if state not in {s.value for s in FINAL_STATES}:
             raise InvalidJobStateError(f"job {job_id} is still {state}; try again once it has stopped")
+    nodes = int(st.get("num_nodes") or 1)
     for attempt in range(int(st.get("attempt") or 0) + 1):
         discard_rq_job(conn, keys.rq_job_id(job_id, attempt))
+        for node in range(nodes if nodes > 1 else 0):  # a multi-node attempt: one RQ job per node
+            discard_rq_job(conn, keys.rq_node_job_id(job_id, attempt, node))
     with conn.pipeline() as pipe:
         pipe.delete(*keys.job_keys(job_id))
         pipe.zrem(keys.jobs_index(), job_id)

@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
+from core import runfolder as rf
 from worker import keys
 from worker.defaults import ARTIFACTS_DIR, REPO_ROOT, UPLOAD_MAX_BYTES
 from worker.errors import ArtifactError
@@ -33,17 +34,17 @@ DATASET_REF_PREFIX = "artifact:"
 """A config's `data.path` that starts with this names a dataset in the store (`artifact:datasets/<sha>.zip`)."""
 
 NAMED_ARTIFACTS = {
-    "report": "report.json",
-    "onnx": "export/model.onnx",
-    "int8": "export/model.int8.onnx",
-    "pt": "export/model.pt",
-    "bundle": "export/bundle.zip",
-    "labels": "labels.json",
-    "config": "config.yaml",
-    "metrics": "metrics.jsonl",
-    "last_checkpoint": "checkpoints/last.pt",
-    "best_checkpoint": "checkpoints/best.pt",
-    "log": "job.log",
+    "report": rf.REPORT,
+    "onnx": rf.exported(rf.ONNX),
+    "int8": rf.exported(rf.INT8_ONNX),
+    "pt": rf.exported(rf.STATE_DICT),
+    "bundle": rf.exported(rf.BUNDLE),
+    "labels": rf.LABELS,
+    "config": rf.CONFIG,
+    "metrics": rf.METRICS,
+    "last_checkpoint": rf.LAST_CHECKPOINT,
+    "best_checkpoint": rf.BEST_CHECKPOINT,
+    "log": rf.JOB_LOG,
 }
 """Short names for the files clients ask for most (dashboard download buttons), relative to the run folder."""
 

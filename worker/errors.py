@@ -1,13 +1,16 @@
 """Every exception the worker package raises on purpose; each message is meant for the user."""
 from __future__ import annotations
 
+from core.errors import FieldErrors
+
 
 class WorkerError(Exception):
     """Base class of the worker package's errors."""
 
 
-class SubmissionError(WorkerError):
-    """A job was refused at submission (bad config, dataset, GPU count, ...); nothing was enqueued. CLI exit 2."""
+class SubmissionError(FieldErrors, WorkerError):
+    """A job was refused at submission (bad config, dataset, GPU count, ...); nothing was enqueued. CLI exit 2.
+    `errors`: one FieldError per bad key (config keys, or the options gpus, priority, timeout, dataset)."""
 
 
 class NoSuchJobError(WorkerError):

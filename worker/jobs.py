@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import redis
 import yaml
 
+from core import runfolder as rf
 from worker import keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import connection_url
@@ -33,7 +35,15 @@ from worker.defaults import (
 from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, WarmTrainer, train_command, train_env
 from worker.queues import discard_rq_job, enqueue_attempt
-from worker.status import FINAL_STATES, JobState, claim_for_requeue, mark_final, mark_started, read_status, update_fields
+from worker.status import (
+    FINAL_STATES,
+    JobState,
+    claim_for_requeue,
+    mark_final,
+    mark_started,
+    read_status,
+    update_fields,
+)
 from worker.streaming import LogWriter
 from worker.sweeps import TrialMonitor, trial_ended
 
@@ -158,7 +168,9 @@ class JobRun:
             self.note(f"downloaded {n} file(s) of the run folder from {self.store.url} to resume")
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir.parent / "job_config.yaml"
-        config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        tmp = config_path.with_name(f"{config_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, config_path)  # atomic: the nodes of a multi-node job on one shared store write it each
         nproc = int(status.get("gpus") or 1)
         self.run_dir = run_dir
         cmd = self._command(config_path, run_dir, nproc, resume)
@@ -215,7 +227,7 @@ class JobRun:
     def _syncer(self, stop: threading.Event) -> None:
         """Remote store: upload the run folder while it trains (after each new checkpoint, at most every 10 s)."""
         last_sig = None
-        ckpt = (self.run_dir or Path(".")) / "checkpoints" / "last.pt"
+        ckpt = (self.run_dir or Path(".")) / rf.LAST_CHECKPOINT
         while not stop.wait(ARTIFACT_SYNC_INTERVAL):
             try:
                 sig = ckpt.stat().st_mtime_ns
@@ -261,7 +273,7 @@ class JobRun:
         except (redis.exceptions.RedisError, ValueError):
             return {}
         try:
-            report = json.loads(((self.run_dir or Path(".")) / "report.json").read_text(encoding="utf-8"))
+            report = json.loads(((self.run_dir or Path(".")) / rf.REPORT).read_text(encoding="utf-8"))
             fields = {"epoch": int(report["epochs_completed"]), "test_acc": float(report["test"]["accuracy"])}
         except (OSError, ValueError, KeyError, TypeError):
             return {}
@@ -274,12 +286,11 @@ class JobRun:
         write it here, so the run folder (and its copy in the store) says it is partial."""
         if state is JobState.FINISHED or self.run_dir is None or not self.run_dir.is_dir():
             return
-        if (self.run_dir / "CANCELLED").exists() or (self.run_dir / "FAILED").exists():
+        if any((self.run_dir / marker).exists() for marker in rf.MARKERS):
             return
-        marker = "CANCELLED" if state in (JobState.CANCELLED, JobState.PRUNED) else "FAILED"
+        marker = rf.CANCELLED if state in (JobState.CANCELLED, JobState.PRUNED) else rf.FAILED
         try:
-            (self.run_dir / marker).write_text(f"{error or state.value} (marked by worker {self.ctx.worker_name})\n",
-                                               encoding="utf-8")
+            rf.mark(self.run_dir, marker, f"{error or state.value} (marked by worker {self.ctx.worker_name})")
         except OSError:
             pass
 
@@ -338,7 +349,7 @@ class JobRun:
         attempt = int(status.get("attempt") or 0)
         try:
             run_dir, cmd, nproc, resume = self._prepare(status)
-            self.log_file = (run_dir / "job.log").open("a", encoding="utf-8")
+            self.log_file = (run_dir / rf.JOB_LOG).open("a", encoding="utf-8")
         except (ArtifactError, OSError) as err:
             self.note(f"cannot prepare the run: {err}")
             message = str(err) if isinstance(err, ArtifactError) else \
@@ -360,6 +371,8 @@ class JobRun:
             proc = Launched(cmd, env, self.on_line)
         monitor = (TrialMonitor(self.conn, status["sweep"], int(status["trial"]), self.job_id)
                    if status.get("sweep") and status.get("trial") is not None else None)
+        if monitor is not None:
+            monitor.prepare()
         prune_reason = None
         self._launched(proc, run_dir)
         stop_sync = threading.Event()

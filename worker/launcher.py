@@ -75,7 +75,7 @@ def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: 
     interface holding that address, so the ranks talk over the address the other machines reach."""
     env = dict(os.environ)
     if advertise_addr:
-        env["CORE_DIST_TIMEOUT"] = str(MULTINODE_PG_TIMEOUT)
+        env.setdefault("CORE_DIST_TIMEOUT", str(MULTINODE_PG_TIMEOUT))  # the worker's own environment may raise it
         iface = interface_of(advertise_addr)
         if iface:
             env.setdefault("GLOO_SOCKET_IFNAME", iface)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from core.config import set_dotted
 from worker.errors import SubmissionError
 
 KINDS = ("float", "int", "choice")
@@ -86,6 +87,11 @@ class Param:
 
 
 def _number(key: str, kind: str, value: Any) -> float | int:
+    if isinstance(value, str):  # YAML reads `1e-4` (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SubmissionError(f"space: {key}: bounds of {kind!r} must be numbers, got {value!r}")
     if kind == "int":
@@ -178,14 +184,10 @@ def apply_params(config: dict[str, Any], values: dict[str, Any]) -> dict[str, An
     """A copy of the config dict with the dotted keys set to the sampled values (values as values: no text)."""
     out = copy.deepcopy(config)
     for key, value in values.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SubmissionError(f"space: {key}: {part!r} is not a section of the config")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(out, key, value)
+        except ValueError as err:
+            raise SubmissionError(f"space: {key}: {err} of the config") from None
     return out
 
 

@@ -101,6 +101,7 @@ class RedisEventSink:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._epochs = 0
+        self._stepped = False
         self._thread = threading.Thread(target=self._run, name=f"redis-sink-{job_id}", daemon=True)
         self._thread.start()
 
@@ -118,8 +119,10 @@ class RedisEventSink:
                 else:
                     self._buf.popleft()
             self._buf.append((type, data))
-        if type != "step":
-            self._wake.set()  # everything but steps goes out at once; steps ride the next tick
+        if type != "step" or not self._stepped:
+            self._stepped = self._stepped or type == "step"
+            self._wake.set()  # everything but steps goes out at once (and the first step: "it is training");
+            # later steps ride the next tick
 
     def close(self) -> None:
         """Flush what is buffered (up to `close_timeout` s: a run must end even when Redis is gone)."""

@@ -95,8 +95,8 @@ def sampler_for(record: dict[str, Any], params: list[Param], n_asked: int) -> An
 
 def pruner_for(record: dict[str, Any]) -> Any:
     """median: prune a trial whose best value so far is worse than the median of earlier trials at the same epoch,
-    once `min(5, max(2, trials // 4))` trials have completed (Optuna's default is 5: short sweeps prune sooner); hyperband: Optuna's HyperbandPruner over epochs
-    1..max epochs (reduction factor 3); none: never prune."""
+    once `min(5, max(2, trials // 4))` trials have completed (Optuna's default is 5: short sweeps prune sooner);
+    hyperband: Optuna's HyperbandPruner over epochs 1..max epochs (reduction factor 3); none: never prune."""
     optuna = _optuna()
     name = record.get("pruner") or "median"
     if name == "median":

@@ -34,7 +34,7 @@ def validate_config(config: dict[str, Any] | str | Path, overrides: list[str] | 
         raw = load_yaml(config) if isinstance(config, (str, Path)) else config
         return config_from_dict(raw, list(overrides or [])).to_dict()
     except ConfigError as err:
-        raise SubmissionError(str(err)) from None
+        raise SubmissionError(str(err), err.errors) from None
 
 
 def check_dataset(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -46,12 +46,8 @@ def check_dataset(path: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
         report = inspect_dataset(path, color_mode=cfg["data"]["color_mode"],
                                  max_image_pixels=cfg["data"]["max_image_pixels"], thumbnails_per_class=0)
     except DataError as err:
-        raise SubmissionError(f"dataset: {err}") from None
+        raise SubmissionError.on("dataset", str(path), str(err)) from None
     return {k: v for k, v in report.items() if k != "thumbnails"}
-
-
-DATASET_TRAIN_POOL = {"digits": 1797, "cifar10": 50_000, "cifar100": 50_000}
-"""Images a built-in dataset splits into train/val (digits: all 1797; CIFAR: its 50,000 training images)."""
 
 
 def train_images(cfg: dict[str, Any], report: dict[str, Any] | None = None) -> int | None:
@@ -65,14 +61,9 @@ def train_images(cfg: dict[str, Any], report: dict[str, Any] | None = None) -> i
         if "train" in by_split:  # a pre-split tree keeps its own train/ folder
             return int(sum(by_split["train"].values()))
         return math.ceil(int(report.get("num_images") or 0) * frac)
-    if data["name"] == "synthetic":
-        return math.ceil(int(data["synthetic_size"]) * frac)
-    pool = DATASET_TRAIN_POOL.get(data["name"])
-    if pool is None:
-        return None
-    if data["name"].startswith("cifar"):  # CIFAR keeps its test set: train/val share the training images
-        frac = frac / (data["split"][0] + data["split"][1])
-    return math.ceil(pool * frac)
+    from core.data.builtin import expected_train_images
+
+    return expected_train_images(data)
 
 
 def check_batch_size(cfg: dict[str, Any], n_train: int | None, gpus: int) -> None:
@@ -84,8 +75,8 @@ def check_batch_size(cfg: dict[str, Any], n_train: int | None, gpus: int) -> Non
     batch = int(cfg["train"]["batch_size"])
     if batch > per_rank:
         ranks = f" over {gpus} ranks" if gpus > 1 else ""
-        raise SubmissionError(
-            f"train.batch_size: {batch} is larger than the train split (about {n_train} images{ranks}, "
+        raise SubmissionError.on(
+            "train.batch_size", batch, f"{batch} is larger than the train split (about {n_train} images{ranks}, "
             f"{per_rank} per rank); use at most {max(per_rank, 1)}, or a bigger dataset"
         )
 
@@ -93,14 +84,14 @@ def check_batch_size(cfg: dict[str, Any], n_train: int | None, gpus: int) -> Non
 def check_gpus(conn: redis.Redis, gpus: int) -> str | None:
     """None when a live worker can run `gpus` devices; a waiting note when no worker is alive; else refuse."""
     if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= MAX_GPUS_PER_JOB:
-        raise SubmissionError(f"gpus: must be a whole number from 1 to {MAX_GPUS_PER_JOB}, got {gpus!r}")
+        raise SubmissionError.on("gpus", gpus, f"must be a whole number from 1 to {MAX_GPUS_PER_JOB}, got {gpus!r}")
     largest, workers = max_live_slots(conn)
     if not workers:
         return f"waiting for a worker with at least {gpus} GPU(s) or CPU slot(s); none is running"
     if gpus > largest:
         best = max(workers, key=lambda w: w.get("slots") or 0)
-        raise SubmissionError(
-            f"gpus: no live worker can run {gpus} device(s); the largest has {largest} "
+        raise SubmissionError.on(
+            "gpus", gpus, f"no live worker can run {gpus} device(s); the largest has {largest} "
             f"({best.get('kind')} worker {best.get('name')} on {best.get('hostname')}). "
             f"Ask for at most {largest}, or start a bigger worker: python -m worker run --gpus 0,1,..."
         )
@@ -134,24 +125,27 @@ def resolve_dataset(
     if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
         try:  # a clone/retry of a stored job: the dataset is already in the store
             if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
-                raise SubmissionError(f"data.path: {data_path} is not in the artifact store {store.url}")
+                raise SubmissionError.on("data.path", data_path,
+                                         f"{data_path} is not in the artifact store {store.url}")
         except ArtifactError as err:
-            raise SubmissionError(f"data.path: {err}") from None
+            raise SubmissionError.on("data.path", data_path, str(err)) from None
         return {"ref": data_path}, None
     if cfg["data"]["name"] == "imagefolder":
         if dataset_path is None and not allow_local_paths:
-            raise SubmissionError("data.path: a local path is not accepted here; upload the dataset as a .zip")
+            raise SubmissionError.on("data.path", data_path,
+                                     "a local path is not accepted here; upload the dataset as a .zip")
         report = check_dataset(data_path, cfg)
         check_batch_size(cfg, train_images(cfg, report), gpus)  # before the upload: a refusal writes nothing
         try:
             dataset = {**store.upload_dataset(data_path), "classes": report.get("classes"),
                        "counts": report.get("counts"), "warnings": report.get("warnings", [])}
         except ArtifactError as err:
-            raise SubmissionError(f"dataset upload: {err}") from None
+            raise SubmissionError.on("dataset upload", str(data_path), str(err)) from None
         cfg["data"]["path"] = dataset["ref"]
         return dataset, report
     if data_path and not allow_local_paths:
-        raise SubmissionError(f"data.path: {cfg['data']['name']} reads its files on the worker; leave data.path empty")
+        raise SubmissionError.on("data.path", data_path,
+                                 f"{cfg['data']['name']} reads its files on the worker; leave data.path empty")
     return None, None
 
 
@@ -182,9 +176,9 @@ def submit_job(
     extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`).
     """
     if priority not in PRIORITIES:
-        raise SubmissionError(f"priority: unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
+        raise SubmissionError.on("priority", priority, f"unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
     if timeout is not None and not timeout > 0:
-        raise SubmissionError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+        raise SubmissionError.on("timeout", timeout, f"must be a positive number of seconds, got {timeout!r}")
     overrides = list(overrides or [])
     if dataset_path is not None:
         overrides += ["data.name=imagefolder", f"data.path={Path(dataset_path)}"]

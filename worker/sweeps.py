@@ -7,9 +7,9 @@
 
 Who drives a sweep: whoever notices a change. `create_sweep` enqueues the first `parallel` trials; the worker that
 ends a trial calls `advance`, which (under the sweep's Redis lock) tells Optuna the result and asks for and enqueues
-the next trial; every worker's heartbeat also advances the sweeps in `trainer:sweeps:active` every
-SWEEP_SCAN_INTERVAL seconds, which heals whatever a dead process left half done (a trial asked but never enqueued
-is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
+the next trial; every worker also advances the sweeps in `trainer:sweeps:active` every SWEEP_SCAN_INTERVAL seconds
+(from its heartbeat, in a thread of its own), which heals whatever a dead process left half done (a trial asked but
+never enqueued is enqueued; a trial whose job ended but was never told is told). A trial whose worker dies is an ordinary job: it
 is recovered and resumes; Optuna hears of it once, when its job reaches a final state. Design: docs/sweeps.md.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -55,6 +56,9 @@ DIRECTIONS = ("maximize", "minimize")
 
 TRIAL_COUNTS = ("complete", "pruned", "failed", "cancelled", "running", "queued")
 """How `sweep_status` counts trials by their job's state (recovering counts as running)."""
+
+GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
+"""Keys `sweep_status` always has (None until they apply)."""
 
 _INTS = frozenset({"trials", "parallel", "seed", "max_epochs", "gpus", "best_trial"})
 _FLOATS = frozenset({"created_at", "updated_at", "ended_at", "best_value"})
@@ -242,6 +246,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 def _acquire(conn: redis.Redis, sweep_id: str, wait: float) -> str | None:
     token = secrets.token_hex(8)
@@ -256,6 +265,12 @@ def _acquire(conn: redis.Redis, sweep_id: str, wait: float) -> str | None:
 
 def _release(conn: redis.Redis, sweep_id: str, token: str) -> None:
     conn.eval(_RELEASE, 1, keys.sweep_lock(sweep_id), token)
+
+
+def _still_held(conn: redis.Redis, sweep_id: str, token: str) -> bool:
+    """Renew the lock for another SWEEP_LOCK_TTL; False when it expired and may be someone else's now (a holder
+    stalled for longer than the TTL must not ask Optuna for more trials)."""
+    return bool(conn.eval(_EXTEND, 1, keys.sweep_lock(sweep_id), token, int(SWEEP_LOCK_TTL * 1000)))
 
 
 # -------------------------------------------------------------------------------------------------- the sweep loop
@@ -297,13 +312,13 @@ def advance(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT,
     if token is None:
         return False
     try:
-        _advance(conn, sweep_id, store)
+        _advance(conn, sweep_id, store, token)
     finally:
         _release(conn, sweep_id, token)
     return True
 
 
-def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> None:
+def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None, token: str) -> None:
     from optuna.trial import TrialState
 
     try:
@@ -350,6 +365,9 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
     active = sum(1 for t in all_trials if t.state == TrialState.RUNNING)
     distributions = {p.key: p.distribution() for p in params}
     while live and active < int(rec["parallel"]) and len(all_trials) < int(rec["trials"]):
+        if not _still_held(conn, sweep_id, token):
+            log.warning("sweep %s: lost its lock while advancing; the next scan goes on", sweep_id)
+            return
         study.sampler = sampler_for(rec, params, len(all_trials))
         trial = study.ask(distributions)
         try:
@@ -371,7 +389,7 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
         if live:
             every_failed = all(t.state == TrialState.FAIL for t in done)
             fields["state"] = SweepState.FAILED if every_failed else SweepState.FINISHED
-            fields["error"] = first_error if every_failed else None
+            fields["error"] = (first_error or "every trial was cancelled") if every_failed else None
             fields["ended_at"] = time.time()
         conn.srem(keys.active_sweeps(), sweep_id)
     conn.hset(keys.sweep(sweep_id), mapping=_encode(fields))
@@ -380,8 +398,13 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None) -> N
 def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[str, Any],
              store: ArtifactStore | None) -> str:
     job_id = _submit_trial(conn, rec, number, values, store)
-    conn.hset(keys.sweep_trials(rec["id"]), str(number), job_id)
-    return job_id
+    if conn.hsetnx(keys.sweep_trials(rec["id"]), str(number), job_id):
+        return job_id
+    # another process enqueued this trial meanwhile (ours stalled past the lock's TTL): one job per trial
+    from worker.api import cancel_job
+
+    cancel_job(conn, job_id)
+    return _text(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
 
 
 def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT) -> None:
@@ -394,8 +417,12 @@ def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WA
 
 
 def heal_sweeps(conn: redis.Redis) -> None:
-    """Advance every active sweep whose lock is free (the worker heartbeat's scan)."""
-    for raw in conn.smembers(keys.active_sweeps()):
+    """Advance every active sweep whose lock is free (the workers' periodic scan)."""
+    try:
+        active = conn.smembers(keys.active_sweeps())
+    except redis.exceptions.RedisError:
+        return  # Redis away: the next scan tries again
+    for raw in active:
         try:
             advance(conn, _text(raw), wait=0)
         except Exception as err:  # noqa: BLE001 - one broken sweep must not stop the scan
@@ -471,6 +498,8 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
     """The record plus `counts` (by trial state), `ended` (trials done), `progress` (0-1) and, by default,
     `trials_table` (sweep_trials)."""
     st = read_sweep(conn, sweep_id)
+    for key in GUARANTEED:
+        st.setdefault(key, None)
     if with_trials:
         rows = sweep_trials(conn, sweep_id)
         st["trials_table"] = rows
@@ -540,8 +569,29 @@ class TrialMonitor:
         self.metric = ""
         self.pruner = ""
         self.broken = False
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Import Optuna, replay the sweep's journal and import what submitting the next trial validates with (the
+        config schema's model list: torch, which a CPU worker has not imported) in the background while the trial
+        starts: the worker's first trial would otherwise pay for all three (seconds) between its end and the next
+        trial's enqueue."""
+        def load() -> None:
+            try:
+                self._trial()
+                from core.models import list_models
+
+                list_models()
+            except Exception as err:  # noqa: BLE001 - poll() tries again and reports
+                log.debug("sweep %s: preparing trial %d: %s", self.sweep_id, self.number, err)
+
+        threading.Thread(target=load, name=f"sweep-{self.sweep_id}-prepare", daemon=True).start()
 
     def _trial(self) -> Any:
+        with self._lock:
+            return self._load_trial()
+
+    def _load_trial(self) -> Any:
         if self.trial is None:
             import optuna
 
@@ -566,8 +616,6 @@ class TrialMonitor:
             if not epochs:
                 return None
             trial = self._trial()
-            if self.pruner == "none":
-                return None
             reported = storage_for(self.conn, self.sweep_id).get_trial(self.trial_id).intermediate_values
             for data in epochs:
                 value, step = data.get(self.metric), int(data.get("epoch") or 0)
@@ -575,7 +623,7 @@ class TrialMonitor:
                     continue
                 trial.report(float(value), step)
                 last = step >= int(data.get("epochs") or 0)  # stopping at the last epoch would save nothing
-                if not last and trial.should_prune():
+                if not last and self.pruner != "none" and trial.should_prune():
                     return f"pruned by the sweep's {self.pruner} pruner at epoch {step} ({self.metric} {value:.4g})"
         except redis.exceptions.RedisError:
             return None  # Redis away for a moment: the next tick reads the same events again

@@ -24,7 +24,7 @@ IDLE_NAME, BUSY_NAME = "warm-trainer", "core.train"
 def preload() -> None:
     import torch
 
-    import core.data  # torchvision (and, through it, torch._dynamo): ~2 s of imports on its own
+    import core.data.build  # torchvision (and, through it, torch._dynamo): ~2 s of imports on its own
     import core.models
     import core.train  # noqa: F401 - training, evaluation, events
 

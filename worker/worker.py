@@ -94,6 +94,7 @@ class TrainerWorker(SimpleWorker):
         self._healthy_since: float | None = time.monotonic()
         self._last_scan = 0.0
         self._last_sweep_scan = 0.0
+        self._sweep_thread: threading.Thread | None = None
         self._current_rq_job: Job | None = None
         self._burst = False
 
@@ -131,6 +132,7 @@ class TrainerWorker(SimpleWorker):
             if self._healthy_since is None:
                 self._healthy_since = time.monotonic()
             self._maybe_scan()
+            self._maybe_scan_sweeps()
         except redis.exceptions.RedisError as err:
             if self._healthy_since is not None:
                 log.warning("worker %s: Redis unreachable (%s); training continues, retrying", self.name, err)
@@ -150,9 +152,17 @@ class TrainerWorker(SimpleWorker):
         recovered += heal_stuck_recoveries(self.connection, by=self.name)
         if recovered:
             log.warning("worker %s: re-queued orphaned job(s) %s", self.name, ", ".join(recovered))
-        if now - self._last_sweep_scan >= SWEEP_SCAN_INTERVAL:
-            self._last_sweep_scan = now
-            heal_sweeps(self.connection)  # sweeps are driven by their workers: nothing else would notice
+
+    def _maybe_scan_sweeps(self) -> None:
+        """Advance the active sweeps (workers drive sweeps: nothing else would notice a half-done step), in a thread
+        of its own: a first scan imports Optuna and replays journals, which must never delay a heartbeat."""
+        now = time.monotonic()
+        if now - self._last_sweep_scan < SWEEP_SCAN_INTERVAL or (self._sweep_thread and self._sweep_thread.is_alive()):
+            return
+        self._last_sweep_scan = now
+        self._sweep_thread = threading.Thread(target=heal_sweeps, args=(self.connection,), name="sweep-scan",
+                                              daemon=True)
+        self._sweep_thread.start()
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(HEARTBEAT_INTERVAL):
@@ -172,7 +182,6 @@ class TrainerWorker(SimpleWorker):
         while not self._may_judge_others():
             time.sleep(0.5)
         self._last_scan = 0.0
-        self._last_sweep_scan = 0.0
         self._maybe_scan()
 
     # ---------------------------------------------------------------------------------------- multi-node gangs

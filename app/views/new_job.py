@@ -188,7 +188,7 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
             name=(values["name"] or "").strip() or None, store=artifact_store(),
         )
     except SubmissionError as err:
-        st.session_state["new:errors"] = forms.errors_by_field(str(err))
+        st.session_state["new:errors"] = forms.errors_by_field(err.errors)
         return
     except REDIS_ERRORS as err:
         st.session_state["new:errors"] = {"": f"Redis is unreachable, nothing was submitted: {err}"}

@@ -10,6 +10,7 @@ import streamlit as st
 from app import predict, ui
 from app.connection import artifact_store, require_redis
 from app.defaults import IMAGE_UPLOAD_MAX_MB, TOP_K, TRY_SAMPLES_DEFAULT
+from core import runfolder as rf
 from worker import api
 from worker.errors import ArtifactError
 
@@ -23,8 +24,8 @@ if job_id is None:
     st.stop()
 status = api.job_status(conn, job_id)
 version = status.get("ended_at")
-if "export/model.onnx" not in ui.artifact_names(job_id, version):
-    st.warning("This job has no exported model.onnx (export was off, or it failed): nothing to run.")
+if rf.exported(rf.ONNX) not in ui.artifact_names(job_id, version):
+    st.warning(f"This job has no exported {rf.ONNX} (export was off, or it failed): nothing to run.")
     st.stop()
 
 
@@ -40,7 +41,7 @@ except (ArtifactError, ValueError) as err:
     st.stop()
 report = ui.job_report(job_id, version) or {}
 samples: list[dict[str, Any]] = report.get("samples") or []
-st.caption(f"ONNX Runtime on `export/model.onnx` of job `{job_id}` · input {clf.preprocess.get('color_mode')} "
+st.caption(f"ONNX Runtime on `{rf.exported(rf.ONNX)}` of job `{job_id}` · input {clf.preprocess.get('color_mode')} "
            f"{'×'.join(str(v) for v in clf.preprocess.get('input_size', []))} · {len(clf.labels)} classes")
 
 SAMPLES, UPLOAD = "Test images of this job", "Upload images"

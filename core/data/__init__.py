@@ -2,14 +2,26 @@
 
 Modules: build (the five datasets → DataBundle), imagefolder (folder/zip scanning shared by build and inspect),
 archive (safe zip extraction into the cache), split (stratified seeded splits), transforms (eval geometry and
-augmentation presets), datasets (sources, split Dataset, DataBundle), inspect (inspect_dataset), defaults (constants).
+augmentation presets), datasets (sources, split Dataset, DataBundle), inspect (inspect_dataset), builtin (the
+built-in datasets table), defaults (constants).
+
+The names below are imported on first use, so `core.data.builtin` (read by the dashboard) does not import torch.
 """
 from __future__ import annotations
 
-from core.data.build import build_datasets
-from core.data.datasets import DataBundle, ImageDataset
-from core.data.inspect import inspect_dataset
-from core.data.split import stratified_split
-from core.data.transforms import create_transform
+import importlib
+from typing import Any
 
-__all__ = ["DataBundle", "ImageDataset", "build_datasets", "create_transform", "inspect_dataset", "stratified_split"]
+_EXPORTS = {
+    "DataBundle": "core.data.datasets", "ImageDataset": "core.data.datasets", "build_datasets": "core.data.build",
+    "create_transform": "core.data.transforms", "inspect_dataset": "core.data.inspect",
+    "stratified_split": "core.data.split",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'core.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -31,8 +31,8 @@ from core.config import Config
 from core.data import defaults as D
 from core.data.datasets import SPLITS, ArraySource, DataBundle, FileSource, ImageDataset, ImageSource, SyntheticSource
 from core.data.imagefolder import FolderScan, scan_imagefolder
-from core.data.split import stratified_split
-from core.data.transforms import create_transform, eval_geometry, to_color_mode
+from core.data.split import carve_fractions, stratified_split
+from core.data.transforms import channels, create_transform, eval_geometry, to_color_mode
 from core.errors import DataError
 
 
@@ -166,9 +166,7 @@ def _load_cifar(cfg: Config) -> _Parts:
     if len(classes) < n_classes:
         raise DataError(f"{str(folder / spec['meta'])!r} names {len(classes)} classes but labels go up to "
                         f"{n_classes - 1}")
-    s = cfg.data.split
-    val_fraction = s[1] / (s[0] + s[1])
-    train_pos, val_pos, _ = stratified_split(train_y, [1 - val_fraction, val_fraction, 0.0], cfg.train.seed)
+    train_pos, val_pos, _ = stratified_split(train_y, carve_fractions(cfg.data.split, 1), cfg.train.seed)
     test_pos = np.arange(len(test_y))
     train_src, test_src = ArraySource(train_x), ArraySource(test_x)
     indices = {"train": train_pos, "val": val_pos, "test": test_pos}
@@ -216,11 +214,9 @@ def _load_imagefolder(cfg: Config) -> _Parts:
         if not has_val and not has_test:
             train, val, test = _carve(train, labels, s, seed)
         elif not has_val:
-            f = s[1] / (s[0] + s[1])
-            train, val, _ = _carve(train, labels, [1 - f, f, 0.0], seed)
+            train, val, _ = _carve(train, labels, carve_fractions(s, 1), seed)
         elif not has_test:
-            f = s[2] / (s[0] + s[2])
-            train, test, _ = _carve(train, labels, [1 - f, f, 0.0], seed)
+            train, test, _ = _carve(train, labels, carve_fractions(s, 2), seed)
     source = FileSource([r.path for r in scan.records], [r.rel for r in scan.records])
     indices = {"train": train, "val": val, "test": test}
     native = imagefolder_native_size(scan)
@@ -241,9 +237,9 @@ _LOADERS: dict[str, Callable[[Config], _Parts]] = {
 def _fit_channels(stats: tuple[Sequence[float], Sequence[float]], color_mode: str) -> tuple[list[float], list[float]]:
     """Three-channel constants averaged to one for L mode; one-channel constants repeated for RGB."""
     mean, std = [float(v) for v in stats[0]], [float(v) for v in stats[1]]
-    channels = 1 if color_mode == "L" else 3
-    if len(mean) != channels:
-        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    n_channels = channels(color_mode)
+    if len(mean) != n_channels:
+        mean, std = [sum(mean) / len(mean)] * n_channels, [sum(std) / len(std)] * n_channels
     return mean, std
 
 
@@ -262,16 +258,16 @@ def train_statistics(source: ImageSource, indices: np.ndarray, color_mode: str) 
     if len(indices) == 0:
         raise DataError("the train split is empty; cannot compute normalisation statistics")
     pick = indices[np.unique(np.linspace(0, len(indices) - 1, min(len(indices), D.STATS_MAX_IMAGES)).astype(int))]
-    channels = 1 if color_mode == "L" else 3
+    n_channels = channels(color_mode)
     if isinstance(source, ArraySource):  # in-memory images: one vectorised pass when no PIL conversion is needed
         batch = source.as_uint8(pick, color_mode)
         if batch is not None:
             x = batch.astype(np.float64) / 255
             mean, std = x.mean(axis=(0, 2, 3)), np.maximum(x.std(axis=(0, 2, 3)), 1e-3)
             return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
-    total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+    total, total_sq, count = np.zeros(n_channels), np.zeros(n_channels), 0
     for i in pick:
-        arr = np.asarray(to_color_mode(source.load(int(i)), color_mode), dtype=np.float64).reshape(-1, channels) / 255
+        arr = np.asarray(to_color_mode(source.load(int(i)), color_mode), dtype=np.float64).reshape(-1, n_channels) / 255
         total += arr.sum(0)
         total_sq += (arr**2).sum(0)
         count += len(arr)

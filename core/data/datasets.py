@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.data.defaults import SCAN_THREADS
-from core.data.transforms import EvalGeometry, to_color_mode
+from core.data.transforms import EvalGeometry, channels, to_color_mode
 from core.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -153,7 +153,7 @@ class DataBundle:
 
     @property
     def in_chans(self) -> int:
-        return 1 if self.preprocess["color_mode"] == "L" else 3
+        return channels(self.preprocess["color_mode"])
 
     @property
     def counts(self) -> dict[str, int]:
@@ -191,14 +191,14 @@ class DataBundle:
         ds = self.dataset(split)
         height, width = self.preprocess["input_size"]
         labels = torch.from_numpy(ds.labels.copy())
-        channels = self.in_chans
+        n_channels = self.in_chans
         if len(ds) == 0:
-            return torch.zeros((0, channels, height, width), dtype=torch.uint8), labels
+            return torch.zeros((0, n_channels, height, width), dtype=torch.uint8), labels
         if isinstance(ds.source, ArraySource) and ds.source.images.shape[1:3] == (height, width):
             fast = ds.source.as_uint8(ds.indices, self.preprocess["color_mode"])
             if fast is not None:
                 return torch.from_numpy(np.ascontiguousarray(fast)), labels
-        out = np.empty((len(ds), height, width, channels), dtype=np.uint8)
+        out = np.empty((len(ds), height, width, n_channels), dtype=np.uint8)
 
         def fill(i: int) -> None:
             arr = np.asarray(self.eval_image(split, i), dtype=np.uint8)

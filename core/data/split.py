@@ -47,3 +47,11 @@ def stratified_split(labels: Sequence[int] | np.ndarray, fractions: Sequence[flo
             out[k].append(members[start:start + size])
             start += size
     return [np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64) for parts in out]
+
+
+def carve_fractions(split: Sequence[float], part: int) -> list[float]:
+    """`stratified_split` fractions that carve split `part` (1 = val, 2 = test) out of a pool holding only train and
+    that part: [1 - f, f, 0] with f = split[part] / (split[0] + split[part]). CIFAR carves val out of its training
+    images this way; a pre-split folder tree missing val/ or test/ carves it out of train/."""
+    f = split[part] / (split[0] + split[part])
+    return [1 - f, f, 0.0]

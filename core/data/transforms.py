@@ -25,9 +25,16 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from core.config import Config, choices
 from core.data.defaults import CENTER_CROP_MIN_SIZE, CROP_RATIO
 
-AUGMENTS = ("classic", "none", "strong")
+AUGMENTS = choices(Config, "data.augment")
+"""The augmentation presets, as core/config.py's `data.augment` declares them."""
+
+
+def channels(color_mode: str) -> int:
+    """Channels of an image in `color_mode`: 1 for "L", 3 for "RGB" (the model's `in_chans`)."""
+    return 1 if color_mode == "L" else 3
 
 
 def to_color_mode(img: Image.Image, mode: str) -> Image.Image:

@@ -65,26 +65,26 @@ def resnet50(**kwargs: Any) -> nn.Module:
     return _resnet("resnet50", "ResNet50_Weights", **kwargs)
 
 
+def _with_classifier(name: str, weights: str, head: int, *, num_classes: int, in_chans: int, pretrained: bool,
+                     small_input: bool, dropout: float, **_: Any) -> nn.Module:
+    """A model made of `features` and a `classifier` Sequential whose Linear `classifier[head]` is preceded by its
+    Dropout: the stem adapted, the dropout set, the head replaced."""
+    model = _build(name, weights, pretrained)
+    _first_conv_stride1(model.features, in_chans=in_chans, small_input=small_input, pretrained=pretrained)
+    model.classifier[head - 1].p = dropout
+    model.classifier[head] = nn.Linear(model.classifier[head].in_features, num_classes)
+    model.head_name = f"classifier.{head}"
+    return model
+
+
 @register_model(normalization=IMAGENET)
-def mobilenet_v3_small(*, num_classes: int, in_chans: int, pretrained: bool, small_input: bool, dropout: float,
-                       **_: Any) -> nn.Module:
+def mobilenet_v3_small(**kwargs: Any) -> nn.Module:
     """MobileNetV3-Small (1.5 M parameters at 10 classes). The head is the last Linear; the pretrained 576→1024
     Linear before it stays part of the backbone (it is ImageNet-trained feature extraction)."""
-    model = _build("mobilenet_v3_small", "MobileNet_V3_Small_Weights", pretrained)
-    _first_conv_stride1(model.features, in_chans=in_chans, small_input=small_input, pretrained=pretrained)
-    model.classifier[2].p = dropout
-    model.classifier[3] = nn.Linear(model.classifier[3].in_features, num_classes)
-    model.head_name = "classifier.3"
-    return model
+    return _with_classifier("mobilenet_v3_small", "MobileNet_V3_Small_Weights", 3, **kwargs)
 
 
 @register_model(normalization=IMAGENET)
-def efficientnet_b0(*, num_classes: int, in_chans: int, pretrained: bool, small_input: bool, dropout: float,
-                    **_: Any) -> nn.Module:
+def efficientnet_b0(**kwargs: Any) -> nn.Module:
     """EfficientNet-B0 (4.0 M parameters at 10 classes), torchvision's port of the original (SiLU, SE blocks)."""
-    model = _build("efficientnet_b0", "EfficientNet_B0_Weights", pretrained)
-    _first_conv_stride1(model.features, in_chans=in_chans, small_input=small_input, pretrained=pretrained)
-    model.classifier[0].p = dropout
-    model.classifier[1] = nn.Linear(model.classifier[1].in_features, num_classes)
-    model.head_name = "classifier.1"
-    return model
+    return _with_classifier("efficientnet_b0", "EfficientNet_B0_Weights", 1, **kwargs)

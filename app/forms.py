@@ -64,7 +64,7 @@ def fields() -> list[Field]:
         Field("sched.name", "Schedule", "select", choices(Config, "sched.name")),
         Field("train.amp", "Mixed precision (AMP)", "bool"),
         Field("train.label_smoothing", "Label smoothing", "float", min_value=0.0, step=0.05, fmt="%g"),
-        Field("train.feature_cache", "Feature cache", "select", ("auto", "on", "off"),
+        Field("train.feature_cache", "Feature cache", "select", choices(Config, "train.feature_cache"),
               help="frozen backbone: embed each image once (train images once per view) and train only the head on "
                    "the cached features; epochs then cost almost nothing. auto: on when the backbone is frozen"),
         Field("data.feature_views", "Augmented views per image", "int", min_value=1, max_value=64, step=1,

@@ -11,8 +11,8 @@ images/s on 2 CPU cores). Here instead:
 - **val**: embedded once, no augmentation;
 - **test**: not cached. After training the test split goes through the whole model in fp32, the network that is
   exported, so report.json's test metrics are the exported model's even when the cache was embedded in bf16;
-- the **head** trained on the features is `Dropout(p) → the model's own final Linear` (the same Parameter objects): the
-  optimizer, checkpoints, resume, export and the ONNX parity check see one unchanged model.
+- the **head** trained on the features is `Dropout(p) → the model's own final Linear` (the same Parameter objects):
+  the optimizer, checkpoints, resume, export and the ONNX parity check see one unchanged model.
 
 The features are the head's input, captured with a forward pre-hook while the whole model runs in eval mode, so no
 model needs a `forward_features`. "Static" (`static_backbone`) is checked on the model itself: every parameter but
@@ -110,7 +110,8 @@ def plan_feature_cache(cfg: Any, model: nn.Module, bundle: Any, world_size: int 
     reason, dropout = static_backbone(model)
     if reason is not None:
         if mode == "on":
-            raise ConfigError(f"train.feature_cache: 'on' needs a frozen backbone in eval mode, but {reason}")
+            raise ConfigError.on("train.feature_cache", mode,
+                                 f"'on' needs a frozen backbone in eval mode, but {reason}")
         return None, reason
     n_train = len(bundle.train) // world_size if world_size > 1 else len(bundle.train)
     n_val = -(-len(bundle.val) // world_size)
@@ -122,8 +123,8 @@ def plan_feature_cache(cfg: Any, model: nn.Module, bundle: Any, world_size: int 
                f"{n_val:,} val images × {plan.feature_dim:,} floats) per process, over data.cache_max_mb="
                f"{cfg.data.cache_max_mb}")
         if mode == "on":
-            raise ConfigError(f"train.feature_cache: {why}; raise data.cache_max_mb, lower data.feature_views, or "
-                              "set train.feature_cache: auto to fall back to the normal path")
+            raise ConfigError.on("train.feature_cache", mode, f"{why}; raise data.cache_max_mb, lower "
+                                 "data.feature_views, or set train.feature_cache: auto to fall back to the normal path")
         return None, why
     return plan, "frozen backbone in eval mode"
 

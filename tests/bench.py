@@ -833,8 +833,9 @@ def bench_transfer(quick: bool) -> list[Row]:
                     (acc["cache"] - acc["current"]) * 100, -round(se, 1), "points",
                     note=f"best-checkpoint val accuracy (report.json val.accuracy), same seed, median over "
                          f"{len(runs[('cache', last)])} run(s): cache {acc['cache']:.4f} (2 views "
-                         f"{acc['cache, 2 views']:.4f}), current {acc['current']:.4f} on {n_val} images (target: within "
-                         f"one binomial standard error, {se:.1f} points); test accuracy of the whole fp32 model: "
+                         f"{acc['cache, 2 views']:.4f}), current {acc['current']:.4f} on {n_val} images "
+                         f"(target: within one binomial standard error, {se:.1f} points); test accuracy of the whole "
+                         "fp32 model: "
                          f"cache {test['cache']:.4f} (2 views {test['cache, 2 views']:.4f}), current "
                          f"{test['current']:.4f}"))
     return rows

@@ -107,6 +107,8 @@ def plan_feature_cache(cfg: Any, model: nn.Module, bundle: Any, world_size: int 
     mode = cfg.train.feature_cache
     if mode == "off":
         return None, "train.feature_cache is off"
+    if cfg.model.freeze != "backbone":  # `on` is refused by config validation already
+        return None, "the backbone trains (model.freeze is not backbone)"
     reason, dropout = static_backbone(model)
     if reason is not None:
         if mode == "on":

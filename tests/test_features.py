@@ -142,6 +142,9 @@ def test_memory_cap_falls_back_or_refuses() -> None:
     plan, _ = plan_feature_cache(load_config(None, [*TRANSFER, "data.augment=none"]), model, bundle)
     assert plan is not None and plan.views == 1  # without augmentation every view would be the same image
     assert plan_feature_cache(load_config(None, [*TRANSFER, "train.feature_cache=off"]), model, bundle)[0] is None
+    # auto needs the config's frozen backbone, whatever the model looks like (a head-only model is not one)
+    plan, why = plan_feature_cache(load_config(None, ["model.name=efficientnet_lite0"]), model, bundle)
+    assert plan is None and "model.freeze" in why
 
 
 def test_config_refuses_feature_cache_on_without_a_frozen_backbone() -> None:

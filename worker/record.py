@@ -208,6 +208,23 @@ def _lua(script: str) -> str:
     return Template(script).substitute({state.name: f"'{state.value}'" for state in JobState})
 
 
+def _count_recovery(what: str) -> str:
+    """Lua lines of both re-queue scripts: count this recovery unless ARGV[2] (the cap) is -1; past the cap the job
+    fails as WorkerLost, its error saying `what` happened how often (ARGV[3]: now, ARGV[5]: the reason)."""
+    return '''local recoveries = tonumber(redis.call('HGET', KEYS[1], 'recoveries') or '0')
+if tonumber(ARGV[2]) >= 0 then
+  recoveries = recoveries + 1
+  redis.call('HSET', KEYS[1], 'recoveries', recoveries)
+  if recoveries > tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
+               'error', 'WHAT ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
+               'error_kind', 'WorkerLost')
+    return {$FAILED, 0}
+  end
+end
+'''.replace("WHAT", what)
+
+
 # KEYS: job hash, running set, recovering set. ARGV: worker, now, rq job id, job id.
 _START = _lua("""
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -257,18 +274,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if state ~= $RUNNING or owner ~= ARGV[1] then return {state or 'missing', 0} end
 redis.call('SREM', KEYS[2], ARGV[4])
-local recoveries = tonumber(redis.call('HGET', KEYS[1], 'recoveries') or '0')
-if tonumber(ARGV[2]) >= 0 then
-  recoveries = recoveries + 1
-  redis.call('HSET', KEYS[1], 'recoveries', recoveries)
-  if recoveries > tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
-               'error', 'its worker died ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
-               'error_kind', 'WorkerLost')
-    return {$FAILED, 0}
-  end
-end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+""" + _count_recovery("its worker died") + """local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', $RECOVERING, 'worker', '', 'previous_worker', ARGV[1],
            'recovered_at', ARGV[3], 'updated_at', ARGV[3], 'recovery_reason', ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[4])
@@ -403,18 +409,7 @@ for _, name in ipairs(redis.call('HKEYS', KEYS[5])) do
   if redis.call('HGET', KEYS[6], name) == ARGV[4] then redis.call('HDEL', KEYS[6], name) end
 end
 redis.call('DEL', KEYS[5])
-local recoveries = tonumber(redis.call('HGET', KEYS[1], 'recoveries') or '0')
-if tonumber(ARGV[2]) >= 0 then
-  recoveries = recoveries + 1
-  redis.call('HSET', KEYS[1], 'recoveries', recoveries)
-  if recoveries > tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
-               'error', 'a node was lost ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
-               'error_kind', 'WorkerLost')
-    return {$FAILED, 0}
-  end
-end
-local new_attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+""" + _count_recovery("a node was lost") + """local new_attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
 redis.call('HSET', KEYS[1], 'state', $RECOVERING, 'previous_worker', redis.call('HGET', KEYS[1], 'worker') or '',
            'worker', '', 'recovered_at', ARGV[3], 'updated_at', ARGV[3], 'recovery_reason', ARGV[5],

@@ -16,6 +16,8 @@ Rows (targets from the Performance issue):
 6. the digits preset's time to ≥ 0.98 test accuracy: ≤ 20 s, beside the classic recipe's.
 7. dashboard render times (job page with 20,000 metric points, jobs page with 1,000 jobs): ≤ 1 s each.
 8. memory: peak RSS of a training process running digits; tensor-cache size for 50,000 CIFAR-sized images.
+9. live viewers (tests/viewers.py): the dashboard server's CPU seconds per viewer-minute with N real Chromium pages on
+   a running job's page, the jobs page and the workers page, side by side with N = 0: ≤ 0.6 (1 % of a core).
 On a CUDA machine GPU rows are added (SimpleCNN and ResNet-18 at 32 px, bf16, channels_last, tensor cache on the GPU vs
 the classic pipeline). Rows whose prerequisites are missing say "n/a" and why; no number is ever estimated.
 """
@@ -826,6 +828,39 @@ def bench_dashboard(quick: bool, url: str) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------- row 9
+VIEWERS = 3
+"""Chromium pages of the viewers row (each its own Streamlit session)."""
+VIEWER_PAGES = ("job", "jobs", "workers")
+
+
+def viewer_row_name(page: str) -> str:
+    return f"live viewers: {page} page, server CPU s per viewer-minute ({VIEWERS} Chromium pages vs none)"
+
+
+def bench_viewers(quick: bool, url: str) -> list[Row]:
+    """What an open page costs the dashboard's server (tests/viewers.py): its CPU time over windows with 0 and with
+    VIEWERS pages open, alternating; the difference per viewer and minute."""
+    from tests.viewers import CHROMIUM, STEP_EVERY, chromium, live_dashboard, measure
+
+    if not CHROMIUM.exists():
+        return [na(viewer_row_name(p), 0.6, "CPU s", f"{CHROMIUM} missing (apt-get install -y chromium)", False)
+                for p in VIEWER_PAGES]
+    seconds, reps = (20.0, 1) if quick else (40.0, 2)
+    rows = []
+    with live_dashboard(url) as stack, chromium() as browser:
+        for page in VIEWER_PAGES:
+            res = measure(stack, page, VIEWERS, seconds, reps, browser)
+            idle, busy = statistics.median(res[0]), statistics.median(res[VIEWERS])
+            per_viewer = (busy - idle) / VIEWERS
+            rows.append(Row(viewer_row_name(page), per_viewer, 0.6, "CPU s", higher_is_better=False, note=(
+                f"server CPU s per minute: {idle:.2f} with no viewer, {busy:.2f} with {VIEWERS} "
+                f"(= {per_viewer / 60:.2%} of a core per viewer); {reps}×{seconds:.0f} s windows per side, "
+                f"alternating; a running job streaming a step event every {STEP_EVERY:g} s")))
+            log(f"row 9: {page}: {per_viewer:.2f} CPU s per viewer-minute ({idle:.2f} → {busy:.2f})")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
 def bench_gpu(quick: bool) -> list[Row]:
     """On CUDA: core's loop (tensor cache on the GPU, bf16, channels_last) vs the classic pipeline, per model."""
@@ -1074,6 +1109,12 @@ def main(argv: list[str] | None = None) -> int:
         with redis_server() as url:
             rows += _guard("sweep rows", lambda: bench_sweep(args.quick, url),
                            [Row(SWEEP_ROWS[0], None, 50.0, "ms", False), Row(SWEEP_ROWS[1], None, 1.0, "s", False)])
+    if want("viewers") and missing:
+        rows += [na(viewer_row_name(p), 0.6, "CPU s", missing, False) for p in VIEWER_PAGES]
+    elif want("viewers"):
+        with redis_server() as url:
+            rows += _guard("row 9", lambda: bench_viewers(args.quick, url),
+                           [Row(viewer_row_name(p), None, 0.6, "CPU s", False) for p in VIEWER_PAGES])
     if want("inference"):
         rows += _guard("row 5", lambda: bench_inference(args.quick), [
             Row("ORT FP32 vs eager, batch 1", None, 1.5, "×"), Row("ORT INT8 vs ORT FP32, 224 px", None, 2.0, "×")])

@@ -372,6 +372,8 @@ def test_finished_job_page_shows_results_and_downloads(app_env: Any, finished_ru
     assert downloads == {"model.onnx", "model.int8.onnx", "model.pt", "bundle.zip"}
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # four live charts + the confusion matrix
+    deploy = report["export"]["deploy"]  # the Export tab names the file to deploy, and why
+    assert any(f"Deploy `{deploy['file']}`." in m.value and deploy["reason"] in m.value for m in at.success)
     assert list(at.dataframe[0].value.columns) == ["class", "precision", "recall", "f1", "support"]
     gallery = [c.value for c in at.caption if "→ pred" in c.value]
     assert len(gallery) == min(24, len(report.get("misclassified") or []))

@@ -22,6 +22,9 @@ JOB_PICKER_LIMIT = 300
 CHART_MAX_POINTS = 1500
 """Points per line drawn in a live chart: longer series are thinned (every point stays in the session's series)."""
 
+LIVE_JOBS_CACHED = 32
+"""Jobs whose chart series and figures the server keeps for its viewers (app/live.py), most recently viewed first."""
+
 LOG_TAIL_LINES = 40
 """Log lines shown in a job's live log tail."""
 
@@ -51,9 +54,6 @@ CONFIGS_DIR = "configs"
 
 DEFAULT_PRESET = "digits"
 """Preset the New-job page starts from."""
-
-ACTIVE_STATES = ("queued", "running", "recovering")
-"""Job states that still change (pages that show them keep refreshing)."""
 
 ADDRESS_ENV = "DASHBOARD_ADDRESS"
 """Environment variable: the interface the dashboard listens on (`python -m app`, the Procfile's `web:` line)."""

@@ -288,14 +288,15 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         raise validation_error(err) from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file's content ({} when empty); ConfigError saying "<what> '<path>' not found" or not valid YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
+        raise ConfigError(f"{what} {str(path)!r} not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {err}") from None
     return raw or {}
 
 

@@ -50,7 +50,8 @@ def init_distributed(device_pref: str = "auto") -> tuple[DistInfo, torch.device]
     if device_pref == "cuda" and not torch.cuda.is_available():
         from core.errors import ConfigError
 
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError.on("train.device", "cuda",
+                             "'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
     if use_cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())

@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,6 +95,21 @@ class MultiSink:
     def close(self) -> None:
         for s in self.sinks:
             s.close()
+
+
+def append_bounded(buf: deque[tuple[str, dict[str, Any]]], event: tuple[str, dict[str, Any]], limit: int) -> bool:
+    """Append (type, data) to a sink's buffer of at most `limit` events; when it is full, the oldest step event makes
+    room (else the oldest event): curves thin out, epochs and phases survive. Returns whether an event was dropped."""
+    dropped = len(buf) >= limit
+    if dropped:
+        for i, (t, _) in enumerate(buf):
+            if t == "step":
+                del buf[i]
+                break
+        else:
+            buf.popleft()
+    buf.append(event)
+    return dropped
 
 
 def sink_from_env() -> EventSink | None:

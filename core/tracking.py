@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from core import runfolder as rf
+from core.events import append_bounded
 
 TB_DIR = rf.TENSORBOARD
 MLFLOW_RUN_FILE = rf.MLFLOW_RUN
@@ -88,15 +89,7 @@ class BackgroundSink:
     # ---- the training thread's side
     def emit(self, type: str, data: dict[str, Any]) -> None:
         with self._lock:
-            if len(self._buf) >= BUFFER_EVENTS:
-                for i, (t, _) in enumerate(self._buf):
-                    if t == "step":
-                        del self._buf[i]
-                        break
-                else:
-                    self._buf.popleft()
-                self.dropped += 1
-            self._buf.append((type, dict(data)))
+            self.dropped += append_bounded(self._buf, (type, dict(data)), BUFFER_EVENTS)
         if type != "step":
             self._wake.set()
 

@@ -17,7 +17,9 @@ Rows (targets from the Performance issue):
 7. dashboard render times (job page with 20,000 metric points, jobs page with 1,000 jobs): ≤ 1 s each.
 8. memory: peak RSS of a training process running digits; tensor-cache size for 50,000 CIFAR-sized images; the feature
    cache for 10,000 images × 8 views.
-9. transfer: a frozen-backbone Lite0 job on 400 photo-like images, feature cache vs the current path, whole
+9. live viewers (tests/viewers.py): the dashboard server's CPU seconds per viewer-minute with N real Chromium pages on
+   a running job's page, the jobs page and the workers page, side by side with N = 0: ≤ 0.6 (1 % of a core).
+10. transfer: a frozen-backbone Lite0 job on 400 photo-like images, feature cache vs the current path, whole
    `python -m core.train` time at 3 and 10 epochs (≥ 4× at 10) and the val accuracy of both.
 On a CUDA machine GPU rows are added (SimpleCNN and ResNet-18 at 32 px, bf16, channels_last, tensor cache on the GPU vs
 the classic pipeline). Rows whose prerequisites are missing say "n/a" and why; no number is ever estimated.
@@ -502,20 +504,44 @@ def _first_step(conn: Any, job_id: str, timeout: float) -> float | None:
     return None
 
 
+def _worker_env(tmp: str, url: str, **extra: str) -> dict[str, str]:
+    """The environment of a bench worker whose var/ and artifact store live in `tmp`."""
+    return {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
+            "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT), **extra}
+
+
+def _start_cpu_worker(env: dict[str, str], out: Any, *args: str) -> subprocess.Popen:
+    """`python -m worker run --cpu ARGS` in a session of its own (so `stop` ends its trainers too)."""
+    return subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", *args], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _submit_to_first_step(conn: Any, store: Any, **options: Any) -> float:
+    """Seconds from submitting the digits preset (no export) to its first step event; the job is then cancelled."""
+    from worker.api import cancel_job, job_status
+    from worker.submit import submit_job
+
+    t0 = time.monotonic()
+    job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn, store=store,
+                        **options).job_id
+    t1 = _first_step(conn, job_id, 120)
+    cancel_job(conn, job_id, wait=30)
+    if t1 is None:
+        state = job_status(conn, job_id)
+        raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
+    return t1 - t0
+
+
 def bench_submit(quick: bool, url: str) -> list[Row]:
     from tests.fixtures_redis import stop
-    from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
-    from worker.submit import submit_job
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url)
         out = (Path(tmp) / "worker.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "2"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_cpu_worker(env, out, "--slots", "2")
         conn = connect(url)
         store = ArtifactStore(env["ARTIFACTS_DIR"])
         try:
@@ -524,15 +550,7 @@ def bench_submit(quick: bool, url: str) -> list[Row]:
                 times = []
                 for _ in range(1 if quick else 2):
                     _wait_worker(conn, time.monotonic() + 60)
-                    t0 = time.monotonic()
-                    job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                        gpus=gpus, store=store)
-                    t1 = _first_step(conn, job_id, 120)
-                    cancel_job(conn, job_id, wait=30)
-                    if t1 is None:
-                        state = job_status(conn, job_id)
-                        raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
-                    times.append(t1 - t0)
+                    times.append(_submit_to_first_step(conn, store, gpus=gpus))
                     log(f"row 4 ({label}): {times[-1]:.2f} s")
                 rows.append(Row(f"submit → first step event, warm worker, {label}", statistics.median(times), target,
                                 "s", higher_is_better=False,
@@ -563,19 +581,15 @@ def bench_multinode(quick: bool, url: str) -> list[Row]:
     """Two `python -m worker run --cpu --slots 1` workers on this machine (advertising 127.0.0.1): the time from
     submitting a 2-node digits job to its first step event (gang reservation, rendezvous, two torchruns)."""
     from tests.fixtures_redis import stop
-    from worker.api import cancel_job, job_status
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
     from worker.presence import list_workers
-    from worker.submit import submit_job
 
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"), "WORKER_ADDR": "127.0.0.1",
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url, WORKER_ADDR="127.0.0.1")
         out = (Path(tmp) / "workers.log").open("wb")
-        procs = [subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1", "--no-prewarm",
-                                   "--name", f"bench-node-{i}"], cwd=ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
+        procs = [_start_cpu_worker(env, out, "--slots", "1", "--no-prewarm", "--name", f"bench-node-{i}")
+                 for i in range(2)]
         conn = connect(url)
         store = ArtifactStore(env["ARTIFACTS_DIR"])
 
@@ -590,15 +604,7 @@ def bench_multinode(quick: bool, url: str) -> list[Row]:
                     if time.monotonic() > deadline:
                         raise TimeoutError("two idle workers did not advertise themselves within 60 s")
                     time.sleep(0.2)
-                t0 = time.monotonic()
-                job_id = submit_job(ROOT / "configs" / "digits.yaml", ["export.enabled=false"], connection=conn,
-                                    gpus=1, nodes=2, store=store)
-                t1 = _first_step(conn, job_id, 120)
-                cancel_job(conn, job_id, wait=30)
-                if t1 is None:
-                    state = job_status(conn, job_id)
-                    raise RuntimeError(f"no step event within 120 s: {state.get('state')} {state.get('error')}")
-                times.append(t1 - t0)
+                times.append(_submit_to_first_step(conn, store, gpus=1, nodes=2))
                 log(f"multi-node: {times[-1]:.2f} s")
         finally:
             conn.close()
@@ -869,7 +875,12 @@ DASHBOARD_ROWS = ("dashboard: job page with 20,000 metric points", "dashboard: j
 def bench_dashboard(quick: bool, url: str) -> list[Row]:
     """Render times through streamlit.testing's AppTest (the dashboard tests' `open_page`), against seeded Redis."""
     try:
-        from tests.fixtures_app import open_page, seed_jobs, seed_step_events, submit_digits
+        from tests.fixtures_app import (
+            open_page,
+            seed_jobs,
+            seed_step_events,
+            submit_digits,
+        )
     except ImportError as err:
         return [na(n, 1.0, "s", f"dashboard not landed ({err})", higher_is_better=False) for n in DASHBOARD_ROWS]
     from worker.connection import connect
@@ -909,6 +920,39 @@ def bench_dashboard(quick: bool, url: str) -> list[Row]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- row 9
+VIEWERS = 3
+"""Chromium pages of the viewers row (each its own Streamlit session)."""
+VIEWER_PAGES = ("job", "jobs", "workers")
+
+
+def viewer_row_name(page: str) -> str:
+    return f"live viewers: {page} page, server CPU s per viewer-minute ({VIEWERS} Chromium pages vs none)"
+
+
+def bench_viewers(quick: bool, url: str) -> list[Row]:
+    """What an open page costs the dashboard's server (tests/viewers.py): its CPU time over windows with 0 and with
+    VIEWERS pages open, alternating; the difference per viewer and minute."""
+    from tests.viewers import CHROMIUM, STEP_EVERY, chromium, live_dashboard, measure
+
+    if not CHROMIUM.exists():
+        return [na(viewer_row_name(p), 0.6, "CPU s", f"{CHROMIUM} missing (apt-get install -y chromium)", False)
+                for p in VIEWER_PAGES]
+    seconds, reps = (20.0, 1) if quick else (40.0, 2)
+    rows = []
+    with live_dashboard(url) as stack, chromium() as browser:
+        for page in VIEWER_PAGES:
+            res = measure(stack, page, VIEWERS, seconds, reps, browser)
+            idle, busy = statistics.median(res[0]), statistics.median(res[VIEWERS])
+            per_viewer = (busy - idle) / VIEWERS
+            rows.append(Row(viewer_row_name(page), per_viewer, 0.6, "CPU s", higher_is_better=False, note=(
+                f"server CPU s per minute: {idle:.2f} with no viewer, {busy:.2f} with {VIEWERS} "
+                f"(= {per_viewer / 60:.2%} of a core per viewer); {reps}×{seconds:.0f} s windows per side, "
+                f"alternating; a running job streaming a step event every {STEP_EVERY:g} s")))
+            log(f"row 9: {page}: {per_viewer:.2f} CPU s per viewer-minute ({idle:.2f} → {busy:.2f})")
     return rows
 
 
@@ -1024,7 +1068,8 @@ def bench_sweep(quick: bool, url: str) -> list[Row]:
     from worker import api
     from worker.artifacts import ArtifactStore
     from worker.connection import connect
-    from worker.status import JobState, mark_final, mark_started
+    from worker.record import mark_final, mark_started
+    from worker.states import JobState
     from worker.streaming import RedisEventSink
     from worker.sweeps import advance
 
@@ -1061,11 +1106,9 @@ def bench_sweep(quick: bool, url: str) -> list[Row]:
         finally:
             conn.close()
 
-        env = {**os.environ, "REDIS_URL": url, "TRAINER_VAR_DIR": str(Path(tmp) / "var"),
-               "ARTIFACTS_DIR": str(Path(tmp) / "artifacts"), "PYTHONPATH": str(ROOT)}
+        env = _worker_env(tmp, url)
         out = (Path(tmp) / "worker.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--cpu", "--slots", "1"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start_cpu_worker(env, out, "--slots", "1")
         conn = connect(url)
         try:
             _wait_worker(conn, time.monotonic() + 60)
@@ -1188,6 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
         with redis_server() as url:
             rows += _guard("sweep rows", lambda: bench_sweep(args.quick, url),
                            [Row(SWEEP_ROWS[0], None, 50.0, "ms", False), Row(SWEEP_ROWS[1], None, 1.0, "s", False)])
+    if want("viewers") and missing:
+        rows += [na(viewer_row_name(p), 0.6, "CPU s", missing, False) for p in VIEWER_PAGES]
+    elif want("viewers"):
+        with redis_server() as url:
+            rows += _guard("row 9", lambda: bench_viewers(args.quick, url),
+                           [Row(viewer_row_name(p), None, 0.6, "CPU s", False) for p in VIEWER_PAGES])
     if want("inference"):
         rows += _guard("row 5", lambda: bench_inference(args.quick), [
             Row("ORT FP32 vs eager, batch 1", None, 1.5, "×"), Row("ORT INT8 vs ORT FP32, 224 px", None, 2.0, "×")])

@@ -46,7 +46,7 @@ def texts(at: Any) -> str:
 def submit_digits(conn: Any, overrides: list[str] | None = None, **kwargs: Any) -> str:
     from worker import api
 
-    return api.submit_job(DIGITS, list(overrides or []), connection=conn, allow_local_paths=True, **kwargs)
+    return api.submit_job(DIGITS, list(overrides or []), connection=conn, allow_local_paths=True, **kwargs).job_id
 
 
 def seed_finished_job(conn: Any, run_dir: Path, *, name: str | None = None) -> str:
@@ -58,11 +58,12 @@ def seed_finished_job(conn: Any, run_dir: Path, *, name: str | None = None) -> s
     from worker import api
     from worker.artifacts import ArtifactStore
     from worker.queues import discard_rq_job
-    from worker.status import JobState, mark_final, mark_started, read_status
+    from worker.record import JobRecord, mark_final, mark_started
+    from worker.states import JobState
     from worker.streaming import RedisEventSink
 
     job_id = submit_digits(conn, ["export.enabled=true"], name=name)
-    discard_rq_job(conn, (read_status(conn, job_id) or {}).get("rq_job"))  # no worker may pick it up
+    discard_rq_job(conn, JobRecord.fetch(conn, job_id).rq_job)  # no worker may pick it up
     assert mark_started(conn, job_id, TEST_WORKER, job_id) == "ok"
     sink = RedisEventSink(conn, job_id)
     for rec in read_jsonl(run_dir / "metrics.jsonl"):
@@ -79,10 +80,10 @@ def seed_finished_job(conn: Any, run_dir: Path, *, name: str | None = None) -> s
 def seed_running_job(conn: Any) -> str:
     """A job in state running, owned by TEST_WORKER (not alive: the dashboard says its worker stopped)."""
     from worker.queues import discard_rq_job
-    from worker.status import mark_started, read_status
+    from worker.record import JobRecord, mark_started
 
     job_id = submit_digits(conn, ["train.epochs=100"])
-    discard_rq_job(conn, (read_status(conn, job_id) or {}).get("rq_job"))
+    discard_rq_job(conn, JobRecord.fetch(conn, job_id).rq_job)
     assert mark_started(conn, job_id, TEST_WORKER, job_id) == "ok"
     return job_id
 

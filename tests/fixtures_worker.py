@@ -63,7 +63,8 @@ def explain_job(conn: Any, job_id: str, spawn: Any) -> Callable[[], str]:
 def run_trial(conn: Any, job_id: str, accs: list[float], *, state: Any = None, worker: str = "test-worker") -> None:
     """A sweep trial's job goes queued → running → `state` (default finished) through the worker's own state
     functions, streaming one epoch event per accuracy through the Redis sink: a trial that "ran", without training."""
-    from worker.status import JobState, mark_final, mark_started
+    from worker.record import mark_final, mark_started
+    from worker.states import JobState
     from worker.streaming import RedisEventSink
 
     state = state or JobState.FINISHED

@@ -349,7 +349,8 @@ def test_running_job_page_reads_only_new_stream_entries(app_env: Any) -> None:
 
 
 def test_recovering_and_failed_jobs_say_so(app_env: Any) -> None:
-    from worker.status import JobState, claim_for_requeue, mark_final, mark_started
+    from worker.record import claim_for_requeue, mark_final, mark_started
+    from worker.states import JobState
 
     job = seed_running_job(app_env)
     state, _ = claim_for_requeue(app_env, job, TEST_WORKER, max_recoveries=3, reason="worker lost (test)")
@@ -382,6 +383,8 @@ def test_finished_job_page_shows_results_and_downloads(app_env: Any, finished_ru
     assert downloads == {"model.onnx", "model.int8.onnx", "model.pt", "bundle.zip"}
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # four live charts + the confusion matrix
+    deploy = report["export"]["deploy"]  # the Export tab names the file to deploy, and why
+    assert any(f"Deploy `{deploy['file']}`." in m.value and deploy["reason"] in m.value for m in at.success)
     assert list(at.dataframe[0].value.columns) == ["class", "precision", "recall", "f1", "support"]
     gallery = [c.value for c in at.caption if "→ pred" in c.value]
     assert len(gallery) == min(24, len(report.get("misclassified") or []))

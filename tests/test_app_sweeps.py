@@ -15,7 +15,7 @@ from app.forms import sweepable
 from tests.fixtures_app import open_page, texts
 from tests.fixtures_worker import DIGITS, run_trial
 from worker import api
-from worker.status import JobState
+from worker.states import JobState
 from worker.sweeps import advance
 
 

@@ -101,10 +101,10 @@ def dashboard_submit(case: Case, material: Path, conn: Any) -> str:
             assert checked.report["classes"] == sorted(case.classes), checked.report["classes"]
         config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text(encoding="utf-8"))
         return api.submit_job(config, ["data.image_size=12", OK_BATCH, *overrides], connection=conn, gpus=case.gpus,
-                              dataset_path=checked.path)
+                              dataset_path=checked.path).job_id
     raw = material.read_text(encoding="utf-8")
     config = yaml.safe_load(raw)  # the page holds a dict; a non-mapping reaches submit_job as it is
-    return api.submit_job(config, overrides, connection=conn, gpus=case.gpus)
+    return api.submit_job(config, overrides, connection=conn, gpus=case.gpus).job_id
 
 
 def test_corpus_is_refused_with_its_message_and_leaves_no_trace(

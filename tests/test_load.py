@@ -46,7 +46,7 @@ def test_many_small_jobs_against_two_workers(redis_conn: Any, job_env: dict[str,
     n = int(os.environ.get("LOAD_JOBS", "200"))
     workers = [spawn.python(["worker", "run", "--cpu", "--slots", "1"], job_env, name=f"worker{i}") for i in range(2)]
     t0 = time.time()
-    ids = [submit_job(DIGITS, [*TINY, f"train.seed={i}"], connection=redis_conn, allow_local_paths=True)
+    ids = [submit_job(DIGITS, [*TINY, f"train.seed={i}"], connection=redis_conn, allow_local_paths=True).job_id
            for i in range(n)]
     submit_seconds = time.time() - t0
 

@@ -69,8 +69,8 @@ def test_gang_fills_in_order_and_starts_atomically(redis_conn: Any, job_env: dic
     starts it in the same Lua call; a dead reserved worker is dropped and replaced; cancel releases everyone."""
     for name in ("w-a", "w-b", "w-c"):
         fake_worker(redis_conn, name)
-    first = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
-    second = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2, priority="high")
+    first = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2).job_id
+    second = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2, priority="high").job_id
     assert api.job_status(redis_conn, first)["waiting"] == "0 of 2 workers reserved"
     # priority before submission time: the later high-priority job is served first
     assert gang.try_reserve(redis_conn, "w-a", 1) == second
@@ -97,7 +97,7 @@ def test_gang_fills_in_order_and_starts_atomically(redis_conn: Any, job_env: dic
 def test_incomplete_gang_is_released_after_the_timeout(redis_conn: Any, job_env: dict[str, str]) -> None:
     for name in ("w-a", "w-b"):
         fake_worker(redis_conn, name)
-    job = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
+    job = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2).job_id
     assert gang.try_reserve(redis_conn, "w-a", 1) == job
     assert gang.poll(redis_conn, job, "w-a", timeout=60)[0] == "wait"
     redis_conn.hset(keys.job(job), "gang_since", time.time() - 61)  # its first reservation is 61 s old
@@ -116,9 +116,9 @@ def test_single_node_job_runs_when_a_gang_cannot_complete(redis_conn: Any, job_e
     env = mn_env(job_env, GANG_RESERVATION_TIMEOUT="3")
     start_worker(spawn, env, "node-a")
     wait_workers(redis_conn, 2)
-    waiting = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2)
+    waiting = submit_job(DIGITS, FAST, connection=redis_conn, allow_local_paths=True, nodes=2).job_id
     wait_for(lambda: gang.reserved_job(redis_conn, "node-a") == waiting, 30, "node-a to reserve itself")
-    single = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    single = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     wait_for(lambda: finished(redis_conn, single), 120, "the single-node job",
              explain=explain_job(redis_conn, single, spawn))
     assert api.job_status(redis_conn, single)["state"] == "finished"
@@ -139,7 +139,8 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
                    *[a for s in ["train.epochs=1", *FAST] for a in ("--set", s)]], env)
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.split()[-1]
-    wait_for(lambda: finished(redis_conn, job_id), 180, "the 2-node job", explain=explain_job(redis_conn, job_id, spawn))
+    wait_for(lambda: finished(redis_conn, job_id), 180, "the 2-node job",
+             explain=explain_job(redis_conn, job_id, spawn))
     st = api.job_status(redis_conn, job_id)
     assert st["state"] == "finished", explain_job(redis_conn, job_id, spawn)()
     report = json.loads(api.read_artifact(job_id, "report"))
@@ -184,7 +185,7 @@ def test_lost_node_requeues_the_gang_which_resumes_on_a_new_one(redis_conn: Any,
         start_worker(spawn, env, name)
     wait_workers(redis_conn, 2)
     job_id = submit_job(DIGITS, ["train.epochs=3", "train.batch_size=8", *FAST], connection=redis_conn,
-                        allow_local_paths=True, nodes=2)
+                        allow_local_paths=True, nodes=2).job_id
     explain = explain_job(redis_conn, job_id, spawn)
     wait_for(lambda: _step_in_epoch(redis_conn, job_id, 2), 180, "a step of epoch 2", explain=explain)
     st = api.job_status(redis_conn, job_id)
@@ -224,9 +225,9 @@ def test_two_gangs_and_a_single_node_job_on_two_workers(redis_conn: Any, job_env
         start_worker(spawn, env, name)
     wait_workers(redis_conn, 2)
     args = ["train.epochs=1", *FAST]
-    first = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2)
-    second = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2)
-    single = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True)
+    first = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2).job_id
+    second = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True, nodes=2).job_id
+    single = submit_job(DIGITS, args, connection=redis_conn, allow_local_paths=True).job_id
     for job_id in (first, second, single):
         wait_for(lambda j=job_id: finished(redis_conn, j), 240, f"job {job_id}",
                  explain=explain_job(redis_conn, job_id, spawn))
@@ -244,7 +245,8 @@ def test_cancel_stops_every_rank_on_every_node(redis_conn: Any, job_env: dict[st
     for name in ("node-a", "node-b"):
         start_worker(spawn, env, name)
     wait_workers(redis_conn, 2)
-    job_id = submit_job(DIGITS, ["train.epochs=20", *FAST], connection=redis_conn, allow_local_paths=True, nodes=2)
+    job_id = submit_job(DIGITS, ["train.epochs=20", *FAST], connection=redis_conn, allow_local_paths=True,
+                        nodes=2).job_id
     explain = explain_job(redis_conn, job_id, spawn)
     wait_for(lambda: _step_in_epoch(redis_conn, job_id, 1), 180, "training on both nodes", explain=explain)
     assert len(rank_processes(test_token)) >= 4  # torchrun + one rank on each node

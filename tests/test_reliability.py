@@ -70,10 +70,10 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path: Path, spawn: Any, test_to
         redis.Redis(host="127.0.0.1", port=port).ping()
 
     worker = start_worker(spawn, env)
-    done = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=conn, allow_local_paths=True)
+    done = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=conn, allow_local_paths=True).job_id
     wait_for(lambda: final(conn, done), 120, "the first job", explain=explain_job(conn, done, spawn))
-    running = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=conn, allow_local_paths=True)
-    waiting = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=conn, allow_local_paths=True)
+    running = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=conn, allow_local_paths=True).job_id
+    waiting = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=conn, allow_local_paths=True).job_id
     wait_for(lambda: api.epoch_events(conn, running), 120, "epoch 1", explain=explain_job(conn, running, spawn))
 
     server.send_signal(signal.SIGTERM)
@@ -130,20 +130,20 @@ def test_cancel_during_preparation_training_and_export(redis_conn: Any, job_env:
     # 1. while the run is being prepared (dataset fetched, process starting, data scanned): no step yet
     folder = make_imagefolder(tmp_path / "shapes", per_class=150, size=24)
     prep = submit_job(DIGITS, ["train.epochs=1", "train.batch_size=8", *FAST], connection=redis_conn,
-                      dataset_path=folder)
+                      dataset_path=folder).job_id
     wait_for(lambda: status(redis_conn, prep)["state"] == "running", 60, "the job to start")
     _cancel_and_check(redis_conn, prep, job_env, test_token)
     assert not [e for e in api.events_since(redis_conn, prep) if e["type"] == "step"]
 
     # 2. while training
-    train = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, allow_local_paths=True)
+    train = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     wait_for(lambda: any(e["type"] == "step" for e in api.events_since(redis_conn, train)), 90, "a step",
              explain=explain_job(redis_conn, train, spawn))
     _cancel_and_check(redis_conn, train, job_env, test_token)
 
     # 3. while exporting: report.json exists, the export is incomplete, the run says CANCELLED
     export = submit_job(DIGITS, ["train.epochs=1", "train.log_every=2", "data.image_size=16"],
-                        connection=redis_conn, allow_local_paths=True)
+                        connection=redis_conn, allow_local_paths=True).job_id
     wait_for(lambda: status(redis_conn, export).get("phase") == "export" or final(redis_conn, export), 120,
              "the export phase", interval=0.1, explain=explain_job(redis_conn, export, spawn))
     st = _cancel_and_check(redis_conn, export, job_env, test_token)
@@ -172,14 +172,14 @@ def test_unwritable_full_store_and_a_raising_job_fail_with_the_reason(
     monkeypatch.setenv("ARTIFACTS_DIR", str(tiny_store))
     env = {**job_env, "ARTIFACTS_DIR": str(tiny_store)}
     # unwritable: the job's folder in the store cannot be created (a file is in the way)
-    blocked = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    blocked = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     (tiny_store / "jobs").mkdir()
     (tiny_store / "jobs" / blocked).write_text("in the way")
     # raises: an unexpected exception inside core (its events file is a folder): traceback tail in status and logs
-    raising = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    raising = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     (tiny_store / "jobs" / raising / "run" / "metrics.jsonl").mkdir(parents=True)
     # full: the first checkpoint does not fit in 96 KiB
-    full = submit_job(DIGITS, ["train.epochs=2", *FAST], connection=redis_conn, allow_local_paths=True)
+    full = submit_job(DIGITS, ["train.epochs=2", *FAST], connection=redis_conn, allow_local_paths=True).job_id
 
     worker = start_worker(spawn, env, "--burst")
     assert worker.wait(timeout=240) == 0, spawn.output(worker)
@@ -227,9 +227,9 @@ def test_job_payloads_in_redis_are_json_not_pickle(redis_conn: Any, job_env: dic
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    job_id = submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True).job_id
     rq_job = Job.fetch(job_id, connection=redis_conn, serializer=JSONSerializer)
-    assert rq_job.func_name == "worker.jobs.train" and rq_job.args == [job_id]
+    assert rq_job.func_name == "worker.attempt.run_attempt" and rq_job.args == [job_id]
     for key in redis_conn.scan_iter(match="rq:job:*"):
         raw = redis_conn.hget(key, "data")
         body = zlib.decompress(raw)
@@ -251,7 +251,7 @@ def test_a_typed_job_id_never_reaches_the_filesystem(bad: str, redis_conn: Any, 
 
 
 def test_artifact_names_outside_the_listing_are_refused(redis_conn: Any, job_env: dict[str, str]) -> None:
-    job_id = submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True).job_id
     run = Path(job_env["ARTIFACTS_DIR"]) / "jobs" / job_id / "run"
     run.mkdir(parents=True)
     (run / "report.json").write_text("{}")

@@ -183,7 +183,7 @@ def test_advance_enqueues_an_orphaned_ask_and_tells_each_trial_once(redis_conn: 
 
 
 def test_a_sweep_whose_every_trial_fails_fails_with_the_first_error(redis_conn: Any, job_env: dict[str, str]) -> None:
-    from worker.status import mark_final, mark_started
+    from worker.record import mark_final, mark_started
     from worker.sweeps import advance
 
     sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=2, parallel=1,
@@ -200,7 +200,7 @@ def test_a_sweep_whose_every_trial_fails_fails_with_the_first_error(redis_conn: 
 @pytest.mark.parametrize("pruner", ["median", "hyperband", "none"])
 def test_the_monitor_reports_epochs_and_asks_the_pruner(redis_conn: Any, job_env: dict[str, str], pruner: str) -> None:
     """What a worker's job loop does for a trial (TrialMonitor.poll), over trials whose events are streamed here."""
-    from worker.status import mark_final, mark_started
+    from worker.record import mark_final, mark_started
     from worker.streaming import RedisEventSink
     from worker.sweeps import TrialMonitor, advance
 

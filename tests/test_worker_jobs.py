@@ -54,7 +54,7 @@ def start_worker(spawn: Any, env: dict[str, str], *args: str) -> subprocess.Pope
 
 
 def test_submit_then_burst_worker_trains_to_finished(redis_conn: Any, job_env: dict[str, str], spawn: Any) -> None:
-    job_id = submit_job(DIGITS, ["train.epochs=2", *FAST], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=2", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     assert state_of(redis_conn, job_id) == "queued"
 
     worker = start_worker(spawn, job_env, "--burst")
@@ -95,13 +95,13 @@ def test_two_rank_job_uploaded_dataset_remote_store_and_a_failing_job(
     bucket = f"file://{tmp_path / 'bucket'}"
     monkeypatch.setenv("ARTIFACTS_DIR", bucket)
     env = {**job_env, "ARTIFACTS_DIR": bucket}
-    ddp = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, gpus=2, allow_local_paths=True)
+    ddp = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, gpus=2, allow_local_paths=True).job_id
     folder = make_imagefolder(tmp_path / "shapes")
     shapes = submit_job(DIGITS, ["train.epochs=2", "data.image_size=16", "train.batch_size=8", *FAST],
-                        connection=redis_conn, dataset_path=folder)
+                        connection=redis_conn, dataset_path=folder).job_id
     missing = Path(job_env["TRAINER_VAR_DIR"]) / "no-cifar-here"
     bad = submit_job(DIGITS, ["data.name=cifar10", f"data.path={missing}", *FAST], connection=redis_conn,
-                     allow_local_paths=True)
+                     allow_local_paths=True).job_id
     worker = start_worker(spawn, env, "--burst")
     assert worker.wait(timeout=240) == 0, spawn.output(worker)
 
@@ -131,7 +131,8 @@ def test_two_rank_job_uploaded_dataset_remote_store_and_a_failing_job(
 
 def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str,
                                          redis_url: str) -> None:
-    job_id = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, gpus=2, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, gpus=2,
+                        allow_local_paths=True).job_id
     worker = start_worker(spawn, job_env)
     wait_for(lambda: any(e["type"] == "step" for e in api.events_since(redis_conn, job_id)), 90, "the first step")
     ranks = rank_processes(test_token)
@@ -156,7 +157,8 @@ def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str
     wait_for(lambda: api.list_workers(redis_conn)[0]["state"] == "idle", 10, "the worker to be idle")
 
     # a job past its time limit is stopped the same way and fails as timed out
-    slow = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, allow_local_paths=True, timeout=4)
+    slow = submit_job(DIGITS, ["train.epochs=50", *FAST], connection=redis_conn, allow_local_paths=True,
+                      timeout=4).job_id
     wait_for(lambda: api.job_status(redis_conn, slow)["final"], 40, "the time limit",
              explain=explain_job(redis_conn, slow, spawn))
     st = api.job_status(redis_conn, slow)
@@ -169,7 +171,7 @@ def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str
 
 
 def test_cancel_queued_job_never_runs(redis_conn: Any, job_env: dict[str, str]) -> None:
-    job_id = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     assert api.cancel_job(redis_conn, job_id) == "cancelled"
     assert redis_conn.llen(b"rq:queue:" + keys.queue_name(1, "default").encode()) == 0
     assert api.job_status(redis_conn, job_id)["state"] == "cancelled"
@@ -181,7 +183,7 @@ def test_sigkilled_worker_job_resumes_elsewhere(redis_conn: Any, job_env: dict[s
     """Worker 1 is SIGKILLed after epoch 1: its ranks die with it, worker 2 recovers the job and resumes it from the
     checkpoint. Worker 2 is then shut down (SIGTERM) after epoch 2: it gives the job back, and a burst worker 3
     finishes epoch 3. Each epoch is in the stream once; only the crash counts as a recovery."""
-    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     explain = explain_job(redis_conn, job_id, spawn)
     first = start_worker(spawn, job_env)
     wait_for(lambda: 1 in epochs_streamed(redis_conn, job_id), 120, "epoch 1", explain=explain)
@@ -248,7 +250,7 @@ def test_one_rank_jobs_run_in_the_pre_started_trainer_and_start_cold_without_it(
     assert len(idle) == 1
     guard_pid = idle[0].ppid()
 
-    job_id = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     explain = explain_job(redis_conn, job_id, spawn)
     wait_for(lambda: api.job_status(redis_conn, job_id)["final"], 120, "the warm job", explain=explain)
     st = api.job_status(redis_conn, job_id)
@@ -266,7 +268,7 @@ def test_one_rank_jobs_run_in_the_pre_started_trainer_and_start_cold_without_it(
     fresh[0].kill()  # e.g. the OOM killer took it while idle
     fresh[0].wait(timeout=10)
 
-    cold = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True)
+    cold = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     wait_for(lambda: api.job_status(redis_conn, cold)["final"], 120, "the cold job",
              explain=explain_job(redis_conn, cold, spawn))
     assert api.job_status(redis_conn, cold)["state"] == "finished"
@@ -283,13 +285,13 @@ def test_finished_run_whose_events_never_reached_redis_takes_its_status_from_rep
     """When the training process could not reach Redis (a URL only the worker can use), the job must not end
     `finished` at epoch 0 with no accuracy: the worker reads report.json and says so in the job's log."""
     from worker.artifacts import ArtifactStore
-    from worker.jobs import JobRun, WorkerContext
+    from worker.attempt import Attempt, WorkerContext
     from worker.streaming import LogWriter
 
-    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, ["train.epochs=3", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     ctx = WorkerContext(connection=redis_conn, redis_url=redis_url, worker_name="w", devices=None,
                         store=ArtifactStore(job_env["ARTIFACTS_DIR"]))
-    run = JobRun(ctx, job_id)
+    run = Attempt(ctx, job_id)
     run.run_dir = tmp_path / "run"
     run.run_dir.mkdir()
     run.log = LogWriter(redis_conn, job_id)

@@ -11,7 +11,8 @@ import pytest
 from core.events import sink_from_env as core_sink_from_env
 from worker import api, keys
 from worker.connection import connect
-from worker.status import JobState, encode_fields
+from worker.record import encode_fields
+from worker.states import JobState
 from worker.streaming import LogWriter, RedisEventSink
 
 

@@ -50,7 +50,7 @@ def test_cli_submit_list_status(redis_conn: Any, job_env: dict[str, str]) -> Non
 
     # nothing pickled crosses Redis: the RQ payload is JSON naming the function and the job id
     payload = json.loads(zlib.decompress(redis_conn.hget(f"rq:job:{job_id}", "data")))
-    assert payload[0] == "worker.jobs.train" and payload[2] == [job_id]
+    assert payload[0] == "worker.attempt.run_attempt" and payload[2] == [job_id]
 
     listing = cli(["list"], job_env)
     assert job_id in listing.stdout and "queued" in listing.stdout
@@ -70,7 +70,7 @@ def test_gpu_count_is_checked_against_live_workers(redis_conn: Any, job_env: dic
     with pytest.raises(SubmissionError, match="the largest has 2"):
         submit_job(DIGITS, connection=redis_conn, gpus=4)
     assert redis_conn.llen(b"rq:queue:" + keys.queue_name(4, "default").encode()) == 0
-    job_id = submit_job(DIGITS, connection=redis_conn, gpus=2)
+    job_id = submit_job(DIGITS, connection=redis_conn, gpus=2).job_id
     assert api.job_status(redis_conn, job_id)["queue"] == "train:g2:default"
     assert api.job_status(redis_conn, job_id).get("waiting") is None
 
@@ -84,7 +84,7 @@ def test_local_dataset_is_checked_then_uploaded_once(redis_conn: Any, job_env: d
         submit_job(DIGITS, overrides, connection=redis_conn)
     assert redis_conn.dbsize() == 0
 
-    job_id = submit_job(DIGITS, overrides, connection=redis_conn, allow_local_paths=True)
+    job_id = submit_job(DIGITS, overrides, connection=redis_conn, allow_local_paths=True).job_id
     st = api.job_status(redis_conn, job_id)
     ref = st["config"]["data"]["path"]
     assert ref.startswith("artifact:datasets/") and ref == st["dataset"]["ref"]
@@ -93,7 +93,7 @@ def test_local_dataset_is_checked_then_uploaded_once(redis_conn: Any, job_env: d
     assert store.exists(ref.removeprefix("artifact:"))
 
     again = submit_job(DIGITS, ["data.image_size=16", "train.batch_size=8"], connection=redis_conn,
-                       dataset_path=folder)
+                       dataset_path=folder).job_id
     assert api.job_status(redis_conn, again)["config"]["data"]["path"] == ref  # content-addressed: stored once
     assert len(list((Path(job_env["ARTIFACTS_DIR"]) / "datasets").iterdir())) == 1
 
@@ -110,7 +110,7 @@ def test_bad_dataset_is_refused_with_its_reason(redis_conn: Any, job_env: dict[s
 
 
 def test_cancel_retry_delete(redis_conn: Any, job_env: dict[str, str]) -> None:
-    job_id = submit_job(DIGITS, ["train.epochs=2"], connection=redis_conn, priority="low")
+    job_id = submit_job(DIGITS, ["train.epochs=2"], connection=redis_conn, priority="low").job_id
     with pytest.raises(InvalidJobStateError):
         api.retry_job(redis_conn, job_id)
     assert api.cancel_job(redis_conn, job_id) == "cancelled"

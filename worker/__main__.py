@@ -77,17 +77,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from worker import keys
     from worker.submit import submit_job
 
-    conn = _conn()
-    job_id = submit_job(args.config, args.overrides, connection=conn, gpus=args.gpus, nodes=args.nodes,
-                        priority=args.priority,
-                        allow_local_paths=True, timeout=args.timeout)
-    status = conn.hget(keys.job(job_id), "waiting")
-    if status:
-        print(f"note: {status.decode()}")
-    print(f"submitted job {job_id}")
+    submitted = submit_job(args.config, args.overrides, connection=_conn(), gpus=args.gpus, nodes=args.nodes,
+                           priority=args.priority, allow_local_paths=True, timeout=args.timeout)
+    if submitted.waiting:
+        print(f"note: {submitted.waiting}")
+    print(f"submitted job {submitted.job_id}")
     return 0
 
 

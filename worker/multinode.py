@@ -26,12 +26,12 @@ from typing import Any
 import redis
 
 from worker import gang, keys
+from worker.attempt import Attempt, WorkerContext, current_context
 from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, RENDEZVOUS_TIMEOUT
 from worker.errors import JobFailed
-from worker.jobs import JobRun, WorkerContext, current_context
 from worker.launcher import Launched, Rendezvous, train_command, train_env
 from worker.presence import heartbeat_ttl
-from worker.status import JobState, read_status
+from worker.states import JobState
 
 
 def primary_address() -> str:
@@ -64,7 +64,7 @@ class _Stop(Exception):
         self.outcome = outcome
 
 
-class NodeRun(JobRun):
+class NodeRun(Attempt):
     """One node (rank `node_rank` of the gang) of one attempt of a multi-node job on this worker."""
 
     def __init__(self, ctx: WorkerContext, job_id: str, attempt: int):
@@ -95,28 +95,26 @@ class NodeRun(JobRun):
         except redis.exceptions.RedisError:
             pass
 
-    # ---------------------------------------------------------------------------------------------- JobRun hooks
-    def _start(self) -> dict[str, Any] | None:
-        status = read_status(self.conn, self.job_id)
+    # --------------------------------------------------------------------------------------------- Attempt hooks
+    def _start(self) -> bool:
         me = self.ctx.worker_name
         gang.unreserve(self.conn, me, self.job_id)
-        if status is None or status.get("state") != JobState.RUNNING.value \
-                or int(status.get("attempt") or 0) != self.attempt or me not in gang.gang_of(status):
-            return None
-        self.members = gang.gang_of(status)
+        if not self.record.refresh() or self.record.state is not JobState.RUNNING \
+                or self.record.attempt != self.attempt or me not in self.record.gang:
+            return False
+        self.members = self.record.gang
         self.node_rank = self.members.index(me)
         self.nnodes = len(self.members)
-        ranks = int(status.get("gpus") or 1)
+        ranks = self.record.gpus
         self._node(state="starting", ranks=ranks, global_ranks=[self.node_rank * ranks + i for i in range(ranks)])
-        return status
+        return True
 
     def _rendezvous(self) -> Rendezvous:
         run_id = f"{self.job_id}-a{self.attempt}"
         if self.node_rank == 0:
             addr = self.ctx.advertise_addr
             port = free_port(addr)
-            self.conn.hset(keys.job(self.job_id), "rendezvous",
-                           json.dumps({"attempt": self.attempt, "addr": addr, "port": port}))
+            self.record.save(rendezvous={"attempt": self.attempt, "addr": addr, "port": port})
             self.note(f"rendezvous at {addr}:{port} (id {run_id}) for {self.nnodes} nodes")
             return Rendezvous(addr, port, self.nnodes, 0, run_id)
         deadline = time.monotonic() + RENDEZVOUS_TIMEOUT
@@ -124,8 +122,8 @@ class NodeRun(JobRun):
             outcome = self._poll_flags()
             if outcome:
                 raise _Stop(outcome)
-            raw = self.conn.hget(keys.job(self.job_id), "rendezvous")
-            info = json.loads(raw) if raw else {}
+            self.record.refresh("rendezvous")
+            info = self.record.get("rendezvous", {})
             if info.get("attempt") == self.attempt:
                 return Rendezvous(str(info["addr"]), int(info["port"]), self.nnodes, self.node_rank, run_id)
             time.sleep(CANCEL_POLL_INTERVAL)
@@ -148,12 +146,12 @@ class NodeRun(JobRun):
 
     def _poll_flags(self) -> str | None:
         try:
-            cancel, state, attempt = self.conn.hmget(keys.job(self.job_id), "cancel_requested", "state", "attempt")
+            self.record.refresh("cancel_requested", "attempt")
         except redis.exceptions.RedisError:
             return None
-        if cancel == b"1":
+        if self.record.cancel_requested:
             return "cancel"
-        if state != b"running" or int(attempt or 0) != self.attempt:
+        if self.record.state is not JobState.RUNNING or self.record.attempt != self.attempt:
             return "lost"
         return None
 
@@ -165,7 +163,7 @@ class NodeRun(JobRun):
             self.conn, self.job_id, self.attempt, max_recoveries=MAX_RECOVERIES,
             reason=f"{what}: worker(s) {', '.join(dead)} of the gang stopped heartbeating")
         self.note(f"{what}; worker(s) {', '.join(dead)} of the gang are gone: "
-                  + (f"re-queued as attempt {new_attempt}" if state == "recovering" else f"the job is {state}"))
+                  + (f"re-queued as attempt {new_attempt}" if state == JobState.RECOVERING else f"the job is {state}"))
         return True
 
     def _after_failed_exit(self, rc: int) -> str | None:
@@ -194,7 +192,7 @@ class NodeRun(JobRun):
         state, new_attempt = gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=-1,
                                                   reason=f"worker {self.ctx.worker_name}: {reason}")
         self._node(state="stopped")
-        if state == "recovering":
+        if state == JobState.RECOVERING:
             self.note(f"re-queued as attempt {new_attempt} ({reason}); a new gang resumes from the last checkpoint")
         return {"state": state, "job_id": self.job_id}
 
@@ -204,9 +202,9 @@ class NodeRun(JobRun):
             return {"state": state.value, "job_id": self.job_id, "node_rank": self.node_rank, **fields}
         return super()._finish(state, **fields)
 
-    def _run(self, status: dict[str, Any]) -> dict[str, Any]:
+    def _run(self) -> dict[str, Any]:
         try:
-            result = super()._run(status)
+            result = super()._run()
         except _Stop as stop:
             self.note({"cancel": "cancelled before this node started",
                        "lost": "the attempt ended before this node started"}.get(stop.outcome, stop.outcome))
@@ -214,7 +212,7 @@ class NodeRun(JobRun):
                 return self._finish(JobState.CANCELLED, error="cancelled by request")
             self._node(state="stopped")
             return {"state": stop.outcome, "job_id": self.job_id}
-        if result.get("state") in ("lost", "recovering"):
+        if result.get("state") in ("lost", JobState.RECOVERING):
             self._node(state="lost" if result["state"] == "lost" else "stopped")
         return result
 
@@ -225,6 +223,6 @@ def train_node(job_id: str, attempt: int) -> dict[str, Any]:
     if ctx is None:
         raise JobFailed("a node of a multi-node job runs only inside `python -m worker run`")
     result = NodeRun(ctx, job_id, int(attempt)).run()
-    if result["state"] == JobState.FAILED.value and result.get("node_rank") in (None, 0):
+    if result["state"] == JobState.FAILED and result.get("node_rank") in (None, 0):
         raise JobFailed(f"job {job_id} failed: {result.get('error')}")
     return result

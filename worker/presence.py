@@ -3,7 +3,6 @@ died (SIGKILL, lost machine) disappears by itself within the TTL, and nobody has
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -12,6 +11,11 @@ import redis
 
 from worker import keys
 from worker.defaults import HEARTBEAT_TTL
+from worker.hashcodec import HashCodec, text
+
+WORKER_CODEC = HashCodec(ints=frozenset({"slots", "pid"}), floats=frozenset({"heartbeat", "started_at"}),
+                         jsons=frozenset({"gpus", "queues"}))
+"""Field types of a worker's advertisement (docs/redis.md, "Workers"); every other field is text."""
 
 
 def heartbeat_ttl() -> int:
@@ -25,9 +29,7 @@ def heartbeat_ttl() -> int:
 
 def advertise(conn: redis.Redis, name: str, fields: dict[str, Any], ttl: int) -> None:
     """(Re)write a worker's advertisement and extend its life by `ttl` seconds."""
-    mapping = {k: json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else str(v))
-               for k, v in fields.items()}
-    mapping["heartbeat"] = str(time.time())
+    mapping = WORKER_CODEC.encode({**fields, "heartbeat": time.time()})
     with conn.pipeline() as pipe:
         pipe.hset(keys.worker(name), mapping=mapping)
         pipe.expire(keys.worker(name), ttl)
@@ -50,7 +52,7 @@ def is_alive(conn: redis.Redis, name: str) -> bool:
 def list_workers(conn: redis.Redis) -> list[dict[str, Any]]:
     """Live workers (name, hostname, pid, kind, gpus [{index, name, memory_mb}], slots, torch, cuda, state,
     current_job, heartbeat, started_at, queues), sorted by name; names whose hash expired are pruned."""
-    names = sorted(n.decode() if isinstance(n, bytes) else n for n in conn.smembers(keys.workers_set()))
+    names = sorted(text(n) for n in conn.smembers(keys.workers_set()))
     if not names:
         return []
     with conn.pipeline() as pipe:
@@ -62,18 +64,8 @@ def list_workers(conn: redis.Redis) -> list[dict[str, Any]]:
         if not raw:
             dead.append(name)
             continue
-        w: dict[str, Any] = {}
-        for k, v in raw.items():
-            key, val = k.decode(), v.decode()
-            if key in ("gpus", "queues"):
-                w[key] = json.loads(val) if val else []
-            elif key in ("slots", "pid"):
-                w[key] = int(val) if val else None
-            elif key in ("heartbeat", "started_at"):
-                w[key] = float(val) if val else None
-            else:
-                w[key] = val or None
-        w["name"] = name
+        w = WORKER_CODEC.decode(raw)
+        w.update(name=name, gpus=w.get("gpus") or [], queues=w.get("queues") or [])
         out.append(w)
     if dead:
         conn.srem(keys.workers_set(), *dead)

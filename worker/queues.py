@@ -12,7 +12,7 @@ from rq.serializers import JSONSerializer
 from worker import keys
 from worker.defaults import JOB_RESULT_TTL
 
-JOB_FUNCTION = "worker.jobs.train"
+JOB_FUNCTION = "worker.attempt.run_attempt"
 """The RQ job function, by import path (its only argument is the job id: plain JSON, nothing pickled)."""
 
 

@@ -6,7 +6,6 @@ The next attempt resumes from the run folder's last checkpoint (`core.train --re
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -15,9 +14,9 @@ from rq.job import JobStatus
 
 from worker import gang, keys
 from worker.defaults import MAX_RECOVERIES, STUCK_RECOVERY_SECONDS
-from worker.jobs import requeue_recovered
-from worker.queues import discard_rq_job, fetch_rq_job
-from worker.status import claim_for_requeue
+from worker.queues import discard_rq_job, enqueue_attempt, fetch_rq_job
+from worker.record import JobRecord, claim_for_requeue
+from worker.states import JobState
 from worker.sweeps import trial_ended
 
 log = logging.getLogger("worker.recovery")
@@ -27,20 +26,14 @@ def find_orphans(conn: redis.Redis) -> list[tuple[str, str]]:
     """(job id, dead worker name) of running jobs whose worker stopped heartbeating; for a multi-node job, any
     worker of its gang (the first dead one is named)."""
     job_ids = sorted(j.decode() for j in conn.smembers(keys.running_set()))
-    if not job_ids:
-        return []
-    with conn.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.hmget(keys.job(job_id), "state", "worker", "gang")
-        rows = pipe.execute()
     candidates, stale = [], []
-    for job_id, (state, owner, members) in zip(job_ids, rows):
-        if state is None:
+    for job_id, record in JobRecord.fetch_many(conn, job_ids, "worker", "gang").items():
+        if record is None:
             stale.append(job_id)  # deleted job
-        elif state == b"running" and members:
-            candidates += [(job_id, name) for name in json.loads(members)]
-        elif state == b"running" and owner:
-            candidates.append((job_id, owner.decode()))
+        elif record.state is JobState.RUNNING and record.gang:
+            candidates += [(job_id, name) for name in record.gang]
+        elif record.state is JobState.RUNNING and record.worker:
+            candidates.append((job_id, record.worker))
     if stale:
         conn.srem(keys.running_set(), *stale)
     if not candidates:
@@ -61,25 +54,25 @@ def recover_orphans(conn: redis.Redis, *, by: str, max_recoveries: int = MAX_REC
     recovered = []
     for job_id, owner in find_orphans(conn):
         reason = f"worker {owner} stopped heartbeating"
-        members, attempt_raw = conn.hmget(keys.job(job_id), "gang", "attempt")
-        if members:  # a multi-node job: the whole gang goes back to waiting (exactly one scanner wins the attempt)
-            state, attempt = gang.requeue_running(conn, job_id, int(attempt_raw or 0),
+        record = JobRecord.find(conn, job_id, "gang", "attempt")
+        if record is not None and record.gang:  # a multi-node job: the whole gang waits again (one scanner wins)
+            state, attempt = gang.requeue_running(conn, job_id, record.attempt,
                                                   reason=f"{reason}; recovered by {by}", max_recoveries=max_recoveries)
-            if state == "recovering":
+            if state == JobState.RECOVERING:
                 log.warning("job %s: %s; the gang waits again as attempt %d", job_id, reason, attempt)
                 recovered.append(job_id)
             continue
         state, attempt = claim_for_requeue(conn, job_id, owner, max_recoveries=max_recoveries, reason=reason)
-        if state == "recovering":
+        if state == JobState.RECOVERING:
             requeue_recovered(conn, job_id, attempt, f"{reason}; recovered by {by}")
             log.warning("job %s: %s; re-queued as attempt %d", job_id, reason, attempt)
             recovered.append(job_id)
-        elif state == "failed":
-            rq_id, sweep = conn.hmget(keys.job(job_id), "rq_job", "sweep")
-            discard_rq_job(conn, rq_id.decode() if rq_id else None)
+        elif state == JobState.FAILED:
+            record = JobRecord.find(conn, job_id, "rq_job", "sweep")
+            discard_rq_job(conn, record.rq_job if record else None)
             log.warning("job %s: %s too many times; failed", job_id, reason)
-            if sweep:
-                trial_ended(conn, sweep.decode())
+            if record is not None and record.get("sweep"):
+                trial_ended(conn, record.get("sweep"))
     return recovered
 
 
@@ -90,18 +83,16 @@ def heal_stuck_recoveries(conn: redis.Redis, *, by: str, after: float = STUCK_RE
     now = time.time()
     for raw in conn.smembers(keys.recovering_set()):
         job_id = raw.decode()
-        state, recovered_at, attempt, nodes, priority, submitted = conn.hmget(
-            keys.job(job_id), "state", "recovered_at", "attempt", "num_nodes", "priority", "submitted_at")
-        if state != b"recovering":
+        record = JobRecord.find(conn, job_id, "recovered_at", "attempt", "num_nodes", "priority", "submitted_at")
+        if record is None or record.state is not JobState.RECOVERING:
             conn.srem(keys.recovering_set(), job_id)
             continue
-        if int(nodes or 1) > 1:  # a multi-node job waits in the gangs ZSET, not in an RQ queue
-            conn.zadd(keys.gangs(), {job_id: gang.score((priority or b"default").decode(), float(submitted or 0))},
-                      nx=True)
+        if record.num_nodes > 1:  # a multi-node job waits in the gangs ZSET, not in an RQ queue
+            conn.zadd(keys.gangs(), {job_id: gang.score(record.priority, record.get("submitted_at", 0.0))}, nx=True)
             continue
-        if now - float(recovered_at or 0) < after:
+        if now - record.get("recovered_at", 0.0) < after:
             continue
-        attempt_no = int(attempt or 0)
+        attempt_no = record.attempt
         rq_job = fetch_rq_job(conn, keys.rq_job_id(job_id, attempt_no))
         if rq_job is not None and rq_job.get_status() in (JobStatus.QUEUED, JobStatus.STARTED):
             continue
@@ -111,3 +102,21 @@ def heal_stuck_recoveries(conn: redis.Redis, *, by: str, after: float = STUCK_RE
         log.warning("job %s: recovering without a queued attempt; re-enqueued attempt %d", job_id, attempt_no)
         healed.append(job_id)
     return healed
+
+
+def enqueue_next_attempt(conn: redis.Redis, job_id: str, attempt: int) -> None:
+    """After a successful claim (`claim_for_requeue`): the next attempt goes to the front of the job's queue, and its
+    RQ id into the job's record. Nothing is enqueued for a job deleted in the meantime."""
+    record = JobRecord.find(conn, job_id, "gpus", "priority")
+    if record is None:
+        return
+    enqueue_attempt(conn, job_id, gpus=record.gpus, priority=record.priority, attempt=attempt, at_front=True)
+    record.save(rq_job=keys.rq_job_id(job_id, attempt))
+
+
+def requeue_recovered(conn: redis.Redis, job_id: str, attempt: int, reason: str) -> None:
+    """After another worker's job was claimed: drop the dead attempt's RQ record, enqueue the next attempt in front."""
+    record = JobRecord.find(conn, job_id, "rq_job")
+    discard_rq_job(conn, record.rq_job if record else None)
+    enqueue_next_attempt(conn, job_id, attempt)
+    conn.xadd(keys.logs(job_id), {"line": f"[worker] re-queued as attempt {attempt}: {reason}", "src": "worker"})

@@ -20,9 +20,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from core.config import set_dotted
+from core.config import load_yaml, set_dotted
+from core.errors import ConfigError
 from worker.errors import SubmissionError
 
 KINDS = ("float", "int", "choice")
@@ -166,13 +165,10 @@ def parse_space(raw: Any) -> list[Param]:
 
 def load_space(path: str | Path) -> list[Param]:
     """Parse SPACE.yaml; SubmissionError when it is missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise SubmissionError(f"space file {str(path)!r} not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SubmissionError(f"space file {str(path)!r} is not valid YAML: {err}") from None
+        raw = load_yaml(path, what="space file")
+    except ConfigError as err:
+        raise SubmissionError(str(err)) from None
     return parse_space(raw)
 
 

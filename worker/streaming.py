@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from core.events import append_bounded
 from worker import keys
 from worker.defaults import (
     EVENT_STREAM_MAXLEN,
@@ -27,7 +28,7 @@ from worker.defaults import (
     SINK_BUFFER,
     SINK_CLOSE_TIMEOUT,
 )
-from worker.status import encode_fields
+from worker.record import encode_fields
 
 ENV_JOB_ID = "TRAINER_JOB_ID"
 """Environment variable naming the job whose stream rank 0's sink writes (set by the worker)."""
@@ -110,15 +111,8 @@ class RedisEventSink:
             self._epochs = int(data.get("epochs") or 0)
         if type == "step" and self._epochs and "epochs" not in data:
             data = {**data, "epochs": self._epochs}
-        with self._lock:
-            if len(self._buf) >= SINK_BUFFER:  # Redis has been away for long: shed the oldest step events
-                for i, (t, _) in enumerate(self._buf):
-                    if t == "step":
-                        del self._buf[i]
-                        break
-                else:
-                    self._buf.popleft()
-            self._buf.append((type, data))
+        with self._lock:  # Redis away for long: the oldest step events are shed
+            append_bounded(self._buf, (type, data), SINK_BUFFER)
         if type != "step" or not self._stepped:
             self._stepped = self._stepped or type == "step"
             self._wake.set()  # everything but steps goes out at once (and the first step: "it is training");

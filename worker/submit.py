@@ -8,6 +8,7 @@ are often started after the jobs (`honcho start`, tests, autoscaling).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -22,7 +23,17 @@ from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
 from worker.errors import ArtifactError, SubmissionError
 from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
-from worker.status import JobState, encode_fields
+from worker.record import JobRecord
+from worker.states import JobState
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    """What submission decided."""
+
+    job_id: str
+    waiting: str | None = None
+    """What the job waits for when no worker was alive to run it (its status says the same); None otherwise."""
 
 
 def validate_config(config: dict[str, Any] | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -102,15 +113,16 @@ def check_nodes(conn: redis.Redis, nodes: int, gpus: int) -> str | None:
     """None for a one-node job; for N > 1 nodes the waiting note, or refuse when fewer than N live workers could
     each host a node of `gpus` devices."""
     if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES_PER_JOB:
-        raise SubmissionError(f"nodes: must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
+        raise SubmissionError.on("nodes", nodes,
+                                 f"must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
     if nodes == 1:
         return None
     able = [w for w in list_workers(conn) if (w.get("slots") or 0) >= gpus]
     if len(able) < nodes:
         names = ", ".join(f"{w['name']} ({w.get('slots')} slot(s))" for w in able) or "none"
-        raise SubmissionError(
-            f"nodes: {nodes} nodes of {gpus} GPU(s) or CPU slot(s) each need {nodes} live workers that can each "
-            f"host {gpus}; {len(able)} can ({names}). Start more workers (python -m worker run on each machine), "
+        raise SubmissionError.on(
+            "nodes", nodes, f"{nodes} nodes of {gpus} GPU(s) or CPU slot(s) each need {nodes} live workers that can "
+            f"each host {gpus}; {len(able)} can ({names}). Start more workers (python -m worker run on each machine), "
             f"or ask for fewer nodes"
         )
     return gang.waiting_note(0, nodes)
@@ -163,8 +175,9 @@ def submit_job(
     timeout: float | None = None,
     name: str | None = None,
     extra: dict[str, Any] | None = None,
-) -> str:
-    """Validate, upload the dataset if local, enqueue; returns the job id. SubmissionError: nothing was enqueued.
+) -> Submitted:
+    """Validate, upload the dataset if local, enqueue; returns the job id and whether it waits for a worker.
+    SubmissionError: nothing was enqueued.
 
     config: a dict (dashboard) or a YAML path (CLI); overrides: `dotted.key=value` strings.
     dataset_path: an uploaded zip/folder the *program* saved (the dashboard's upload); it becomes data.path.
@@ -173,7 +186,7 @@ def submit_job(
     nodes: workers the job spans (N > 1: one DDP job of N × gpus ranks, gang-scheduled; see worker/gang.py).
     timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
-    extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`).
+    extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`; a retry: `retried_from`).
     """
     if priority not in PRIORITIES:
         raise SubmissionError.on("priority", priority, f"unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
@@ -201,7 +214,7 @@ def submit_job(
     now = time.time()
     fields = {
         "id": job_id,
-        "state": JobState.QUEUED.value,
+        "state": JobState.QUEUED,
         "name": name or f"{cfg['model']['name']} on {cfg['data']['name']}",
         "config": cfg,
         "overrides": overrides,
@@ -225,11 +238,11 @@ def submit_job(
     }
     with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
-        pipe.hset(keys.job(job_id), mapping=encode_fields(fields))
+        JobRecord.create(pipe, fields)
         pipe.zadd(keys.jobs_index(), {job_id: now})
         if nodes == 1:
             enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
         else:  # a multi-node job waits for its gang (worker/gang.py), not in an RQ queue
             pipe.zadd(keys.gangs(), {job_id: gang.score(priority, now)})
         pipe.execute()
-    return job_id
+    return Submitted(job_id, waiting)

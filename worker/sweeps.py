@@ -14,7 +14,6 @@ is recovered and resumes; Optuna hears of it once, when its job reaches a final 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
@@ -31,9 +30,27 @@ from worker.artifacts import ArtifactStore
 from worker.connection import check
 from worker.defaults import LIST_LIMIT, PRIORITIES, SWEEP_LOCK_TTL, SWEEP_LOCK_WAIT
 from worker.errors import NoSuchSweepError, SubmissionError
-from worker.space import Param, apply_params, grid_size, load_space, parse_space, space_to_dict, validate_space
-from worker.status import FINAL_STATES, JobState
-from worker.study import PRUNERS, SAMPLERS, create_study, load_study, sampler_for, storage_for, trial_id
+from worker.hashcodec import HashCodec, text
+from worker.record import JobRecord
+from worker.space import (
+    Param,
+    apply_params,
+    grid_size,
+    load_space,
+    parse_space,
+    space_to_dict,
+    validate_space,
+)
+from worker.states import FINAL_STATES, JobState
+from worker.study import (
+    PRUNERS,
+    SAMPLERS,
+    create_study,
+    load_study,
+    sampler_for,
+    storage_for,
+    trial_id,
+)
 
 log = logging.getLogger("worker.sweeps")
 
@@ -60,42 +77,12 @@ TRIAL_COUNTS = ("complete", "pruned", "failed", "cancelled", "running", "queued"
 GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
 """Keys `sweep_status` always has (None until they apply)."""
 
-_INTS = frozenset({"trials", "parallel", "seed", "max_epochs", "gpus", "best_trial"})
-_FLOATS = frozenset({"created_at", "updated_at", "ended_at", "best_value"})
-_JSONS = frozenset({"config", "overrides", "space", "dataset", "best_params", "allow_local_paths"})
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
-def _decode(raw: dict[Any, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        key, val = _text(k), _text(v)
-        if val == "":
-            out[key] = None
-        elif key in _INTS:
-            out[key] = int(float(val))
-        elif key in _FLOATS:
-            out[key] = float(val)
-        elif key in _JSONS:
-            out[key] = json.loads(val)
-        else:
-            out[key] = val
-    return out
-
-
-def _encode(fields: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for k, v in fields.items():
-        if v is None:
-            out[k] = ""
-        elif k in _JSONS:
-            out[k] = json.dumps(v)
-        else:
-            out[k] = str(v.value if isinstance(v, Enum) else v)
-    return out
+SWEEP_CODEC = HashCodec(
+    ints=frozenset({"trials", "parallel", "seed", "max_epochs", "gpus", "best_trial"}),
+    floats=frozenset({"created_at", "updated_at", "ended_at", "best_value"}),
+    jsons=frozenset({"config", "overrides", "space", "dataset", "best_params", "allow_local_paths"}),
+)
+"""Field types of a sweep's hash `trainer:sweep:<id>`; every other field is text."""
 
 
 def read_sweep(conn: redis.Redis, sweep_id: str) -> dict[str, Any]:
@@ -103,7 +90,7 @@ def read_sweep(conn: redis.Redis, sweep_id: str) -> dict[str, Any]:
     raw = conn.hgetall(keys.sweep(sweep_id))
     if not raw:
         raise NoSuchSweepError(f"no such sweep {sweep_id!r}")
-    return _decode(raw)
+    return SWEEP_CODEC.decode(raw)
 
 
 def default_direction(metric: str) -> str:
@@ -163,7 +150,13 @@ def create_sweep(
     range or choice the config schema refuses (both ends of every range and every choice are validated as a job
     would be), empty choices, low > high, trials or parallel < 1, a metric no epoch event carries.
     """
-    from worker.submit import check_batch_size, check_gpus, resolve_dataset, train_images, validate_config
+    from worker.submit import (
+        check_batch_size,
+        check_gpus,
+        resolve_dataset,
+        train_images,
+        validate_config,
+    )
 
     direction = check_settings(trials=trials, parallel=parallel, metric=metric, direction=direction,
                                sampler=sampler, pruner=pruner)
@@ -232,7 +225,7 @@ def create_sweep(
     }
     create_study(connection, sweep_id, direction)
     with connection.pipeline() as pipe:
-        pipe.hset(keys.sweep(sweep_id), mapping=_encode(record))
+        pipe.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode(record))
         pipe.zadd(keys.sweeps_index(), {sweep_id: now})
         pipe.sadd(keys.active_sweeps(), sweep_id)
         pipe.execute()
@@ -286,11 +279,9 @@ def objective(conn: redis.Redis, job_id: str, metric: str, direction: str) -> fl
 
 
 def _job_states(conn: redis.Redis, job_ids: list[str]) -> list[tuple[str | None, str | None]]:
-    with conn.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.hmget(keys.job(job_id), "state", "error")
-        rows = pipe.execute()
-    return [(_text(s) if s else None, _text(e) if e else None) for s, e in rows]
+    """(state, error) of each job; (None, None) for a job that was deleted."""
+    records = JobRecord.fetch_many(conn, job_ids, "error")
+    return [(r.get("state"), r.get("error")) if r else (None, None) for r in map(records.get, job_ids)]
 
 
 def _submit_trial(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[str, Any],
@@ -301,7 +292,7 @@ def _submit_trial(conn: redis.Redis, rec: dict[str, Any], number: int, values: d
                       priority=rec["priority"] or "default", store=store,
                       allow_local_paths=bool(rec.get("allow_local_paths")),
                       name=f"{rec['name']} #{number}",
-                      extra={"sweep": rec["id"], "trial": number, "params": values})
+                      extra={"sweep": rec["id"], "trial": number, "params": values}).job_id
 
 
 def advance(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT,
@@ -328,26 +319,26 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None, toke
         return
     params = parse_space(rec["space"])
     study = load_study(conn, sweep_id, rec, params)
-    jobs = {int(_text(k)): _text(v) for k, v in conn.hgetall(keys.sweep_trials(sweep_id)).items()}
+    jobs = {int(text(k)): text(v) for k, v in conn.hgetall(keys.sweep_trials(sweep_id)).items()}
     running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     live = rec["state"] == SweepState.RUNNING.value
     first_error = rec.get("first_error")
     mapped = [t for t in running if t.number in jobs]
     for t, (state, error) in zip(mapped, _job_states(conn, [jobs[t.number] for t in mapped])):
-        if state is not None and state not in {s.value for s in FINAL_STATES}:
+        if state is not None and state not in FINAL_STATES:
             continue  # queued, running, recovering: not ended yet (None: its job was deleted)
         job_id = jobs[t.number]
-        if state == JobState.FINISHED.value:
+        if state == JobState.FINISHED:
             value = objective(conn, job_id, rec["metric"], rec["direction"])
             if value is not None:
                 study.tell(t.number, value, skip_if_finished=True)
                 continue
             error = f"no epoch event of job {job_id} carried {rec['metric']}"
-        if state == JobState.PRUNED.value:
+        if state == JobState.PRUNED:
             study.tell(t.number, state=TrialState.PRUNED, skip_if_finished=True)
             continue
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        if state != JobState.CANCELLED.value and not first_error:
+        if state != JobState.CANCELLED and not first_error:
             first_error = f"trial {t.number} (job {job_id}): {error or state or 'its job was deleted'}"
     for t in running:
         if t.number in jobs:
@@ -392,7 +383,7 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None, toke
             fields["error"] = (first_error or "every trial was cancelled") if every_failed else None
             fields["ended_at"] = time.time()
         conn.srem(keys.active_sweeps(), sweep_id)
-    conn.hset(keys.sweep(sweep_id), mapping=_encode(fields))
+    conn.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode(fields))
 
 
 def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[str, Any],
@@ -404,7 +395,7 @@ def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[s
     from worker.api import cancel_job
 
     cancel_job(conn, job_id)
-    return _text(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
+    return text(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
 
 
 def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT) -> None:
@@ -424,9 +415,9 @@ def heal_sweeps(conn: redis.Redis) -> None:
         return  # Redis away: the next scan tries again
     for raw in active:
         try:
-            advance(conn, _text(raw), wait=0)
+            advance(conn, text(raw), wait=0)
         except Exception as err:  # noqa: BLE001 - one broken sweep must not stop the scan
-            log.warning("sweep %s: scan could not advance it: %s", _text(raw), err)
+            log.warning("sweep %s: scan could not advance it: %s", text(raw), err)
 
 
 # ---------------------------------------------------------------------------------------------------- cancel, read
@@ -440,14 +431,14 @@ def cancel_sweep(conn: redis.Redis, sweep_id: str) -> str:
         if rec["state"] != SweepState.RUNNING.value:
             return rec["state"]
         now = time.time()
-        conn.hset(keys.sweep(sweep_id), mapping=_encode({"state": SweepState.CANCELLED, "ended_at": now,
+        conn.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode({"state": SweepState.CANCELLED, "ended_at": now,
                                                           "updated_at": now, "error": "cancelled by request"}))
     finally:
         if token is not None:
             _release(conn, sweep_id, token)
-    jobs = [_text(v) for v in conn.hvals(keys.sweep_trials(sweep_id))]
+    jobs = [text(v) for v in conn.hvals(keys.sweep_trials(sweep_id))]
     for job_id, (state, _) in zip(jobs, _job_states(conn, jobs)):
-        if state is not None and state not in {s.value for s in FINAL_STATES}:
+        if state is not None and state not in FINAL_STATES:
             cancel_job(conn, job_id)
     advance(conn, sweep_id)  # tells Optuna about the trials that were only queued
     return SweepState.CANCELLED.value
@@ -459,28 +450,24 @@ def sweep_trials(conn: redis.Redis, sweep_id: str) -> list[dict[str, Any]]:
 
     rec = read_sweep(conn, sweep_id)
     study = load_study(conn, sweep_id, rec)
-    jobs = {int(_text(k)): _text(v) for k, v in conn.hgetall(keys.sweep_trials(sweep_id)).items()}
+    jobs = {int(text(k)): text(v) for k, v in conn.hgetall(keys.sweep_trials(sweep_id)).items()}
     trials = study.get_trials(deepcopy=False)
     ids = [jobs.get(t.number) for t in trials]
-    with conn.pipeline(transaction=False) as pipe:
-        for job_id in ids:
-            if job_id:
-                pipe.hmget(keys.job(job_id), "state", "epoch", "error")
-        found = iter(pipe.execute())
-    rows = [next(found) if job_id else [None, None, None] for job_id in ids]
+    records = JobRecord.fetch_many(conn, [job_id for job_id in ids if job_id], "epoch", "error")
     out = []
-    for t, job_id, row in zip(trials, ids, rows):
-        state, epoch, error = row
+    for t, job_id in zip(trials, ids):
+        record = records.get(job_id) if job_id else None
+        state = record.get("state") if record else None
         out.append({
             "number": t.number,
             "job": job_id,
-            "state": _text(state) if state else ("failed" if t.state == TrialState.FAIL else "asked"),
+            "state": state or (JobState.FAILED.value if t.state == TrialState.FAIL else "asked"),
             "value": t.value if t.state in (TrialState.COMPLETE, TrialState.PRUNED) else None,
             "optuna_state": t.state.name.lower(),
             "params": dict(t.params),
-            "epoch": int(_text(epoch)) if epoch else 0,
+            "epoch": record.epoch if record else 0,
             "intermediate": {int(k): v for k, v in t.intermediate_values.items()},
-            "error": _text(error) if error else None,
+            "error": record.get("error") if record else None,
         })
     return out
 
@@ -488,7 +475,7 @@ def sweep_trials(conn: redis.Redis, sweep_id: str) -> list[dict[str, Any]]:
 def _count(states: list[str]) -> dict[str, int]:
     counts = dict.fromkeys(TRIAL_COUNTS, 0)
     for s in states:
-        key = {"finished": "complete", "recovering": "running"}.get(s, s)
+        key = {JobState.FINISHED: "complete", JobState.RECOVERING: "running"}.get(s, s)
         if key in counts:
             counts[key] += 1
     return counts
@@ -505,8 +492,8 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
         st["trials_table"] = rows
         states = [r["state"] for r in rows]
     else:
-        jobs = [_text(v) for v in conn.hvals(keys.sweep_trials(sweep_id))]
-        states = [s or "failed" for s, _ in _job_states(conn, jobs)]
+        jobs = [text(v) for v in conn.hvals(keys.sweep_trials(sweep_id))]
+        states = [s or JobState.FAILED.value for s, _ in _job_states(conn, jobs)]
     st["counts"] = _count(states)
     st["ended"] = sum(st["counts"][k] for k in ("complete", "pruned", "failed", "cancelled"))
     st["progress"] = min(1.0, st["ended"] / max(1, int(st["trials"] or 1)))
@@ -519,7 +506,7 @@ def list_sweeps(conn: redis.Redis, *, limit: int = LIST_LIMIT) -> list[dict[str,
     out = []
     for raw in conn.zrevrange(keys.sweeps_index(), 0, max(0, limit - 1)):
         try:
-            st = sweep_status(conn, _text(raw), with_trials=False)
+            st = sweep_status(conn, text(raw), with_trials=False)
         except NoSuchSweepError:
             continue
         for k in ("config", "overrides", "dataset"):

@@ -10,7 +10,6 @@ from its checkpoint on the next worker: an hours-long job is not lost to a resta
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -26,7 +25,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import gang, jobs, keys
+from worker import attempt, gang, keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import (
     GANG_POLL_INTERVAL,
@@ -37,7 +36,9 @@ from worker.defaults import (
 )
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
+from worker.record import JobRecord
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
+from worker.states import JobState
 from worker.sweeps import heal_sweeps
 
 log = logging.getLogger("worker")
@@ -78,7 +79,7 @@ class TrainerWorker(SimpleWorker):
         )
         self.store = store
         self.store_id = store.identity()
-        self.ctx = jobs.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
+        self.ctx = attempt.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
                                       devices=resources.get("devices"), store=store)
         if advertise_addr:
             self.ctx.advertise_addr = advertise_addr
@@ -227,9 +228,9 @@ class TrainerWorker(SimpleWorker):
         if job_id is None:
             return
         if gang.drop(self.connection, job_id, [self.name]) < 0:
-            state, members, attempt = self.connection.hmget(keys.job(job_id), "state", "gang", "attempt")
-            if state == b"running" and self.name in json.loads(members or b"[]"):
-                gang.requeue_running(self.connection, job_id, int(attempt or 0), max_recoveries=-1,
+            record = JobRecord.find(self.connection, job_id, "gang", "attempt")
+            if record is not None and record.state is JobState.RUNNING and self.name in record.gang:
+                gang.requeue_running(self.connection, job_id, record.attempt, max_recoveries=-1,
                                      reason=f"worker {self.name} shut down before its node started")
         gang.unreserve(self.connection, self.name, job_id)
 
@@ -265,8 +266,8 @@ class TrainerWorker(SimpleWorker):
                     log.info("worker %s: %s: %s", self.name, queue.name, job.id)
                     self.heartbeat()
                     return result
-                if timeout is None and not single_first:  # burst: nothing queued (a reserved worker waits above)
-                    return None
+                if timeout is None:  # burst: nothing queued, and no gang (a reserved worker waits above; one
+                    return None      # released by the timeout ends here too, rather than reserving again)
             except DequeueTimeout:
                 pass
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
@@ -306,7 +307,7 @@ class TrainerWorker(SimpleWorker):
         self.ctx.shutdown.set()  # the running job (if any) is stopped and re-queued; see the module docstring
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
-        jobs.set_context(self.ctx)
+        attempt.set_context(self.ctx)
         self._burst = burst
         self._prewarm()
         self.beat()
@@ -326,4 +327,4 @@ class TrainerWorker(SimpleWorker):
                 withdraw(self.connection, self.name)
             except redis.exceptions.RedisError:
                 pass
-            jobs.set_context(None)
+            attempt.set_context(None)

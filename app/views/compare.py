@@ -64,7 +64,8 @@ left.plotly_chart(figs["loss"], key="cmp:loss")
 right.plotly_chart(figs["accuracy"], key="cmp:accuracy")
 
 st.subheader("Final metrics")
-rows = {short[i]: final_metrics(s, ui.job_report(i, s.get("ended_at")) if s.get("state") == "finished" else None)
+rows = {short[i]: final_metrics(s, ui.job_report(i, s.get("ended_at")) if s.get("state") == api.JobState.FINISHED
+                                 else None)
         for i, s in statuses.items()}
 st.dataframe(metrics_frame(rows))
 

@@ -1,8 +1,8 @@
 """Job: live progress while it runs, results and downloads once it has ended. The URL (?job=ID) names the job.
 
 The live part is a fragment that reruns alone every JOB_REFRESH_SECONDS: it reads only the stream entries after
-the last one it drew (the series are kept in st.session_state per job), so a refresh neither reloads the page nor
-loses points. It stops refreshing once the job is final and the page redraws once with the results.
+the last one read, into a series every viewer of the job shares with its figures (app/live.py), so a refresh neither
+reloads the page nor loses points, and ten viewers cost the server little more than one. It stops refreshing once the job is final and the page redraws once with the results.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 
 from app import ui
-from app.charts import confusion_figure, live_figures
+from app.charts import confusion_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.data import (
     STATE_COLORS,
@@ -23,10 +23,13 @@ from app.data import (
     fmt_time,
     nodes_frame,
     per_class_frame,
+    rank_kind,
+    resources_text,
 )
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
-from app.stream import chart_events_since
+from app.live import SharedSeries, shared_series
 from worker import api
+from worker.api import JobState
 from worker.artifacts import NAMED_ARTIFACTS
 from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
 
@@ -53,25 +56,25 @@ except NoSuchJobError as err:
     st.stop()
 
 
-def series_for(job: str) -> LiveSeries:
-    """This job's accumulated chart series (the session keeps the SERIES_KEPT most recently viewed)."""
+def series_for(job: str) -> SharedSeries:
+    """This job's chart series, shared with every other viewer of it (app/live.py); the session keeps a reference
+    to the SERIES_KEPT most recently viewed under `job:series:<id>`."""
     order: list[str] = st.session_state.setdefault("job:series_order", [])
-    key = f"job:series:{job}"
     if job in order:
         order.remove(job)
     order.append(job)
     while len(order) > SERIES_KEPT:
         st.session_state.pop(f"job:series:{order.pop(0)}", None)
-    if key not in st.session_state:
-        st.session_state[key] = LiveSeries()
-    return st.session_state[key]
+    shared = shared_series(job)
+    st.session_state[f"job:series:{job}"] = shared.series
+    return shared
 
 
 # --------------------------------------------------------------------------------------------------- header
 def cancel(job: str) -> None:
     try:
         state = api.cancel_job(conn, job, wait=0)
-        ui.flash(f"Cancel requested: job {job} is {state}." if state != "cancelled" else f"Job {job} cancelled.")
+        ui.flash(f"Cancel requested: job {job} is {state}." if state != JobState.CANCELLED else f"Job {job} cancelled.")
     except (NoSuchJobError, InvalidJobStateError) as err:
         ui.flash(str(err), "error")
 
@@ -94,8 +97,8 @@ st.subheader(status.get("name") or job_id)
 cfg = status.get("config") or {}
 st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
-    + (f"{status['num_nodes']} nodes × " if (status.get("num_nodes") or 1) > 1 else "")
-    + f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
+    + resources_text(status, rank_kind(status, {w.get("kind") for w in api.list_workers(conn) if w.get("kind")}))
+    + f" · priority {status.get('priority') or 'default'} · "
     f"submitted {fmt_time(status.get('submitted_at'))}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )
@@ -108,7 +111,7 @@ buttons[1].button("Clone", icon=":material/content_copy:", on_click=clone, args=
                   help="open New job pre-filled with this job's settings")
 buttons[2].page_link(ui.PAGE_COMPARE, label="Compare", icon=":material/compare_arrows:",
                      query_params={"jobs": job_id})
-if status["state"] == "finished":
+if status["state"] == JobState.FINISHED:
     buttons[3].page_link(ui.PAGE_TRY, label="Try it", icon=":material/image_search:", query_params={"job": job_id})
 
 
@@ -122,7 +125,7 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
     c[1].metric("Epoch", f"{s.get('epoch') or 0} / {epochs or '?'}")
     c[2].metric("Best val accuracy", f"{s['best_val_acc']:.4f}" if s.get("best_val_acc") is not None else "–")
     c[3].metric("Elapsed" if not s["final"] else "Duration", fmt_seconds(s.get("duration")) or "–")
-    c[4].metric("ETA", fmt_seconds(s.get("eta")) or ("done" if s["state"] == "finished" else "–"))
+    c[4].metric("ETA", fmt_seconds(s.get("eta")) or ("done" if s["state"] == JobState.FINISHED else "–"))
     phase = s.get("phase") or series.phase
     st.progress(min(1.0, max(0.0, s["progress"])),
                 text=f"{s['progress']:.0%}" + (f" · {phase}" if phase and not s["final"] else ""))
@@ -133,28 +136,28 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
         st.dataframe(nodes_frame(s["nodes"]), hide_index=True, column_config={
             "ranks": st.column_config.TextColumn("ranks", help="global DDP ranks on that node (rank 0 streams)"),
         })
-    if s["state"] == "queued" and not s.get("waiting"):
+    if s["state"] == JobState.QUEUED and not s.get("waiting"):
         st.info("Queued: it starts when a worker with enough GPUs is free.", icon=":material/hourglass_top:")
-    if s["state"] == "recovering":
+    if s["state"] == JobState.RECOVERING:
         st.warning(
             f"**Recovering.** Its worker {s.get('previous_worker') or ''} was lost"
             + (f" ({s['recovery_reason']})" if s.get("recovery_reason") else "")
             + "; the job resumes from its last checkpoint on the next free worker "
             + f"(recovery {s.get('recoveries') or 1}).",
             icon=":material/sync_problem:")
-    if s["state"] == "running" and s.get("worker_alive") is False:
+    if s["state"] == JobState.RUNNING and s.get("worker_alive") is False:
         st.warning(f"Worker {s.get('worker')} stopped sending heartbeats; the job will be recovered on another "
                    "worker if it does not come back.", icon=":material/heart_broken:")
-    if s["state"] == "running" and s.get("cancel_requested"):
+    if s["state"] == JobState.RUNNING and s.get("cancel_requested"):
         st.info("Cancelling: its worker is stopping the training processes.", icon=":material/stop_circle:")
-    if s["state"] == "cancelled":
+    if s["state"] == JobState.CANCELLED:
         st.info(f"Cancelled. {s.get('error') or ''}", icon=":material/stop_circle:")
-    if s["state"] == "failed":
+    if s["state"] == JobState.FAILED:
         st.error(f"**Failed:** {s.get('error') or 'no error message'}", icon=":material/error:")
 
 
-def draw_charts(series: LiveSeries, job: str) -> None:
-    figs = live_figures(series, revision=job)
+def draw_charts(shared: SharedSeries) -> None:
+    figs, series = shared.figures(), shared.series
     names = list(figs)
     for row in range(0, len(names), 2):
         cols = st.columns(2)
@@ -169,7 +172,7 @@ def draw_log(s: dict[str, Any], job: str) -> None:
     lines = [e["line"] for e in api.logs_tail(conn, job, LOG_TAIL_LINES)]
     if not lines and s.get("log_tail"):
         lines = list(s["log_tail"])
-    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != "finished"):
+    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != JobState.FINISHED):
         st.code("\n".join(lines) or "(no log lines yet)", language=None, height=300 if len(lines) > 12 else "content")
 
 
@@ -184,13 +187,13 @@ def live(job: str) -> None:
         st.error(f"**Redis is unreachable.** {err}\n\nRetrying every {JOB_REFRESH_SECONDS:g} s.",
                  icon=":material/cloud_off:")
         return
-    series = series_for(job)
+    shared = series_for(job)
     try:
-        series.add(*chart_events_since(conn, job, series.last_id))
+        shared.refresh(conn)
     except REDIS_ERRORS:
         pass  # drawn from what we have; the next refresh continues from the same id
-    draw_status(s, series)
-    draw_charts(series, job)
+    draw_status(s, shared.series)
+    draw_charts(shared)
     draw_log(s, job)
     if s["final"]:
         st.rerun()  # once: the whole page redraws as an ended job (results first), without this fragment
@@ -198,10 +201,10 @@ def live(job: str) -> None:
 
 def ended(job: str, s: dict[str, Any]) -> None:
     """A job that has ended: its status, results and downloads first, then its curves and log (no refreshing)."""
-    series = series_for(job)
-    series.add(*chart_events_since(conn, job, series.last_id))
-    draw_status(s, series)
-    if s["state"] == "finished":
+    shared = series_for(job)
+    shared.refresh(conn)
+    draw_status(s, shared.series)
+    if s["state"] == JobState.FINISHED:
         draw_results(job, s)
     else:
         draw_log(s, job)
@@ -209,8 +212,8 @@ def ended(job: str, s: dict[str, Any]) -> None:
         if any(NAMED_ARTIFACTS[k] in files for k in ("onnx", "pt")):
             ui.draw_downloads(job, files)
     st.subheader("Training curves")
-    draw_charts(series, job)
-    if s["state"] == "finished":
+    draw_charts(shared)
+    if s["state"] == JobState.FINISHED:
         draw_log(s, job)
 
 
@@ -266,6 +269,10 @@ def draw_export(report: dict[str, Any]) -> None:
     onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
     if export.get("error") or not export.get("ok", True):
         st.error(f"Export failed: {export.get('error') or 'see the log'}")
+    deploy = export.get("deploy")
+    if deploy:
+        st.success(f"**Deploy `{deploy['file']}`.** {deploy['reason']}. The bundle's predict.py uses it when no model "
+                   "is named.", icon=":material/rocket_launch:")
     c = st.columns(4)
     if onnx:
         c[0].metric("ONNX parity: max |Δlogit|", f"{onnx.get('max_abs_diff', float('nan')):.2e}")

@@ -10,12 +10,11 @@ import streamlit as st
 from app import ui
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.data import any_active, job_label, jobs_frame, state_counts, state_label
-from app.defaults import ACTIVE_STATES, JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
+from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
 from worker import api
 from worker.errors import ArtifactError, InvalidJobStateError, NoSuchJobError, SubmissionError
-from worker.status import JobState
 
-STATES = [s.value for s in JobState]
+STATES = [s.value for s in api.JobState]
 
 conn = require_redis()
 if goto := st.session_state.pop("jobs:goto", None):
@@ -109,6 +108,7 @@ COLUMN_CONFIG = {
     "epoch": st.column_config.TextColumn("epoch", width="small"),
     "best val acc": st.column_config.NumberColumn("best val acc", format="%.4f"),
     "duration / ETA": st.column_config.TextColumn("duration / ETA"),
+    "resources": st.column_config.TextColumn("resources", help="GPUs, or CPU ranks on CPU workers, per node"),
     "worker": st.column_config.TextColumn("worker"),
     "submitted": st.column_config.DatetimeColumn("submitted", format="YYYY-MM-DD HH:mm:ss"),
 }
@@ -136,7 +136,8 @@ def jobs_table() -> None:
         st.info("No jobs yet.")
         st.page_link(ui.PAGE_NEW, label="Submit one", icon=":material/add_circle:")
         return
-    st.dataframe(jobs_frame(shown), hide_index=True, column_config=COLUMN_CONFIG, on_select=on_rows_selected,
+    kinds = {w.get("kind") for w in api.list_workers(conn) if w.get("kind")}
+    st.dataframe(jobs_frame(shown, kinds), hide_index=True, column_config=COLUMN_CONFIG, on_select=on_rows_selected,
                  selection_mode="multi-row", key=f"jobs:table:{st.session_state.get('jobs:table_gen', 0)}",
                  height=min(36 * (len(shown) + 1) + 3, 560))
     st.caption(f"{len(shown)} of {len(jobs)} job(s)" + (" · refreshing while jobs are active" if any_active(jobs)
@@ -148,7 +149,7 @@ def jobs_table() -> None:
                    placeholder="select rows in the table, or pick jobs here")
     n = len(picked())
     states = {j["id"]: j.get("state") for j in shown}
-    active = sum(1 for i in picked() if states.get(i) in ACTIVE_STATES)
+    active = sum(1 for i in picked() if states.get(i) in api.ACTIVE_STATES)
     b = st.columns(6)
     b[0].button("Open", on_click=open_picked, args=(ui.PAGE_JOB, "job"), disabled=n != 1,
                 icon=":material/open_in_new:", key="jobs:open")

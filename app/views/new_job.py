@@ -186,7 +186,7 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
             priority=values["priority"],
             dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
             name=(values["name"] or "").strip() or None, store=artifact_store(),
-        )
+        ).job_id
     except SubmissionError as err:
         st.session_state["new:errors"] = forms.errors_by_field(err.errors)
         return

@@ -17,7 +17,7 @@ from worker.errors import ArtifactError
 conn = require_redis()
 st.title("Try it")
 
-job_id = ui.job_picker(conn, key="try:picker", current=st.query_params.get("job"), states={"finished"},
+job_id = ui.job_picker(conn, key="try:picker", current=st.query_params.get("job"), states={api.JobState.FINISHED},
                        label="Finished job")
 if job_id is None:
     st.info("No finished job yet: when one finishes, its exported model can be tried here.")

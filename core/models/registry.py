@@ -53,7 +53,7 @@ def list_models() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in _MODELS:
-        raise ConfigError(f"model.name: unknown model {name!r}; choose from {', '.join(list_models())}")
+        raise ConfigError.on("model.name", name, f"unknown model {name!r}; choose from {', '.join(list_models())}")
 
 
 def has_pretrained(name: str) -> bool:
@@ -98,16 +98,18 @@ def create_model(
     """
     _check_name(name)
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes: must be a positive integer, got {num_classes!r}")
+        raise ConfigError.on("num_classes", num_classes, f"must be a positive integer, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
-        raise ConfigError(f"in_chans: must be a positive integer (1 for grey, 3 for RGB), got {in_chans!r}")
+        raise ConfigError.on("in_chans", in_chans,
+                             f"must be a positive integer (1 for grey, 3 for RGB), got {in_chans!r}")
     if not isinstance(image_size, int) or image_size < 4:
-        raise ConfigError(f"data.image_size: must be an integer ≥ 4, got {image_size!r}")
+        raise ConfigError.on("data.image_size", image_size, f"must be an integer ≥ 4, got {image_size!r}")
     if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {dropout!r}")
+        raise ConfigError.on("model.dropout", dropout, f"must be in [0, 1), got {dropout!r}")
     if pretrained and not _HAS_PRETRAINED[name]:
         with_weights = ", ".join(n for n in list_models() if _HAS_PRETRAINED[n])
-        raise ConfigError(f"model.pretrained: {name!r} has no pretrained weights; models that have: {with_weights}")
+        raise ConfigError.on("model.pretrained", pretrained,
+                             f"{name!r} has no pretrained weights; models that have: {with_weights}")
     if small_input is None:
         small_input = image_size <= SMALL_INPUT_MAX_SIZE
     model = _MODELS[name](

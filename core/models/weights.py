@@ -32,8 +32,9 @@ def load_cached_state_dict(model_name: str, url: str) -> dict[str, Any]:
     """The state dict behind `url` from the local hub cache; ConfigError (with instructions) when it is not there."""
     path = hub_checkpoint_path(url)
     if not path.is_file():
-        raise ConfigError(
-            f"model.pretrained: {model_name} needs its ImageNet weights file at {path}, which is missing; nothing is "
+        raise ConfigError.on(
+            "model.pretrained", True,
+            f"{model_name} needs its ImageNet weights file at {path}, which is missing; nothing is "
             f"downloaded at run time. On a machine with internet fetch {url} and copy it to that path (or set "
             f"TORCH_HOME to a folder whose hub/checkpoints/ holds it), or set model.pretrained: false."
         )
@@ -46,11 +47,12 @@ def load_state_dict_file(model_name: str, path: str | Path, url: str | None = No
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # truncated, wrong file, ...
         again = f" and fetch {url} again" if url else ""
-        raise ConfigError(
-            f"model.pretrained: {model_name} weights file {path} is unreadable ({err}); delete it{again}"
+        raise ConfigError.on(
+            "model.pretrained", True,
+            f"{model_name} weights file {path} is unreadable ({err}); delete it{again}"
         ) from None
     if not isinstance(state, dict):
-        raise ConfigError(f"model.pretrained: {model_name} weights file {path} does not hold a state dict")
+        raise ConfigError.on("model.pretrained", True, f"{model_name} weights file {path} does not hold a state dict")
     return state
 
 
@@ -59,7 +61,8 @@ def load_into(model: nn.Module, state: dict[str, Any], model_name: str, path: st
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ConfigError(f"model.pretrained: {path} does not match {model_name}: {str(err)[:500]}") from None
+        raise ConfigError.on("model.pretrained", True,
+                             f"{path} does not match {model_name}: {str(err)[:500]}") from None
 
 
 def adapt_in_chans_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

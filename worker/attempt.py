@@ -1,7 +1,7 @@
-"""The RQ job function: run one attempt of a training job and leave its status in a final (or recovering) state.
+"""One attempt of one job: the RQ job function runs it and leaves the job's status final (or recovering).
 
-`train(job_id)` is what RQ calls (by import path, with a JSON argument). Inside a `python -m worker run` process the
-worker hands over its context (connection, name, devices, store, shutdown flag) with `set_context`; under a plain
+`run_attempt(job_id)` is what RQ calls (by import path, with a JSON argument). Inside a `python -m worker run` process
+the worker hands over its context (connection, name, devices, store, shutdown flag) with `set_context`; under a plain
 `rq worker` the context is built from RQ's current job, so the function still works, without recovery.
 """
 from __future__ import annotations
@@ -34,16 +34,9 @@ from worker.defaults import (
 )
 from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, WarmTrainer, train_command, train_env
-from worker.queues import discard_rq_job, enqueue_attempt
-from worker.status import (
-    FINAL_STATES,
-    JobState,
-    claim_for_requeue,
-    mark_final,
-    mark_started,
-    read_status,
-    update_fields,
-)
+from worker.record import JobRecord, claim_for_requeue, mark_final, mark_started
+from worker.recovery import enqueue_next_attempt
+from worker.states import FINAL_STATES, JobState
 from worker.streaming import LogWriter
 from worker.sweeps import TrialMonitor, trial_ended
 
@@ -89,11 +82,11 @@ def _fallback_context() -> WorkerContext:
                          devices=None, store=ArtifactStore())
 
 
-def train(job_id: str) -> dict[str, Any]:
+def run_attempt(job_id: str) -> dict[str, Any]:
     """RQ entry point. Raises JobFailed when the run failed, so RQ's failed registry agrees with our status."""
     ctx = _context or _fallback_context()
-    result = JobRun(ctx, job_id).run()
-    if result["state"] == JobState.FAILED.value:
+    result = Attempt(ctx, job_id).run()
+    if result["state"] == JobState.FAILED:
         raise JobFailed(f"job {job_id} failed: {result.get('error')}")
     return result
 
@@ -112,13 +105,14 @@ def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
             delay = min(delay * 2, 5.0)
 
 
-class JobRun:
+class Attempt:
     """One attempt of one job on this worker."""
 
     def __init__(self, ctx: WorkerContext, job_id: str):
         self.ctx = ctx
         self.conn = ctx.connection
         self.job_id = keys.check_job_id(job_id)
+        self.record = JobRecord(self.conn, self.job_id)
         self.store = ctx.store
         self.log: LogWriter | None = None
         self.log_file: Any = None
@@ -140,29 +134,27 @@ class JobRun:
             except (OSError, ValueError):
                 pass
 
-    def _start(self) -> dict[str, Any] | None:
-        """Claim the job; None when it is not ours to run (cancelled while queued, deleted, already running)."""
+    def _start(self) -> bool:
+        """Claim the job and read its record; False when it is not ours to run (cancelled while queued, deleted,
+        already running)."""
         from rq import get_current_job
 
         rq_job = get_current_job()
         rq_id = rq_job.id if rq_job is not None else self.job_id
         result = _retry_redis(mark_started, self.conn, self.job_id, self.ctx.worker_name, rq_id)
-        if result != "ok":
-            return None
-        return read_status(self.conn, self.job_id)
+        return result == "ok" and self.record.refresh()
 
-    def _prepare(self, status: dict[str, Any]) -> tuple[Path, list[str], int, bool]:
-        cfg = dict(status.get("config") or {})
+    def _prepare(self) -> tuple[Path, list[str], int, bool]:
+        cfg = self.record.config
         data = dict(cfg.get("data") or {})
         path = data.get("path")
         if path and str(path).startswith(DATASET_REF_PREFIX):
             self.note(f"fetching dataset {path}")
             data["path"] = str(self.store.fetch_dataset(path))
         cfg["data"] = data
-        cfg["track"] = self._track(cfg.get("track") or {}, status, path)
+        cfg["track"] = self._track(cfg.get("track") or {}, path)
         run_dir = self.store.local_run_dir(self.job_id)
-        attempt = int(status.get("attempt") or 0)
-        resume = attempt > 0
+        resume = self.record.attempt > 0
         if resume and not self.store.is_local:
             n = self.store.sync_down(self.job_id, run_dir)
             self.note(f"downloaded {n} file(s) of the run folder from {self.store.url} to resume")
@@ -171,18 +163,18 @@ class JobRun:
         tmp = config_path.with_name(f"{config_path.name}.{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         os.replace(tmp, config_path)  # atomic: the nodes of a multi-node job on one shared store write it each
-        nproc = int(status.get("gpus") or 1)
+        nproc = self.record.gpus
         self.run_dir = run_dir
         cmd = self._command(config_path, run_dir, nproc, resume)
         return run_dir, cmd, nproc, resume
 
-    def _track(self, track: dict[str, Any], status: dict[str, Any], dataset_ref: Any) -> dict[str, Any]:
+    def _track(self, track: dict[str, Any], dataset_ref: Any) -> dict[str, Any]:
         """The config's `track` section with what only the worker knows: the MLflow run is named after the job and
         tagged with its id, this worker and the uploaded dataset's content hash (core/tracking.py)."""
         tags = {**dict(track.get("tags") or {}), "job_id": self.job_id, "worker": self.ctx.worker_name}
         if dataset_ref and str(dataset_ref).startswith(DATASET_REF_PREFIX):  # artifact:datasets/<sha256>.zip
             tags["dataset_hash"] = str(dataset_ref).rsplit("/", 1)[-1].removesuffix(".zip")
-        return {**track, "run_name": track.get("run_name") or status.get("name") or self.job_id, "tags": tags}
+        return {**track, "run_name": track.get("run_name") or self.record.get("name") or self.job_id, "tags": tags}
 
     def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
         """The training command of this attempt (a node of a multi-node job builds its own)."""
@@ -193,7 +185,7 @@ class JobRun:
 
     def _launched(self, proc: Launched, run_dir: Path) -> None:
         """The command is running (diagnostics in the status)."""
-        update_fields(self.conn, self.job_id, {"pid": proc.pid, "run_dir": str(run_dir)})
+        self.record.save(pid=proc.pid, run_dir=str(run_dir))
 
     def _after_failed_exit(self, rc: int) -> str | None:
         """The command exited non-zero by itself: an outcome that overrides `failed` ('lost', 'cancel'), or None."""
@@ -203,12 +195,12 @@ class JobRun:
         """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
         deleted), None otherwise. Redis errors keep the run going: training does not need Redis."""
         try:
-            cancel, state, owner = self.conn.hmget(keys.job(self.job_id), "cancel_requested", "state", "worker")
+            self.record.refresh("cancel_requested", "worker")
         except redis.exceptions.RedisError:
             return None
-        if cancel == b"1":
+        if self.record.cancel_requested:
             return "cancel"
-        if state != b"running" or (owner or b"").decode() != self.ctx.worker_name:
+        if self.record.state is not JobState.RUNNING or self.record.worker != self.ctx.worker_name:
             return "lost"
         return None
 
@@ -237,10 +229,9 @@ class JobRun:
                 last_sig = sig
                 self._sync()
 
-    def _error_from(self, status: dict[str, Any] | None, rc: int | None) -> tuple[str, str]:
-        status = status or {}
-        if status.get("error"):
-            return str(status["error"]), str(status.get("error_kind") or "TrainingError")
+    def _error_from(self, rc: int | None) -> tuple[str, str]:
+        if self.record.refresh("error", "error_kind") and self.record.get("error"):
+            return str(self.record.get("error")), str(self.record.get("error_kind", "TrainingError"))
         tail = list(self.log.tail) if self.log else []
         for line in reversed(tail):
             if line.rstrip().endswith("(traceback above)"):  # core's summary line: the exception's own line is better
@@ -268,9 +259,9 @@ class JobRun:
         cannot use, a network that lets the worker through but not it) would show epoch 0 and no test accuracy.
         Then the status takes them from the run's report.json, and the log says why the charts are empty."""
         try:
-            if int(self.conn.hget(keys.job(self.job_id), "epoch") or 0) > 0:
+            if not self.record.refresh("epoch") or self.record.epoch > 0:
                 return {}
-        except (redis.exceptions.RedisError, ValueError):
+        except redis.exceptions.RedisError:
             return {}
         try:
             report = json.loads(((self.run_dir or Path(".")) / rf.REPORT).read_text(encoding="utf-8"))
@@ -298,11 +289,8 @@ class JobRun:
         """Give the job back (worker shutting down): recovering, re-enqueued at the front; not a recovery count."""
         state, attempt = _retry_redis(claim_for_requeue, self.conn, self.job_id, self.ctx.worker_name,
                                       max_recoveries=-1, reason=reason)
-        if state == "recovering":
-            status = read_status(self.conn, self.job_id) or {}
-            enqueue_attempt(self.conn, self.job_id, gpus=int(status.get("gpus") or 1),
-                            priority=status.get("priority") or "default", attempt=attempt, at_front=True)
-            update_fields(self.conn, self.job_id, {"rq_job": keys.rq_job_id(self.job_id, attempt)})
+        if state == JobState.RECOVERING:
+            enqueue_next_attempt(self.conn, self.job_id, attempt)
             self.note(f"re-queued ({reason}); it will resume from its last checkpoint")
         return {"state": state, "job_id": self.job_id}
 
@@ -325,13 +313,13 @@ class JobRun:
 
     # -------------------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
-        status = self._start()
-        if status is None:
+        if not self._start():
             return {"state": "skipped", "job_id": self.job_id}
+        sweep = self.record.get("sweep")  # a sweep's trial: its sweep learns when it ends
         self.ctx.current_job = self.job_id
         self.log = LogWriter(self.conn, self.job_id)
         try:
-            result = self._run(status)
+            result = self._run()
         except Exception as err:  # a bug or an unexpected OS error must not leave the job `running` forever
             logging.getLogger("worker").exception("job %s: worker error", self.job_id)
             self.note(f"worker error: {type(err).__name__}: {err}")
@@ -341,14 +329,14 @@ class JobRun:
             if self.log_file is not None:
                 self.log_file.close()
             self.log.close()
-        if status.get("sweep") and result.get("state") in {s.value for s in FINAL_STATES}:
-            trial_ended(self.conn, status["sweep"])  # tell Optuna, enqueue the sweep's next trial
+        if sweep and result.get("state") in FINAL_STATES:
+            trial_ended(self.conn, sweep)  # tell Optuna, enqueue the sweep's next trial
         return result
 
-    def _run(self, status: dict[str, Any]) -> dict[str, Any]:
-        attempt = int(status.get("attempt") or 0)
+    def _run(self) -> dict[str, Any]:
+        attempt = self.record.attempt
         try:
-            run_dir, cmd, nproc, resume = self._prepare(status)
+            run_dir, cmd, nproc, resume = self._prepare()
             self.log_file = (run_dir / rf.JOB_LOG).open("a", encoding="utf-8")
         except (ArtifactError, OSError) as err:
             self.note(f"cannot prepare the run: {err}")
@@ -361,16 +349,16 @@ class JobRun:
                   + (", resuming from the last checkpoint" if resume else ""))
         env = self._env(devices, nproc)
         started = time.monotonic()
-        timeout = status.get("timeout")
+        timeout = self.record.timeout
         proc = self.ctx.warm.take(cmd, env, self.on_line) if self.ctx.warm is not None else None
         if proc is not None:
             self.note("running in the worker's pre-started training process")
-            if status.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
+            if self.record.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
                 self.ctx.warm.start()  # its trainer ready when this one ends (imports overlap with training)
         else:
             proc = Launched(cmd, env, self.on_line)
-        monitor = (TrialMonitor(self.conn, status["sweep"], int(status["trial"]), self.job_id)
-                   if status.get("sweep") and status.get("trial") is not None else None)
+        sweep, trial = self.record.get("sweep"), self.record.get("trial")
+        monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
         if monitor is not None:
             monitor.prepare()
         prune_reason = None
@@ -445,7 +433,7 @@ class JobRun:
             fields.update(self._fields_from_report())
         else:
             state = JobState.FAILED
-            fields["error"], fields["error_kind"] = self._error_from(read_status(self.conn, self.job_id), rc)
+            fields["error"], fields["error_kind"] = self._error_from(rc)
             if full := self._store_full(fields["error"]):
                 fields["error"], fields["error_kind"] = f"{full}: {fields['error']}", "ArtifactError"
             msg = f"failed with exit code {rc}: {fields['error']}"
@@ -457,12 +445,3 @@ class JobRun:
             state, fields["error"], fields["error_kind"] = JobState.FAILED, str(err), "ArtifactError"
         return self._finish(state, **fields)
 
-
-def requeue_recovered(conn: redis.Redis, job_id: str, attempt: int, reason: str) -> None:
-    """After a successful recovery claim: drop the dead attempt's RQ record, enqueue the next attempt in front."""
-    status = read_status(conn, job_id) or {}
-    discard_rq_job(conn, status.get("rq_job"))
-    enqueue_attempt(conn, job_id, gpus=int(status.get("gpus") or 1), priority=status.get("priority") or "default",
-                    attempt=attempt, at_front=True)
-    update_fields(conn, job_id, {"rq_job": keys.rq_job_id(job_id, attempt)})
-    conn.xadd(keys.logs(job_id), {"line": f"[worker] re-queued as attempt {attempt}: {reason}", "src": "worker"})

@@ -6,6 +6,7 @@ run` processes training digits on CPU (small images, 2-3 epochs):
   trials' own reports;
 - a sweep built to prune (median pruner, an lr of 1e-6 that cannot learn): a trial ends `pruned` before its last
   epoch and its worker is free within 10 s;
+- `sweep-cancel` with a trial running and one queued: both end `cancelled` within seconds, no rank survives;
 - every bad input through the CLI (exit 2, nothing written or enqueued).
 """
 from __future__ import annotations
@@ -334,3 +335,24 @@ def test_a_trial_that_cannot_learn_is_pruned(redis_conn: Any, job_env: dict[str,
         assert job["ended_at"] - reported_at < 10, (job, last_epoch)  # its worker was free within 10 s
         assert row["optuna_state"] == "pruned"
     assert st["best_trial"] in (0, 1) and st["best_value"] > 0.5
+
+
+def test_cancel_stops_the_running_trial_and_drops_the_queued_one(redis_conn: Any, job_env: dict[str, str],
+                                                                 spawn: Any, test_token: str) -> None:
+    from tests.test_worker_jobs import rank_processes
+
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=4, parallel=2, pruner="none",
+                                overrides=[*FAST, "train.epochs=3"], allow_local_paths=True)
+    start_worker(spawn, job_env)
+    wait_for(lambda: api.sweep_status(redis_conn, sweep_id, with_trials=False)["counts"]["running"] == 1, 120,
+             "a trial to run", explain=explain(redis_conn, sweep_id, spawn))
+    out = run_cli(["worker", "sweep-cancel", sweep_id], job_env)
+    assert out.returncode == 0 and "cancelled" in out.stdout, out
+    wait_for(lambda: not api.sweep_status(redis_conn, sweep_id, with_trials=False)["counts"]["running"], 15,
+             "the running trial to stop", explain=explain(redis_conn, sweep_id, spawn))
+    told = lambda: all(r["optuna_state"] != "running" for r in api.sweep_trials(redis_conn, sweep_id))  # noqa: E731
+    wait_for(told, 15, "its worker to tell Optuna", explain=explain(redis_conn, sweep_id, spawn))
+    st = api.sweep_status(redis_conn, sweep_id)
+    assert st["state"] == "cancelled" and st["counts"]["cancelled"] == 2 and st["ended"] == 2, st
+    assert [r["optuna_state"] for r in st["trials_table"]] == ["fail", "fail"]  # no third trial was asked
+    wait_for(lambda: not rank_processes(test_token), 10, "no training process left")

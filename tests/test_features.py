@@ -277,3 +277,14 @@ def test_torchrun_two_ranks_each_embed_their_shard(tmp_path: Path) -> None:
     assert report["feature_cache"]["images_embedded"] == 2 * (counts["train"] // 2) + -(-counts["val"] // 2)
     assert [e["epoch"] for e in _records(out, "epoch")] == [1, 2, 3]
     assert sum(sum(r) for r in report["test"]["confusion_matrix"]) == counts["test"]
+
+
+def test_views_come_from_the_pil_pipeline_when_the_tensor_cache_is_off(tmp_path: Path) -> None:
+    """`strong` augmentation (and datasets over data.cache_max_mb) keep the DataLoader: views are its PIL transforms."""
+    run = tmp_path / "run"
+    report = train(load_config(None, tiny_transfer("export.enabled=false", "data.augment=strong", "train.epochs=2")),
+                   run)
+    counts = report["data"]["counts"]
+    assert report["data_path"] == "feature_cache"
+    assert report["feature_cache"]["images_embedded"] == 2 * counts["train"] + counts["val"]
+    assert [e["epoch"] for e in _records(run, "epoch")] == [1, 2]

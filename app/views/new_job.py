@@ -292,7 +292,7 @@ SECTIONS = {
     "Model and data": ["model.name", "model.pretrained", "model.freeze", "data.image_size", "data.color_mode",
                        "data.augment"],
     "Training": ["train.epochs", "train.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
-                 "train.amp", "train.label_smoothing"],
+                 "train.amp", "train.label_smoothing", "train.feature_cache", "data.feature_views"],
     "Resources and export": ["gpus", "nodes", "priority", "name", "export.enabled", "export.int8"],
 }
 by_key = {f.key: f for f in forms.fields()}
@@ -302,7 +302,8 @@ with st.form(prefix + "form", border=True):
         with col:
             st.markdown(f"**{title}**")
             for k in keys:
-                widget(by_key[k], init.get(k), prefix + k)
+                if forms.shown(k, init):
+                    widget(by_key[k], init.get(k), prefix + k)
     if errors:
         st.error("**Nothing was submitted.**  \n" + "  \n".join(errors.values()), icon=":material/block:")
     if sweep_mode:

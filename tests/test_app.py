@@ -196,6 +196,17 @@ def test_frozen_backbone_without_pretrained_is_explained(app_env: Any) -> None:
     assert any(e.value.startswith("model.freeze:") for e in at.error)
 
 
+def test_feature_cache_fields_show_for_a_frozen_backbone_preset(app_env: Any) -> None:
+    at = open_page("new")
+    labels = [w.label for w in at.selectbox] + [w.label for w in at.number_input]
+    assert "Feature cache" not in labels and "Augmented views per image" not in labels  # digits: nothing frozen
+    widget(at, "selectbox", "Start from").set_value("transfer_efficientnet_lite0").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert widget(at, "selectbox", "Freeze").value == "backbone"
+    assert widget(at, "selectbox", "Feature cache").value == "auto"
+    assert widget(at, "number_input", "Augmented views per image").value == 4
+
+
 def choose_upload(at: Any) -> Any:
     at.radio[0].set_value("upload").run()
     assert not at.exception

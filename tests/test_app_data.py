@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 
 from app import forms
-from app.data import LiveSeries, differing_params, fmt_seconds, jobs_frame, thin
-from app.stream import chart_events_since, epoch_events
+from app.tables import LiveSeries, differing_params, fmt_seconds, jobs_frame, thin
 from tests.fixtures_app import seed_step_events
+from worker.chartstream import chart_events_since, epoch_events
 
 
 def step(i: str, epoch: int, s: int, loss: float = 1.0) -> dict[str, Any]:

@@ -27,3 +27,10 @@ def password_file() -> Path:
 def cache_dir() -> Path:
     """Worker-local cache: datasets fetched from a remote store, run folders of jobs synced to a remote store."""
     return var_dir() / "cache"
+
+
+def dataset_cache_dir() -> Path:
+    """Datasets on this machine: zips fetched from a remote store (`<sha256>.zip`) and, because the worker hands this
+    folder to its training processes as DATA_CACHE_DIR, core's extractions of them (`<sha256, 16 hex>/`). One folder,
+    under var/ of the repository (or TRAINER_VAR_DIR), whatever the working directory."""
+    return cache_dir() / "datasets"

@@ -269,7 +269,7 @@ def _still_held(conn: redis.Redis, sweep_id: str, token: str) -> bool:
 # -------------------------------------------------------------------------------------------------- the sweep loop
 def objective(conn: redis.Redis, job_id: str, metric: str, direction: str) -> float | None:
     """The trial's value: the best `metric` over its epoch events (max or min by direction), None when none has it."""
-    from worker.streaming import epoch_events
+    from worker.chartstream import epoch_events
 
     values = [float(e[metric]) for e in epoch_events(conn, job_id)
               if isinstance(e.get(metric), (int, float)) and math.isfinite(e[metric])]

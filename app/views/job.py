@@ -13,7 +13,8 @@ import streamlit as st
 from app import ui
 from app.charts import confusion_figure, live_figures
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
-from app.data import (
+from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
+from app.tables import (
     STATE_COLORS,
     STATE_ICONS,
     LiveSeries,
@@ -24,12 +25,14 @@ from app.data import (
     nodes_frame,
     per_class_frame,
 )
-from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
-from app.stream import chart_events_since
 from worker import api
-from worker.api import JobState
-from worker.artifacts import NAMED_ARTIFACTS
-from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
+from worker.api import (
+    NAMED_ARTIFACTS,
+    InvalidJobStateError,
+    JobState,
+    NoSuchJobError,
+    SubmissionError,
+)
 
 SERIES_KEPT = 8  # jobs whose chart series a session keeps (the most recently viewed)
 
@@ -167,10 +170,10 @@ def draw_charts(series: LiveSeries, job: str) -> None:
 
 
 def draw_log(s: dict[str, Any], job: str) -> None:
-    lines = [e["line"] for e in api.logs_tail(conn, job, LOG_TAIL_LINES)]
+    lines = [e["line"] for e in api.logs_tail(conn, job, LIVE_LOG_LINES)]
     if not lines and s.get("log_tail"):
         lines = list(s["log_tail"])
-    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != JobState.FINISHED):
+    with st.expander(f"Log (last {LIVE_LOG_LINES} lines)", expanded=s["state"] != JobState.FINISHED):
         st.code("\n".join(lines) or "(no log lines yet)", language=None, height=300 if len(lines) > 12 else "content")
 
 
@@ -187,7 +190,7 @@ def live(job: str) -> None:
         return
     series = series_for(job)
     try:
-        series.add(*chart_events_since(conn, job, series.last_id))
+        series.add(*api.chart_events_since(conn, job, series.last_id))
     except REDIS_ERRORS:
         pass  # drawn from what we have; the next refresh continues from the same id
     draw_status(s, series)
@@ -200,7 +203,7 @@ def live(job: str) -> None:
 def ended(job: str, s: dict[str, Any]) -> None:
     """A job that has ended: its status, results and downloads first, then its curves and log (no refreshing)."""
     series = series_for(job)
-    series.add(*chart_events_since(conn, job, series.last_id))
+    series.add(*api.chart_events_since(conn, job, series.last_id))
     draw_status(s, series)
     if s["state"] == JobState.FINISHED:
         draw_results(job, s)

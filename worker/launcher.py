@@ -26,7 +26,7 @@ from worker.defaults import (
     REPO_ROOT,
     TERMINATE_GRACE,
 )
-from worker.paths import dataset_cache_dir
+from worker.paths import extraction_cache_dir
 from worker.procutil import terminate_tree
 from worker.streaming import ENV_JOB_ID
 from worker.warmstart import READY_LINE
@@ -102,11 +102,11 @@ def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: 
     With `advertise_addr` (a node of a multi-node job): the process-group timeout CORE_DIST_TIMEOUT (a lost peer
     stops this node within a minute), and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when not set already, name the
     interface holding that address, so the ranks talk over the address the other machines reach. Datasets are extracted
-    into this machine's dataset cache (DATA_CACHE_DIR, unless set), next to the zips the worker fetched there."""
+    into this machine's extraction cache (DATA_CACHE_DIR, unless set: `worker.paths.extraction_cache_dir`)."""
     from core.data.defaults import CACHE_DIR_ENV
 
     env = dict(os.environ)
-    env.setdefault(CACHE_DIR_ENV, str(dataset_cache_dir()))
+    env.setdefault(CACHE_DIR_ENV, str(extraction_cache_dir()))
     if advertise_addr:
         env.setdefault("CORE_DIST_TIMEOUT", str(MULTINODE_PG_TIMEOUT))  # the worker's own environment may raise it
         iface = interface_of(advertise_addr)
@@ -176,6 +176,16 @@ class Launched:
             return None
 
 
+def _has_live_child(pid: int) -> bool:
+    """Whether the process `pid` (a guard) still has a child that is not a zombie (the command it guards)."""
+    import psutil
+
+    try:
+        return any(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process(pid).children())
+    except psutil.Error:
+        return False
+
+
 class WarmTrainer:
     """One pre-started one-rank training process (see the module docstring); it serves one job, then the worker
     starts the next. `take` hands a job over, or returns None when the job must start cold (torchrun, another
@@ -220,6 +230,9 @@ class WarmTrainer:
             return None
         if proc.poll() is not None:
             proc.wait_output(timeout=1.0)
+            return None
+        if not _has_live_child(proc.pid):  # the trainer died and its guard has not exited yet: it would fail the job
+            proc.stop(grace=1.0)
             return None
         with self._lock:
             early = list(self._early)

@@ -30,7 +30,12 @@ def cache_dir() -> Path:
 
 
 def dataset_cache_dir() -> Path:
-    """Datasets on this machine: zips fetched from a remote store (`<sha256>.zip`) and, because the worker hands this
-    folder to its training processes as DATA_CACHE_DIR, core's extractions of them (`<sha256, 16 hex>/`). One folder,
-    under var/ of the repository (or TRAINER_VAR_DIR), whatever the working directory."""
+    """Dataset zips fetched from a remote store (`<sha256>.zip`), once per machine."""
     return cache_dir() / "datasets"
+
+
+def extraction_cache_dir() -> Path:
+    """Where this machine's training processes extract dataset zips (core's cache, `<sha256, 16 hex>/`): the worker
+    hands it to them as DATA_CACHE_DIR, so it lives under var/ (or TRAINER_VAR_DIR) like every other cache of the
+    worker, whatever the working directory."""
+    return cache_dir() / "extracted"

@@ -44,7 +44,7 @@ from worker.paths import var_dir
 from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
 from worker.record import JobRecord, mark_final, request_cancel
-from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
+from worker.states import ACTIVE_STATES, FINAL_STATES, WAITING_STATES, JobState
 from worker.streaming import (
     events_since,
     follow_logs,
@@ -95,7 +95,7 @@ def job_nodes(conn: redis.Redis, job_id: str, st: dict[str, Any] | None = None) 
         st = record.fields if record else {}
     if int(st.get("num_nodes") or 1) <= 1:
         return []
-    if st.get("state") in (JobState.QUEUED, JobState.RECOVERING):
+    if st.get("state") in WAITING_STATES:
         return [{"node_rank": None, "worker": name, "state": "reserved", "ranks": st.get("gpus")}
                 for name in gang.members(conn, job_id)]
     out = [json.loads(v) for v in conn.hvals(keys.nodes(job_id))]

@@ -220,14 +220,16 @@ class Attempt:
         """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
         deleted), None otherwise. Redis errors keep the run going: training does not need Redis."""
         try:
-            self.record.refresh("cancel_requested", "worker")
+            self.record.refresh("cancel_requested", "worker", "attempt")
         except redis.exceptions.RedisError:
             return None
         if self.record.cancel_requested:
             return "cancel"
-        if self.record.state is not JobState.RUNNING or self.record.worker != self.ctx.worker_name:
-            return "lost"
-        return None
+        return None if self.record.state is JobState.RUNNING and self._still_ours() else "lost"
+
+    def _still_ours(self) -> bool:
+        """The running job (its record just refreshed) is still this attempt's: this worker runs it."""
+        return self.record.worker == self.ctx.worker_name
 
     def _sync(self, final: bool = False) -> None:
         if self.store.is_local or self.run_dir is None:

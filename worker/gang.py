@@ -21,7 +21,6 @@ Lua scripts name every key they touch in KEYS (the member names are fields of on
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -30,9 +29,9 @@ import redis
 
 from worker import keys
 from worker.defaults import GANG_RESERVATION_TIMEOUT, PRIORITIES
-
-ACTIVE_STATES = ("queued", "recovering")
-"""States in which a multi-node job gathers its gang."""
+from worker.hashcodec import text
+from worker.record import JobRecord, state_script
+from worker.states import WAITING_STATES, JobState
 
 
 def reservation_timeout() -> float:
@@ -56,9 +55,9 @@ def waiting_note(reserved: int, nodes: int) -> str:
 
 # KEYS: job hash, gang hash, reservations hash, gangs zset, running set, recovering set, nodes hash.
 # ARGV: worker, now, job id, worker slots.
-_RESERVE = """
+_RESERVE = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'recovering' then
+if state ~= $QUEUED and state ~= $RECOVERING then
   redis.call('ZREM', KEYS[4], ARGV[3])
   return {'gone', 0}
 end
@@ -85,7 +84,7 @@ for i = 1, #flat, 2 do table.insert(members, {flat[i], tonumber(flat[i + 1])}) e
 table.sort(members, function(a, b) if a[2] ~= b[2] then return a[2] < b[2] end return a[1] < b[1] end)
 local names = {}
 for i, m in ipairs(members) do names[i] = m[1] end
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', names[1], 'gang', cjson.encode(names),
+redis.call('HSET', KEYS[1], 'state', $RUNNING, 'worker', names[1], 'gang', cjson.encode(names),
            'attempt_started_at', ARGV[2], 'updated_at', ARGV[2], 'rq_job', '')
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'waiting', 'error', 'error_kind', 'exit_code', 'log_tail', 'gang_since', 'rendezvous')
@@ -94,12 +93,12 @@ redis.call('SADD', KEYS[5], ARGV[3])
 redis.call('SREM', KEYS[6], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 return {'started', n}
-"""
+""")
 
 # KEYS: job hash, gang hash, reservations hash. ARGV: now, job id, worker names to drop...
-_DROP = """
+_DROP = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'recovering' then return -1 end
+if state ~= $QUEUED and state ~= $RECOVERING then return -1 end
 for i = 3, #ARGV do
   redis.call('HDEL', KEYS[2], ARGV[i])
   if redis.call('HGET', KEYS[3], ARGV[i]) == ARGV[2] then redis.call('HDEL', KEYS[3], ARGV[i]) end
@@ -109,15 +108,15 @@ local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
 if n == 0 then redis.call('HDEL', KEYS[1], 'gang_since') end
 redis.call('HSET', KEYS[1], 'waiting', n .. ' of ' .. nodes .. ' workers reserved', 'updated_at', ARGV[1])
 return n
-"""
+""")
 
 # KEYS: job hash, gang hash, reservations hash, gangs zset.
 # ARGV: now, timeout (or 'force'), job id, note for `waiting`.
 # Timed out: the gang is released (the job keeps waiting); 'force' (cancel, delete): released and out of the ZSET.
-_RELEASE = """
+_RELEASE = state_script("""
 if ARGV[2] ~= 'force' then
   local state = redis.call('HGET', KEYS[1], 'state')
-  if state ~= 'queued' and state ~= 'recovering' then return 0 end
+  if state ~= $QUEUED and state ~= $RECOVERING then return 0 end
   local since = tonumber(redis.call('HGET', KEYS[1], 'gang_since') or '')
   if not since or tonumber(ARGV[1]) - since < tonumber(ARGV[2]) then return 0 end
 end
@@ -133,16 +132,16 @@ else
   redis.call('HSET', KEYS[1], 'waiting', ARGV[4], 'updated_at', ARGV[1])
 end
 return 1
-"""
+""")
 
 # KEYS: job hash, running set, recovering set, gangs zset, gang hash, reservations hash.
 # ARGV: the attempt that failed, max recoveries (-1: do not count), now, job id, reason, ZSET score.
 # Exactly one caller wins per attempt (the attempt number must still match): the whole job goes back to waiting for
 # a new gang, resuming from its last checkpoint.
-_REQUEUE = """
+_REQUEUE = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
-if state ~= 'running' or attempt ~= ARGV[1] then return {state or 'missing', 0} end
+if state ~= $RUNNING or attempt ~= ARGV[1] then return {state or 'missing', 0} end
 redis.call('SREM', KEYS[2], ARGV[4])
 for _, name in ipairs(redis.call('HKEYS', KEYS[5])) do
   if redis.call('HGET', KEYS[6], name) == ARGV[4] then redis.call('HDEL', KEYS[6], name) end
@@ -153,48 +152,44 @@ if tonumber(ARGV[2]) >= 0 then
   recoveries = recoveries + 1
   redis.call('HSET', KEYS[1], 'recoveries', recoveries)
   if recoveries > tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[1], 'state', 'failed', 'ended_at', ARGV[3], 'updated_at', ARGV[3],
+    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
                'error', 'a node was lost ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
                'error_kind', 'WorkerLost')
-    return {'failed', 0}
+    return {$FAILED, 0}
   end
 end
 local new_attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
-redis.call('HSET', KEYS[1], 'state', 'recovering', 'previous_worker', redis.call('HGET', KEYS[1], 'worker') or '',
+redis.call('HSET', KEYS[1], 'state', $RECOVERING, 'previous_worker', redis.call('HGET', KEYS[1], 'worker') or '',
            'worker', '', 'recovered_at', ARGV[3], 'updated_at', ARGV[3], 'recovery_reason', ARGV[5],
            'waiting', '0 of ' .. nodes .. ' workers reserved')
 redis.call('HDEL', KEYS[1], 'gang_since', 'rendezvous')
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
-return {'recovering', new_attempt}
-"""
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+return {$RECOVERING, new_attempt}
+""")
 
 
 def waiting_jobs(conn: redis.Redis, limit: int = 50) -> list[str]:
     """Multi-node jobs waiting for a gang, first served first."""
-    return [_text(j) for j in conn.zrange(keys.gangs(), 0, limit - 1)]
+    return [text(j) for j in conn.zrange(keys.gangs(), 0, limit - 1)]
 
 
 def reserved_job(conn: redis.Redis, worker: str) -> str | None:
     """The multi-node job this worker is reserved for, or None."""
     raw = conn.hget(keys.reservations(), worker)
-    return _text(raw) if raw else None
+    return text(raw) if raw else None
 
 
 def reservations(conn: redis.Redis) -> dict[str, str]:
     """worker name → job id, for every worker holding a reservation."""
-    return {_text(k): _text(v) for k, v in conn.hgetall(keys.reservations()).items()}
+    return {text(k): text(v) for k, v in conn.hgetall(keys.reservations()).items()}
 
 
 def members(conn: redis.Redis, job_id: str) -> list[str]:
     """The workers reserved for a waiting job, in reservation order."""
     raw = conn.hgetall(keys.gang(job_id))
-    return [name for name, _ in sorted(((_text(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))]
+    return [name for name, _ in sorted(((text(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))]
 
 
 def reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[str, int]:
@@ -203,7 +198,7 @@ def reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[st
     result, count = conn.eval(_RESERVE, 7, keys.job(job_id), keys.gang(job_id), keys.reservations(), keys.gangs(),
                               keys.running_set(), keys.recovering_set(), keys.nodes(job_id),
                               worker, time.time(), job_id, int(slots))
-    return _text(result), int(count)
+    return text(result), int(count)
 
 
 def try_reserve(conn: redis.Redis, worker: str, slots: int) -> str | None:
@@ -252,9 +247,10 @@ def dead_workers(conn: redis.Redis, names: list[str]) -> list[str]:
 
 def release_if_stale(conn: redis.Redis, job_id: str, timeout: float) -> bool:
     """Release an incomplete gang whose first reservation is `timeout` s old; True when this call released it."""
-    nodes = conn.hget(keys.job(job_id), "num_nodes") or b"?"
-    note = (f"{waiting_note(0, int(nodes) if nodes.isdigit() else 0)} (the last gang did not complete within "
-            f"{timeout:g} s and was released; waiting for {_text(nodes)} free workers)")
+    record = JobRecord.find(conn, job_id, "num_nodes")
+    nodes = record.num_nodes if record else 0
+    note = (f"{waiting_note(0, nodes)} (the last gang did not complete within "
+            f"{timeout:g} s and was released; waiting for {nodes or '?'} free workers)")
     return bool(conn.eval(_RELEASE, 4, keys.job(job_id), keys.gang(job_id), keys.reservations(), keys.gangs(),
                           time.time(), timeout, job_id, note))
 
@@ -276,13 +272,13 @@ def requeue_running(conn: redis.Redis, job_id: str, attempt: int, *, reason: str
     """The attempt `attempt` of a running multi-node job lost a node (or its worker shuts down): the whole job waits
     for a new gang and resumes from its checkpoint. ('recovering', new attempt), ('failed', 0) past the cap, or
     (the state, 0) when another caller already moved it on."""
-    priority, submitted = conn.hmget(keys.job(job_id), "priority", "submitted_at")
-    sc = score(_text(priority) if priority else "default", float(submitted or time.time()))
+    record = JobRecord.find(conn, job_id, "priority", "submitted_at")
+    sc = score(record.priority if record else "default", (record and record.get("submitted_at")) or time.time())
     state, new_attempt = conn.eval(_REQUEUE, 6, keys.job(job_id), keys.running_set(), keys.recovering_set(),
                                    keys.gangs(), keys.gang(job_id), keys.reservations(), attempt, max_recoveries,
                                    time.time(), job_id, reason, sc)
-    state = _text(state)
-    if state == "recovering":
+    state = text(state)
+    if state == JobState.RECOVERING:
         conn.xadd(keys.logs(job_id), {"line": f"[worker] re-queued as attempt {new_attempt} ({reason}); "
                                               "it waits for a new gang and resumes from its last checkpoint",
                                       "src": "worker"})
@@ -295,13 +291,11 @@ def poll(conn: redis.Redis, job_id: str, worker: str, *, timeout: float) -> tupl
     longer reserved (timed out, cancelled, dropped)."""
     if reserved_job(conn, worker) != job_id:
         return "released", 0, 0
-    state, gang_json, attempt = conn.hmget(keys.job(job_id), "state", "gang", "attempt")
-    state_text = _text(state) if state else "missing"
-    if state_text == "running":
-        gang_list = json.loads(_text(gang_json)) if gang_json else []
-        if worker in gang_list:
-            return "start", gang_list.index(worker), int(attempt or 0)
-    if state_text not in ACTIVE_STATES:
+    record = JobRecord.find(conn, job_id, "gang", "attempt")
+    state = record.state if record else None
+    if state is JobState.RUNNING and worker in record.gang:
+        return "start", record.gang.index(worker), record.attempt
+    if state not in WAITING_STATES:
         unreserve(conn, worker, job_id)
         return "released", 0, 0
     drop_dead(conn, job_id, but=worker)

@@ -144,16 +144,9 @@ class NodeRun(Attempt):
         if self.node_rank == 0:
             super()._launched(proc, run_dir)
 
-    def _poll_flags(self) -> str | None:
-        try:
-            self.record.refresh("cancel_requested", "attempt")
-        except redis.exceptions.RedisError:
-            return None
-        if self.record.cancel_requested:
-            return "cancel"
-        if self.record.state is not JobState.RUNNING or self.record.attempt != self.attempt:
-            return "lost"
-        return None
+    def _still_ours(self) -> bool:
+        """Still this attempt (node 0's worker is the job's `worker`; every node checks the attempt number)."""
+        return self.record.attempt == self.attempt
 
     def _requeue_if_member_lost(self, what: str) -> bool:
         dead = gang.dead_workers(self.conn, [m for m in self.members if m != self.ctx.worker_name])

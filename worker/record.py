@@ -203,13 +203,13 @@ class JobRecord:
 
 
 # ------------------------------------------------------------------------------------------- state transitions
-def _lua(script: str) -> str:
+def state_script(script: str) -> str:
     """A script with `$RUNNING`-style placeholders filled with the states' values (quoted Lua strings)."""
     return Template(script).substitute({state.name: f"'{state.value}'" for state in JobState})
 
 
 # KEYS: job hash, running set, recovering set. ARGV: worker, now, rq job id, job id.
-_START = _lua("""
+_START = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= $QUEUED and state ~= $RECOVERING then return state or 'missing' end
 redis.call('HSET', KEYS[1], 'state', $RUNNING, 'worker', ARGV[1], 'attempt_started_at', ARGV[2],
@@ -222,7 +222,7 @@ return 'ok'
 """)
 
 # KEYS: job hash, running set. ARGV: worker, new state, now, job id, then field/value pairs.
-_FINISH = _lua("""
+_FINISH = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if state ~= $RUNNING or owner ~= ARGV[1] then return state or 'missing' end
@@ -233,7 +233,7 @@ return 'ok'
 """)
 
 # KEYS: job hash, running set, recovering set. ARGV: now, job id.
-_CANCEL = _lua("""
+_CANCEL = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == $QUEUED or state == $RECOVERING then
   redis.call('HSET', KEYS[1], 'state', $CANCELLED, 'ended_at', ARGV[1], 'updated_at', ARGV[1],
@@ -252,7 +252,7 @@ return state or 'missing'
 # KEYS: job hash, running set, recovering set.
 # ARGV: worker that must own it, max recoveries (-1: do not count), now, job id, reason.
 # The claim is the recovery's mutual exclusion: only the caller that flips running → recovering re-enqueues.
-_REQUEUE = _lua("""
+_REQUEUE = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if state ~= $RUNNING or owner ~= ARGV[1] then return {state or 'missing', 0} end

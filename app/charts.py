@@ -14,6 +14,8 @@ from app.tables import LiveSeries, thin
 from worker.api import JobState
 
 HEIGHT = 260
+_TEMPLATE = go.Figure().to_dict()["layout"].get("template", {})
+"""The default template a plotly Figure carries (Streamlit's theme replaces it in the browser)."""
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf")
 
@@ -40,49 +42,100 @@ def _line(x: Any, y: Any, name: str, color: str, *, dash: str | None = None, mar
                       line={"color": color, "dash": dash, "width": width}, opacity=opacity)
 
 
-def _add_steps(fig: go.Figure, s: LiveSeries, values: list[float], max_points: int, name: str, color: str,
-               **style: Any) -> bool:
-    """The per-step curve of `values`, thinned to max_points; False when no step event has arrived."""
+def _step_trace(s: LiveSeries, values: list[float], max_points: int, name: str, color: str,
+                **style: Any) -> list[dict[str, Any]]:
+    """The per-step curve of `values`, thinned to max_points, as a one-trace list; [] when no step event arrived."""
     if not s.step_x:
-        return False
+        return []
     x, y = thin(s.step_x, values, max_points)
-    fig.add_trace(_line(x, y, name, color, **style))
-    return True
+    return [_line_spec(x, y, name, color, **style)]
 
 
 def live_figures(s: LiveSeries, revision: str, max_points: int = CHART_MAX_POINTS) -> dict[str, go.Figure]:
-    """The four live charts of a job: loss, accuracy, learning rate, images/s."""
+    """The four live charts of a job: loss, accuracy, learning rate, images/s.
+
+    Built as finished specs (plain dicts, numpy arrays for the points) wrapped in `SpecFigure`: plotly's validating
+    constructors and `update_layout` took ~75 ms a chart here, on every refresh of every viewer, for figures whose
+    every key is a constant of this function (docs/benchmarks.md, "Live viewers").
+    """
     ep = np.asarray(s.epoch, dtype=float)
     figs: dict[str, go.Figure] = {}
 
-    loss = go.Figure()
-    _add_steps(loss, s, s.step_loss, max_points, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45)
+    loss = _step_trace(s, s.step_loss, max_points, "train loss (steps)", COLORS[0], width=1.0, opacity=0.45)
     if len(ep):
-        loss.add_trace(_line(ep, _arr(s.train_loss), "train loss", COLORS[0], markers=True))
-        loss.add_trace(_line(ep, _arr(s.val_loss), "val loss", COLORS[1], markers=True))
-    _layout(loss, "Loss", "loss", revision=revision)
-    figs["loss"] = loss
+        loss.append(_line_spec(ep, _arr(s.train_loss), "train loss", COLORS[0], markers=True))
+        loss.append(_line_spec(ep, _arr(s.val_loss), "val loss", COLORS[1], markers=True))
+    figs["loss"] = SpecFigure(_figure_spec(loss, "Loss", "loss", revision=revision))
 
-    acc = go.Figure()
+    acc = []
     if len(ep):
-        acc.add_trace(_line(ep, _arr(s.train_acc), "train accuracy", COLORS[0], markers=True))
-        acc.add_trace(_line(ep, _arr(s.val_acc), "val accuracy", COLORS[1], markers=True))
-    _layout(acc, "Accuracy", "accuracy", revision=revision, y_range=[0, 1.02] if len(ep) else None)
-    figs["accuracy"] = acc
+        acc.append(_line_spec(ep, _arr(s.train_acc), "train accuracy", COLORS[0], markers=True))
+        acc.append(_line_spec(ep, _arr(s.val_acc), "val accuracy", COLORS[1], markers=True))
+    figs["accuracy"] = SpecFigure(_figure_spec(acc, "Accuracy", "accuracy", revision=revision,
+                                               y_range=[0, 1.02] if len(ep) else None))
 
-    lr = go.Figure()
-    if not _add_steps(lr, s, s.step_lr, max_points, "learning rate", COLORS[2]) and len(ep):
-        lr.add_trace(_line(ep, _arr(s.epoch_lr), "learning rate", COLORS[2], markers=True))
-    _layout(lr, "Learning rate", "lr", revision=revision)
-    figs["lr"] = lr
+    lr = _step_trace(s, s.step_lr, max_points, "learning rate", COLORS[2])
+    if not lr and len(ep):
+        lr.append(_line_spec(ep, _arr(s.epoch_lr), "learning rate", COLORS[2], markers=True))
+    figs["lr"] = SpecFigure(_figure_spec(lr, "Learning rate", "lr", revision=revision))
 
-    ips = go.Figure()
-    _add_steps(ips, s, s.step_ips, max_points, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6)
+    ips = _step_trace(s, s.step_ips, max_points, "images/s (steps)", COLORS[4], width=1.0, opacity=0.6)
     if len(ep):
-        ips.add_trace(_line(ep, _arr(s.epoch_ips), "images/s (epoch)", COLORS[4], markers=True))
-    _layout(ips, "Throughput", "images/s", revision=revision)
-    figs["throughput"] = ips
+        ips.append(_line_spec(ep, _arr(s.epoch_ips), "images/s (epoch)", COLORS[4], markers=True))
+    figs["throughput"] = SpecFigure(_figure_spec(ips, "Throughput", "images/s", revision=revision))
     return figs
+
+
+class SpecFigure(go.Figure):
+    """A Figure that hands over a spec built here instead of holding plotly objects.
+
+    `st.plotly_chart` calls `to_dict()` (a deep copy of every point) and then serialises the result; this returns
+    the spec itself. The spec is read, never changed, so several sessions may share one. Only for specs this module
+    builds from its own constants: nothing is validated.
+    """
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        self._spec = spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._spec
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self._spec
+
+
+def _line_spec(x: Any, y: Any, name: str, color: str, *, dash: str | None = None, markers: bool = False,
+               width: float = 2.0, opacity: float = 1.0) -> dict[str, Any]:
+    """A scatter trace as `_line` draws it, as a spec (x, y: float arrays; plotly sends them as binary)."""
+    markers = markers or len(x) < 20
+    trace: dict[str, Any] = {"type": "scatter", "x": np.asarray(x, dtype=float), "y": np.asarray(y, dtype=float),
+                             "name": name, "mode": "lines+markers" if markers else "lines", "marker": {"size": 5},
+                             "line": {"color": color, "width": width}, "opacity": opacity}
+    if dash:
+        trace["line"]["dash"] = dash
+    return trace
+
+
+def _figure_spec(traces: list[dict[str, Any]], title: str, y_title: str, *, revision: str,
+                 y_range: list[float] | None = None) -> dict[str, Any]:
+    """`_layout`'s layout as a spec."""
+    layout: dict[str, Any] = {
+        "title": {"text": title, "font": {"size": 14}}, "height": HEIGHT,
+        "margin": {"l": 10, "r": 10, "t": 40, "b": 10}, "uirevision": revision, "hovermode": "x unified",
+        "legend": {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom",
+                   "font": {"size": 11}},
+        "xaxis": {"title": {"text": "epoch", "standoff": 4}},
+        "yaxis": {"title": {"text": y_title}, **({"range": y_range} if y_range else {})},
+        "template": _TEMPLATE,
+    }
+    if not traces:
+        layout["annotations"] = [{"text": "waiting for the first points", "showarrow": False, "xref": "paper",
+                                  "yref": "paper", "x": 0.5, "y": 0.5, "font": {"color": "gray"}}]
+        layout["xaxis"].update(range=[0, 1], showticklabels=False)
+        layout["yaxis"].update(showticklabels=False)
+    return {"data": traces, "layout": layout}
 
 
 def _arr(values: list[float | None]) -> np.ndarray:

@@ -22,6 +22,9 @@ JOB_PICKER_LIMIT = 300
 CHART_MAX_POINTS = 1500
 """Points per line drawn in a live chart: longer series are thinned (every point stays in the session's series)."""
 
+LIVE_JOBS_CACHED = 32
+"""Jobs whose chart series and figures the server keeps for its viewers (app/live.py), most recently viewed first."""
+
 LIVE_LOG_LINES = 40
 """Log lines shown in a job's live log tail on the Job page."""
 

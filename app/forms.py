@@ -64,6 +64,11 @@ def fields() -> list[Field]:
         Field("sched.name", "Schedule", "select", choices(Config, "sched.name")),
         Field("train.amp", "Mixed precision (AMP)", "bool"),
         Field("train.label_smoothing", "Label smoothing", "float", min_value=0.0, step=0.05, fmt="%g"),
+        Field("train.feature_cache", "Feature cache", "select", choices(Config, "train.feature_cache"),
+              help="frozen backbone: embed each image once (train images once per view) and train only the head on "
+                   "the cached features; epochs then cost almost nothing. auto: on when the backbone is frozen"),
+        Field("data.feature_views", "Augmented views per image", "int", min_value=1, max_value=64, step=1,
+              help="feature cache: augmented views of each train image embedded once; each epoch uses one"),
         Field("gpus", "GPUs", "int", min_value=1, max_value=MAX_GPUS_PER_JOB, step=1,
               help="GPUs on each worker (CPU ranks on a CPU-only worker)"),
         Field("nodes", "Nodes", "int", min_value=1, max_value=MAX_NODES_PER_JOB, step=1,
@@ -74,6 +79,15 @@ def fields() -> list[Field]:
         Field("export.enabled", "Export ONNX when training ends", "bool"),
         Field("export.int8", "Also an INT8 model", "bool"),
     ]
+
+
+FROZEN_BACKBONE_ONLY = ("train.feature_cache", "data.feature_views")
+"""Fields the form shows only when the preset or cloned job freezes the backbone (they change nothing else)."""
+
+
+def shown(key: str, values: dict[str, Any]) -> bool:
+    """Whether the form shows field `key` for these starting values."""
+    return key not in FROZEN_BACKBONE_ONLY or values.get("model.freeze") == "backbone"
 
 
 SUBMIT_OPTIONS = ("gpus", "nodes", "priority", "name")
@@ -160,7 +174,7 @@ def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str) -> d
     """
     cfg = copy.deepcopy(raw)
     for key, value in values.items():
-        if key in SUBMIT_OPTIONS:
+        if key in SUBMIT_OPTIONS or (value is None and key in FROZEN_BACKBONE_ONLY):  # not shown: the preset's value
             continue
         section, _, name = key.partition(".")
         cfg.setdefault(section, {})[name] = value

@@ -88,11 +88,31 @@ def timing_text(job: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- jobs table
-JOB_COLUMNS = ["id", "name", "status", "progress", "epoch", "best val acc", "duration / ETA", "worker", "submitted"]
+JOB_COLUMNS = ["id", "name", "status", "progress", "epoch", "best val acc", "duration / ETA", "resources", "worker",
+               "submitted"]
 
 
-def jobs_frame(jobs: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per job for the jobs table (columns JOB_COLUMNS), in the order given (newest first)."""
+def rank_kind(job: dict[str, Any], live_kinds: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """"cpu" or "gpu": what the job's ranks are. Where it ran, its device says (the start event's `device`); before
+    that, the live workers do when they are all of one kind (`live_kinds`: their `kind`s). None: not known yet."""
+    device = str(job.get("device") or "")
+    if device:
+        return "gpu" if device.startswith("cuda") else "cpu"
+    return next(iter(live_kinds)) if len(live_kinds) == 1 else None
+
+
+def resources_text(job: dict[str, Any], kind: str | None) -> str:
+    """"1 CPU rank", "2 GPUs", "2 nodes × 4 GPUs"; "1 GPU or CPU rank" while the kind is unknown."""
+    n, nodes = int(job.get("gpus") or 1), int(job.get("num_nodes") or 1)
+    one, many = {"cpu": ("CPU rank", "CPU ranks"), "gpu": ("GPU", "GPUs")}.get(
+        kind or "", ("GPU or CPU rank", "GPUs or CPU ranks"))
+    text = f"{n} {one if n == 1 else many}"
+    return f"{nodes} nodes × {text}" if nodes > 1 else text
+
+
+def jobs_frame(jobs: list[dict[str, Any]], live_kinds: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
+    """One row per job for the jobs table (columns JOB_COLUMNS), in the order given (newest first). `live_kinds`:
+    the kinds of the live workers (`rank_kind`)."""
     rows = {c: [] for c in JOB_COLUMNS}
     for j in jobs:
         epochs = j.get("epochs")
@@ -103,6 +123,7 @@ def jobs_frame(jobs: list[dict[str, Any]]) -> pd.DataFrame:
         rows["epoch"].append(f"{j.get('epoch') or 0}/{epochs}" if epochs else "")
         rows["best val acc"].append(j.get("best_val_acc"))
         rows["duration / ETA"].append(timing_text(j))
+        rows["resources"].append(resources_text(j, rank_kind(j, live_kinds)))
         rows["worker"].append(j.get("worker") or "")
         rows["submitted"].append(datetime.fromtimestamp(j["submitted_at"]) if j.get("submitted_at") else None)
     frame = pd.DataFrame(rows, columns=JOB_COLUMNS)
@@ -334,17 +355,19 @@ def per_class_frame(report: dict[str, Any], split: str = "test") -> pd.DataFrame
 
 
 def export_rows(report: dict[str, Any]) -> pd.DataFrame:
-    """The export's evidence: ONNX parity with PyTorch, INT8 accuracy and sizes, one row per model file."""
+    """The export's evidence: ONNX parity with PyTorch, INT8 accuracy and sizes, one row per model file; `deploy`
+    marks the file the export recommends (core/export/deploy.py)."""
     export = report.get("export") or {}
     onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
+    deploy = (export.get("deploy") or {}).get("file")
     rows = []
     if onnx:
-        rows.append({"file": rf.ONNX, "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
+        rows.append({"file": rf.ONNX, "deploy": deploy == rf.ONNX, "ok": onnx.get("ok"), "size": fmt_bytes(onnx.get("bytes")),
                      "test accuracy": onnx.get("accuracy"), "max |Δlogit| vs PyTorch": onnx.get("max_abs_diff"),
                      "top-1 agreement": onnx.get("top1_agreement"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": onnx.get("latency_ms_batch1")})
     if int8:
-        rows.append({"file": rf.INT8_ONNX, "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
+        rows.append({"file": rf.INT8_ONNX, "deploy": deploy == rf.INT8_ONNX, "ok": int8.get("ok"), "size": fmt_bytes(int8.get("bytes")),
                      "test accuracy": int8.get("accuracy"), "max |Δlogit| vs PyTorch": None,
                      "top-1 agreement": int8.get("top1_agreement_with_fp32"), "opset": onnx.get("opset"),
                      "latency ms (batch 1)": int8.get("latency_ms_batch1")})

@@ -24,9 +24,17 @@ Device = Literal["auto", "cpu", "cuda"]
 OptimizerName = Literal["adamw", "sgd"]
 ScheduleName = Literal["cosine", "onecycle", "step", "none"]
 
+FEATURE_VIEWS = 4
+"""Default data.feature_views (chosen by measurement: docs/benchmarks.md, "Feature cache")."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _on_off(value: Any) -> Any:
+    """YAML 1.1 reads a bare `on`/`off` as true/false: map them back for the auto|on|off switches."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class DataConfig(_Section):
@@ -49,12 +57,17 @@ class DataConfig(_Section):
     cache: CacheMode = "auto"
     """Tensor cache (decode once, augment batches as tensors): auto = on when the dataset fits in memory."""
     cache_max_mb: int = Field(default=4096, ge=1)
-    """`cache: auto` uses the tensor cache when its uint8 size is at most this many MiB."""
+    """MiB per process: `cache: auto` uses the tensor cache when its uint8 size is at most this; the feature cache
+    (`train.feature_cache`) holds at most this many MiB of features (auto falls back to the normal path, on refuses)."""
+    feature_views: int = Field(default=FEATURE_VIEWS, ge=1, le=64)
+    """Feature cache: augmented views embedded per train image (each epoch uses one per image). 1 with augment none."""
     synthetic_size: int = Field(default=1000, ge=10, le=10_000_000)
     synthetic_classes: int = Field(default=10, ge=2, le=10_000)
     synthetic_image_size: int = Field(default=32, ge=4, le=1024)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
     """Images with more pixels are refused (decompression-bomb guard)."""
+
+    _cache_on_off = field_validator("cache", mode="before")(_on_off)
 
     @field_validator("split")
     @classmethod
@@ -98,6 +111,11 @@ class TrainConfig(_Section):
     time_limit: float | None = Field(default=None, gt=0)
     """Seconds; the run fails as timed out past it. None = no limit."""
     device: Device = "auto"
+    feature_cache: CacheMode = "auto"
+    """Embed images with the frozen backbone once and train only the head on the cached features (core.features).
+    auto: on when the backbone is frozen and in eval mode (its output depends only on the image)."""
+
+    _feature_cache_on_off = field_validator("feature_cache", mode="before")(_on_off)
 
 
 class OptimConfig(_Section):
@@ -160,6 +178,10 @@ class Config(_Section):
         if self.model.freeze == "backbone" and not self.model.pretrained:
             raise _KeyError("model.freeze", self.model.freeze,
                             "'backbone' needs model.pretrained: true (a frozen random backbone learns nothing)")
+        if self.train.feature_cache == "on" and self.model.freeze != "backbone":
+            raise _KeyError("train.feature_cache", self.train.feature_cache,
+                            "'on' needs model.freeze: backbone (a backbone that trains changes its features every "
+                            "step, so they cannot be computed once); use auto or off")
         from core.models import list_models  # local import: models import torch, config must stay light
 
         if self.model.name not in list_models():

@@ -1,6 +1,8 @@
-"""Classify images with an exported model: `python predict.py model.onnx IMAGE... [--top-k 5] [--json]`.
+"""Classify images with an exported model: `python predict.py [MODEL.onnx] IMAGE... [--top-k 5] [--json]`.
 
-This file is copied unchanged into every export bundle as `predict.py`, so it must stay standalone: it needs only
+Without a model, DEFAULT_MODEL beside this script is used: the file the export recommends deploying (the faster of
+model.onnx and model.int8.onnx at equal accuracy; the comment above DEFAULT_MODEL says why). This file is copied into
+every export bundle as `predict.py` with only that line changed, so it must stay standalone: it needs only
 onnxruntime, numpy and Pillow (no torch, nothing from this project). It reads `labels.json` and `preprocess.json`
 from the folder that holds the model, and turns each image into the model input exactly as the training run's
 evaluation did (a test in the project compares both tensors):
@@ -28,6 +30,9 @@ from PIL import Image
 
 BATCH_SIZE = 32
 """Images per inference call: bounds memory for long file lists."""
+
+DEFAULT_MODEL = "model.onnx"
+"""The model used when none is named (beside this script); an export sets its recommendation here."""
 
 
 def load_preprocess(path: str | Path) -> dict[str, Any]:
@@ -119,12 +124,18 @@ def classify(session: Any, batch: np.ndarray, labels: list[str], top_k: int, inp
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="predict.py", description="Classify images with an exported ONNX model.")
-    p.add_argument("model", help="model.onnx or model.int8.onnx; labels.json and preprocess.json sit beside it")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("files", nargs="+", metavar="[MODEL.onnx] IMAGE",
+                   help=f"an optional model (model.onnx or model.int8.onnx; labels.json and preprocess.json sit "
+                        f"beside it; default {DEFAULT_MODEL} beside this script), then image files")
     p.add_argument("--top-k", type=int, default=5, help="how many labels to show per image (default 5)")
     p.add_argument("--json", action="store_true", help='print a JSON list of {"file", "top": [{"label", "prob"}]}')
     args = p.parse_args(argv)
-    model = Path(args.model)
+    if args.files[0].lower().endswith(".onnx"):
+        model, args.images = Path(args.files[0]), args.files[1:]
+    else:
+        model, args.images = Path(__file__).resolve().parent / DEFAULT_MODEL, args.files
+    if not args.images:
+        p.error("no image files given")
     folder = model.resolve().parent
     for needed in (model, folder / "labels.json", folder / "preprocess.json"):
         if not needed.is_file():

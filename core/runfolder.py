@@ -9,7 +9,7 @@ dashboard import them. The names themselves are a contract with users (scripts r
     metrics.jsonl        events, one JSON per line    report.json        written last: the run finished
     checkpoints/last.pt  resume point (every epoch)   checkpoints/best.pt  best validation accuracy
     predictions.jsonl    one line per test sample     misclassified/, samples/  PNGs for the dashboard
-    export/              the verified export (EXPORT_FILES), built in export.partial/ and swapped in
+    export/              the verified export (BUNDLE_FILES, bundle.zip), built in export.partial/ and swapped in
     CANCELLED, FAILED    markers with the reason, written when a run stops early
     tb/, mlflow.json     TensorBoard events and the MLflow run id (core/tracking.py)
     job.log              the worker's log of the job
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import Config, load_config
-from core.errors import ConfigError, RunDirError
+from core.errors import Cancelled, ConfigError, RunDirError
 
 if TYPE_CHECKING:  # torch is imported where a model or a checkpoint is touched: the names stay cheap to import
     from torch import nn
@@ -57,7 +57,7 @@ MISCLASSIFIED = "misclassified"
 SAMPLES = "samples"
 """Folder of a few test images per class (listed in the report's `samples`; the dashboard's "Try it" offers them)."""
 EXPORT = "export"
-"""Folder of the verified export (see EXPORT_FILES)."""
+"""Folder of the verified export (BUNDLE_FILES and BUNDLE)."""
 EXPORT_PARTIAL = "export.partial"
 """Where an export is built; renamed to EXPORT only once every file checked out."""
 EXPORT_OLD = "export.old"
@@ -92,9 +92,6 @@ BUNDLE = "bundle.zip"
 """The client bundle: BUNDLE_FILES that exist."""
 BUNDLE_FILES = (ONNX, INT8_ONNX, STATE_DICT, PT2, LABELS, PREPROCESS, PREDICT_SCRIPT, MODEL_CARD)
 """What bundle.zip holds (the files that exist; model.int8.onnx and model.pt2 may be missing, the report says why)."""
-EXPORT_FILES = (*BUNDLE_FILES, BUNDLE)
-"""Everything export/ may hold."""
-
 REQUIRED_FOR_EXPORT = (CONFIG, LABELS, PREPROCESS, BEST_CHECKPOINT, REPORT)
 """What a finished run folder holds before it can be exported (train writes report.json last)."""
 
@@ -156,8 +153,6 @@ def mark(run_dir: Path, marker: str, text: str) -> None:
 
 def marker_for(err: BaseException) -> str:
     """CANCELLED for a cancellation (SIGTERM, Ctrl-C), FAILED for anything else."""
-    from core.errors import Cancelled
-
     return CANCELLED if isinstance(err, (Cancelled, KeyboardInterrupt)) else FAILED
 
 

@@ -35,6 +35,7 @@ from core import runfolder as rf
 from core.config import Config, choices, load_config, load_yaml, save_config
 from core.errors import Cancelled, ConfigError, CoreError, DataError, TrainingError, exit_code
 from core.evaluate import compute_metrics, predict
+from core.features import build_feature_loaders, plan_feature_cache
 from core.events import EventSink, JsonlSink, MultiSink, NullSink, PrintSink, read_jsonl, sink_from_env
 from core.models import set_train_mode, unwrap_model
 
@@ -217,6 +218,27 @@ def set_epoch(loaders: dict[str, Any], cfg: Config, epoch: int, info: D.DistInfo
     seed_everything(cfg.train.seed * 1_000_003 + epoch * 997 + info.rank)
 
 
+def cache_features(rt: Runtime, plan: Any, model: nn.Module, bundle: Any, loaders: dict[str, Any]) -> dict[str, Any]:
+    """The feature-cache step (core.features): embed train views and val with the frozen backbone, reporting progress
+    as `embed` events and on the CLI's progress bar; returns loaders whose train/val batches are features, and the
+    head that trains on them."""
+    rt.sink.emit("phase", {"phase": "embed"})
+    bar = _progress(plan.views * plan.n_train + plan.n_val, f"embedding {plan.views} view(s)", rt.info)
+    shown = [0]
+
+    def report(done: int, total: int, images_per_sec: float) -> None:
+        bar.update(done - shown[0])
+        shown[0] = done
+        rt.sink.emit("embed", {"done": done, "total": total, "views": plan.views, "images_per_sec": images_per_sec})
+
+    try:
+        return build_feature_loaders(rt.cfg, plan, model, bundle, loaders, rt.info, rt.device, autocast=rt.autocast,
+                                     precision=rt.amp or "fp32", channels_last=rt.channels_last, report=report,
+                                     stop=lambda: rt.stop_flag["stop"])
+    finally:
+        bar.close()
+
+
 def gather_predictions(out: dict[str, np.ndarray], idx: list[int], info: D.DistInfo) -> dict[str, np.ndarray]:
     """Each rank evaluated a disjoint shard; put the whole split back together in dataset order."""
     parts = D.all_gather_objects({"idx": idx, **out}, info)
@@ -277,6 +299,8 @@ class TrainState:
     stale_epochs: int = 0
     """Epochs since val accuracy last improved (train.early_stopping)."""
     last_epoch_event: dict[str, Any] | None = None
+    head: nn.Module | None = None
+    """With the feature cache: what trains and what val batches (features) go through, the model's own head."""
     """The epoch event of the checkpoint resumed from, sent again so every sink has seen it."""
 
     @property
@@ -308,7 +332,7 @@ def train_one_epoch(rt: Runtime, state: TrainState, loader: Any, epoch: int) -> 
             raise Cancelled("received SIGTERM: run cancelled")
         x = x.to(rt.device, non_blocking=True)
         y = y.to(rt.device, non_blocking=True)
-        if rt.channels_last:
+        if rt.channels_last and x.dim() == 4:  # cached features are [B, D]
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast:
             logits = model(x)
@@ -378,9 +402,11 @@ def _progress(total: int, desc: str, info: D.DistInfo) -> Any:
 
 
 def evaluate_split(rt: Runtime, model: nn.Module, loaders: dict[str, Any], split: str,
-                   classes: list[str]) -> tuple[dict[str, Any], dict]:
-    """Metrics of `model` on a split (each rank predicts its shard; every rank gets the whole split's metrics)."""
-    out = predict(model, loaders[split], rt.device, autocast=rt.autocast, channels_last=rt.channels_last)
+                   classes: list[str], *, fp32: bool = False) -> tuple[dict[str, Any], dict]:
+    """Metrics of `model` on a split (each rank predicts its shard; every rank gets the whole split's metrics).
+    fp32: without the run's autocast."""
+    out = predict(model, loaders[split], rt.device, autocast=nullcontext() if fp32 else rt.autocast,
+                  channels_last=rt.channels_last)
     out = gather_predictions(out, loaders[f"{split}_idx"], rt.info)
     return compute_metrics(out["labels"], out["probs"], classes, loss_sum=float(out["loss_sum"])), out
 
@@ -399,7 +425,7 @@ def run_epochs(rt: Runtime, state: TrainState, loaders: dict[str, Any], classes:
     for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
         set_epoch(loaders, cfg, epoch, rt.info)
         stats = train_one_epoch(rt, state, loaders["train"], epoch)
-        val_metrics, _ = evaluate_split(rt, state.model, loaders, "val", classes)
+        val_metrics, _ = evaluate_split(rt, state.head or state.model, loaders, "val", classes)
         improved = val_metrics["accuracy"] > state.best_val_acc
         if improved:
             state.best_val_acc, state.stale_epochs = val_metrics["accuracy"], 0
@@ -519,7 +545,7 @@ def wrap_for_training(rt: Runtime, model: nn.Module) -> nn.Module:
     if rt.info.enabled:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if rt.cfg.train.compile:
+    if rt.cfg.train.compile and getattr(model, "head_name", None):  # a bare feature-cache head is not compiled
         wrapped = torch.compile(wrapped)
     return wrapped
 
@@ -534,7 +560,8 @@ def test_and_report(rt: Runtime, state: TrainState, loaders: dict[str, Any], bun
     model = state.model
     model.load_state_dict(best["model"])
     classes = list(bundle.classes)
-    test_metrics, test_out = evaluate_split(rt, model, loaders, "test", classes)
+    # with the feature cache (maybe bf16 features) the test split goes through the whole model in fp32, as exported
+    test_metrics, test_out = evaluate_split(rt, model, loaders, "test", classes, fp32="feature_cache" in loaders)
     if not rt.info.is_primary:
         return {}
     cfg = rt.cfg
@@ -549,10 +576,13 @@ def test_and_report(rt: Runtime, state: TrainState, loaders: dict[str, Any], bun
         "device": str(rt.device),
         "amp": rt.amp,
         "channels_last": rt.channels_last,
+        "data_path": loaders.get("kind", "dataloader"),
         "seconds": time.time() - t0,
         "model": {"name": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters())},
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }
+    if "feature_cache" in loaders:
+        report["feature_cache"] = loaders["feature_cache"]
     report["misclassified"] = write_predictions(out, bundle, test_out, classes)
     report["samples"] = write_samples(out, bundle, classes)
     rf.write_json(out / rf.REPORT, report)
@@ -579,17 +609,22 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, sink: Event
         bundle = load_data(rt, out)
         model = build_training_model(rt, bundle)
         loaders = prepare_inputs(rt, bundle)
+        plan, plan_reason = plan_feature_cache(cfg, model, bundle, info.world_size)
+        if plan is not None:
+            loaders = cache_features(rt, plan, model, bundle, loaders)
         state = create_train_state(rt, model, len(loaders["train"]))
+        state.head = loaders.get("head")
         if resume:
             resume_from(rt, state, out / rf.LAST_CHECKPOINT)
-        state.train_model = wrap_for_training(rt, model)
+        state.train_model = wrap_for_training(rt, state.head or model)
         state.global_step = state.epoch * len(loaders["train"])
 
         rt.sink.emit("start", {"epochs": cfg.train.epochs, "world_size": info.world_size,
                                "classes": list(bundle.classes), "counts": bundle.counts, "config": cfg.to_dict(),
                                "device": str(device), "amp": rt.amp, "resumed_from": state.epoch or None,
                                "steps_per_epoch": len(loaders["train"]),
-                               "data_path": loaders.get("kind", "dataloader")})
+                               "data_path": loaders.get("kind", "dataloader"),
+                               "feature_cache": loaders.get("feature_cache") or {"off": plan_reason}})
         if state.last_epoch_event is not None:
             rt.sink.emit("epoch", state.last_epoch_event)  # sinks drop it if already seen: each epoch appears once
         rt.sink.emit("phase", {"phase": "train"})

@@ -15,7 +15,12 @@ Rows (targets from the Performance issue):
    ORT static INT8 vs ORT FP32 at 224 px: ≥ 2×.
 6. the digits preset's time to ≥ 0.98 test accuracy: ≤ 20 s, beside the classic recipe's.
 7. dashboard render times (job page with 20,000 metric points, jobs page with 1,000 jobs): ≤ 1 s each.
-8. memory: peak RSS of a training process running digits; tensor-cache size for 50,000 CIFAR-sized images.
+8. memory: peak RSS of a training process running digits; tensor-cache size for 50,000 CIFAR-sized images; the feature
+   cache for 10,000 images × 8 views.
+9. live viewers (tests/viewers.py): the dashboard server's CPU seconds per viewer-minute with N real Chromium pages on
+   a running job's page, the jobs page and the workers page, side by side with N = 0: ≤ 0.6 (1 % of a core).
+10. transfer: a frozen-backbone Lite0 job on 400 photo-like images, feature cache vs the current path, whole
+   `python -m core.train` time at 3 and 10 epochs (≥ 4× at 10) and the val accuracy of both.
 On a CUDA machine GPU rows are added (SimpleCNN and ResNet-18 at 32 px, bf16, channels_last, tensor cache on the GPU vs
 the classic pipeline). Rows whose prerequisites are missing say "n/a" and why; no number is ever estimated.
 """
@@ -771,6 +776,98 @@ def bench_cache_size() -> Row:
                higher_is_better=False, note=f"{nbytes:,} bytes uint8 ({nbytes / 2**20:.1f} MiB)")
 
 
+# ------------------------------------------------------------------------------------------------ transfer rows
+TRANSFER_PRESET = ROOT / "configs" / "transfer_efficientnet_lite0.yaml"
+TRANSFER_PHOTOS_PER_CLASS = 100
+"""Images per class of the transfer rows' photo set (tests.fixtures_images.make_photo_tree: 4 classes, 256 px)."""
+
+
+def bench_transfer(quick: bool) -> list[Row]:
+    """A frozen-backbone transfer job (the transfer preset: Lite0 at 224 px) on 400 photo-like images: whole
+    `python -m core.train` wall time with the feature cache (the preset's 4 views, and 2 views) vs the current path
+    (train.feature_cache off), same epochs, sides alternating; export off on every side (the same model either way).
+
+    Arithmetic that bounds the ratio: the current path runs the backbone over train + val every epoch (and test once),
+    the cache over views × train + val + test once, so at E epochs the ratio is at most
+    E·(train + val) / (views·train + val + test), less the fixed start-up and decoding both sides pay."""
+    from tests.fixtures_images import make_photo_tree
+
+    epochs_list = (10,) if quick else (3, 10)
+    reps = 1 if quick else 2
+    variants = {"current": ["train.feature_cache=off"], "cache": ["train.feature_cache=on"],
+                "cache, 2 views": ["train.feature_cache=on", "data.feature_views=2"]}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp:
+        photos = make_photo_tree(Path(tmp) / "photos", TRANSFER_PHOTOS_PER_CLASS)
+        for rep in range(reps):
+            for epochs in epochs_list:
+                names = list(variants)
+                names = names[(rep + epochs) % len(names):] + names[:(rep + epochs) % len(names)]
+                for side in names:
+                    overrides = [f"data.path={photos}", f"train.epochs={epochs}", "export.enabled=false",
+                                 *variants[side]]
+                    folder = Path(tmp) / f"{side.replace(', ', '-').replace(' ', '')}-{epochs}-{rep}"
+                    r = _train_subprocess(str(TRANSFER_PRESET), overrides, folder)
+                    runs.setdefault((side, epochs), []).append(r)
+                    rep_ = r["report"]
+                    log(f"transfer: {side} {epochs} epochs: {r['wall']:.1f} s, val acc {rep_['val']['accuracy']:.4f}, "
+                        f"test acc {rep_['test']['accuracy']:.4f}, peak RSS {r['rss_mib']:.0f} MiB")
+    counts = runs[("cache", epochs_list[0])][0]["report"]["data"]["counts"]
+    rows = []
+    for epochs in epochs_list:
+        current = [r["wall"] for r in runs[("current", epochs)]]
+        for side in ("cache", "cache, 2 views"):
+            walls = [r["wall"] for r in runs[(side, epochs)]]
+            fc = runs[(side, epochs)][0]["report"].get("feature_cache") or {}
+            views = fc.get("views", 0)
+            bound = epochs * (counts["train"] + counts["val"]) / max(views * counts["train"] + counts["val"]
+                                                                     + counts["test"], 1)
+            ratio = ratio_median(current, walls)
+            # above the bound, the sides did not run under the same load: the number says nothing about the code
+            suspect = "; ABOVE the bound: the load changed between sides, rerun on an idle machine" \
+                if ratio > 1.1 * bound else ""
+            rows.append(Row(f"transfer job, feature cache ({views} views) vs current path: whole core.train time, "
+                            f"{epochs} epochs", ratio,
+                            4.0 if epochs == 10 and side == "cache" else None, "×",
+                            note=f"Lite0 224 px frozen, {sum(counts.values())} photo-like images "
+                                 f"({counts['train']}/{counts['val']}/{counts['test']}), process wall: cache "
+                                 f"{_seconds(walls)}, current {_seconds(current)}; backbone passes bound the ratio at "
+                                 f"{bound:.1f}×; embedding {fc.get('images_per_sec', 0):.1f} img/s "
+                                 f"({fc.get('precision')}); {len(walls)} alternating run(s) each{suspect}"))
+    last = epochs_list[-1]
+    acc = {k: statistics.median(r["report"]["val"]["accuracy"] for r in runs[(k, last)]) for k in variants}
+    test = {k: statistics.median(r["report"]["test"]["accuracy"] for r in runs[(k, last)]) for k in variants}
+    n_val = counts["val"]
+    se = math.sqrt(max(acc["current"] * (1 - acc["current"]), 1e-9) / n_val) * 100
+    rows.append(Row(f"transfer job, {last} epochs: val accuracy, feature cache − current path",
+                    (acc["cache"] - acc["current"]) * 100, -round(se, 1), "points",
+                    note=f"best-checkpoint val accuracy (report.json val.accuracy), same seed, median over "
+                         f"{len(runs[('cache', last)])} run(s): cache {acc['cache']:.4f} (2 views "
+                         f"{acc['cache, 2 views']:.4f}), current {acc['current']:.4f} on {n_val} images "
+                         f"(target: within one binomial standard error, {se:.1f} points); test accuracy of the whole "
+                         "fp32 model: "
+                         f"cache {test['cache']:.4f} (2 views {test['cache, 2 views']:.4f}), current "
+                         f"{test['current']:.4f}"))
+    return rows
+
+
+def _seconds(values: list[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values) + " s"
+
+
+def bench_feature_cache_size() -> Row:
+    from core.features import FEATURE_BYTES, feature_cache_bytes
+    from core.models import create_model, get_head
+
+    dim = get_head(create_model("efficientnet_lite0", 2, image_size=224)).in_features
+    cache = torch.empty((8, 10_000, dim), dtype=torch.float32)  # what FeatureBatchLoader holds for train
+    nbytes = cache.numel() * cache.element_size()
+    assert nbytes == feature_cache_bytes(10_000, 8, 0, dim) and cache.element_size() == FEATURE_BYTES
+    return Row("memory: feature cache of 10,000 images × 8 views (Lite0)", nbytes / 1e6, None, "MB",
+               higher_is_better=False, note=f"{nbytes:,} bytes: 8 × 10,000 × {dim} float32 ({nbytes / 2**20:.1f} "
+                                            "MiB); val images add one row each")
+
+
 # ------------------------------------------------------------------------------------------------------- row 7
 DASHBOARD_ROWS = ("dashboard: job page with 20,000 metric points", "dashboard: jobs page with 1,000 jobs")
 
@@ -826,6 +923,39 @@ def bench_dashboard(quick: bool, url: str) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------- row 9
+VIEWERS = 3
+"""Chromium pages of the viewers row (each its own Streamlit session)."""
+VIEWER_PAGES = ("job", "jobs", "workers")
+
+
+def viewer_row_name(page: str) -> str:
+    return f"live viewers: {page} page, server CPU s per viewer-minute ({VIEWERS} Chromium pages vs none)"
+
+
+def bench_viewers(quick: bool, url: str) -> list[Row]:
+    """What an open page costs the dashboard's server (tests/viewers.py): its CPU time over windows with 0 and with
+    VIEWERS pages open, alternating; the difference per viewer and minute."""
+    from tests.viewers import CHROMIUM, STEP_EVERY, chromium, live_dashboard, measure
+
+    if not CHROMIUM.exists():
+        return [na(viewer_row_name(p), 0.6, "CPU s", f"{CHROMIUM} missing (apt-get install -y chromium)", False)
+                for p in VIEWER_PAGES]
+    seconds, reps = (20.0, 1) if quick else (40.0, 2)
+    rows = []
+    with live_dashboard(url) as stack, chromium() as browser:
+        for page in VIEWER_PAGES:
+            res = measure(stack, page, VIEWERS, seconds, reps, browser)
+            idle, busy = statistics.median(res[0]), statistics.median(res[VIEWERS])
+            per_viewer = (busy - idle) / VIEWERS
+            rows.append(Row(viewer_row_name(page), per_viewer, 0.6, "CPU s", higher_is_better=False, note=(
+                f"server CPU s per minute: {idle:.2f} with no viewer, {busy:.2f} with {VIEWERS} "
+                f"(= {per_viewer / 60:.2%} of a core per viewer); {reps}×{seconds:.0f} s windows per side, "
+                f"alternating; a running job streaming a step event every {STEP_EVERY:g} s")))
+            log(f"row 9: {page}: {per_viewer:.2f} CPU s per viewer-minute ({idle:.2f} → {busy:.2f})")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
 def bench_gpu(quick: bool) -> list[Row]:
     """On CUDA: core's loop (tensor cache on the GPU, bf16, channels_last) vs the classic pipeline, per model."""
@@ -834,7 +964,34 @@ def bench_gpu(quick: bool) -> list[Row]:
     for model_name in ("simple_cnn", "resnet18"):
         rows.append(_gpu_row(model_name, quick))
         torch.cuda.empty_cache()
+    rows.append(_gpu_transfer_row())
     return rows
+
+
+def _gpu_transfer_row(epochs: int = 10) -> Row:
+    """The transfer job of the transfer rows on the GPU, in this process: feature cache vs current path."""
+    from core.config import load_config
+    from core.train import train
+    from tests.fixtures_images import make_photo_tree
+
+    card = torch.cuda.get_device_name(0)
+    walls: dict[str, float] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-transfer-") as tmp:
+        photos = make_photo_tree(Path(tmp) / "photos", TRANSFER_PHOTOS_PER_CLASS)
+        for side in ("current", "cache"):
+            cfg = load_config(TRANSFER_PRESET, [f"data.path={photos}", f"train.epochs={epochs}", "train.device=cuda",
+                                                "export.enabled=false",
+                                                f"train.feature_cache={'on' if side == 'cache' else 'off'}"])
+            t = time.perf_counter()
+            reports[side] = train(cfg, Path(tmp) / side)
+            walls[side] = time.perf_counter() - t
+    fc = reports["cache"].get("feature_cache") or {}
+    return Row(f"GPU {card}: transfer job, feature cache vs current path, {epochs} epochs", walls["current"] /
+               walls["cache"], None, "×",
+               note=f"train() wall: cache {walls['cache']:.1f} s, current {walls['current']:.1f} s; val acc "
+                    f"{reports['cache']['val']['accuracy']:.4f} vs {reports['current']['val']['accuracy']:.4f}; "
+                    f"embedding {fc.get('images_per_sec', 0):,.0f} img/s ({fc.get('precision')}), one pair")
 
 
 def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
@@ -1029,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--only", default=None, help="comma-separated sections: training,streaming,submit,inference,"
-                                                "digits,memory,dashboard,sweep,gpu,multinode")
+                                                "digits,transfer,memory,dashboard,sweep,gpu,multinode")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     info = machine()
@@ -1074,14 +1231,24 @@ def main(argv: list[str] | None = None) -> int:
         with redis_server() as url:
             rows += _guard("sweep rows", lambda: bench_sweep(args.quick, url),
                            [Row(SWEEP_ROWS[0], None, 50.0, "ms", False), Row(SWEEP_ROWS[1], None, 1.0, "s", False)])
+    if want("viewers") and missing:
+        rows += [na(viewer_row_name(p), 0.6, "CPU s", missing, False) for p in VIEWER_PAGES]
+    elif want("viewers"):
+        with redis_server() as url:
+            rows += _guard("row 9", lambda: bench_viewers(args.quick, url),
+                           [Row(viewer_row_name(p), None, 0.6, "CPU s", False) for p in VIEWER_PAGES])
     if want("inference"):
         rows += _guard("row 5", lambda: bench_inference(args.quick), [
             Row("ORT FP32 vs eager, batch 1", None, 1.5, "×"), Row("ORT INT8 vs ORT FP32, 224 px", None, 2.0, "×")])
     if want("digits"):
         rows += _guard("rows 6, 8", lambda: bench_digits(args.quick), [
             Row("digits preset: time to ≥ 0.98 test accuracy", None, 20.0, "s", False)])
+    if want("transfer"):
+        rows += _guard("transfer rows", lambda: bench_transfer(args.quick), [
+            Row("transfer job, feature cache vs current path: whole core.train time, 10 epochs", None, 4.0, "×")])
     if want("memory"):
         rows.append(bench_cache_size())
+        rows.append(bench_feature_cache_size())
     if want("gpu") and torch.cuda.is_available():
         rows += _guard("GPU rows", lambda: bench_gpu(args.quick), [])
     seconds = time.perf_counter() - start

@@ -117,3 +117,34 @@ def make_fake_cifar10(root: Path, *, per_batch: int = 20, n_test: int = 20, seed
     with (folder / "batches.meta").open("wb") as fh:
         pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, fh)
     return arrays
+
+
+PHOTO_CLASSES = ("china_left", "china_right", "flower_left", "flower_right")
+"""Classes of make_photo_tree: the left and right halves of scikit-learn's two packaged photos (427×640 JPEGs)."""
+
+
+def make_photo_tree(root: Path, per_class: int, *, size: int = 256, seed: int = 0) -> Path:
+    """root/<class>/<i>.jpg: photo-like images for transfer-learning tests and the benchmark, offline.
+
+    Each image is a random crop (25-60 % of the half's shorter side, anywhere in that half) of one of
+    scikit-learn's sample photos, resized to `size` px with a random brightness shift and JPEG-compressed: real
+    photographic texture, four classes that share colours and content pairwise (two halves of one photo), so a
+    linear head on ImageNet features does not reach 100 % at once.
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # china.jpg, flower.jpg as uint8 H×W×3
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(PHOTO_CLASSES):
+        photo = photos[c // 2]
+        h, w = photo.shape[:2]
+        x0, x1 = (0, w // 2) if c % 2 == 0 else (w // 2, w)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            side = int(rng.uniform(0.25, 0.6) * min(h, x1 - x0))
+            top = int(rng.integers(0, h - side + 1))
+            left = int(rng.integers(x0, x1 - side + 1))
+            crop = photo[top:top + side, left:left + side].astype(np.float32) * rng.uniform(0.75, 1.25)
+            img = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+            img.save(root / name / f"{name}_{i:03d}.jpg", quality=90)
+    return root

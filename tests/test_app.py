@@ -195,6 +195,17 @@ def test_frozen_backbone_without_pretrained_is_explained(app_env: Any) -> None:
     assert any(e.value.startswith("model.freeze:") for e in at.error)
 
 
+def test_feature_cache_fields_show_for_a_frozen_backbone_preset(app_env: Any) -> None:
+    at = open_page("new")
+    labels = [w.label for w in at.selectbox] + [w.label for w in at.number_input]
+    assert "Feature cache" not in labels and "Augmented views per image" not in labels  # digits: nothing frozen
+    widget(at, "selectbox", "Start from").set_value("transfer_efficientnet_lite0").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert widget(at, "selectbox", "Freeze").value == "backbone"
+    assert widget(at, "selectbox", "Feature cache").value == "auto"
+    assert widget(at, "number_input", "Augmented views per image").value == 4
+
+
 def choose_upload(at: Any) -> Any:
     at.radio[0].set_value("upload").run()
     assert not at.exception
@@ -372,6 +383,8 @@ def test_finished_job_page_shows_results_and_downloads(app_env: Any, finished_ru
     assert downloads == {"model.onnx", "model.int8.onnx", "model.pt", "bundle.zip"}
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # four live charts + the confusion matrix
+    deploy = report["export"]["deploy"]  # the Export tab names the file to deploy, and why
+    assert any(f"Deploy `{deploy['file']}`." in m.value and deploy["reason"] in m.value for m in at.success)
     assert list(at.dataframe[0].value.columns) == ["class", "precision", "recall", "f1", "support"]
     gallery = [c.value for c in at.caption if "→ pred" in c.value]
     assert len(gallery) == min(24, len(report.get("misclassified") or []))

@@ -96,3 +96,20 @@ def test_tables_and_formats() -> None:
     assert fmt_seconds(3725) == "1h 02m" and fmt_seconds(None) == ""
     diff = differing_params({"a": {"optim": {"lr": 0.1}, "x": 1}, "b": {"optim": {"lr": 0.2}, "x": 1}})
     assert list(diff.index) == ["optim.lr"]
+
+
+def test_cpu_ranks_are_named_as_such() -> None:
+    """A job that ran on a CPU worker (its device), or will (every live worker is a CPU worker), has CPU ranks, not
+    GPUs; while that is unknown the text says either."""
+    from app.tables import rank_kind, resources_text
+
+    ran_on_cpu = {"gpus": 2, "device": "cpu"}
+    assert rank_kind(ran_on_cpu, {"gpu"}) == "cpu" and resources_text(ran_on_cpu, "cpu") == "2 CPU ranks"
+    assert rank_kind({"gpus": 1, "device": "cuda:0"}) == "gpu"
+    queued = {"gpus": 1}
+    assert rank_kind(queued, {"cpu"}) == "cpu" and resources_text(queued, "cpu") == "1 CPU rank"
+    assert rank_kind(queued, {"cpu", "gpu"}) is None and resources_text(queued, None) == "1 GPU or CPU rank"
+    assert resources_text({"gpus": 4, "num_nodes": 2}, "gpu") == "2 nodes × 4 GPUs"
+    frame = jobs_frame([{"id": "a", "state": "queued", "gpus": 1}, {"id": "b", "state": "finished", "gpus": 1,
+                                                                     "device": "cuda:0"}], {"cpu"})
+    assert list(frame["resources"]) == ["1 CPU rank", "1 GPU"]

@@ -68,7 +68,7 @@ def test_sweeps_page_without_sweeps_and_with_an_unknown_id(app_env: Any) -> None
 
 
 def sweep_form(at: Any, vary: list[str]) -> Any:
-    at.radio(key="new:mode").set_value("Sweep").run()
+    at.toggle(key="new:sweep").set_value(True).run()
     prefix = "new:digits:"
     at.multiselect(key=prefix + "sweep:vary").set_value(vary).run()
     return prefix

@@ -225,7 +225,7 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
             assert not page.get_by_test_id("stException").count()
             shot(page, "8-sweeps")
             page.goto(stack["base"] + "/")
-            page.get_by_text("Sweep", exact=True).click()
+            page.get_by_test_id("stCheckbox").filter(has_text=re.compile("^Sweep$")).click()
             page.get_by_text("Fields to vary").wait_for()
             settle(page)
             shot(page, "9-new-job-sweep-mode")

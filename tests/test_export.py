@@ -281,3 +281,46 @@ def test_torchvision_model_exports_with_parity(tmp_path_factory: pytest.TempPath
     data = build_datasets(load_config(run / "config.yaml"))
     x = torch.stack([data.train[i][0] for i in range(16)]).numpy()
     assert session.run(["logits"], {"input": x})[0].std(axis=0).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- the file to deploy
+def test_the_file_to_deploy_is_the_faster_one_at_equal_accuracy() -> None:
+    from core.export.deploy import choose_deploy
+
+    fp32 = {"accuracy": 0.95, "latency_ms_batch1": 2.0, "test_images": 1000}
+
+    def int8(accuracy: float, ms: float) -> dict[str, Any]:
+        return {"ok": True, "accuracy": accuracy, "accuracy_drop": 0.95 - accuracy, "latency_ms_batch1": ms}
+
+    faster = choose_deploy(fp32, int8(0.948, 0.8))  # ResNet-18-like: 2.5x, 0.2 points
+    assert faster["file"] == "model.int8.onnx" and faster["int8_speedup_batch1"] == 2.5
+    assert "2.50× the speed of FP32" in faster["reason"] and "tolerance 0.50" in faster["reason"]
+    slower = choose_deploy(fp32, int8(0.95, 2.2))  # SimpleCNN at 224 px: 0.9x
+    assert slower["file"] == "model.onnx" and slower["reason"].startswith("INT8 is not faster here: INT8 runs 0.91×")
+    worse = choose_deploy(fp32, int8(0.93, 0.8))
+    assert worse["file"] == "model.onnx" and worse["reason"].startswith("INT8 is less accurate")
+    missing = choose_deploy(fp32, {"ok": False, "error": "disabled by export.int8: false"})
+    assert missing["file"] == "model.onnx" and "disabled by export.int8: false" in missing["reason"]
+    small = choose_deploy({**fp32, "test_images": 180}, int8(0.95 - 1 / 180, 0.8))  # one test image of 180
+    assert small["file"] == "model.int8.onnx" and small["accuracy_tolerance"] == pytest.approx(1 / 180)
+
+
+def test_report_card_and_bundle_name_the_file_to_deploy(run: Path, tmp_path: Path) -> None:
+    deploy = _report(run)["export"]["deploy"]
+    assert deploy["file"] in ("model.onnx", "model.int8.onnx") and deploy["reason"]
+    card = (run / "export/model_card.md").read_text()
+    assert f"**Deploy `{deploy['file']}`**: {deploy['reason']}" in card
+    folder = tmp_path / "bundle"
+    with zipfile.ZipFile(run / "export/bundle.zip") as zf:
+        zf.extractall(folder)
+    predict = _load_predict(folder / "predict.py")
+    assert predict.DEFAULT_MODEL == deploy["file"]
+    template = (ROOT / "core/predict_template.py").read_text().splitlines()
+    changed = [line for line in (folder / "predict.py").read_text().splitlines() if line not in template]
+    assert len(changed) == 2 and changed[0].startswith("# Recommended by the export: ")  # only the default changes
+    digit = folder / "digit.png"
+    Image.fromarray(np.full((8, 8), 128, np.uint8), "L").save(digit)
+    proc = subprocess.run([sys.executable, "-I", "predict.py", digit.name, "--json"], cwd=folder,
+                          capture_output=True, text=True, timeout=300, check=False)  # no model named: the default
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["file"] == "digit.png"

@@ -285,7 +285,7 @@ def test_dashboard_nodes_field_waiting_gang_nodes_table_and_reservations(redis_c
     advertise(redis_conn, "w-a", {"name": "w-a", "kind": "cpu", "slots": 1, "state": "reserved",
                                   "reserved_for": job_id, "addr": "10.0.0.5"}, 30)
     at = open_page("job", {"job": job_id})
-    assert not at.exception and "1 of 2 workers reserved" in texts(at) and "2 nodes × 1 GPU(s)" in texts(at)
+    assert not at.exception and "1 of 2 workers reserved" in texts(at) and "2 nodes × 1 CPU rank" in texts(at)
     nodes = at.dataframe[0].value
     assert list(nodes["worker"]) == ["w-a"] and list(nodes["state"]) == ["reserved"]
     at = open_page("workers")

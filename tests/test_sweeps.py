@@ -6,6 +6,7 @@ run` processes training digits on CPU (small images, 2-3 epochs):
   trials' own reports;
 - a sweep built to prune (median pruner, an lr of 1e-6 that cannot learn): a trial ends `pruned` before its last
   epoch and its worker is free within 10 s;
+- `sweep-cancel` with a trial running and one queued: both end `cancelled` within seconds, no rank survives;
 - every bad input through the CLI (exit 2, nothing written or enqueued).
 """
 from __future__ import annotations
@@ -253,7 +254,8 @@ def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, j
     space = _space(tmp_path, {"optim.lr": {"float": [1e-3, 1e-2], "log": True},
                               "train.batch_size": {"choice": [32, 64]}})
     out = run_cli(["worker", "sweep", str(DIGITS), "--space", space, "--trials", "6", "--parallel", "2",
-                   "--name", "digits lr", "--seed", "7", *sum((["--set", s] for s in [*FAST, "train.epochs=3"]), [])],
+                   "--name", "digits lr", "--seed", "7",
+                   *sum((["--set", s] for s in [*FAST, "train.epochs=3", "data.image_size=24"]), [])],
                   job_env)
     assert out.returncode == 0, out
     sweep_id = out.stdout.split()[-1]
@@ -274,7 +276,8 @@ def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, j
     victim_job = wait_for(lambda: running_on(first) or running_on(second), 150, "a trial past its first epoch",
                           explain=explain(redis_conn, sweep_id, spawn))
     victim = first if running_on(first) == victim_job else second
-    victim.send_signal(signal.SIGKILL)  # the worker dies mid-trial; its guard takes the training process along
+    victim.send_signal(signal.SIGKILL)  # the worker dies mid-trial (24 px: an epoch or more is left, even idle);
+    # its guard takes the training process along
     start_worker(spawn, job_env)  # a replacement, so 2 trials can run again
 
     def done() -> bool:
@@ -319,18 +322,43 @@ def test_a_trial_that_cannot_learn_is_pruned(redis_conn: Any, job_env: dict[str,
     # then the trials that cannot learn fall below it at their first epoch
     sweep_id = api.create_sweep(str(DIGITS), {"optim.lr": {"choice": [0.003, 1e-6]}}, connection=redis_conn,
                                 trials=4, parallel=1, sampler="random", pruner="median", seed=2,
-                                overrides=[*FAST, "train.epochs=3"], allow_local_paths=True)
+                                overrides=[*FAST, "train.epochs=3", "data.image_size=32"],  # ~1.4 s an epoch idle:
+                                allow_local_paths=True)  # the stop lands well inside the next epoch
     start_worker(spawn, job_env)
     wait_for(lambda: api.sweep_status(redis_conn, sweep_id, with_trials=False)["final"], 240, "the sweep to finish",
              interval=0.5, explain=explain(redis_conn, sweep_id, spawn))
     st = api.sweep_status(redis_conn, sweep_id)
     assert st["state"] == "finished" and st["counts"]["complete"] == 2 and st["counts"]["pruned"] == 2, st
+    stopped_early = 0
     for row in st["trials_table"][2:]:
         job = api.job_status(redis_conn, row["job"])
         assert job["state"] == "pruned" and job["error_kind"] == "Pruned" and row["params"]["optim.lr"] == 1e-6
-        assert job["epoch"] < job["epochs"], job  # stopped before its last epoch
+        assert "median pruner at epoch 1" in job["error"], job  # decided at its first epoch
+        stopped_early += job["epoch"] < job["epochs"]  # and stopped before its last one
         last_epoch = api.events_since(redis_conn, row["job"], types={"epoch"})[-1]
         reported_at = int(last_epoch["id"].split("-")[0]) / 1000
         assert job["ended_at"] - reported_at < 10, (job, last_epoch)  # its worker was free within 10 s
         assert row["optuna_state"] == "pruned"
+    assert stopped_early >= 1
     assert st["best_trial"] in (0, 1) and st["best_value"] > 0.5
+
+
+def test_cancel_stops_the_running_trial_and_drops_the_queued_one(redis_conn: Any, job_env: dict[str, str],
+                                                                 spawn: Any, test_token: str) -> None:
+    from tests.test_worker_jobs import rank_processes
+
+    sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=4, parallel=2, pruner="none",
+                                overrides=[*FAST, "train.epochs=3"], allow_local_paths=True)
+    start_worker(spawn, job_env)
+    wait_for(lambda: api.sweep_status(redis_conn, sweep_id, with_trials=False)["counts"]["running"] == 1, 120,
+             "a trial to run", explain=explain(redis_conn, sweep_id, spawn))
+    out = run_cli(["worker", "sweep-cancel", sweep_id], job_env)
+    assert out.returncode == 0 and "cancelled" in out.stdout, out
+    wait_for(lambda: not api.sweep_status(redis_conn, sweep_id, with_trials=False)["counts"]["running"], 15,
+             "the running trial to stop", explain=explain(redis_conn, sweep_id, spawn))
+    told = lambda: all(r["optuna_state"] != "running" for r in api.sweep_trials(redis_conn, sweep_id))  # noqa: E731
+    wait_for(told, 15, "its worker to tell Optuna", explain=explain(redis_conn, sweep_id, spawn))
+    st = api.sweep_status(redis_conn, sweep_id)
+    assert st["state"] == "cancelled" and st["counts"]["cancelled"] == 2 and st["ended"] == 2, st
+    assert [r["optuna_state"] for r in st["trials_table"]] == ["fail", "fail"]  # no third trial was asked
+    wait_for(lambda: not rank_processes(test_token), 10, "no training process left")

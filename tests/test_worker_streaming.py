@@ -115,3 +115,10 @@ def test_log_writer_batches_lines_into_a_capped_stream(redis_conn: Any) -> None:
     assert list(log.tail)[-1] == "line 999"
     newer = api.logs_since(redis_conn, job_id, tail[2]["id"])
     assert [e["line"] for e in newer] == ["line 998", "line 999"]
+
+
+def test_embedding_progress_is_the_status_phase() -> None:
+    from worker.streaming import status_fields_for
+
+    fields = status_fields_for("embed", {"done": 320, "total": 1240, "views": 4, "images_per_sec": 21.5})
+    assert fields["phase"] == "embedding 320/1240 images"

@@ -17,7 +17,8 @@ Rules (docs/multinode.md says why):
 - **Dead members.** A reserved worker whose advertisement expired is dropped from the gang (before the start);
   another worker takes its place. After the start a lost member re-queues the whole job (`requeue_running`).
 
-Lua scripts name every key they touch in KEYS (the member names are fields of one hash, not keys).
+The atomic steps are Lua scripts in worker/record.py (the job hash's one owner); each names every key it touches in
+KEYS (the member names are fields of one hash, not keys).
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, record
 from worker.defaults import GANG_RESERVATION_TIMEOUT, PRIORITIES
 from worker.hashcodec import text
-from worker.record import JobRecord, state_script
+from worker.record import JobRecord
 from worker.states import WAITING_STATES, JobState
 
 
@@ -53,121 +54,6 @@ def waiting_note(reserved: int, nodes: int) -> str:
     return f"{reserved} of {nodes} workers reserved"
 
 
-# KEYS: job hash, gang hash, reservations hash, gangs zset, running set, recovering set, nodes hash.
-# ARGV: worker, now, job id, worker slots.
-_RESERVE = state_script("""
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= $QUEUED and state ~= $RECOVERING then
-  redis.call('ZREM', KEYS[4], ARGV[3])
-  return {'gone', 0}
-end
-local mine = redis.call('HGET', KEYS[3], ARGV[1])
-if mine and mine ~= ARGV[3] then return {'busy', 0} end
-local nodes = tonumber(redis.call('HGET', KEYS[1], 'num_nodes') or '1')
-local gpus = tonumber(redis.call('HGET', KEYS[1], 'gpus') or '1')
-if gpus > tonumber(ARGV[4]) then return {'unfit', 0} end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
-  if redis.call('HLEN', KEYS[2]) >= nodes then return {'full', 0} end
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-end
-local since = redis.call('HGET', KEYS[1], 'gang_since')
-if not since or since == '' then redis.call('HSET', KEYS[1], 'gang_since', ARGV[2]) end
-local n = redis.call('HLEN', KEYS[2])
-if n < nodes then
-  redis.call('HSET', KEYS[1], 'waiting', n .. ' of ' .. nodes .. ' workers reserved', 'updated_at', ARGV[2])
-  return {'reserved', n}
-end
-local flat = redis.call('HGETALL', KEYS[2])
-local members = {}
-for i = 1, #flat, 2 do table.insert(members, {flat[i], tonumber(flat[i + 1])}) end
-table.sort(members, function(a, b) if a[2] ~= b[2] then return a[2] < b[2] end return a[1] < b[1] end)
-local names = {}
-for i, m in ipairs(members) do names[i] = m[1] end
-redis.call('HSET', KEYS[1], 'state', $RUNNING, 'worker', names[1], 'gang', cjson.encode(names),
-           'attempt_started_at', ARGV[2], 'updated_at', ARGV[2], 'rq_job', '')
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
-redis.call('HDEL', KEYS[1], 'waiting', 'error', 'error_kind', 'exit_code', 'log_tail', 'gang_since', 'rendezvous')
-redis.call('DEL', KEYS[7])
-redis.call('SADD', KEYS[5], ARGV[3])
-redis.call('SREM', KEYS[6], ARGV[3])
-redis.call('ZREM', KEYS[4], ARGV[3])
-return {'started', n}
-""")
-
-# KEYS: job hash, gang hash, reservations hash. ARGV: now, job id, worker names to drop...
-_DROP = state_script("""
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= $QUEUED and state ~= $RECOVERING then return -1 end
-for i = 3, #ARGV do
-  redis.call('HDEL', KEYS[2], ARGV[i])
-  if redis.call('HGET', KEYS[3], ARGV[i]) == ARGV[2] then redis.call('HDEL', KEYS[3], ARGV[i]) end
-end
-local n = redis.call('HLEN', KEYS[2])
-local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
-if n == 0 then redis.call('HDEL', KEYS[1], 'gang_since') end
-redis.call('HSET', KEYS[1], 'waiting', n .. ' of ' .. nodes .. ' workers reserved', 'updated_at', ARGV[1])
-return n
-""")
-
-# KEYS: job hash, gang hash, reservations hash, gangs zset.
-# ARGV: now, timeout (or 'force'), job id, note for `waiting`.
-# Timed out: the gang is released (the job keeps waiting); 'force' (cancel, delete): released and out of the ZSET.
-_RELEASE = state_script("""
-if ARGV[2] ~= 'force' then
-  local state = redis.call('HGET', KEYS[1], 'state')
-  if state ~= $QUEUED and state ~= $RECOVERING then return 0 end
-  local since = tonumber(redis.call('HGET', KEYS[1], 'gang_since') or '')
-  if not since or tonumber(ARGV[1]) - since < tonumber(ARGV[2]) then return 0 end
-end
-for _, name in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if redis.call('HGET', KEYS[3], name) == ARGV[3] then redis.call('HDEL', KEYS[3], name) end
-end
-redis.call('DEL', KEYS[2])
-if ARGV[2] == 'force' then
-  redis.call('ZREM', KEYS[4], ARGV[3])
-  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HDEL', KEYS[1], 'gang_since', 'waiting') end
-else
-  redis.call('HDEL', KEYS[1], 'gang_since')
-  redis.call('HSET', KEYS[1], 'waiting', ARGV[4], 'updated_at', ARGV[1])
-end
-return 1
-""")
-
-# KEYS: job hash, running set, recovering set, gangs zset, gang hash, reservations hash.
-# ARGV: the attempt that failed, max recoveries (-1: do not count), now, job id, reason, ZSET score.
-# Exactly one caller wins per attempt (the attempt number must still match): the whole job goes back to waiting for
-# a new gang, resuming from its last checkpoint.
-_REQUEUE = state_script("""
-local state = redis.call('HGET', KEYS[1], 'state')
-local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
-if state ~= $RUNNING or attempt ~= ARGV[1] then return {state or 'missing', 0} end
-redis.call('SREM', KEYS[2], ARGV[4])
-for _, name in ipairs(redis.call('HKEYS', KEYS[5])) do
-  if redis.call('HGET', KEYS[6], name) == ARGV[4] then redis.call('HDEL', KEYS[6], name) end
-end
-redis.call('DEL', KEYS[5])
-local recoveries = tonumber(redis.call('HGET', KEYS[1], 'recoveries') or '0')
-if tonumber(ARGV[2]) >= 0 then
-  recoveries = recoveries + 1
-  redis.call('HSET', KEYS[1], 'recoveries', recoveries)
-  if recoveries > tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
-               'error', 'a node was lost ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
-               'error_kind', 'WorkerLost')
-    return {$FAILED, 0}
-  end
-end
-local new_attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
-redis.call('HSET', KEYS[1], 'state', $RECOVERING, 'previous_worker', redis.call('HGET', KEYS[1], 'worker') or '',
-           'worker', '', 'recovered_at', ARGV[3], 'updated_at', ARGV[3], 'recovery_reason', ARGV[5],
-           'waiting', '0 of ' .. nodes .. ' workers reserved')
-redis.call('HDEL', KEYS[1], 'gang_since', 'rendezvous')
-redis.call('SADD', KEYS[3], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
-return {$RECOVERING, new_attempt}
-""")
 
 
 def waiting_jobs(conn: redis.Redis, limit: int = 50) -> list[str]:
@@ -195,10 +81,7 @@ def members(conn: redis.Redis, job_id: str) -> list[str]:
 def reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[str, int]:
     """One reservation attempt: ('reserved', members so far), ('started', N) when this worker completed the gang,
     or why not: 'busy' (reserved elsewhere), 'unfit' (needs more slots), 'full', 'gone' (no longer waiting)."""
-    result, count = conn.eval(_RESERVE, 7, keys.job(job_id), keys.gang(job_id), keys.reservations(), keys.gangs(),
-                              keys.running_set(), keys.recovering_set(), keys.nodes(job_id),
-                              worker, time.time(), job_id, int(slots))
-    return text(result), int(count)
+    return record.gang_reserve(conn, job_id, worker, slots)
 
 
 def try_reserve(conn: redis.Redis, worker: str, slots: int) -> str | None:
@@ -221,8 +104,7 @@ def drop(conn: redis.Redis, job_id: str, names: list[str]) -> int:
     """Remove these workers from a gang that has not started (they died); the members left, or -1."""
     if not names:
         return -1
-    return int(conn.eval(_DROP, 3, keys.job(job_id), keys.gang(job_id), keys.reservations(), time.time(), job_id,
-                         *names))
+    return record.gang_drop(conn, job_id, names)
 
 
 def drop_dead(conn: redis.Redis, job_id: str, *, but: str = "") -> list[str]:
@@ -247,18 +129,16 @@ def dead_workers(conn: redis.Redis, names: list[str]) -> list[str]:
 
 def release_if_stale(conn: redis.Redis, job_id: str, timeout: float) -> bool:
     """Release an incomplete gang whose first reservation is `timeout` s old; True when this call released it."""
-    record = JobRecord.find(conn, job_id, "num_nodes")
-    nodes = record.num_nodes if record else 0
-    note = (f"{waiting_note(0, nodes)} (the last gang did not complete within "
-            f"{timeout:g} s and was released; waiting for {nodes or '?'} free workers)")
-    return bool(conn.eval(_RELEASE, 4, keys.job(job_id), keys.gang(job_id), keys.reservations(), keys.gangs(),
-                          time.time(), timeout, job_id, note))
+    job = JobRecord.find(conn, job_id, "num_nodes")
+    nodes = job.num_nodes if job is not None else 0
+    note = (f"{waiting_note(0, nodes)} (the last gang did not complete within {timeout:g} s and was released; "
+            f"waiting for {nodes} free workers)")
+    return record.gang_release(conn, job_id, timeout=timeout, note=note)
 
 
 def discard(conn: redis.Redis, job_id: str) -> None:
     """A cancelled or deleted multi-node job: out of the ZSET, every reservation for it released."""
-    conn.eval(_RELEASE, 4, keys.job(job_id), keys.gang(job_id), keys.reservations(), keys.gangs(), time.time(),
-              "force", job_id, "")
+    record.gang_release(conn, job_id, timeout=None)
 
 
 def unreserve(conn: redis.Redis, worker: str, job_id: str) -> None:
@@ -270,14 +150,14 @@ def unreserve(conn: redis.Redis, worker: str, job_id: str) -> None:
 def requeue_running(conn: redis.Redis, job_id: str, attempt: int, *, reason: str,
                     max_recoveries: int) -> tuple[str, int]:
     """The attempt `attempt` of a running multi-node job lost a node (or its worker shuts down): the whole job waits
-    for a new gang and resumes from its checkpoint. ('recovering', new attempt), ('failed', 0) past the cap, or
+    for a new gang and resumes from its checkpoint. (recovering, new attempt), (failed, 0) past the cap, or
     (the state, 0) when another caller already moved it on."""
-    record = JobRecord.find(conn, job_id, "priority", "submitted_at")
-    sc = score(record.priority if record else "default", (record and record.get("submitted_at")) or time.time())
-    state, new_attempt = conn.eval(_REQUEUE, 6, keys.job(job_id), keys.running_set(), keys.recovering_set(),
-                                   keys.gangs(), keys.gang(job_id), keys.reservations(), attempt, max_recoveries,
-                                   time.time(), job_id, reason, sc)
-    state = text(state)
+    job = JobRecord.find(conn, job_id, "priority", "submitted_at")
+    if job is None:
+        return "missing", 0
+    sc = score(job.priority, float(job.get("submitted_at") or time.time()))
+    state, new_attempt = record.gang_requeue(conn, job_id, attempt, max_recoveries=max_recoveries, reason=reason,
+                                             score=sc)
     if state == JobState.RECOVERING:
         conn.xadd(keys.logs(job_id), {"line": f"[worker] re-queued as attempt {new_attempt} ({reason}); "
                                               "it waits for a new gang and resumes from its last checkpoint",
@@ -291,10 +171,10 @@ def poll(conn: redis.Redis, job_id: str, worker: str, *, timeout: float) -> tupl
     longer reserved (timed out, cancelled, dropped)."""
     if reserved_job(conn, worker) != job_id:
         return "released", 0, 0
-    record = JobRecord.find(conn, job_id, "gang", "attempt")
-    state = record.state if record else None
-    if state is JobState.RUNNING and worker in record.gang:
-        return "start", record.gang.index(worker), record.attempt
+    job = JobRecord.find(conn, job_id, "gang", "attempt")
+    state = job.state if job is not None else None
+    if job is not None and state is JobState.RUNNING and worker in job.gang:
+        return "start", job.gang.index(worker), job.attempt
     if state not in WAITING_STATES:
         unreserve(conn, worker, job_id)
         return "released", 0, 0

@@ -208,6 +208,23 @@ def state_script(script: str) -> str:
     return Template(script).substitute({state.name: f"'{state.value}'" for state in JobState})
 
 
+def _count_recovery(what: str) -> str:
+    """Lua lines of both re-queue scripts: count this recovery unless ARGV[2] (the cap) is -1; past the cap the job
+    fails as WorkerLost, its error saying `what` happened how often (ARGV[3]: now, ARGV[5]: the reason)."""
+    return '''local recoveries = tonumber(redis.call('HGET', KEYS[1], 'recoveries') or '0')
+if tonumber(ARGV[2]) >= 0 then
+  recoveries = recoveries + 1
+  redis.call('HSET', KEYS[1], 'recoveries', recoveries)
+  if recoveries > tonumber(ARGV[2]) then
+    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
+               'error', 'WHAT ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
+               'error_kind', 'WorkerLost')
+    return {$FAILED, 0}
+  end
+end
+'''.replace("WHAT", what)
+
+
 # KEYS: job hash, running set, recovering set. ARGV: worker, now, rq job id, job id.
 _START = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -257,18 +274,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if state ~= $RUNNING or owner ~= ARGV[1] then return {state or 'missing', 0} end
 redis.call('SREM', KEYS[2], ARGV[4])
-local recoveries = tonumber(redis.call('HGET', KEYS[1], 'recoveries') or '0')
-if tonumber(ARGV[2]) >= 0 then
-  recoveries = recoveries + 1
-  redis.call('HSET', KEYS[1], 'recoveries', recoveries)
-  if recoveries > tonumber(ARGV[2]) then
-    redis.call('HSET', KEYS[1], 'state', $FAILED, 'ended_at', ARGV[3], 'updated_at', ARGV[3],
-               'error', 'its worker died ' .. recoveries .. ' times (' .. ARGV[5] .. '); not retrying again',
-               'error_kind', 'WorkerLost')
-    return {$FAILED, 0}
-  end
-end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+""" + _count_recovery("its worker died") + """local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', $RECOVERING, 'worker', '', 'previous_worker', ARGV[1],
            'recovered_at', ARGV[3], 'updated_at', ARGV[3], 'recovery_reason', ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[4])
@@ -304,3 +310,144 @@ def claim_for_requeue(
     state, attempt = conn.eval(_REQUEUE, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), owner,
                                max_recoveries, time.time(), job_id, reason)
     return text(state), int(attempt)
+
+
+# ---------------------------------------------------------------------------------- multi-node gang transitions
+# The atomic steps of worker/gang.py (which holds the rules and says why): reserve, drop, release, re-queue.
+
+# KEYS: job hash, gang hash, reservations hash, gangs zset, running set, recovering set, nodes hash.
+# ARGV: worker, now, job id, worker slots.
+_GANG_RESERVE = state_script("""
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= $QUEUED and state ~= $RECOVERING then
+  redis.call('ZREM', KEYS[4], ARGV[3])
+  return {'gone', 0}
+end
+local mine = redis.call('HGET', KEYS[3], ARGV[1])
+if mine and mine ~= ARGV[3] then return {'busy', 0} end
+local nodes = tonumber(redis.call('HGET', KEYS[1], 'num_nodes') or '1')
+local gpus = tonumber(redis.call('HGET', KEYS[1], 'gpus') or '1')
+if gpus > tonumber(ARGV[4]) then return {'unfit', 0} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  if redis.call('HLEN', KEYS[2]) >= nodes then return {'full', 0} end
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+end
+local since = redis.call('HGET', KEYS[1], 'gang_since')
+if not since or since == '' then redis.call('HSET', KEYS[1], 'gang_since', ARGV[2]) end
+local n = redis.call('HLEN', KEYS[2])
+if n < nodes then
+  redis.call('HSET', KEYS[1], 'waiting', n .. ' of ' .. nodes .. ' workers reserved', 'updated_at', ARGV[2])
+  return {'reserved', n}
+end
+local flat = redis.call('HGETALL', KEYS[2])
+local members = {}
+for i = 1, #flat, 2 do table.insert(members, {flat[i], tonumber(flat[i + 1])}) end
+table.sort(members, function(a, b) if a[2] ~= b[2] then return a[2] < b[2] end return a[1] < b[1] end)
+local names = {}
+for i, m in ipairs(members) do names[i] = m[1] end
+redis.call('HSET', KEYS[1], 'state', $RUNNING, 'worker', names[1], 'gang', cjson.encode(names),
+           'attempt_started_at', ARGV[2], 'updated_at', ARGV[2], 'rq_job', '')
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'waiting', 'error', 'error_kind', 'exit_code', 'log_tail', 'gang_since', 'rendezvous')
+redis.call('DEL', KEYS[7])
+redis.call('SADD', KEYS[5], ARGV[3])
+redis.call('SREM', KEYS[6], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[3])
+return {'started', n}
+""")
+
+# KEYS: job hash, gang hash, reservations hash. ARGV: now, job id, worker names to drop...
+_GANG_DROP = state_script("""
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= $QUEUED and state ~= $RECOVERING then return -1 end
+for i = 3, #ARGV do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  if redis.call('HGET', KEYS[3], ARGV[i]) == ARGV[2] then redis.call('HDEL', KEYS[3], ARGV[i]) end
+end
+local n = redis.call('HLEN', KEYS[2])
+local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
+if n == 0 then redis.call('HDEL', KEYS[1], 'gang_since') end
+redis.call('HSET', KEYS[1], 'waiting', n .. ' of ' .. nodes .. ' workers reserved', 'updated_at', ARGV[1])
+return n
+""")
+
+# KEYS: job hash, gang hash, reservations hash, gangs zset.
+# ARGV: now, timeout (or 'force'), job id, note for `waiting`.
+# Timed out: the gang is released (the job keeps waiting); 'force' (cancel, delete): released and out of the ZSET.
+_GANG_RELEASE = state_script("""
+if ARGV[2] ~= 'force' then
+  local state = redis.call('HGET', KEYS[1], 'state')
+  if state ~= $QUEUED and state ~= $RECOVERING then return 0 end
+  local since = tonumber(redis.call('HGET', KEYS[1], 'gang_since') or '')
+  if not since or tonumber(ARGV[1]) - since < tonumber(ARGV[2]) then return 0 end
+end
+for _, name in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if redis.call('HGET', KEYS[3], name) == ARGV[3] then redis.call('HDEL', KEYS[3], name) end
+end
+redis.call('DEL', KEYS[2])
+if ARGV[2] == 'force' then
+  redis.call('ZREM', KEYS[4], ARGV[3])
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HDEL', KEYS[1], 'gang_since', 'waiting') end
+else
+  redis.call('HDEL', KEYS[1], 'gang_since')
+  redis.call('HSET', KEYS[1], 'waiting', ARGV[4], 'updated_at', ARGV[1])
+end
+return 1
+""")
+
+# KEYS: job hash, running set, recovering set, gangs zset, gang hash, reservations hash.
+# ARGV: the attempt that failed, max recoveries (-1: do not count), now, job id, reason, ZSET score.
+# Exactly one caller wins per attempt (the attempt number must still match): the whole job goes back to waiting for
+# a new gang, resuming from its last checkpoint.
+_GANG_REQUEUE = state_script("""
+local state = redis.call('HGET', KEYS[1], 'state')
+local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
+if state ~= $RUNNING or attempt ~= ARGV[1] then return {state or 'missing', 0} end
+redis.call('SREM', KEYS[2], ARGV[4])
+for _, name in ipairs(redis.call('HKEYS', KEYS[5])) do
+  if redis.call('HGET', KEYS[6], name) == ARGV[4] then redis.call('HDEL', KEYS[6], name) end
+end
+redis.call('DEL', KEYS[5])
+""" + _count_recovery("a node was lost") + """local new_attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+local nodes = redis.call('HGET', KEYS[1], 'num_nodes') or '1'
+redis.call('HSET', KEYS[1], 'state', $RECOVERING, 'previous_worker', redis.call('HGET', KEYS[1], 'worker') or '',
+           'worker', '', 'recovered_at', ARGV[3], 'updated_at', ARGV[3], 'recovery_reason', ARGV[5],
+           'waiting', '0 of ' .. nodes .. ' workers reserved')
+redis.call('HDEL', KEYS[1], 'gang_since', 'rendezvous')
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
+return {$RECOVERING, new_attempt}
+""")
+
+
+def gang_reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[str, int]:
+    """One reservation: ('reserved', members so far), ('started', N) when it completed the gang (queued/recovering →
+    running, node ranks in reservation order), or why not: 'busy', 'unfit', 'full', 'gone'."""
+    result, count = conn.eval(_GANG_RESERVE, 7, keys.job(job_id), keys.gang(job_id), keys.reservations(),
+                              keys.gangs(), keys.running_set(), keys.recovering_set(), keys.nodes(job_id),
+                              worker, time.time(), job_id, int(slots))
+    return text(result), int(count)
+
+
+def gang_drop(conn: redis.Redis, job_id: str, names: list[str]) -> int:
+    """Remove workers from a gang still gathering; the members left, or -1 when the job no longer gathers."""
+    return int(conn.eval(_GANG_DROP, 3, keys.job(job_id), keys.gang(job_id), keys.reservations(), time.time(),
+                         job_id, *names))
+
+
+def gang_release(conn: redis.Redis, job_id: str, *, timeout: float | None, note: str = "") -> bool:
+    """Release a gathering gang whose first reservation is `timeout` s old (`waiting` becomes `note`); with
+    timeout None (cancel, delete) release it whatever its age and take the job out of the waiting ZSET."""
+    return bool(conn.eval(_GANG_RELEASE, 4, keys.job(job_id), keys.gang(job_id), keys.reservations(), keys.gangs(),
+                          time.time(), "force" if timeout is None else timeout, job_id, note))
+
+
+def gang_requeue(conn: redis.Redis, job_id: str, attempt: int, *, max_recoveries: int, reason: str,
+                 score: float) -> tuple[str, int]:
+    """Attempt `attempt` of a running multi-node job → recovering, back in the waiting ZSET at `score`:
+    ($RECOVERING, new attempt), ($FAILED, 0) past the cap, or (the state, 0) when another caller moved it on."""
+    state, new_attempt = conn.eval(_GANG_REQUEUE, 6, keys.job(job_id), keys.running_set(), keys.recovering_set(),
+                                   keys.gangs(), keys.gang(job_id), keys.reservations(), attempt, max_recoveries,
+                                   time.time(), job_id, reason, score)
+    return text(state), int(new_attempt)

@@ -76,6 +76,8 @@ def status_fields_for(type_: str, data: dict[str, Any]) -> dict[str, Any]:
         return fields
     if type_ == "phase":
         return {"phase": data.get("phase"), "updated_at": now}
+    if type_ == "embed":  # the feature cache's embedding pass (core.features): its progress is the phase text
+        return {"phase": f"embedding {data.get('done')}/{data.get('total')} images", "updated_at": now}
     if type_ == "report":
         test = data.get("test") or {}
         return {"test_acc": _finite(test.get("accuracy")), "progress": 1.0, "updated_at": now}

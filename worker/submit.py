@@ -113,7 +113,8 @@ def check_nodes(conn: redis.Redis, nodes: int, gpus: int) -> str | None:
     """None for a one-node job; for N > 1 nodes the waiting note, or refuse when fewer than N live workers could
     each host a node of `gpus` devices."""
     if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= MAX_NODES_PER_JOB:
-        raise SubmissionError.on("nodes", nodes, f"must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
+        raise SubmissionError.on("nodes", nodes,
+                                 f"must be a whole number from 1 to {MAX_NODES_PER_JOB}, got {nodes!r}")
     if nodes == 1:
         return None
     able = [w for w in list_workers(conn) if (w.get("slots") or 0) >= gpus]

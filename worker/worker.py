@@ -266,8 +266,8 @@ class TrainerWorker(SimpleWorker):
                     log.info("worker %s: %s: %s", self.name, queue.name, job.id)
                     self.heartbeat()
                     return result
-                if timeout is None and not single_first:  # burst: nothing queued (a reserved worker waits above)
-                    return None
+                if timeout is None:  # burst: nothing queued, and no gang (a reserved worker waits above; one
+                    return None      # released by the timeout ends here too, rather than reserving again)
             except DequeueTimeout:
                 pass
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:

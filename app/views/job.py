@@ -1,8 +1,8 @@
 """Job: live progress while it runs, results and downloads once it has ended. The URL (?job=ID) names the job.
 
 The live part is a fragment that reruns alone every JOB_REFRESH_SECONDS: it reads only the stream entries after
-the last one it drew (the series are kept in st.session_state per job), so a refresh neither reloads the page nor
-loses points. It stops refreshing once the job is final and the page redraws once with the results.
+the last one read, into a series every viewer of the job shares with its figures (app/live.py), so a refresh neither
+reloads the page nor loses points, and ten viewers cost the server little more than one. It stops refreshing once the job is final and the page redraws once with the results.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 import streamlit as st
 
 from app import ui
-from app.charts import confusion_figure, live_figures
+from app.charts import confusion_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
+from app.live import SharedSeries, shared_series
 from app.tables import (
     STATE_COLORS,
     STATE_ICONS,
@@ -24,6 +25,8 @@ from app.tables import (
     fmt_time,
     nodes_frame,
     per_class_frame,
+    rank_kind,
+    resources_text,
 )
 from worker import api
 from worker.api import (
@@ -57,18 +60,18 @@ except NoSuchJobError as err:
     st.stop()
 
 
-def series_for(job: str) -> LiveSeries:
-    """This job's accumulated chart series (the session keeps the SERIES_KEPT most recently viewed)."""
+def series_for(job: str) -> SharedSeries:
+    """This job's chart series, shared with every other viewer of it (app/live.py); the session keeps a reference
+    to the SERIES_KEPT most recently viewed under `job:series:<id>`."""
     order: list[str] = st.session_state.setdefault("job:series_order", [])
-    key = f"job:series:{job}"
     if job in order:
         order.remove(job)
     order.append(job)
     while len(order) > SERIES_KEPT:
         st.session_state.pop(f"job:series:{order.pop(0)}", None)
-    if key not in st.session_state:
-        st.session_state[key] = LiveSeries()
-    return st.session_state[key]
+    shared = shared_series(job)
+    st.session_state[f"job:series:{job}"] = shared.series
+    return shared
 
 
 # --------------------------------------------------------------------------------------------------- header
@@ -98,8 +101,8 @@ st.subheader(status.get("name") or job_id)
 cfg = status.get("config") or {}
 st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
-    + (f"{status['num_nodes']} nodes × " if (status.get("num_nodes") or 1) > 1 else "")
-    + f"{status.get('gpus') or 1} GPU(s) · priority {status.get('priority') or 'default'} · "
+    + resources_text(status, rank_kind(status, {w.get("kind") for w in api.list_workers(conn) if w.get("kind")}))
+    + f" · priority {status.get('priority') or 'default'} · "
     f"submitted {fmt_time(status.get('submitted_at'))}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )
@@ -157,8 +160,8 @@ def draw_status(s: dict[str, Any], series: LiveSeries) -> None:
         st.error(f"**Failed:** {s.get('error') or 'no error message'}", icon=":material/error:")
 
 
-def draw_charts(series: LiveSeries, job: str) -> None:
-    figs = live_figures(series, revision=job)
+def draw_charts(shared: SharedSeries) -> None:
+    figs, series = shared.figures(), shared.series
     names = list(figs)
     for row in range(0, len(names), 2):
         cols = st.columns(2)
@@ -188,13 +191,13 @@ def live(job: str) -> None:
         st.error(f"**Redis is unreachable.** {err}\n\nRetrying every {JOB_REFRESH_SECONDS:g} s.",
                  icon=":material/cloud_off:")
         return
-    series = series_for(job)
+    shared = series_for(job)
     try:
-        series.add(*api.chart_events_since(conn, job, series.last_id))
+        shared.refresh(conn)
     except REDIS_ERRORS:
         pass  # drawn from what we have; the next refresh continues from the same id
-    draw_status(s, series)
-    draw_charts(series, job)
+    draw_status(s, shared.series)
+    draw_charts(shared)
     draw_log(s, job)
     if s["final"]:
         st.rerun()  # once: the whole page redraws as an ended job (results first), without this fragment
@@ -202,9 +205,9 @@ def live(job: str) -> None:
 
 def ended(job: str, s: dict[str, Any]) -> None:
     """A job that has ended: its status, results and downloads first, then its curves and log (no refreshing)."""
-    series = series_for(job)
-    series.add(*api.chart_events_since(conn, job, series.last_id))
-    draw_status(s, series)
+    shared = series_for(job)
+    shared.refresh(conn)
+    draw_status(s, shared.series)
     if s["state"] == JobState.FINISHED:
         draw_results(job, s)
     else:
@@ -213,7 +216,7 @@ def ended(job: str, s: dict[str, Any]) -> None:
         if any(NAMED_ARTIFACTS[k] in files for k in ("onnx", "pt")):
             ui.draw_downloads(job, files)
     st.subheader("Training curves")
-    draw_charts(series, job)
+    draw_charts(shared)
     if s["state"] == JobState.FINISHED:
         draw_log(s, job)
 
@@ -270,6 +273,10 @@ def draw_export(report: dict[str, Any]) -> None:
     onnx, int8 = export.get("onnx") or {}, export.get("int8") or {}
     if export.get("error") or not export.get("ok", True):
         st.error(f"Export failed: {export.get('error') or 'see the log'}")
+    deploy = export.get("deploy")
+    if deploy:
+        st.success(f"**Deploy `{deploy['file']}`.** {deploy['reason']}. The bundle's predict.py uses it when no model "
+                   "is named.", icon=":material/rocket_launch:")
     c = st.columns(4)
     if onnx:
         c[0].metric("ONNX parity: max |Δlogit|", f"{onnx.get('max_abs_diff', float('nan')):.2e}")

@@ -113,6 +113,7 @@ COLUMN_CONFIG = {
     "epoch": st.column_config.TextColumn("epoch", width="small"),
     "best val acc": st.column_config.NumberColumn("best val acc", format="%.4f"),
     "duration / ETA": st.column_config.TextColumn("duration / ETA"),
+    "resources": st.column_config.TextColumn("resources", help="GPUs, or CPU ranks on CPU workers, per node"),
     "worker": st.column_config.TextColumn("worker"),
     "submitted": st.column_config.DatetimeColumn("submitted", format="YYYY-MM-DD HH:mm:ss"),
 }
@@ -140,7 +141,8 @@ def jobs_table() -> None:
         st.info("No jobs yet.")
         st.page_link(ui.PAGE_NEW, label="Submit one", icon=":material/add_circle:")
         return
-    st.dataframe(jobs_frame(shown), hide_index=True, column_config=COLUMN_CONFIG, on_select=on_rows_selected,
+    kinds = {w.get("kind") for w in api.list_workers(conn) if w.get("kind")}
+    st.dataframe(jobs_frame(shown, kinds), hide_index=True, column_config=COLUMN_CONFIG, on_select=on_rows_selected,
                  selection_mode="multi-row", key=f"jobs:table:{st.session_state.get('jobs:table_gen', 0)}",
                  height=min(36 * (len(shown) + 1) + 3, 560))
     st.caption(f"{len(shown)} of {len(jobs)} job(s)" + (" · refreshing while jobs are active" if any_active(jobs)

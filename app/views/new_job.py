@@ -1,5 +1,5 @@
 """New job: start from a preset (or a cloned job), edit it in a form, check the dataset's health, submit.
-In "Sweep" mode the form is the trials' base config, and the Sweep section picks the fields that vary, their ranges
+With the "Sweep" toggle on, the form is the trials' base config, and the Sweep section picks the fields that vary, their ranges
 or choices, the number of trials and how many run at once; "Start sweep" opens the Sweeps page (?sweep=ID).
 
 Validation is core's, through worker.api.submit_job (the one submission function): its messages are placed under
@@ -28,9 +28,8 @@ if sweep_made := st.session_state.pop("new:sweep_created", None):
 
 st.title("New job")
 ui.show_flash()
-mode = st.radio("Mode", ["Single job", "Sweep"], key="new:mode", horizontal=True,
-                help="Sweep: many jobs (trials) that vary the fields you pick, searched by Optuna")
-sweep_mode = mode == "Sweep"
+sweep_mode = st.toggle("Sweep", key="new:sweep",
+                       help="many jobs (trials) that vary the fields you pick, searched by Optuna")
 
 # ------------------------------------------------------------------------------------- where the config starts
 clone_id = st.query_params.get("clone")
@@ -292,7 +291,7 @@ SECTIONS = {
     "Model and data": ["model.name", "model.pretrained", "model.freeze", "data.image_size", "data.color_mode",
                        "data.augment"],
     "Training": ["train.epochs", "train.batch_size", "optim.name", "optim.lr", "optim.weight_decay", "sched.name",
-                 "train.amp", "train.label_smoothing"],
+                 "train.amp", "train.label_smoothing", "train.feature_cache", "data.feature_views"],
     "Resources and export": ["gpus", "nodes", "priority", "name", "export.enabled", "export.int8"],
 }
 by_key = {f.key: f for f in forms.fields()}
@@ -302,7 +301,8 @@ with st.form(prefix + "form", border=True):
         with col:
             st.markdown(f"**{title}**")
             for k in keys:
-                widget(by_key[k], init.get(k), prefix + k)
+                if forms.shown(k, init):
+                    widget(by_key[k], init.get(k), prefix + k)
     if errors:
         st.error("**Nothing was submitted.**  \n" + "  \n".join(errors.values()), icon=":material/block:")
     if sweep_mode:

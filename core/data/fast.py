@@ -151,10 +151,20 @@ class TensorBatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, steps, dev = len(self.labels), len(self), self.images.device
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + self.rank)
-        order = torch.randperm(n, generator=gen) if self.train else None
-        augment = self.train and self.augment == "classic"
+        gen = epoch_generator(self.seed, self.epoch, self.rank)
+        order = torch.randperm(len(self.labels), generator=gen) if self.train else None
+        return self._batches(gen, order, augment=self.train and self.augment == "classic")
+
+    def ordered_pass(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample once, in stored order, with the train augmentation drawn from a generator seeded by `seed`:
+        one augmented *view* of the split (the feature cache embeds a few of them)."""
+        gen = torch.Generator().manual_seed(seed)
+        return self._batches(gen, None, augment=self.augment == "classic", steps=-(-len(self.labels) // self.batch_size))
+
+    def _batches(self, gen: torch.Generator, order: torch.Tensor | None, *, augment: bool, steps: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, dev = len(self.labels), self.images.device
+        steps = len(self) if steps is None else steps
         if augment:
             params = draw_classic_params(n, gen, pad=self.pad, hflip=self.hflip)
             brightness_first = (torch.rand(steps, generator=gen) < 0.5).tolist()  # one jitter order per batch
@@ -176,6 +186,21 @@ class TensorBatchLoader:
                 yield _normalise(x_u8, self.mean, self.std), y
 
 
+def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The CPU generator of one epoch's order and augmentation on one rank (resumes reproduce it)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + rank)
+
+
+def train_partition(n: int, rank: int, world_size: int, seed: int) -> list[int]:
+    """This rank's positions in a train split of n samples: a fixed seeded partition into equal shards (every rank
+    takes the same number of steps; up to world_size - 1 samples are left out), sorted."""
+    if world_size <= 1:
+        return list(range(n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_per_rank = n // world_size
+    return perm[rank * n_per_rank:(rank + 1) * n_per_rank].sort().values.tolist()
+
+
 def make_fast_loaders(cfg: Any, bundle: Any, info: Any, device: torch.device) -> dict[str, Any] | None:
     """The tensor-cache loaders, or None when `data.cache` rules them out (the caller falls back to DataLoader)."""
     if not use_cache(cfg, bundle, info.world_size):
@@ -186,10 +211,8 @@ def make_fast_loaders(cfg: Any, bundle: Any, info: Any, device: torch.device) ->
     def shard(split: str, partition_seed: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         images, labels = bundle.eval_uint8(split)
         n = len(labels)
-        if partition_seed is not None and info.world_size > 1:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(partition_seed))
-            n_per_rank = n // info.world_size  # equal shards: every rank takes the same number of steps
-            idx = perm[info.rank * n_per_rank:(info.rank + 1) * n_per_rank].sort().values.tolist()
+        if partition_seed is not None:
+            idx = train_partition(n, info.rank, info.world_size, partition_seed)
         else:
             idx = list(range(info.rank, n, info.world_size))
         index = torch.tensor(idx, dtype=torch.long)

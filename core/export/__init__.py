@@ -7,8 +7,9 @@ but does not fail the export. TensorRT is timed only where it really exists.
 
 Steps: check the run folder → rebuild the model from config.yaml + labels.json + preprocess.json and load
 checkpoints/best.pt → rebuild the data (seeded split: the same test split as training) → torch.export (model.pt2) →
-ONNX (model.onnx) → parity → static INT8 quantization (model.int8.onnx) → accuracy of both on the test split → model.pt,
-labels.json, preprocess.json, predict.py, model_card.md, bundle.zip → report.json gains "export".
+ONNX (model.onnx) → parity → static INT8 quantization (model.int8.onnx) → accuracy of both on the test split → which to deploy (deploy.py: the faster at equal accuracy) → model.pt,
+labels.json, preprocess.json, predict.py (defaulting to that file), model_card.md, bundle.zip → report.json gains
+"export".
 
 Files are built in `RUN_DIR/export.partial/` and swapped in as `RUN_DIR/export/` only when everything checked out, so a
 failed or interrupted export never leaves a half-written or unverified export folder behind.
@@ -20,7 +21,8 @@ When torch.export cannot trace a model, or cannot produce the requested opset, t
 
 Modules, one step each: defaults (constants), inputs (the images checked and calibrated on), onnx_export
 (torch.export, ONNX, the ONNX contract), ort (ONNX Runtime: parity, latency, predictions), int8 (quantization),
-tensorrt_probe, card (model_card.md), pipeline (`export_run`: the steps in order, the folder swap), cli (`main`).
+tensorrt_probe, deploy (the file to deploy and why), card (model_card.md), pipeline (`export_run`: the steps in
+order, the folder swap), cli (`main`).
 Loading a run and rebuilding its model is core/runfolder.py's (`load_run`, `build_model`), re-exported here.
 """
 from __future__ import annotations

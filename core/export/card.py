@@ -21,6 +21,17 @@ def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def _deploy_file(export: dict[str, Any]) -> str:
+    return (export.get("deploy") or {}).get("file") or rf.ONNX
+
+
+def _deploy_lines(export: dict[str, Any]) -> list[str]:
+    deploy = export.get("deploy")
+    if not deploy:
+        return []
+    return [f"**Deploy `{deploy['file']}`**: {deploy['reason']}. `predict.py` uses it when no model is named.", ""]
+
+
 def model_card(run: Run, export: dict[str, Any]) -> str:
     """model_card.md: what the model is, what it was trained and tested on, how well, and what was verified."""
     cfg, report, pp = run.cfg, run.report, run.preprocess
@@ -36,8 +47,10 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
         (f"An image classifier for {len(run.classes)} classes, trained with this project's managed training "
         f"(run folder `{run.path.name}`). Exported {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."), "",
         "## Use it", "",
+        *_deploy_lines(export),
         "```", "pip install onnxruntime numpy pillow",
-        f"python {rf.PREDICT_SCRIPT} {rf.ONNX} image.png --top-k 5 [--json]", "```",
+        f"python {rf.PREDICT_SCRIPT} image.png --top-k 5 [--json]      # {_deploy_file(export)}",
+        f"python {rf.PREDICT_SCRIPT} {rf.ONNX} image.png                # or name the model", "```",
         "", (f"Input `input` float32 [batch, {run.in_chans}, {h}, {w}]; output `logits` [batch, {len(run.classes)}] "
         f"(softmax gives probabilities). Preprocessing ({rf.PREPROCESS}): convert to "
         f"{pp['color_mode']}, {geometry}, pixels / 255, subtract mean {pp['mean']}, divide by std {pp['std']}, CHW."),

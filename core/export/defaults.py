@@ -30,3 +30,11 @@ INT8_REDUCE_RANGE = True
 
 PREDICT_TEMPLATE = Path(__file__).parent.parent / "predict_template.py"
 """The standalone script copied into every export as predict.py."""
+
+DEPLOY_ACCURACY_TOLERANCE = 0.005
+"""INT8 counts as "equal accuracy" when its test accuracy is at most this much (0.5 points) below FP32's, or at most
+one test image's worth on a small test split (core/export/deploy.py)."""
+
+DEPLOY_MIN_SPEEDUP = 1.05
+"""INT8 counts as faster when FP32's median batch-1 latency is at least this many times INT8's (5 %: less is within
+the timing noise of a shared machine)."""

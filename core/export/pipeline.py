@@ -15,6 +15,7 @@ import torch
 from core import runfolder as rf
 from core.errors import CoreError, ExportError, RunDirError
 from core.export.card import model_card
+from core.export.deploy import choose_deploy, predict_script
 from core.export.defaults import PARITY_ATOL, PARITY_MIN_IMAGES, PREDICT_TEMPLATE
 from core.export.inputs import calibration_images, take_images
 from core.export.int8 import quantize_int8
@@ -155,12 +156,15 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
             f"{int8['bytes'] / 1e6:.2f} MB vs {onnx_info['bytes'] / 1e6:.2f} MB")
     export["int8"] = int8
     export["tensorrt"] = probe_tensorrt(onnx_path, x1, session.run(["logits"], {"input": x1})[0])
+    export["deploy"] = choose_deploy(onnx_info, int8)
+    log(f"export: deploy {export['deploy']['file']}: {export['deploy']['reason']}")
 
     # ---- PyTorch weights, the client contract files, the card and the bundle
     torch.save(model.state_dict(), out / rf.STATE_DICT)
     rf.write_json(out / rf.LABELS, run.classes)
     rf.write_json(out / rf.PREPROCESS, {**run.preprocess, "input_name": "input"})
-    shutil.copyfile(PREDICT_TEMPLATE, out / rf.PREDICT_SCRIPT)
+    (out / rf.PREDICT_SCRIPT).write_text(predict_script(PREDICT_TEMPLATE.read_text(encoding="utf-8"),
+                                                        export["deploy"]), encoding="utf-8")
     export["files"] = {name: (out / name).stat().st_size for name in rf.BUNDLE_FILES if (out / name).exists()}
     (out / rf.MODEL_CARD).write_text(model_card(run, export), encoding="utf-8")
     export["files"][rf.MODEL_CARD] = (out / rf.MODEL_CARD).stat().st_size

@@ -144,3 +144,7 @@ def test_the_form_cannot_express_the_other_bad_inputs(app_env: Any) -> None:
     assert list(at.selectbox(key=prefix + "sweep:metric").options) == list(api.EPOCH_METRICS)
     at = start(at)
     assert "Pick at least one field to vary" in texts(at) and not list(app_env.scan_iter(match="trainer:*"))
+    at.multiselect(key=prefix + "sweep:vary").set_value(["optim.lr"]).run()
+    at.number_input(key=prefix + "nodes").set_value(2)  # a form field: submitted with the click
+    at = start(at)
+    assert "one node each" in texts(at) and not list(app_env.scan_iter(match="trainer:*"))

@@ -261,6 +261,9 @@ def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: Checked
     if not space:
         st.session_state["new:sweep_error"] = "Pick at least one field to vary."
         return
+    if int(values.get("nodes") or 1) > 1:
+        st.session_state["new:sweep_error"] = "nodes: a sweep's trials run on one node each; set Nodes to 1."
+        return
     conn_now, why = try_redis()
     if conn_now is None:
         st.session_state["new:sweep_error"] = f"Redis is unreachable: {why}"

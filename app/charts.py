@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from app.data import LiveSeries, thin
 from app.defaults import CHART_MAX_POINTS
+from app.tables import LiveSeries, thin
 from worker.api import JobState
 
 HEIGHT = 260

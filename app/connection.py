@@ -5,16 +5,18 @@ banner's fragment pings every few seconds and reruns the page once Redis answers
 """
 from __future__ import annotations
 
-import os
-
 import redis
 import streamlit as st
 
-from app.defaults import REDIS_RETRY_SECONDS
-from worker.artifacts import ArtifactStore
-from worker.connection import check, connect, redis_url
-from worker.defaults import ARTIFACTS_DIR
-from worker.errors import RedisUnavailableError
+from app.defaults import REDIS_RECONNECT_SECONDS
+from worker.api import (
+    ArtifactStore,
+    RedisUnavailableError,
+    check,
+    connect,
+    redis_url,
+    store_url,
+)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, RedisUnavailableError)
 """What "Redis is unreachable" looks like to a page (a refused password is a ConnectionError too)."""
@@ -31,8 +33,9 @@ def _store(url: str) -> ArtifactStore:
 
 
 def artifact_store() -> ArtifactStore:
-    """The artifact store of ARTIFACTS_DIR (read on every call, so tests and honcho can point it elsewhere)."""
-    return _store(os.environ.get("ARTIFACTS_DIR", "").strip() or ARTIFACTS_DIR)
+    """The artifact store of `worker.api.store_url()` (ARTIFACTS_DIR, read on every call: tests and honcho point it
+    elsewhere)."""
+    return _store(store_url())
 
 
 def try_redis() -> tuple[redis.Redis | None, str | None]:
@@ -59,14 +62,14 @@ def redis_down(message: str) -> None:
     st.error(
         f"**Redis is unreachable.** {message}\n\n"
         "Jobs already submitted are kept by Redis and the workers; nothing can be listed or submitted until it is "
-        f"back. This page retries every {REDIS_RETRY_SECONDS:g} s and recovers by itself.",
+        f"back. This page retries every {REDIS_RECONNECT_SECONDS:g} s and recovers by itself.",
         icon=":material/cloud_off:",
     )
     st.session_state["redis:checks"] = 0
     _reconnect()
 
 
-@st.fragment(run_every=REDIS_RETRY_SECONDS)
+@st.fragment(run_every=REDIS_RECONNECT_SECONDS)
 def _reconnect() -> None:
     checks = st.session_state.get("redis:checks", 0) + 1
     st.session_state["redis:checks"] = checks

@@ -10,7 +10,7 @@ JOBS_REFRESH_SECONDS = 4.0
 WORKERS_REFRESH_SECONDS = 3.0
 """Seconds between redraws of the workers table (heartbeats are every 2 s)."""
 
-REDIS_RETRY_SECONDS = 3.0
+REDIS_RECONNECT_SECONDS = 3.0
 """Seconds between reconnection attempts while the Redis-down banner is shown."""
 
 JOBS_PAGE_LIMIT = 5000
@@ -25,8 +25,8 @@ CHART_MAX_POINTS = 1500
 LIVE_JOBS_CACHED = 32
 """Jobs whose chart series and figures the server keeps for its viewers (app/live.py), most recently viewed first."""
 
-LOG_TAIL_LINES = 40
-"""Log lines shown in a job's live log tail."""
+LIVE_LOG_LINES = 40
+"""Log lines shown in a job's live log tail on the Job page."""
 
 GALLERY_MAX_IMAGES = 24
 """Misclassified test images shown in a finished job's gallery."""

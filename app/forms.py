@@ -14,7 +14,7 @@ from app.defaults import CONFIGS_DIR, DEFAULT_PRESET
 from core.config import Config, choices
 from core.data.builtin import BUILTIN_DATASETS
 from core.errors import FieldError
-from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES, REPO_ROOT
+from worker.api import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES, REPO_ROOT
 
 UPLOAD = "upload"
 CLONED = "cloned"

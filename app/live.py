@@ -16,9 +16,9 @@ import redis
 import streamlit as st
 
 from app.charts import live_figures
-from app.data import LiveSeries
 from app.defaults import LIVE_JOBS_CACHED
-from app.stream import chart_events_since
+from app.tables import LiveSeries
+from worker import api
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class SharedSeries:
     def refresh(self, conn: redis.Redis) -> int:
         """Fold in the stream entries after the last one read (by any viewer); returns how many were new."""
         with self.lock:
-            events, scanned = chart_events_since(conn, self.job_id, self.series.last_id)
+            events, scanned = api.chart_events_since(conn, self.job_id, self.series.last_id)
             new = self.series.add(events, scanned) if events else 0
             if new:
                 self.version += 1

@@ -9,12 +9,11 @@ import redis
 import streamlit as st
 
 from app.connection import artifact_store
-from app.data import job_label
 from app.defaults import JOB_PICKER_LIMIT
+from app.tables import job_label
 from core import runfolder as rf
 from worker import api
-from worker.artifacts import NAMED_ARTIFACTS
-from worker.errors import ArtifactError, NoSuchJobError
+from worker.api import NAMED_ARTIFACTS, ArtifactError, NoSuchJobError
 
 PAGE_NEW = "views/new_job.py"
 PAGE_JOBS = "views/jobs.py"

@@ -41,7 +41,7 @@ def max_upload_mb() -> int:
 
 
 def uploads_dir() -> Path:
-    from worker.paths import var_dir
+    from worker.api import var_dir
 
     return var_dir() / "uploads"
 

@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 
 from app import forms
-from app.data import LiveSeries, differing_params, fmt_seconds, jobs_frame, thin
-from app.stream import chart_events_since, epoch_events
+from app.tables import LiveSeries, differing_params, fmt_seconds, jobs_frame, thin
 from tests.fixtures_app import seed_step_events
+from worker.chartstream import chart_events_since, epoch_events
 
 
 def step(i: str, epoch: int, s: int, loss: float = 1.0) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def test_tables_and_formats() -> None:
 def test_cpu_ranks_are_named_as_such() -> None:
     """A job that ran on a CPU worker (its device), or will (every live worker is a CPU worker), has CPU ranks, not
     GPUs; while that is unknown the text says either."""
-    from app.data import rank_kind, resources_text
+    from app.tables import rank_kind, resources_text
 
     ran_on_cpu = {"gpus": 2, "device": "cpu"}
     assert rank_kind(ran_on_cpu, {"gpu"}) == "cpu" and resources_text(ran_on_cpu, "cpu") == "2 CPU ranks"

@@ -4,10 +4,12 @@
     list_jobs(conn, states=None)            job_status(conn, job_id)        cancel_job(conn, job_id)
     retry_job(conn, job_id)                 delete_job(conn, job_id)        list_workers(conn)
     events_since(conn, job_id, last_id)     logs_tail(conn, job_id, n)      logs_since(conn, job_id, last_id)
+    chart_events_since(conn, job_id, last_id)                               epoch_events(conn, job_id)
     artifact_files(job_id)                  open_artifact(job_id, name)     read_artifact(job_id, name)
 
 Artifacts are addressed by (job id, name), and a name must be one the job's own listing returned, so no path a user
-typed ever reaches the filesystem. Key layout and schemas: docs/redis.md.
+typed ever reaches the filesystem. Key layout and schemas: docs/redis.md. The dashboard (app/) imports the worker
+package only through this module: states, artifact names, the store, connections and errors are re-exported here.
 """
 from __future__ import annotations
 
@@ -19,15 +21,31 @@ import redis
 
 from core.events import EPOCH_METRICS
 from worker import gang, keys
-from worker.artifacts import ArtifactStore
-from worker.defaults import LIST_LIMIT, STATUS_WAIT_CANCEL
-from worker.errors import InvalidJobStateError, NoSuchJobError
+from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
+from worker.chartstream import chart_events_since, epoch_events
+from worker.connection import check, connect, redact, redis_url
+from worker.defaults import (
+    LIST_LIMIT,
+    MAX_GPUS_PER_JOB,
+    MAX_NODES_PER_JOB,
+    PRIORITIES,
+    REPO_ROOT,
+    STATUS_WAIT_CANCEL,
+)
+from worker.errors import (
+    ArtifactError,
+    InvalidJobStateError,
+    NoSuchJobError,
+    NoSuchSweepError,
+    RedisUnavailableError,
+    SubmissionError,
+)
+from worker.paths import var_dir
 from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
 from worker.record import JobRecord, mark_final, request_cancel
-from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
+from worker.states import ACTIVE_STATES, FINAL_STATES, WAITING_STATES, JobState
 from worker.streaming import (
-    epoch_events,
     events_since,
     follow_logs,
     logs_since,
@@ -49,12 +67,19 @@ from worker.sweeps import (
 )
 
 __all__ = [
+    # jobs
     "ACTIVE_STATES", "FINAL_STATES", "JobState", "Submitted", "artifact_files", "cancel_job", "delete_job",
-    "epoch_events", "events_since", "follow_logs", "job_nodes", "job_status", "list_jobs", "list_workers",
-    "logs_since", "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job", "wait_events",
+    "chart_events_since", "epoch_events", "events_since", "follow_logs", "job_nodes", "job_status", "list_jobs",
+    "list_workers", "logs_since", "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job",
+    "wait_events",
+    # sweeps
     "EPOCH_METRICS", "PRUNERS", "SAMPLERS", "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps",
-    "optuna_study", "sweep_status",
-    "sweep_trials",
+    "optuna_study", "sweep_status", "sweep_trials",
+    # what the dashboard's pages need besides (app/ imports worker only through this module)
+    "NAMED_ARTIFACTS", "ArtifactStore", "store_url", "check", "connect", "redact", "redis_url", "var_dir",
+    "MAX_GPUS_PER_JOB", "MAX_NODES_PER_JOB", "PRIORITIES", "REPO_ROOT",
+    "ArtifactError", "InvalidJobStateError", "NoSuchJobError", "NoSuchSweepError", "RedisUnavailableError",
+    "SubmissionError",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")
@@ -70,7 +95,7 @@ def job_nodes(conn: redis.Redis, job_id: str, st: dict[str, Any] | None = None) 
         st = record.fields if record else {}
     if int(st.get("num_nodes") or 1) <= 1:
         return []
-    if st.get("state") in (JobState.QUEUED, JobState.RECOVERING):
+    if st.get("state") in WAITING_STATES:
         return [{"node_rank": None, "worker": name, "state": "reserved", "ranks": st.get("gpus")}
                 for name in gang.members(conn, job_id)]
     out = [json.loads(v) for v in conn.hvals(keys.nodes(job_id))]

@@ -4,7 +4,7 @@
   `jobs/<id>/run/` and read datasets in place.
 - A URL (`s3://bucket/prefix`, `gs://...`, even `file:///shared/dir`) is *remote*: workers train into a local cache
   folder and upload the run folder after every epoch and at the end; datasets are downloaded once per worker machine
-  into the cache (var/cache/datasets/, keyed by content hash).
+  into the cache (`worker.paths.dataset_cache_dir()`, keyed by content hash).
 
 Layout inside the store:
     datasets/<sha256>.zip          an uploaded dataset (a folder is zipped on upload)
@@ -26,9 +26,14 @@ from typing import IO, Any
 
 from core import runfolder as rf
 from worker import keys
-from worker.defaults import ARTIFACTS_DIR, REPO_ROOT, UPLOAD_MAX_BYTES
+from worker.defaults import (
+    ARTIFACTS_DIR,
+    ARTIFACTS_DIR_ENV,
+    REPO_ROOT,
+    UPLOAD_MAX_BYTES,
+)
 from worker.errors import ArtifactError
-from worker.paths import cache_dir
+from worker.paths import cache_dir, dataset_cache_dir
 
 DATASET_REF_PREFIX = "artifact:"
 """A config's `data.path` that starts with this names a dataset in the store (`artifact:datasets/<sha>.zip`)."""
@@ -78,11 +83,17 @@ def zip_folder(folder: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def store_url() -> str:
+    """The artifact store this process uses: env `ARTIFACTS_DIR` (a folder or fsspec URL) or the default folder.
+    Read on every call, so tests and honcho can point a process elsewhere."""
+    return os.environ.get(ARTIFACTS_DIR_ENV, "").strip() or ARTIFACTS_DIR
+
+
 class ArtifactStore:
-    """One artifact store (see the module docstring); `ArtifactStore()` reads `ARTIFACTS_DIR`."""
+    """One artifact store (see the module docstring); `ArtifactStore()` is the one of `store_url()`."""
 
     def __init__(self, url: str | os.PathLike[str] | None = None):
-        raw = str(url or os.environ.get("ARTIFACTS_DIR", "").strip() or ARTIFACTS_DIR)
+        raw = str(url or store_url())
         self.url = raw
         self.is_local = "://" not in raw
         if self.is_local:
@@ -162,7 +173,7 @@ class ArtifactStore:
             if not local.is_file():
                 raise ArtifactError(f"dataset {ref} is missing from the artifact store {self.url}")
             return local
-        local = cache_dir() / "datasets" / name
+        local = dataset_cache_dir() / name
         if local.is_file():
             return local
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -27,13 +28,19 @@ from worker.connection import connection_url
 from worker.defaults import (
     ARTIFACT_SYNC_INTERVAL,
     CANCEL_POLL_INTERVAL,
-    LOG_TAIL_LINES,
-    REDIS_RETRY_SECONDS,
+    FINAL_WRITE_RETRY_SECONDS,
+    STATUS_LOG_TAIL_LINES,
     STORE_FULL_BYTES,
     TERMINATE_GRACE,
 )
 from worker.errors import ArtifactError, JobFailed
-from worker.launcher import Launched, WarmTrainer, train_command, train_env
+from worker.launcher import (
+    Launched,
+    TrainCommand,
+    WarmTrainer,
+    train_command,
+    train_env,
+)
 from worker.record import JobRecord, claim_for_requeue, mark_final, mark_started
 from worker.recovery import enqueue_next_attempt
 from worker.states import FINAL_STATES, JobState
@@ -92,8 +99,8 @@ def run_attempt(job_id: str) -> dict[str, Any]:
 
 
 def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Retry a Redis write for up to REDIS_RETRY_SECONDS: a final state must not be lost to a Redis restart."""
-    deadline = time.monotonic() + REDIS_RETRY_SECONDS
+    """Retry a Redis write for up to FINAL_WRITE_RETRY_SECONDS: a final state must not be lost to a Redis restart."""
+    deadline = time.monotonic() + FINAL_WRITE_RETRY_SECONDS
     delay = 0.5
     while True:
         try:
@@ -103,6 +110,24 @@ def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+_OUTPUT_PREFIX = re.compile(r"^(\[node \d+\] )?(\[rank\d+\]: ?)?")
+"""What is put in front of a training line: this worker's node tag (multi-node), torchrun's rank tag."""
+
+
+def last_words(lines: list[str]) -> str | None:
+    """The exception line of the last Python traceback in a training output (`ValueError: ...`), else its last line
+    that is not the worker's own note; None when there is none. Only Python's traceback layout is relied on, never
+    the wording of core's messages."""
+    output = [_OUTPUT_PREFIX.sub("", line).rstrip() for line in lines]
+    output = [line for line in output if line.strip() and not line.startswith("[worker]")]
+    starts = [i for i, line in enumerate(output) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        for line in output[starts[-1] + 1:]:
+            if not line.startswith((" ", "\t")):  # the first unindented line after the frames names the exception
+                return line.strip()
+    return output[-1].strip() if output else None
 
 
 class Attempt:
@@ -144,7 +169,7 @@ class Attempt:
         result = _retry_redis(mark_started, self.conn, self.job_id, self.ctx.worker_name, rq_id)
         return result == "ok" and self.record.refresh()
 
-    def _prepare(self) -> tuple[Path, list[str], int, bool]:
+    def _prepare(self) -> tuple[Path, TrainCommand, int, bool]:
         cfg = self.record.config
         data = dict(cfg.get("data") or {})
         path = data.get("path")
@@ -165,8 +190,8 @@ class Attempt:
         os.replace(tmp, config_path)  # atomic: the nodes of a multi-node job on one shared store write it each
         nproc = self.record.gpus
         self.run_dir = run_dir
-        cmd = self._command(config_path, run_dir, nproc, resume)
-        return run_dir, cmd, nproc, resume
+        command = self._command(config_path, run_dir, nproc, resume)
+        return run_dir, command, nproc, resume
 
     def _track(self, track: dict[str, Any], dataset_ref: Any) -> dict[str, Any]:
         """The config's `track` section with what only the worker knows: the MLflow run is named after the job and
@@ -176,7 +201,7 @@ class Attempt:
             tags["dataset_hash"] = str(dataset_ref).rsplit("/", 1)[-1].removesuffix(".zip")
         return {**track, "run_name": track.get("run_name") or self.record.get("name") or self.job_id, "tags": tags}
 
-    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> TrainCommand:
         """The training command of this attempt (a node of a multi-node job builds its own)."""
         return train_command(config_path, run_dir, nproc=nproc, resume=resume)
 
@@ -195,14 +220,16 @@ class Attempt:
         """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
         deleted), None otherwise. Redis errors keep the run going: training does not need Redis."""
         try:
-            self.record.refresh("cancel_requested", "worker")
+            self.record.refresh("cancel_requested", "worker", "attempt")
         except redis.exceptions.RedisError:
             return None
         if self.record.cancel_requested:
             return "cancel"
-        if self.record.state is not JobState.RUNNING or self.record.worker != self.ctx.worker_name:
-            return "lost"
-        return None
+        return None if self.record.state is JobState.RUNNING and self._still_ours() else "lost"
+
+    def _still_ours(self) -> bool:
+        """The running job (its record just refreshed) is still this attempt's: this worker runs it."""
+        return self.record.worker == self.ctx.worker_name
 
     def _sync(self, final: bool = False) -> None:
         if self.store.is_local or self.run_dir is None:
@@ -230,15 +257,12 @@ class Attempt:
                 self._sync()
 
     def _error_from(self, rc: int | None) -> tuple[str, str]:
+        """Why the training command failed. One path: core's `error` event, which the Redis sink wrote into the
+        status (`error`, `error_kind`). When that event never arrived (core failed before it had a sink, or could not
+        reach Redis): the last words of the training output (`last_words`), else the exit code."""
         if self.record.refresh("error", "error_kind") and self.record.get("error"):
             return str(self.record.get("error")), str(self.record.get("error_kind", "TrainingError"))
-        tail = list(self.log.tail) if self.log else []
-        for line in reversed(tail):
-            if line.rstrip().endswith("(traceback above)"):  # core's summary line: the exception's own line is better
-                continue
-            if line.startswith("error:") or "Error:" in line:
-                return line.strip(), "TrainingError"
-        return f"training exited with code {rc}", "TrainingError"
+        return last_words(list(self.log.tail) if self.log else []) or f"training exited with code {rc}", "TrainingError"
 
     def _store_full(self, error: str) -> str | None:
         """A message when the run folder's file system is (nearly) full: core's own error for a failed write is
@@ -295,7 +319,7 @@ class Attempt:
         return {"state": state, "job_id": self.job_id}
 
     def _finish(self, state: JobState, **fields: Any) -> dict[str, Any]:
-        tail = list(self.log.tail)[-LOG_TAIL_LINES:] if self.log else []
+        tail = list(self.log.tail)[-STATUS_LOG_TAIL_LINES:] if self.log else []
         files = []
         try:
             files = self.store.list_files(self.job_id)
@@ -336,7 +360,7 @@ class Attempt:
     def _run(self) -> dict[str, Any]:
         attempt = self.record.attempt
         try:
-            run_dir, cmd, nproc, resume = self._prepare()
+            run_dir, command, nproc, resume = self._prepare()
             self.log_file = (run_dir / rf.JOB_LOG).open("a", encoding="utf-8")
         except (ArtifactError, OSError) as err:
             self.note(f"cannot prepare the run: {err}")
@@ -350,13 +374,13 @@ class Attempt:
         env = self._env(devices, nproc)
         started = time.monotonic()
         timeout = self.record.timeout
-        proc = self.ctx.warm.take(cmd, env, self.on_line) if self.ctx.warm is not None else None
+        proc = self.ctx.warm.take(command, env, self.on_line) if self.ctx.warm is not None else None
         if proc is not None:
             self.note("running in the worker's pre-started training process")
             if self.record.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
                 self.ctx.warm.start()  # its trainer ready when this one ends (imports overlap with training)
         else:
-            proc = Launched(cmd, env, self.on_line)
+            proc = Launched(command.argv(), env, self.on_line)
         sweep, trial = self.record.get("sweep"), self.record.get("trial")
         monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
         if monitor is not None:

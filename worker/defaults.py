@@ -12,6 +12,9 @@ VAR_DIR = "var"
 ARTIFACTS_DIR = "var/artifacts"
 """Default artifact store (a folder relative to REPO_ROOT); env ARTIFACTS_DIR overrides with a path or fsspec URL."""
 
+ARTIFACTS_DIR_ENV = "ARTIFACTS_DIR"
+"""Environment variable naming the artifact store (read only by `worker.artifacts.store_url`)."""
+
 REDIS_HOST = "127.0.0.1"
 """Interface the embedded Redis binds to: loopback only, never a public address."""
 
@@ -24,7 +27,7 @@ REDIS_PASSWORD_BYTES = 24
 REDIS_CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a TCP connection to Redis before giving up."""
 
-REDIS_RETRY_SECONDS = 120.0
+FINAL_WRITE_RETRY_SECONDS = 120.0
 """Seconds a worker keeps retrying a final job-state write while Redis is unreachable."""
 
 KEY_PREFIX = "trainer"
@@ -90,7 +93,7 @@ EVENT_STREAM_MAXLEN = 20_000
 LOG_STREAM_MAXLEN = 10_000
 """Approximate cap (lines) of a job's log stream (XADD MAXLEN ~)."""
 
-LOG_TAIL_LINES = 40
+STATUS_LOG_TAIL_LINES = 40
 """Log lines copied into a failed job's status (`log_tail`)."""
 
 FLUSH_INTERVAL = 0.25

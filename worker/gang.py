@@ -30,11 +30,9 @@ import redis
 
 from worker import keys, record
 from worker.defaults import GANG_RESERVATION_TIMEOUT, PRIORITIES
+from worker.hashcodec import text
 from worker.record import JobRecord
-from worker.states import JobState
-
-GATHERING = frozenset({JobState.QUEUED, JobState.RECOVERING})
-"""States in which a multi-node job gathers its gang."""
+from worker.states import WAITING_STATES, JobState
 
 
 def reservation_timeout() -> float:
@@ -56,30 +54,28 @@ def waiting_note(reserved: int, nodes: int) -> str:
     return f"{reserved} of {nodes} workers reserved"
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def waiting_jobs(conn: redis.Redis, limit: int = 50) -> list[str]:
     """Multi-node jobs waiting for a gang, first served first."""
-    return [_text(j) for j in conn.zrange(keys.gangs(), 0, limit - 1)]
+    return [text(j) for j in conn.zrange(keys.gangs(), 0, limit - 1)]
 
 
 def reserved_job(conn: redis.Redis, worker: str) -> str | None:
     """The multi-node job this worker is reserved for, or None."""
     raw = conn.hget(keys.reservations(), worker)
-    return _text(raw) if raw else None
+    return text(raw) if raw else None
 
 
 def reservations(conn: redis.Redis) -> dict[str, str]:
     """worker name → job id, for every worker holding a reservation."""
-    return {_text(k): _text(v) for k, v in conn.hgetall(keys.reservations()).items()}
+    return {text(k): text(v) for k, v in conn.hgetall(keys.reservations()).items()}
 
 
 def members(conn: redis.Redis, job_id: str) -> list[str]:
     """The workers reserved for a waiting job, in reservation order."""
     raw = conn.hgetall(keys.gang(job_id))
-    return [name for name, _ in sorted(((_text(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))]
+    return [name for name, _ in sorted(((text(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))]
 
 
 def reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[str, int]:
@@ -179,7 +175,7 @@ def poll(conn: redis.Redis, job_id: str, worker: str, *, timeout: float) -> tupl
     state = job.state if job is not None else None
     if job is not None and state is JobState.RUNNING and worker in job.gang:
         return "start", job.gang.index(worker), job.attempt
-    if state not in GATHERING:
+    if state not in WAITING_STATES:
         unreserve(conn, worker, job_id)
         return "released", 0, 0
     drop_dead(conn, job_id, but=worker)

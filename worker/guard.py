@@ -19,7 +19,13 @@ import sys
 import time
 
 from worker.defaults import GUARD_POLL_INTERVAL, TERMINATE_GRACE
-from worker.procutil import descendants, kill_tree, set_child_subreaper, set_parent_death_signal, signal_all
+from worker.procutil import (
+    descendants,
+    kill_tree,
+    set_child_subreaper,
+    set_parent_death_signal,
+    signal_all,
+)
 
 
 def _say(msg: str) -> None:

@@ -20,7 +20,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.defaults import MULTINODE_PG_TIMEOUT, RENDEZVOUS_TIMEOUT, REPO_ROOT, TERMINATE_GRACE
+from worker.defaults import (
+    MULTINODE_PG_TIMEOUT,
+    RENDEZVOUS_TIMEOUT,
+    REPO_ROOT,
+    TERMINATE_GRACE,
+)
+from worker.paths import extraction_cache_dir
 from worker.procutil import terminate_tree
 from worker.streaming import ENV_JOB_ID
 from worker.warmstart import READY_LINE
@@ -41,19 +47,42 @@ class Rendezvous:
     run_id: str
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainCommand:
+    """One run's training command, built once and passed on as a value: the `core.train` arguments, how many ranks
+    run them on this machine, and (one node of a multi-node job) where the nodes meet. `argv()` is the command line
+    a cold start runs; a one-rank command can instead go to a pre-started trainer, which takes `train_args` as is."""
+
+    train_args: tuple[str, ...]
+    nproc: int = 1
+    rendezvous: Rendezvous | None = None
+
+    @property
+    def one_rank(self) -> bool:
+        """One process on one machine: `python -m core.train` directly (or a pre-started trainer), no torchrun."""
+        return self.nproc <= 1 and self.rendezvous is None
+
+    def argv(self) -> list[str]:
+        """The command line (without the guard). With `rendezvous`: torchrun's static rendezvous at node 0's address
+        (node ranks handed out by the gang), its store timeout RENDEZVOUS_TIMEOUT."""
+        args = ["-m", "core.train", *self.train_args]
+        if self.rendezvous is not None:
+            r = self.rendezvous
+            return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={r.nnodes}",
+                    f"--nproc-per-node={self.nproc}", f"--node-rank={r.node_rank}", f"--master-addr={r.addr}",
+                    f"--master-port={r.port}", f"--rdzv-id={r.run_id}", f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT}",
+                    "--max-restarts=0", *args]
+        if self.one_rank:
+            return [sys.executable, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+                *args]
+
+
 def train_command(config_path: Path, run_dir: Path, *, nproc: int, resume: bool,
-                  rendezvous: Rendezvous | None = None) -> list[str]:
-    """The training command line (without the guard). With `rendezvous`: one node of a multi-node job, torchrun's
-    static rendezvous at node 0's address (node ranks handed out by the gang), its store timeout RENDEZVOUS_TIMEOUT."""
-    args = ["-m", "core.train", str(config_path), "--out", str(run_dir)] + (["--resume"] if resume else [])
-    if rendezvous is not None:
-        r = rendezvous
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={r.nnodes}", f"--nproc-per-node={nproc}",
-                f"--node-rank={r.node_rank}", f"--master-addr={r.addr}", f"--master-port={r.port}",
-                f"--rdzv-id={r.run_id}", f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT}", "--max-restarts=0", *args]
-    if nproc <= 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+                  rendezvous: Rendezvous | None = None) -> TrainCommand:
+    """The training command of one run: `core.train CONFIG --out RUN_DIR [--resume]` on `nproc` ranks."""
+    args = (str(config_path), "--out", str(run_dir)) + (("--resume",) if resume else ())
+    return TrainCommand(args, nproc=nproc, rendezvous=rendezvous)
 
 
 def interface_of(addr: str) -> str | None:
@@ -72,8 +101,12 @@ def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: 
 
     With `advertise_addr` (a node of a multi-node job): the process-group timeout CORE_DIST_TIMEOUT (a lost peer
     stops this node within a minute), and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when not set already, name the
-    interface holding that address, so the ranks talk over the address the other machines reach."""
+    interface holding that address, so the ranks talk over the address the other machines reach. Datasets are extracted
+    into this machine's extraction cache (DATA_CACHE_DIR, unless set: `worker.paths.extraction_cache_dir`)."""
+    from core.data.defaults import CACHE_DIR_ENV
+
     env = dict(os.environ)
+    env.setdefault(CACHE_DIR_ENV, str(extraction_cache_dir()))
     if advertise_addr:
         env.setdefault("CORE_DIST_TIMEOUT", str(MULTINODE_PG_TIMEOUT))  # the worker's own environment may raise it
         iface = interface_of(advertise_addr)
@@ -143,11 +176,14 @@ class Launched:
             return None
 
 
-def warm_argv(cmd: list[str]) -> list[str] | None:
-    """The core.train arguments of a one-rank command (what a warm trainer can run), else None (torchrun)."""
-    if len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1:3] == ["-m", "core.train"]:
-        return cmd[3:]
-    return None
+def _has_live_child(pid: int) -> bool:
+    """Whether the process `pid` (a guard) still has a child that is not a zombie (the command it guards)."""
+    import psutil
+
+    try:
+        return any(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process(pid).children())
+    except psutil.Error:
+        return False
 
 
 class WarmTrainer:
@@ -185,9 +221,8 @@ class WarmTrainer:
         with self._lock:  # import warnings and the like: passed on to the job that gets this process
             self._early.append(line)
 
-    def take(self, cmd: list[str], env: dict[str, str], on_line: Callable[[str], None]) -> Launched | None:
-        argv = warm_argv(cmd)
-        if argv is None or {k: v for k, v in env.items() if k != ENV_JOB_ID} != self.env:
+    def take(self, command: TrainCommand, env: dict[str, str], on_line: Callable[[str], None]) -> Launched | None:
+        if not command.one_rank or {k: v for k, v in env.items() if k != ENV_JOB_ID} != self.env:
             return None  # not for a warm process; it stays ready for the next one-rank job
         with self._lock:
             proc, self.proc = self.proc, None
@@ -196,12 +231,16 @@ class WarmTrainer:
         if proc.poll() is not None:
             proc.wait_output(timeout=1.0)
             return None
+        if not _has_live_child(proc.pid):  # the trainer died and its guard has not exited yet: it would fail the job
+            proc.stop(grace=1.0)
+            return None
         with self._lock:
             early = list(self._early)
             proc.on_line = on_line
         for line in early:
             on_line(line)
-        if not proc.send(json.dumps({"argv": argv, "env": {ENV_JOB_ID: env.get(ENV_JOB_ID, "")}}) + "\n"):
+        job = {"argv": list(command.train_args), "env": {ENV_JOB_ID: env.get(ENV_JOB_ID, "")}}
+        if not proc.send(json.dumps(job) + "\n"):
             proc.stop(grace=1.0)
             return None
         return proc

@@ -29,7 +29,7 @@ from worker import gang, keys
 from worker.attempt import Attempt, WorkerContext, current_context
 from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, RENDEZVOUS_TIMEOUT
 from worker.errors import JobFailed
-from worker.launcher import Launched, Rendezvous, train_command, train_env
+from worker.launcher import Launched, Rendezvous, TrainCommand, train_command, train_env
 from worker.presence import heartbeat_ttl
 from worker.states import JobState
 
@@ -132,7 +132,7 @@ class NodeRun(Attempt):
             gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=MAX_RECOVERIES, reason=what)
         raise _Stop("lost")
 
-    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> list[str]:
+    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> TrainCommand:
         return train_command(config_path, run_dir, nproc=nproc, resume=resume, rendezvous=self._rendezvous())
 
     def _env(self, devices: list[int], nproc: int) -> dict[str, str]:
@@ -144,16 +144,9 @@ class NodeRun(Attempt):
         if self.node_rank == 0:
             super()._launched(proc, run_dir)
 
-    def _poll_flags(self) -> str | None:
-        try:
-            self.record.refresh("cancel_requested", "attempt")
-        except redis.exceptions.RedisError:
-            return None
-        if self.record.cancel_requested:
-            return "cancel"
-        if self.record.state is not JobState.RUNNING or self.record.attempt != self.attempt:
-            return "lost"
-        return None
+    def _still_ours(self) -> bool:
+        """Still this attempt (node 0's worker is the job's `worker`; every node checks the attempt number)."""
+        return self.record.attempt == self.attempt
 
     def _requeue_if_member_lost(self, what: str) -> bool:
         dead = gang.dead_workers(self.conn, [m for m in self.members if m != self.ctx.worker_name])

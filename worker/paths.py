@@ -27,3 +27,15 @@ def password_file() -> Path:
 def cache_dir() -> Path:
     """Worker-local cache: datasets fetched from a remote store, run folders of jobs synced to a remote store."""
     return var_dir() / "cache"
+
+
+def dataset_cache_dir() -> Path:
+    """Dataset zips fetched from a remote store (`<sha256>.zip`), once per machine."""
+    return cache_dir() / "datasets"
+
+
+def extraction_cache_dir() -> Path:
+    """Where this machine's training processes extract dataset zips (core's cache, `<sha256, 16 hex>/`): the worker
+    hands it to them as DATA_CACHE_DIR, so it lives under var/ (or TRAINER_VAR_DIR) like every other cache of the
+    worker, whatever the working directory."""
+    return cache_dir() / "extracted"

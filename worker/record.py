@@ -203,7 +203,7 @@ class JobRecord:
 
 
 # ------------------------------------------------------------------------------------------- state transitions
-def _lua(script: str) -> str:
+def state_script(script: str) -> str:
     """A script with `$RUNNING`-style placeholders filled with the states' values (quoted Lua strings)."""
     return Template(script).substitute({state.name: f"'{state.value}'" for state in JobState})
 
@@ -226,7 +226,7 @@ end
 
 
 # KEYS: job hash, running set, recovering set. ARGV: worker, now, rq job id, job id.
-_START = _lua("""
+_START = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= $QUEUED and state ~= $RECOVERING then return state or 'missing' end
 redis.call('HSET', KEYS[1], 'state', $RUNNING, 'worker', ARGV[1], 'attempt_started_at', ARGV[2],
@@ -239,7 +239,7 @@ return 'ok'
 """)
 
 # KEYS: job hash, running set. ARGV: worker, new state, now, job id, then field/value pairs.
-_FINISH = _lua("""
+_FINISH = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if state ~= $RUNNING or owner ~= ARGV[1] then return state or 'missing' end
@@ -250,7 +250,7 @@ return 'ok'
 """)
 
 # KEYS: job hash, running set, recovering set. ARGV: now, job id.
-_CANCEL = _lua("""
+_CANCEL = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == $QUEUED or state == $RECOVERING then
   redis.call('HSET', KEYS[1], 'state', $CANCELLED, 'ended_at', ARGV[1], 'updated_at', ARGV[1],
@@ -269,7 +269,7 @@ return state or 'missing'
 # KEYS: job hash, running set, recovering set.
 # ARGV: worker that must own it, max recoveries (-1: do not count), now, job id, reason.
 # The claim is the recovery's mutual exclusion: only the caller that flips running → recovering re-enqueues.
-_REQUEUE = _lua("""
+_REQUEUE = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if state ~= $RUNNING or owner ~= ARGV[1] then return {state or 'missing', 0} end
@@ -317,7 +317,7 @@ def claim_for_requeue(
 
 # KEYS: job hash, gang hash, reservations hash, gangs zset, running set, recovering set, nodes hash.
 # ARGV: worker, now, job id, worker slots.
-_GANG_RESERVE = _lua("""
+_GANG_RESERVE = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= $QUEUED and state ~= $RECOVERING then
   redis.call('ZREM', KEYS[4], ARGV[3])
@@ -358,7 +358,7 @@ return {'started', n}
 """)
 
 # KEYS: job hash, gang hash, reservations hash. ARGV: now, job id, worker names to drop...
-_GANG_DROP = _lua("""
+_GANG_DROP = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= $QUEUED and state ~= $RECOVERING then return -1 end
 for i = 3, #ARGV do
@@ -375,7 +375,7 @@ return n
 # KEYS: job hash, gang hash, reservations hash, gangs zset.
 # ARGV: now, timeout (or 'force'), job id, note for `waiting`.
 # Timed out: the gang is released (the job keeps waiting); 'force' (cancel, delete): released and out of the ZSET.
-_GANG_RELEASE = _lua("""
+_GANG_RELEASE = state_script("""
 if ARGV[2] ~= 'force' then
   local state = redis.call('HGET', KEYS[1], 'state')
   if state ~= $QUEUED and state ~= $RECOVERING then return 0 end
@@ -400,7 +400,7 @@ return 1
 # ARGV: the attempt that failed, max recoveries (-1: do not count), now, job id, reason, ZSET score.
 # Exactly one caller wins per attempt (the attempt number must still match): the whole job goes back to waiting for
 # a new gang, resuming from its last checkpoint.
-_GANG_REQUEUE = _lua("""
+_GANG_REQUEUE = state_script("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
 if state ~= $RUNNING or attempt ~= ARGV[1] then return {state or 'missing', 0} end

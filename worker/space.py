@@ -65,7 +65,11 @@ class Param:
 
     def distribution(self) -> Any:
         """The Optuna distribution of this parameter."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
 
         if self.kind == "choice":
             return CategoricalDistribution(list(self.choices))

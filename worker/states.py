@@ -14,7 +14,14 @@ from __future__ import annotations
 from enum import Enum
 
 
-class JobState(str, Enum):
+class TextEnum(str, Enum):
+    """A `str` Enum whose `str()` and f-strings give the value (what Redis stores and users read)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class JobState(TextEnum):
     QUEUED = "queued"
     RUNNING = "running"
     RECOVERING = "recovering"
@@ -23,9 +30,6 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
     PRUNED = "pruned"
     """A sweep's trial that its pruner stopped early (distinct from cancelled and failed)."""
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_final(self) -> bool:
@@ -53,4 +57,7 @@ FINAL_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.CANCELLED
 
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RECOVERING})
 """States that still change: every state that is not final."""
+
+WAITING_STATES = frozenset({JobState.QUEUED, JobState.RECOVERING})
+"""States in which a job waits for a worker (a multi-node job: for its gang)."""
 

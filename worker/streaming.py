@@ -253,11 +253,6 @@ def events_since(
     return [e for e in out if types is None or e["type"] in types]
 
 
-def epoch_events(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    """The data of every epoch event, in stream order (each epoch once)."""
-    return [e["data"] for e in events_since(conn, job_id, types={"epoch"})]
-
-
 def wait_events(conn: redis.Redis, job_id: str, last_id: str = "$", *, block_ms: int = 1000) -> list[dict[str, Any]]:
     """Blocking read (XREAD BLOCK) of events after `last_id` ("$": only new ones)."""
     res = conn.xread({keys.events(job_id): last_id}, block=block_ms)

@@ -19,7 +19,6 @@ import math
 import secrets
 import threading
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from worker.space import (
     space_to_dict,
     validate_space,
 )
-from worker.states import FINAL_STATES, JobState
+from worker.states import FINAL_STATES, JobState, TextEnum
 from worker.study import (
     PRUNERS,
     SAMPLERS,
@@ -55,14 +54,11 @@ from worker.study import (
 log = logging.getLogger("worker.sweeps")
 
 
-class SweepState(str, Enum):
+class SweepState(TextEnum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_final(self) -> bool:
@@ -269,7 +265,7 @@ def _still_held(conn: redis.Redis, sweep_id: str, token: str) -> bool:
 # -------------------------------------------------------------------------------------------------- the sweep loop
 def objective(conn: redis.Redis, job_id: str, metric: str, direction: str) -> float | None:
     """The trial's value: the best `metric` over its epoch events (max or min by direction), None when none has it."""
-    from worker.streaming import epoch_events
+    from worker.chartstream import epoch_events
 
     values = [float(e[metric]) for e in epoch_events(conn, job_id)
               if isinstance(e.get(metric), (int, float)) and math.isfinite(e[metric])]

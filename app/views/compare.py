@@ -9,10 +9,9 @@ import streamlit as st
 from app import ui
 from app.charts import compare_figures
 from app.connection import require_redis
-from app.data import differing_params, final_metrics, job_label, metrics_frame
-from app.stream import epoch_events
+from app.tables import differing_params, final_metrics, job_label, metrics_frame
 from worker import api
-from worker.errors import NoSuchJobError
+from worker.api import NoSuchJobError
 
 conn = require_redis()
 st.title("Compare runs")
@@ -21,7 +20,7 @@ st.title("Compare runs")
 @st.cache_data(ttl=10, max_entries=64, show_spinner=False)
 def epochs_of(job_id: str, version: float | None) -> list[dict[str, Any]]:
     """Epoch events of a job; `version` (its last update) keys the cache so a running job stays current."""
-    return epoch_events(conn, job_id)
+    return api.epoch_events(conn, job_id)
 
 
 jobs = ui.recent_jobs(conn)

@@ -14,7 +14,9 @@ import streamlit as st
 from app import ui
 from app.charts import confusion_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
-from app.data import (
+from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
+from app.live import SharedSeries, shared_series
+from app.tables import (
     STATE_COLORS,
     STATE_ICONS,
     LiveSeries,
@@ -27,13 +29,15 @@ from app.data import (
     rank_kind,
     resources_text,
 )
-from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LOG_TAIL_LINES
-from app.live import SharedSeries, shared_series
 from core import runfolder as rf
 from worker import api
-from worker.api import JobState
-from worker.artifacts import NAMED_ARTIFACTS
-from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
+from worker.api import (
+    NAMED_ARTIFACTS,
+    InvalidJobStateError,
+    JobState,
+    NoSuchJobError,
+    SubmissionError,
+)
 
 SERIES_KEPT = 8  # jobs whose chart series a session keeps (the most recently viewed)
 
@@ -188,10 +192,10 @@ def draw_charts(shared: SharedSeries) -> None:
 
 
 def draw_log(s: dict[str, Any], job: str) -> None:
-    lines = [e["line"] for e in api.logs_tail(conn, job, LOG_TAIL_LINES)]
+    lines = [e["line"] for e in api.logs_tail(conn, job, LIVE_LOG_LINES)]
     if not lines and s.get("log_tail"):
         lines = list(s["log_tail"])
-    with st.expander(f"Log (last {LOG_TAIL_LINES} lines)", expanded=s["state"] != JobState.FINISHED):
+    with st.expander(f"Log (last {LIVE_LOG_LINES} lines)", expanded=s["state"] != JobState.FINISHED):
         st.code("\n".join(lines) or "(no log lines yet)", language=None, height=300 if len(lines) > 12 else "content")
 
 

@@ -9,10 +9,15 @@ import streamlit as st
 
 from app import ui
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
-from app.data import any_active, job_label, jobs_frame, state_counts, state_label
 from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
+from app.tables import any_active, job_label, jobs_frame, state_counts, state_label
 from worker import api
-from worker.errors import ArtifactError, InvalidJobStateError, NoSuchJobError, SubmissionError
+from worker.api import (
+    ArtifactError,
+    InvalidJobStateError,
+    NoSuchJobError,
+    SubmissionError,
+)
 
 STATES = [s.value for s in api.JobState]
 

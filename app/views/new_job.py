@@ -14,10 +14,10 @@ import streamlit as st
 from app import forms, ui
 from app.charts import counts_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis, try_redis
-from app.data import fmt_bytes
+from app.tables import fmt_bytes
 from app.upload import CheckedUpload, UploadError, check_upload, max_upload_mb
 from worker import api
-from worker.errors import NoSuchJobError, SubmissionError
+from worker.api import NoSuchJobError, SubmissionError
 
 conn = require_redis()
 if submitted := st.session_state.pop("new:submitted", None):

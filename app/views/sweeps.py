@@ -13,10 +13,10 @@ import streamlit as st
 from app import ui
 from app.charts import importances_figure, objective_figure
 from app.connection import require_redis
-from app.data import STATE_COLORS, STATE_ICONS, fmt_time, sweeps_frame, trials_frame
 from app.defaults import SWEEPS_REFRESH_SECONDS
+from app.tables import STATE_COLORS, STATE_ICONS, fmt_time, sweeps_frame, trials_frame
 from worker import api
-from worker.errors import NoSuchSweepError
+from worker.api import NoSuchSweepError
 
 conn = require_redis()
 st.title("Sweeps")

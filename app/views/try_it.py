@@ -12,7 +12,7 @@ from app.connection import artifact_store, require_redis
 from app.defaults import IMAGE_UPLOAD_MAX_MB, TOP_K, TRY_SAMPLES_DEFAULT
 from core import runfolder as rf
 from worker import api
-from worker.errors import ArtifactError
+from worker.api import ArtifactError
 
 conn = require_redis()
 st.title("Try it")

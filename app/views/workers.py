@@ -1,16 +1,15 @@
 """Workers: the live workers (a worker that stops heart-beating disappears within its TTL) and how to add one."""
 from __future__ import annotations
 
-import os
 from urllib.parse import urlsplit
 
 import streamlit as st
 
 from app.connection import REDIS_ERRORS, require_redis
-from app.data import workers_frame
 from app.defaults import WORKERS_REFRESH_SECONDS
+from app.tables import workers_frame
 from worker import api
-from worker.connection import redact, redis_url
+from worker.api import redact, redis_url
 
 conn = require_redis()
 st.title("Workers")
@@ -44,7 +43,7 @@ st.fragment(run_every=WORKERS_REFRESH_SECONDS)(workers_table)()
 st.subheader("Add a worker")
 url = redis_url()
 host = urlsplit(url).hostname or "127.0.0.1"
-artifacts = os.environ.get("ARTIFACTS_DIR", "").strip()
+artifacts = api.store_url()
 st.markdown("On this machine (all its GPUs; a CPU-only machine runs jobs as CPU ranks):")
 st.code("python -m worker run", language="bash")
 st.markdown("On another machine with a checkout of this repository, pointed at the same Redis and artifact store "

@@ -177,7 +177,7 @@ class LiveSeries:
     def add(self, events: list[dict[str, Any]], scanned: int | None = None) -> int:
         """Fold stream entries ({"id", "type", "data"}, oldest first) in; returns how many were new.
 
-        `scanned`: how many stream entries the events stand for, when the reader thinned them (app/stream.py).
+        `scanned`: how many stream entries the events stand for, when the reader thinned them (worker/chartstream.py).
         """
         n = 0
         for ev in events:

@@ -6,8 +6,8 @@ line anyway. So one Lua call reads the range and returns it flat (id, type, data
 entry and at most `max_steps` evenly spaced step entries (the last one always included). Later refreshes ask only
 for what came after, which is a handful of entries.
 
-This belongs next to `worker.streaming.events_since` (same key, same entry format) and can move there; it uses only
-worker's key helpers.
+It sits next to worker/streaming.py (same key, same entry format); `epoch_events` here is the one every client uses
+(the Compare page, sweeps' objective, `worker.api`): it ships no step event at all.
 """
 from __future__ import annotations
 

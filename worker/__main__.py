@@ -22,6 +22,13 @@ def _ts(t: float | None) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
+def _printed_json(args: argparse.Namespace, data: Any) -> bool:
+    """With `--json`: print `data` as JSON (what scripts parse) and say so; the command then prints nothing else."""
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    return bool(args.json)
+
+
 def _conn() -> Any:
     from worker.connection import check, connect
 
@@ -91,8 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from worker.api import job_status
 
     st = job_status(_conn(), args.job)
-    if args.json:
-        print(json.dumps(st, indent=2, default=str))
+    if _printed_json(args, st):
         return 0
     print(f"job        {st.get('id', args.job)}  ({st.get('name') or ''})")
     print(f"state      {st['state']}" + (f"  [{st['waiting']}]" if st.get("waiting") else ""))
@@ -152,8 +158,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from worker.api import list_jobs
 
     jobs = list_jobs(_conn(), {args.state} if args.state else None)
-    if args.json:
-        print(json.dumps(jobs, indent=2, default=str))
+    if _printed_json(args, jobs):
         return 0
     print(f"{'JOB':<23} {'STATE':<10} {'PROG':>5} {'EPOCH':>7} {'VAL ACC':>7} {'GPUS':>4}  {'SUBMITTED':<19}  NAME")
     for j in jobs:
@@ -168,8 +173,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     from worker.presence import list_workers
 
     workers = list_workers(_conn())
-    if args.json:
-        print(json.dumps(workers, indent=2, default=str))
+    if _printed_json(args, workers):
         return 0
     for w in workers:
         gpus = ", ".join(f"{g.get('name')} ({g.get('memory_mb')} MiB)" for g in w.get("gpus") or []) or "CPU"
@@ -201,8 +205,7 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
     from worker.sweeps import sweep_status
 
     st = sweep_status(_conn(), args.sweep)
-    if args.json:
-        print(json.dumps(st, indent=2, default=str))
+    if _printed_json(args, st):
         return 0
     c = st["counts"]
     print(f"sweep      {st['id']}  ({st.get('name') or ''})")
@@ -234,8 +237,7 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
     from worker.sweeps import list_sweeps
 
     sweeps = list_sweeps(_conn())
-    if args.json:
-        print(json.dumps(sweeps, indent=2, default=str))
+    if _printed_json(args, sweeps):
         return 0
     print(f"{'SWEEP':<23} {'STATE':<10} {'ENDED':>7} {'DONE':>4} {'PRUN':>4} {'FAIL':>4} {'RUN':>4} {'QUEU':>4} "
           f"{'BEST':>8}  NAME")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from core.data.fast import epoch_generator, train_partition
+from core.data.fast import EpochBatches, epoch_generator, train_partition
 from core.errors import Cancelled, ConfigError
 from core.models import get_head, set_train_mode, unwrap_model
 
@@ -132,7 +132,7 @@ def plan_feature_cache(cfg: Any, model: nn.Module, bundle: Any, world_size: int 
 
 
 # ------------------------------------------------------------------------------------------------------- loaders
-class FeatureBatchLoader:
+class FeatureBatchLoader(EpochBatches):
     """(features, labels) batches from cached features [views, N, D] on the device.
 
     Train: each epoch draws one view per sample and a sample order from a generator seeded by (seed, epoch, rank).
@@ -146,13 +146,6 @@ class FeatureBatchLoader:
         self.features, self.labels = features, labels
         self.batch_size, self.train, self.drop_last, self.seed, self.rank = batch_size, train, drop_last, seed, rank
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, dev = len(self.labels), self.features.device

@@ -124,7 +124,24 @@ def classic_augment(x_u8: torch.Tensor, generator: torch.Generator, *, pad: int,
     return x
 
 
-class TensorBatchLoader:
+class EpochBatches:
+    """What every in-memory batch loader here shares: `labels`, `batch_size`, `drop_last` and a seeded `epoch`
+    (DistributedSampler's `set_epoch` contract)."""
+
+    labels: torch.Tensor
+    batch_size: int
+    drop_last: bool
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class TensorBatchLoader(EpochBatches):
     """Iterates (normalised float batch, labels) from a uint8 cache held on the device; no worker processes.
 
     Per epoch, the sample order and every augmentation parameter are drawn at once on the CPU from a generator seeded
@@ -142,13 +159,6 @@ class TensorBatchLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
         self.pad = max(1, images.shape[-1] // 8)
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = epoch_generator(self.seed, self.epoch, self.rank)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app.defaults import CONFIGS_DIR, DEFAULT_PRESET
-from core.config import Config, choices
+from core.config import EPOCHS_PER_VIEW, FEATURE_VIEWS_MAX, Config, choices
 from core.data.builtin import BUILTIN_DATASETS
 from core.errors import FieldError
 from worker.api import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES, REPO_ROOT
@@ -68,7 +68,8 @@ def fields() -> list[Field]:
               help="frozen backbone: embed each image once (train images once per view) and train only the head on "
                    "the cached features; epochs then cost almost nothing. auto: on when the backbone is frozen"),
         Field("data.feature_views", "Augmented views per image", "int", min_value=1, max_value=64, step=1,
-              help="feature cache: augmented views of each train image embedded once; each epoch uses one"),
+              optional=True, help="feature cache: augmented views of each train image embedded once; each epoch "
+                                  f"uses one. Empty = auto: one per {EPOCHS_PER_VIEW} epochs, 1 to {FEATURE_VIEWS_MAX}"),
         Field("gpus", "GPUs", "int", min_value=1, max_value=MAX_GPUS_PER_JOB, step=1,
               help="GPUs on each worker (CPU ranks on a CPU-only worker)"),
         Field("nodes", "Nodes", "int", min_value=1, max_value=MAX_NODES_PER_JOB, step=1,
@@ -173,8 +174,9 @@ def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str) -> d
     data.path (workers read built-ins from their own disk); an upload's path is added by submit_job.
     """
     cfg = copy.deepcopy(raw)
+    starting = {"model.freeze": (raw.get("model") or {}).get("freeze")}  # what decided the fields shown
     for key, value in values.items():
-        if key in SUBMIT_OPTIONS or (value is None and key in FROZEN_BACKBONE_ONLY):  # not shown: the preset's value
+        if key in SUBMIT_OPTIONS or not shown(key, starting):  # not shown: the preset's value
             continue
         section, _, name = key.partition(".")
         cfg.setdefault(section, {})[name] = value

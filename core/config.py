@@ -24,8 +24,12 @@ Device = Literal["auto", "cpu", "cuda"]
 OptimizerName = Literal["adamw", "sgd"]
 ScheduleName = Literal["cosine", "onecycle", "step", "none"]
 
-FEATURE_VIEWS = 4
-"""Default data.feature_views (chosen by measurement: docs/benchmarks.md, "Feature cache")."""
+FEATURE_VIEWS_MAX = 4
+"""data.feature_views auto: at most this many views (8 were no better after 300 epochs; docs/benchmarks.md,
+"Feature cache")."""
+EPOCHS_PER_VIEW = 10
+"""data.feature_views auto: one view per this many epochs (up to 10 epochs extra views changed val accuracy by less
+than the noise; from 20 epochs on 4 views gained 1-2 points: docs/benchmarks.md, "Feature cache")."""
 
 
 class _Section(BaseModel):
@@ -59,8 +63,9 @@ class DataConfig(_Section):
     cache_max_mb: int = Field(default=4096, ge=1)
     """MiB per process: `cache: auto` uses the tensor cache when its uint8 size is at most this; the feature cache
     (`train.feature_cache`) holds at most this many MiB of features (auto falls back to the normal path, on refuses)."""
-    feature_views: int = Field(default=FEATURE_VIEWS, ge=1, le=64)
-    """Feature cache: augmented views embedded per train image (each epoch uses one per image). 1 with augment none."""
+    feature_views: int | None = Field(default=None, ge=1, le=64)
+    """Feature cache: augmented views embedded per train image (each epoch uses one per image); 1 with augment none.
+    None (or `auto`): one per EPOCHS_PER_VIEW epochs, 1 to FEATURE_VIEWS_MAX (core.features.effective_views)."""
     synthetic_size: int = Field(default=1000, ge=10, le=10_000_000)
     synthetic_classes: int = Field(default=10, ge=2, le=10_000)
     synthetic_image_size: int = Field(default=32, ge=4, le=1024)
@@ -68,6 +73,7 @@ class DataConfig(_Section):
     """Images with more pixels are refused (decompression-bomb guard)."""
 
     _cache_on_off = field_validator("cache", mode="before")(_on_off)
+    _feature_views_auto = field_validator("feature_views", mode="before")(lambda v: None if v == "auto" else v)
 
     @field_validator("split")
     @classmethod
@@ -108,6 +114,7 @@ class TrainConfig(_Section):
     log_every: int = Field(default=20, ge=1)
     """Emit a step event (and sync loss to the host) every this many steps."""
     eval_batch_size: int | None = Field(default=None, ge=1)
+    """Batch size of val/test passes (and of the feature cache's val embedding); None = max(batch_size, 256)."""
     time_limit: float | None = Field(default=None, gt=0)
     """Seconds; the run fails as timed out past it. None = no limit."""
     device: Device = "auto"
@@ -116,6 +123,11 @@ class TrainConfig(_Section):
     auto: on when the backbone is frozen and in eval mode (its output depends only on the image)."""
 
     _feature_cache_on_off = field_validator("feature_cache", mode="before")(_on_off)
+
+    @property
+    def eval_batch(self) -> int:
+        """The batch size of val/test passes: eval_batch_size, or max(batch_size, 256) when unset."""
+        return self.eval_batch_size or max(self.batch_size, 256)
 
 
 class OptimConfig(_Section):

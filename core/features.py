@@ -24,6 +24,7 @@ row); over `data.cache_max_mb`, `train.feature_cache: auto` falls back to the no
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -35,7 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from core.data.fast import EpochBatches, epoch_generator, train_partition
-from core.errors import Cancelled, ConfigError
+from core.config import EPOCHS_PER_VIEW, FEATURE_VIEWS_MAX
+from core.errors import ConfigError
 from core.models import get_head, set_train_mode, unwrap_model
 
 FEATURE_BYTES = 4
@@ -82,8 +84,14 @@ def feature_cache_bytes(n_train: int, views: int, n_eval: int, feature_dim: int)
 
 
 def effective_views(cfg: Any) -> int:
-    """`data.feature_views`, or 1 without augmentation (every view would be the same image)."""
-    return 1 if cfg.data.augment == "none" else int(cfg.data.feature_views)
+    """How many views of each train image the cache embeds: 1 without augmentation (every view would be the same
+    image), else `data.feature_views`, or when that is auto (None) one view per EPOCHS_PER_VIEW epochs, 1 to
+    FEATURE_VIEWS_MAX: a 10-epoch job embeds its train images once, a 300-epoch one four times."""
+    if cfg.data.augment == "none":
+        return 1
+    if cfg.data.feature_views is not None:
+        return int(cfg.data.feature_views)
+    return min(FEATURE_VIEWS_MAX, max(1, math.ceil(cfg.train.epochs / EPOCHS_PER_VIEW)))
 
 
 @dataclass(frozen=True)
@@ -170,16 +178,17 @@ def head_module(model: nn.Module, dropout: float) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------- embedding
 class Progress:
     """Counts embedded images; calls `report(done, total, images_per_sec)` at most every PROGRESS_EVERY_S seconds
-    and once at the end. `stop()` true (SIGTERM's flag) cancels the pass at the next batch."""
+    and once at the end. `check()` runs before every batch: it raises to end the pass there (the train loop's
+    Runtime.check_stop: SIGTERM cancels, train.time_limit times out)."""
 
     def __init__(self, total: int, report: Callable[[int, int, float], None] | None,
-                 stop: Callable[[], bool] | None = None) -> None:
-        self.total, self.report, self.stop, self.done = total, report, stop, 0
+                 check: Callable[[], None] | None = None) -> None:
+        self.total, self.report, self._check, self.done = total, report, check, 0
         self.start = self._last = time.perf_counter()
 
     def check(self) -> None:
-        if self.stop is not None and self.stop():
-            raise Cancelled("received SIGTERM: run cancelled")
+        if self._check is not None:
+            self._check()
 
     def add(self, n: int) -> None:
         self.done += n
@@ -235,7 +244,7 @@ def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views
 
     With the tensor cache the views are its batch augmentation in stored order; otherwise a DataLoader over this
     rank's fixed partition with the PIL train transform, its randomness seeded per view."""
-    eval_bs = cfg.train.eval_batch_size or max(cfg.train.batch_size, 256)
+    eval_bs = cfg.train.eval_batch
     seeds = [cfg.train.seed * 1_000_003 + 104_729 * (v + 1) + info.rank for v in range(views)]
     if loaders.get("kind") == "tensor_cache":
         for seed in seeds:
@@ -253,11 +262,11 @@ def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views
 def build_feature_loaders(cfg: Any, plan: Plan, model: nn.Module, bundle: Any, loaders: dict[str, Any], info: Any,
                           device: torch.device, *, autocast: Any = None, precision: str = "fp32",
                           channels_last: bool = False, report: Callable[[int, int, float], None] | None = None,
-                          stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+                          check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Embed train (plan.views views) and val; returns `loaders` with train and val replaced by feature loaders
     (the uint8 train/val images are let go), `head`, `kind: feature_cache` and `feature_cache` (the report's block).
     test stays the image loader: it runs through the whole model."""
-    progress = Progress(plan.views * plan.n_train + plan.n_val, report, stop)
+    progress = Progress(plan.views * plan.n_train + plan.n_val, report, check)
     per_view = []
     labels = None
     for batches in train_views(cfg, bundle, loaders, info, plan.views):
@@ -271,7 +280,7 @@ def build_feature_loaders(cfg: Any, plan: Plan, model: nn.Module, bundle: Any, l
     seconds = progress.seconds
     n_train = train_feats.shape[1]
     drop_last = n_train > cfg.train.batch_size  # a last batch of 1 would make the step noisy; as make_loaders
-    eval_bs = cfg.train.eval_batch_size or max(cfg.train.batch_size, 256)
+    eval_bs = cfg.train.eval_batch
     out = {**loaders, "kind": "feature_cache", "sampler": None, "generator": None,
            "train": FeatureBatchLoader(train_feats, labels, batch_size=cfg.train.batch_size, train=True,
                                        drop_last=drop_last, seed=cfg.train.seed, rank=info.rank),

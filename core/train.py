@@ -195,7 +195,7 @@ def make_loaders(cfg: Config, bundle: Any, info: D.DistInfo, device: torch.devic
     generator = torch.Generator().manual_seed(cfg.train.seed)
     train = DataLoader(bundle.train, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                        drop_last=drop_last, generator=generator, **common)
-    eval_bs = cfg.train.eval_batch_size or max(cfg.train.batch_size, 256)
+    eval_bs = cfg.train.eval_batch
 
     def shard(ds: Any) -> tuple[DataLoader, list[int]]:
         idx = list(range(info.rank, len(ds), info.world_size))
@@ -234,7 +234,7 @@ def cache_features(rt: Runtime, plan: Any, model: nn.Module, bundle: Any, loader
     try:
         return build_feature_loaders(rt.cfg, plan, model, bundle, loaders, rt.info, rt.device, autocast=rt.autocast,
                                      precision=rt.amp or "fp32", channels_last=rt.channels_last, report=report,
-                                     stop=lambda: rt.stop_flag["stop"])
+                                     check=rt.check_stop)
     finally:
         bar.close()
 
@@ -277,6 +277,14 @@ class Runtime:
         autocast, scaler, amp = autocast_context(cfg, device)
         return cls(cfg, device, info or D.DistInfo(), sink or NullSink(), autocast, scaler, amp,
                    use_channels_last(cfg, device), stop_flag if stop_flag is not None else {"stop": False}, deadline)
+
+    def check_stop(self) -> None:
+        """Called between steps (and embedding batches): Cancelled after SIGTERM, TrainingError past
+        train.time_limit. Both leave at a point where the last checkpoint is whole."""
+        if self.stop_flag.get("stop"):
+            raise Cancelled("received SIGTERM: run cancelled")
+        if self.deadline is not None and time.time() > self.deadline:
+            raise TrainingError(f"timed out: the run exceeded train.time_limit={self.cfg.train.time_limit:g} s")
 
 
 @dataclass
@@ -328,8 +336,7 @@ def train_one_epoch(rt: Runtime, state: TrainState, loader: Any, epoch: int) -> 
     epoch_start = time.perf_counter()
     progress = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.train.epochs}", rt.info)
     for step, (x, y) in enumerate(loader, start=1):
-        if rt.stop_flag.get("stop"):
-            raise Cancelled("received SIGTERM: run cancelled")
+        rt.check_stop()
         x = x.to(rt.device, non_blocking=True)
         y = y.to(rt.device, non_blocking=True)
         if rt.channels_last and x.dim() == 4:  # cached features are [B, D]
@@ -373,8 +380,6 @@ def train_one_epoch(rt: Runtime, state: TrainState, loader: Any, epoch: int) -> 
                 rt.sink.emit("step", {"epoch": epoch, "step": step, "global_step": state.global_step,
                                       "steps_per_epoch": steps_per_epoch, "loss": loss_value,
                                       "lr": optimizer.param_groups[-1]["lr"], "images_per_sec": ips})
-            if rt.deadline is not None and time.time() > rt.deadline:
-                raise TrainingError(f"timed out: the run exceeded train.time_limit={cfg.train.time_limit:g} s")
     progress.close()
     seconds = time.perf_counter() - epoch_start
     totals = D.all_reduce_sum([float(loss_sum.item()), float(correct.item()), float(seen)], rt.device, rt.info)

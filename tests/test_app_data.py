@@ -89,6 +89,19 @@ def test_build_config_keeps_hidden_keys_and_drops_builtin_paths() -> None:
         forms.load_preset("../../etc/passwd")
 
 
+def test_feature_cache_fields_apply_only_where_shown() -> None:
+    """Frozen-backbone fields: an emptied views box means auto; a preset that does not show them keeps its values."""
+    raw = forms.load_preset("transfer_efficientnet_lite0")
+    values = forms.initial_values(raw)
+    assert values["data.feature_views"] is None  # the preset's auto
+    assert forms.build_config(raw, {**values, "data.feature_views": 2}, "digits")["data"]["feature_views"] == 2
+    cloned = {**raw, "data": {**raw["data"], "feature_views": 6}}
+    assert forms.build_config(cloned, {**values, "data.feature_views": None}, "digits")["data"]["feature_views"] is None
+    digits = {**forms.load_preset("digits"), "data": {**forms.load_preset("digits")["data"], "feature_views": 3}}
+    built = forms.build_config(digits, {**forms.initial_values(digits), "data.feature_views": None}, "digits")
+    assert built["data"]["feature_views"] == 3  # not shown (nothing frozen): the config's own value stays
+
+
 def test_tables_and_formats() -> None:
     frame = jobs_frame([{"id": "a", "state": "running", "progress": 0.5, "epoch": 1, "epochs": 2, "duration": 30,
                          "eta": 30, "submitted_at": 1.7e9, "best_val_acc": 0.9}])

@@ -16,11 +16,12 @@ from torch import nn
 
 from core.config import load_config, save_config
 from core.data.fast import TensorBatchLoader
-from core.errors import Cancelled, ConfigError
+from core.errors import Cancelled, ConfigError, TrainingError
 from core.events import read_jsonl
 from core.features import (
     FeatureBatchLoader,
     Progress,
+    effective_views,
     embed,
     feature_cache_bytes,
     head_module,
@@ -87,7 +88,11 @@ def test_cancel_stops_the_embedding_pass_at_the_next_batch() -> None:
         seen.append(done)
         flag["stop"] = True  # SIGTERM arrives after the first batch
 
-    progress = Progress(6, report, stop=lambda: flag["stop"])
+    def check() -> None:  # the train loop's Runtime.check_stop
+        if flag["stop"]:
+            raise Cancelled("received SIGTERM: run cancelled")
+
+    progress = Progress(6, report, check)
     progress._last = -1e9  # report every batch
     with pytest.raises(Cancelled):
         embed(model, batches, torch.device("cpu"), progress=progress)
@@ -235,6 +240,28 @@ def test_resume_rebuilds_the_cache_and_ends_like_an_uninterrupted_run(tmp_path: 
     b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
     assert torch.equal(a["fc.weight"], b["fc.weight"]), "the resumed head differs from the uninterrupted run's"
     assert [e["epoch"] for e in _records(tmp_path / "cut", "epoch")] == [1, 2, 3]
+
+
+def test_time_limit_ends_the_embedding_pass(tmp_path: Path) -> None:
+    """train.time_limit is checked between embedding batches too: a long embedding pass cannot overrun it."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"timed out: the run exceeded train.time_limit=0.001 s"):
+        train(load_config(None, tiny_transfer("export.enabled=false", "train.time_limit=0.001")), run)
+    phases = [p["phase"] for p in _records(run, "phase")]
+    assert phases[-1] == "embed" and not _records(run, "embed")  # stopped before the first batch was embedded
+
+
+def test_auto_views_follow_the_epochs() -> None:
+    """data.feature_views auto: one view per EPOCHS_PER_VIEW epochs, 1 to FEATURE_VIEWS_MAX; 1 without augmentation;
+    a number is taken as it is."""
+    def views(*overrides: str) -> int:
+        return effective_views(load_config(None, [*TRANSFER, *overrides]))
+
+    assert load_config(None, []).data.feature_views is None  # auto is the default
+    assert [views(f"train.epochs={e}") for e in (1, 10, 11, 20, 30, 40, 300)] == [1, 1, 2, 2, 3, 4, 4]
+    assert views("train.epochs=300", "data.augment=none") == 1
+    assert views("train.epochs=1", "data.feature_views=8") == 8
+    assert load_config(None, ["data.feature_views=auto"]).data.feature_views is None
 
 
 def test_auto_falls_back_to_the_current_path_over_the_memory_cap(tmp_path: Path) -> None:

@@ -153,6 +153,15 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     assert (tmp_path / "r/FAILED").exists() and not (tmp_path / "r/report.json").exists()
 
 
+def test_time_limit_fails_the_run_as_timed_out(tmp_path: Path) -> None:
+    from core.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"timed out: the run exceeded train.time_limit=0.001 s"):
+        train(load_config(DIGITS, NO_EXPORT + ["train.epochs=2", "train.time_limit=0.001"]), tmp_path / "r")
+    assert _epochs(tmp_path / "r") == []  # stopped at the first step, before any epoch ended
+    assert (tmp_path / "r/FAILED").exists() and not (tmp_path / "r/report.json").exists()
+
+
 def test_early_stopping_ends_before_the_epoch_budget(tmp_path: Path) -> None:
     report = train(load_config(DIGITS, NO_EXPORT + ["train.epochs=30", "train.early_stopping=1", "optim.lr=1e-9",
                                                     "sched.name=none", "sched.warmup_epochs=0"]), tmp_path / "r")

@@ -234,7 +234,7 @@ def cmd_sweep_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_sweeps(args: argparse.Namespace) -> int:
-    from worker.sweeps import list_sweeps
+    from worker.sweeps import list_sweeps, shown_counts
 
     sweeps = list_sweeps(_conn())
     if _printed_json(args, sweeps):
@@ -242,10 +242,9 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
     print(f"{'SWEEP':<23} {'STATE':<10} {'ENDED':>7} {'DONE':>4} {'PRUN':>4} {'FAIL':>4} {'RUN':>4} {'QUEU':>4} "
           f"{'BEST':>8}  NAME")
     for s in sweeps:
-        c = s["counts"]
-        print(f"{s['id']:<23} {s['state']:<10} {s['ended']:>3}/{s['trials']:<3} {c['complete']:>4} {c['pruned']:>4} "
-              f"{c['failed'] + c['cancelled']:>4} {c['running']:>4} {c['queued']:>4} {_value(s.get('best_value')):>8}"
-              f"  {s.get('name') or ''}")
+        counts = " ".join(f"{n:>4}" for n in shown_counts(s["counts"]).values())
+        print(f"{s['id']:<23} {s['state']:<10} {s['ended']:>3}/{s['trials']:<3} {counts} "
+              f"{_value(s.get('best_value')):>8}  {s.get('name') or ''}")
     return 0
 
 

@@ -5,7 +5,7 @@ order rotates every repetition) and the median over repetitions is reported, bec
 load changes from one second to the next. The table is printed and written into docs/benchmarks.md between the
 `bench:start`/`bench:end` markers (the hand-written sections around them are kept), with the machine and versions.
 
-Rows (targets from the Performance issue):
+Rows (and the target each is held to):
 1. images/s of core's loop (tensor cache + batch augmentation) vs the classic loop (DataLoader + PIL transforms,
    2 workers), same SimpleCNN, same synthetic 32×32 images (≥ 10k), same epochs: ≥ 2.0×.
 2. core's loop vs the compute-only bound (forward + backward + step on pre-made tensors): ≥ 0.90.
@@ -67,11 +67,11 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 TRAIN_IMAGES = 10_000
-"""Images in the synthetic training set of rows 1-2 (the issue asks for at least 10k)."""
+"""Images in the synthetic training set of rows 1-2 (row 1 asks for at least 10k)."""
 BATCH_SIZE = 64
 """Batch size of every training comparison (the presets' default)."""
 CLASSIC_WORKERS = 2
-"""DataLoader workers of the classic pipeline (the issue's baseline)."""
+"""DataLoader workers of the classic pipeline (the baseline core's loop is compared with)."""
 CHUNK_STEPS = 24
 """Rows 2 and 3 alternate their sides every this many training steps (~1 s here), not every epoch: this machine's
 speed drifts by ±20 % between consecutive 5-second epochs of the same code, far more than the effects measured."""

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from app.defaults import CHART_MAX_POINTS
 from app.tables import LiveSeries, thin
-from worker.api import JobState
+from worker.api import JobState, TrialCount
 
 HEIGHT = 260
 _TEMPLATE = go.Figure().to_dict()["layout"].get("template", {})
@@ -200,7 +200,7 @@ def objective_figure(trials: list[dict[str, Any]], metric: str, direction: str) 
     for state, color, symbol in ((JobState.FINISHED, COLORS[0], "circle"), (JobState.PRUNED, COLORS[4], "x")):
         pts = [t for t in trials if t.get("state") == state and t.get("value") is not None]
         fig.add_trace(go.Scatter(x=[t["number"] for t in pts], y=[t["value"] for t in pts], mode="markers",
-                                 name="complete" if state is JobState.FINISHED else state.value,
+                                 name=str(TrialCount.of(state)),
                                  marker={"color": color, "symbol": symbol, "size": 9}))
     best, xs, ys = None, [], []
     for t in sorted(trials, key=lambda t: t["number"]):

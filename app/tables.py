@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from core import runfolder as rf
-from worker.api import ACTIVE_STATES, JobState
+from worker.api import ACTIVE_STATES, JobState, shown_counts
 
 STATE_ICONS = {
     JobState.QUEUED: "hourglass_top", JobState.RUNNING: "play_circle", JobState.RECOVERING: "sync_problem",
@@ -268,7 +268,8 @@ def _node_ranks(node: dict[str, Any]) -> str:
 
 
 def nodes_frame(nodes: list[dict[str, Any]]) -> pd.DataFrame:
-    """A multi-node job's nodes (worker.api.job_nodes): one row per node; `node` is empty while the gang gathers."""
+    """A multi-node job's nodes (worker.api.job_nodes): one row per node, its `state` a worker.api.NodeState; `node`
+    is empty while the gang gathers."""
     rows = [{
         "node": "" if n.get("node_rank") is None else str(n["node_rank"]), "worker": n.get("worker") or "",
         "host": n.get("host") or "", "address": n.get("addr") or "",
@@ -381,13 +382,10 @@ def sweeps_frame(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
     """The Sweeps list: one row per sweep, with its progress and trial counts."""
     rows = []
     for s in sweeps:
-        c = s.get("counts") or {}
         rows.append({
             "sweep": s.get("id"), "name": s.get("name"), "status": state_label(s.get("state")),
             "progress": float(s.get("progress") or 0.0), "trials": f"{s.get('ended', 0)}/{s.get('trials')}",
-            "complete": c.get("complete", 0), "pruned": c.get("pruned", 0),
-            "failed": c.get("failed", 0) + c.get("cancelled", 0), "running": c.get("running", 0),
-            "queued": c.get("queued", 0), "best": s.get("best_value"),
+            **{k.value: n for k, n in shown_counts(s.get("counts") or {}).items()}, "best": s.get("best_value"),
             "objective": f"{s.get('direction', '')[:3]} {s.get('metric', '')}",
             "created": pd.to_datetime(s.get("created_at"), unit="s") if s.get("created_at") else None,
         })

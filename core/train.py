@@ -174,7 +174,7 @@ def make_loaders(cfg: Config, bundle: Any, info: D.DistInfo, device: torch.devic
     """DataLoaders for train (sharded, shuffled per epoch) and val/test (sharded without padding, gathered later)."""
     if cfg.data.cache != "off":
         try:
-            from core.data.fast import make_fast_loaders  # the tensor-cache path (Performance issue)
+            from core.data.fast import make_fast_loaders  # the tensor-cache path (docs/benchmarks.md)
         except ImportError:
             make_fast_loaders = None
         if make_fast_loaders is not None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import secrets
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -73,3 +75,29 @@ def private_redis(data_dir: Path, start_timeout: float = 15.0) -> Iterator[Redis
             yield RedisServer(url=url, port=port, password=password, dir=data_dir, proc=proc)
         finally:
             stop(proc)
+
+
+@contextlib.contextmanager
+def service_env(url: str, tmp: Path, *, var_dir: bool = False) -> Iterator[Any]:
+    """This process's environment pointed at Redis `url` and folders under `tmp` (REDIS_URL, ARTIFACTS_DIR and, with
+    `var_dir`, TRAINER_VAR_DIR), for the dashboard run here or started from here; yields a client of that database,
+    emptied. On exit the database is emptied again, the client closed and each variable restored (or removed)."""
+    from worker.connection import connect
+
+    values = {"REDIS_URL": url, "ARTIFACTS_DIR": str(tmp / "artifacts")}
+    if var_dir:
+        values["TRAINER_VAR_DIR"] = str(tmp / "var")
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    conn = connect(url)
+    try:
+        conn.flushdb()
+        yield conn
+    finally:
+        conn.flushdb()
+        conn.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -130,7 +130,7 @@ def test_single_node_job_runs_when_a_gang_cannot_complete(redis_conn: Any, job_e
 
 # ========================================================================================= real gangs (test 1)
 def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str) -> None:
-    """Issue test 1: `--nodes 2 --gpus 1` on two one-slot workers finishes; world size 2; the record names both."""
+    """`--nodes 2 --gpus 1` on two one-slot workers finishes; world size 2; the record names both."""
     env = mn_env(job_env)
     start_worker(spawn, env, "node-a")
     start_worker(spawn, env, "node-b")
@@ -177,7 +177,7 @@ def _step_in_epoch(conn: Any, job_id: str, epoch: int) -> bool:
 
 def test_lost_node_requeues_the_gang_which_resumes_on_a_new_one(redis_conn: Any, job_env: dict[str, str],
                                                                  spawn: Any, test_token: str) -> None:
-    """Issue test 3: SIGKILL of node 0's whole tree (its worker, guard, torchrun, rank) mid-epoch: the other node
+    """SIGKILL of node 0's whole tree (its worker, guard, torchrun, rank) mid-epoch: the other node
     stops within 60 s, the job is re-queued as a whole and finishes on a new gang (the survivor and a third worker),
     resuming from its checkpoint; every epoch appears once."""
     env = mn_env(job_env)
@@ -217,7 +217,7 @@ def test_lost_node_requeues_the_gang_which_resumes_on_a_new_one(redis_conn: Any,
 @pytest.mark.slow
 def test_two_gangs_and_a_single_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str],
                                                        spawn: Any) -> None:
-    """Issue test 4: two 2-node jobs on two workers run one after the other (no deadlock); a 1-node job submitted
+    """Two 2-node jobs on two workers run one after the other (no deadlock); a 1-node job submitted
     meanwhile also finishes. Slow (three jobs in a row, ~1 min); the order rule itself is tested above without
     processes. Run it with  python -m pytest -m slow tests/test_multinode.py"""
     env = mn_env(job_env)
@@ -240,7 +240,7 @@ def test_two_gangs_and_a_single_node_job_on_two_workers(redis_conn: Any, job_env
 
 def test_cancel_stops_every_rank_on_every_node(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                                test_token: str) -> None:
-    """Issue test 5: cancel a running 2-node job: no training process left on either node within 10 s."""
+    """Cancel a running 2-node job: no training process left on either node within 10 s."""
     env = mn_env(job_env)
     for name in ("node-a", "node-b"):
         start_worker(spawn, env, name)

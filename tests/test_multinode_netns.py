@@ -1,4 +1,4 @@
-"""Issue test 2: a 2-node job across two "hosts": two Linux network namespaces joined by a veth pair.
+"""A 2-node job across two "hosts": two Linux network namespaces joined by a veth pair.
 
 Namespace A holds Redis (bound to A's veth address) and one worker, namespace B the other worker; both reach Redis
 over the veth link, node 0 publishes its veth address for the rendezvous and the ranks talk over the veth pair, never

@@ -1,4 +1,5 @@
-"""core/runfolder.py owns the run folder's names (a contract with users), and each list of choices has one source."""
+"""core/runfolder.py owns the run folder's names (a contract with users), worker/states.py the job states, and each
+list of choices has one source."""
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,7 @@ def _string_constants(path: Path) -> list[tuple[int, str]]:
 
 
 def test_no_run_folder_file_name_is_spelled_outside_its_owner() -> None:
-    """The issue's grep as a test: no literal names a run-folder file outside core/runfolder.py (predict_template.py
+    """No literal names a run-folder file outside core/runfolder.py (predict_template.py
     is the bundle's standalone copy and keeps its own). Names without a dot (samples, export, FAILED) are also report
     keys, phases and MLflow statuses, so only the file names with a suffix and the paths under checkpoints/ and
     export/ are searched for."""
@@ -47,6 +48,46 @@ def test_no_run_folder_file_name_is_spelled_outside_its_owner() -> None:
              if path not in owners
              for line, text in _string_constants(path)
              if text in names or text.startswith(prefixes) or any(text.endswith("/" + n) for n in names)]
+    assert not found, found
+
+
+def _job_state_literals(source: str) -> list[tuple[int, str | bytes]]:
+    """Job-state values (text or bytes) written as literals where a state is compared (`==`, `in`, ...) or set
+    (`state=...`, `{"state": ...}`, `x.state = ...`, `st["state"] = ...`)."""
+    from worker.states import JobState
+
+    values = {s.value for s in JobState} | {s.value.encode() for s in JobState}
+    tree = ast.parse(source)
+    places: list[ast.AST] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            places += [node.left, *node.comparators]
+        elif isinstance(node, ast.keyword) and node.arg == "state":
+            places.append(node.value)
+        elif isinstance(node, ast.Dict):
+            places += [v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant) and k.value == "state"]
+        elif isinstance(node, ast.Assign) and any(
+                (isinstance(t, ast.Name) and t.id == "state") or (isinstance(t, ast.Attribute) and t.attr == "state")
+                or (isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant) and t.slice.value == "state")
+                for t in node.targets):
+            places.append(node.value)
+    return sorted({(n.lineno, n.value) for place in places for n in ast.walk(place)
+                   if isinstance(n, ast.Constant) and isinstance(n.value, (str, bytes)) and n.value in values},
+                  key=lambda found: (found[0], repr(found[1])))
+
+
+def test_no_job_state_is_spelled_outside_its_owner() -> None:
+    """A job state is compared or set as a `worker.states.JobState`, never as a raw string
+    (`b"running"`, `"finished"`) outside worker/states.py. Other strings that happen to match (a key name, a message)
+    are not comparisons or assignments of a state and are left alone."""
+    assert set(_job_state_literals('if st["state"] == b"running" or x in ("queued", "y"):\n    rec.state = "failed"\n'
+                                   'f(state="pruned", other="finished")\n')) == {
+        (1, b"running"), (1, "queued"), (2, "failed"), (3, "pruned")}  # the search itself finds what it should
+    owner = ROOT / "worker/states.py"
+    found = [f"{path.relative_to(ROOT)}:{line}: {text!r}"
+             for package in ("core", "worker", "app") for path in sorted((ROOT / package).rglob("*.py"))
+             if path != owner
+             for line, text in _job_state_literals(path.read_text(encoding="utf-8"))]
     assert not found, found
 
 

@@ -19,7 +19,7 @@ from worker.submit import submit_job
 from worker.warmstart import BUSY_NAME, IDLE_NAME
 
 FAST = ["export.enabled=false", "train.log_every=2", "data.image_size=16"]
-"""Every job here: digits, no export (the Export issue tests that), frequent step events."""
+"""Every job here: digits, no export (tests/test_export.py tests that), frequent step events."""
 
 
 def state_of(conn: Any, job_id: str) -> str:

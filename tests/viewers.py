@@ -94,15 +94,10 @@ def live_dashboard(url: str) -> Iterator[dict[str, Any]]:
     """The dashboard on a free port against Redis at `url`, with a running job being fed; yields {"base", "pid",
     "job", "conn"}. Everything it started is stopped on exit."""
     from tests.fixtures_app import TEST_WORKER, seed_running_job, submit_digits
-    from tests.fixtures_redis import free_port, stop
-    from worker.connection import connect
+    from tests.fixtures_redis import free_port, service_env, stop
 
-    with tempfile.TemporaryDirectory(prefix="bench-viewers-") as tmp:
-        saved = {k: os.environ.get(k) for k in ("REDIS_URL", "ARTIFACTS_DIR", "TRAINER_VAR_DIR")}
-        os.environ.update(REDIS_URL=url, ARTIFACTS_DIR=str(Path(tmp) / "artifacts"),
-                          TRAINER_VAR_DIR=str(Path(tmp) / "var"))
-        conn = connect(url)
-        conn.flushdb()
+    with tempfile.TemporaryDirectory(prefix="bench-viewers-") as tmp, \
+            service_env(url, Path(tmp), var_dir=True) as conn:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DASHBOARD_")}
         env.update(PORT=str(port), PYTHONPATH=str(ROOT))
@@ -129,13 +124,6 @@ def live_dashboard(url: str) -> Iterator[dict[str, Any]]:
         finally:
             stop(proc)
             log.close()
-            conn.flushdb()
-            conn.close()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 from worker.defaults import PRIORITIES, STATUS_WAIT_CANCEL
@@ -234,7 +235,7 @@ def cmd_sweep_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_sweeps(args: argparse.Namespace) -> int:
-    from worker.sweeps import list_sweeps
+    from worker.sweeps import list_sweeps, shown_counts
 
     sweeps = list_sweeps(_conn())
     if _printed_json(args, sweeps):
@@ -242,10 +243,9 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
     print(f"{'SWEEP':<23} {'STATE':<10} {'ENDED':>7} {'DONE':>4} {'PRUN':>4} {'FAIL':>4} {'RUN':>4} {'QUEU':>4} "
           f"{'BEST':>8}  NAME")
     for s in sweeps:
-        c = s["counts"]
-        print(f"{s['id']:<23} {s['state']:<10} {s['ended']:>3}/{s['trials']:<3} {c['complete']:>4} {c['pruned']:>4} "
-              f"{c['failed'] + c['cancelled']:>4} {c['running']:>4} {c['queued']:>4} {_value(s.get('best_value')):>8}"
-              f"  {s.get('name') or ''}")
+        counts = " ".join(f"{n:>4}" for n in shown_counts(s["counts"]).values())
+        print(f"{s['id']:<23} {s['state']:<10} {s['ended']:>3}/{s['trials']:<3} {counts} "
+              f"{_value(s.get('best_value')):>8}  {s.get('name') or ''}")
     return 0
 
 
@@ -272,16 +272,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
+def _command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, *ids: str,
+             with_json: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that runs `func`: its positional `ids` (job, sweep) and, `with_json`, the --json flag."""
+    s = sub.add_parser(name, help=help)
+    for arg in ids:
+        s.add_argument(arg)
+    if with_json:
+        s.add_argument("--json", action="store_true")
+    s.set_defaults(func=func)
+    return s
+
+
+def _add_job_options(s: argparse.ArgumentParser, *, gpus_per: str, set_help: str | None = None) -> None:
+    """What `submit` and `sweep` share: the config, --set overrides, --gpus and --priority of the job (each trial's)."""
+    s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    s.add_argument("--gpus", type=int, default=1, help=f"GPUs (or CPU gloo ranks) {gpus_per} (default 1)")
+    s.add_argument("--priority", choices=PRIORITIES, default="default")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description="Managed training jobs: Redis, workers, jobs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("redis", help="run the embedded Redis in the foreground (127.0.0.1, password in var/redis/)")
+    s = _command(sub, "redis", cmd_redis,
+                 "run the embedded Redis in the foreground (127.0.0.1, password in var/redis/)")
     s.add_argument("--port", type=int, default=None, help="port (default: env REDIS_PORT or 6379)")
     s.add_argument("--force", action="store_true", help="start the embedded server even when REDIS_URL is set")
-    s.set_defaults(func=cmd_redis)
 
-    s = sub.add_parser("run", help="run a worker")
+    s = _command(sub, "run", cmd_run, "run a worker")
     s.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     s.add_argument("--gpus", default=None, help="GPU indices to use, e.g. 0,1 (default: all visible GPUs)")
     s.add_argument("--cpu", action="store_true", help="ignore GPUs: a CPU-only worker (jobs run as gloo ranks)")
@@ -293,46 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: this host's primary address)")
     s.add_argument("--no-prewarm", action="store_true",
                    help="do not keep a pre-started training process (env WORKER_PREWARM=0 does the same)")
-    s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("submit", help="validate, upload the dataset if local, enqueue; prints the job id last")
-    s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--gpus", type=int, default=1,
-                   help="GPUs (or CPU gloo ranks) for the job, on each node (default 1)")
+    s = _command(sub, "submit", cmd_submit, "validate, upload the dataset if local, enqueue; prints the job id last")
+    _add_job_options(s, gpus_per="for the job, on each node")
     s.add_argument("--nodes", type=int, default=1,
                    help="workers (machines) the job spans: one DDP job of nodes x gpus ranks (default 1)")
-    s.add_argument("--priority", choices=PRIORITIES, default="default")
     s.add_argument("--timeout", type=float, default=None, help="wall-clock limit in seconds (default: none)")
-    s.set_defaults(func=cmd_submit)
 
-    s = sub.add_parser("status", help="a job's status")
-    s.add_argument("job")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_status)
-
-    s = sub.add_parser("cancel", help="cancel a queued or running job")
-    s.add_argument("job")
+    _command(sub, "status", cmd_status, "a job's status", "job", with_json=True)
+    s = _command(sub, "cancel", cmd_cancel, "cancel a queued or running job", "job")
     s.add_argument("--no-wait", action="store_true", help="do not wait for a running job to stop")
-    s.set_defaults(func=cmd_cancel)
-
-    s = sub.add_parser("logs", help="a job's log lines (every rank, plus the worker's notes)")
-    s.add_argument("job")
+    s = _command(sub, "logs", cmd_logs, "a job's log lines (every rank, plus the worker's notes)", "job")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     s.add_argument("-n", "--lines", type=int, default=200)
-    s.set_defaults(func=cmd_logs)
-
-    s = sub.add_parser("list", help="jobs, newest first")
+    s = _command(sub, "list", cmd_list, "jobs, newest first", with_json=True)
     s.add_argument("--state", default=None, help="only jobs in this state")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_list)
+    _command(sub, "workers", cmd_workers, "live workers", with_json=True)
 
-    s = sub.add_parser("workers", help="live workers")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_workers)
-
-    s = sub.add_parser("sweep", help="hyper-parameter search: every trial is a job; prints the sweep id")
-    s.add_argument("config", help="YAML preset, e.g. configs/digits.yaml")
+    s = _command(sub, "sweep", cmd_sweep, "hyper-parameter search: every trial is a job; prints the sweep id")
+    _add_job_options(s, gpus_per="per trial", set_help="override the base config (as for submit)")
     s.add_argument("--space", required=True,
                    help="SPACE.yaml: dotted keys → {float|int: [low, high]} or {choice: [...]}")
     s.add_argument("--trials", type=int, required=True, help="trials in all")
@@ -344,35 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", default="median", help="median (default), hyperband or none")
     s.add_argument("--name", default=None, help="a label (default: model on dataset)")
     s.add_argument("--seed", type=int, default=None, help="sampler seed (default: random)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the base config (as for submit)")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (or CPU gloo ranks) per trial (default 1)")
-    s.add_argument("--priority", choices=PRIORITIES, default="default")
-    s.set_defaults(func=cmd_sweep)
-
-    s = sub.add_parser("sweep-status", help="a sweep's state, best trial and trials")
-    s.add_argument("sweep")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_sweep_status)
-
-    s = sub.add_parser("sweep-cancel", help="cancel a sweep and every queued or running trial")
-    s.add_argument("sweep")
-    s.set_defaults(func=cmd_sweep_cancel)
-
-    s = sub.add_parser("sweeps", help="sweeps, newest first")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_sweeps)
-
-    s = sub.add_parser("sweep-dashboard",
-                       help="open a sweep's study in optuna-dashboard (pip install optuna-dashboard)")
-    s.add_argument("sweep")
+    _command(sub, "sweep-status", cmd_sweep_status, "a sweep's state, best trial and trials", "sweep", with_json=True)
+    _command(sub, "sweep-cancel", cmd_sweep_cancel, "cancel a sweep and every queued or running trial", "sweep")
+    _command(sub, "sweeps", cmd_sweeps, "sweeps, newest first", with_json=True)
+    s = _command(sub, "sweep-dashboard", cmd_sweep_dashboard,
+                 "open a sweep's study in optuna-dashboard (pip install optuna-dashboard)", "sweep")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
-    s.set_defaults(func=cmd_sweep_dashboard)
 
-    s = sub.add_parser("doctor", help="can this machine serve jobs? checks each part and prints the fix (exit 1: no)")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_doctor)
+    _command(sub, "doctor", cmd_doctor, "can this machine serve jobs? checks each part and prints the fix (exit 1: no)",
+             with_json=True)
     return p
 
 

@@ -13,7 +13,6 @@ package only through this module: states, artifact names, the store, connections
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import IO, Any
 
@@ -41,10 +40,11 @@ from worker.errors import (
     SubmissionError,
 )
 from worker.paths import var_dir
+from worker.nodes import NodeState, job_nodes
 from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
 from worker.record import JobRecord, mark_final, request_cancel
-from worker.states import ACTIVE_STATES, FINAL_STATES, WAITING_STATES, JobState
+from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
 from worker.streaming import (
     events_since,
     follow_logs,
@@ -55,12 +55,15 @@ from worker.streaming import (
 from worker.study import PRUNERS, SAMPLERS
 from worker.submit import Submitted, submit_job
 from worker.sweeps import (
+    SHOWN_TRIAL_COUNTS,
     SweepState,
+    TrialCount,
     cancel_sweep,
     create_sweep,
     importances,
     list_sweeps,
     optuna_study,
+    shown_counts,
     sweep_status,
     sweep_trials,
     trial_ended,
@@ -68,13 +71,13 @@ from worker.sweeps import (
 
 __all__ = [
     # jobs
-    "ACTIVE_STATES", "FINAL_STATES", "JobState", "Submitted", "artifact_files", "cancel_job", "delete_job",
+    "ACTIVE_STATES", "FINAL_STATES", "JobState", "NodeState", "Submitted", "artifact_files", "cancel_job", "delete_job",
     "chart_events_since", "epoch_events", "events_since", "follow_logs", "job_nodes", "job_status", "list_jobs",
     "list_workers", "logs_since", "logs_tail", "open_artifact", "read_artifact", "retry_job", "submit_job",
     "wait_events",
     # sweeps
-    "EPOCH_METRICS", "PRUNERS", "SAMPLERS", "SweepState", "cancel_sweep", "create_sweep", "importances", "list_sweeps",
-    "optuna_study", "sweep_status", "sweep_trials",
+    "EPOCH_METRICS", "PRUNERS", "SAMPLERS", "SHOWN_TRIAL_COUNTS", "SweepState", "TrialCount", "cancel_sweep",
+    "create_sweep", "importances", "list_sweeps", "optuna_study", "shown_counts", "sweep_status", "sweep_trials",
     # what the dashboard's pages need besides (app/ imports worker only through this module)
     "NAMED_ARTIFACTS", "ArtifactStore", "store_url", "check", "connect", "redact", "redis_url", "var_dir",
     "MAX_GPUS_PER_JOB", "MAX_NODES_PER_JOB", "PRIORITIES", "REPO_ROOT",
@@ -84,28 +87,6 @@ __all__ = [
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")
 """Bulky fields list_jobs leaves out (job_status has them)."""
-
-
-def job_nodes(conn: redis.Redis, job_id: str, st: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The nodes of a multi-node job, by node rank: `node_rank`, `worker`, `host`, `addr`, `ranks`, `global_ranks`,
-    `state` (`reserved` while the gang gathers; then `starting`, `running`, `finished`, `failed`, `cancelled`,
-    `lost`, `stopped`), `attempt`, `pid`, `exit_code`. Empty for a one-node job."""
-    if st is None:
-        record = JobRecord.find(conn, job_id)
-        st = record.fields if record else {}
-    if int(st.get("num_nodes") or 1) <= 1:
-        return []
-    if st.get("state") in WAITING_STATES:
-        return [{"node_rank": None, "worker": name, "state": "reserved", "ranks": st.get("gpus")}
-                for name in gang.members(conn, job_id)]
-    out = [json.loads(v) for v in conn.hvals(keys.nodes(job_id))]
-    attempt = int(st.get("attempt") or 0)
-    known = {n.get("node_rank") for n in out if n.get("attempt") == attempt}
-    for rank, name in enumerate(gang.gang_of(st)):  # a node that has not written its entry yet
-        if rank not in known:
-            out.append({"node_rank": rank, "worker": name, "state": "starting", "ranks": st.get("gpus"),
-                        "attempt": attempt})
-    return sorted((n for n in out if n.get("attempt") == attempt), key=lambda n: n.get("node_rank") or 0)
 
 
 def job_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from worker.defaults import (
     UPLOAD_MAX_BYTES,
 )
 from worker.errors import ArtifactError
-from worker.paths import cache_dir, dataset_cache_dir
+from worker.paths import dataset_cache_dir, runs_cache_dir
 
 DATASET_REF_PREFIX = "artifact:"
 """A config's `data.path` that starts with this names a dataset in the store (`artifact:datasets/<sha>.zip`)."""
@@ -133,7 +133,7 @@ class ArtifactStore:
         """Where a worker on this machine writes the job's run folder (in the store itself when it is local)."""
         if self.is_local:
             return Path(self.path(self.run_key(job_id)))
-        return cache_dir() / "runs" / keys.check_job_id(job_id) / "run"
+        return runs_cache_dir() / keys.check_job_id(job_id) / "run"
 
     # --------------------------------------------------------------------------------------------------- datasets
     def upload_dataset(self, path: str | Path) -> dict[str, Any]:
@@ -305,7 +305,7 @@ class ArtifactStore:
                 self.fs.rm(self.path(key), recursive=True)
         except OSError as err:
             raise ArtifactError(f"cannot delete {key} from the artifact store {self.url}: {err}") from None
-        shutil.rmtree(cache_dir() / "runs" / job_id, ignore_errors=True)
+        shutil.rmtree(runs_cache_dir() / job_id, ignore_errors=True)
 
     def identity(self) -> str:
         """The store's id (STORE_ID_KEY), created when missing. Workers advertise it, and `python -m worker doctor`

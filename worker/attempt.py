@@ -43,7 +43,7 @@ from worker.launcher import (
 )
 from worker.record import JobRecord, claim_for_requeue, mark_final, mark_started
 from worker.recovery import enqueue_next_attempt
-from worker.states import FINAL_STATES, JobState
+from worker.states import FINAL_STATES, JobState, TextEnum
 from worker.streaming import LogWriter
 from worker.sweeps import TrialMonitor, trial_ended
 
@@ -110,6 +110,17 @@ def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class Outcome(TextEnum):
+    """Why an attempt's command was stopped (or, after a failed exit, what its failure really was)."""
+
+    CANCEL = "cancel"
+    LOST = "lost"
+    """The job is no longer this attempt's (recovered elsewhere, re-queued by a multi-node peer, deleted)."""
+    SHUTDOWN = "shutdown"
+    PRUNE = "prune"
+    TIMEOUT = "timeout"
 
 
 _OUTPUT_PREFIX = re.compile(r"^(\[node \d+\] )?(\[rank\d+\]: ?)?")
@@ -212,20 +223,20 @@ class Attempt:
         """The command is running (diagnostics in the status)."""
         self.record.save(pid=proc.pid, run_dir=str(run_dir))
 
-    def _after_failed_exit(self, rc: int) -> str | None:
-        """The command exited non-zero by itself: an outcome that overrides `failed` ('lost', 'cancel'), or None."""
+    def _after_failed_exit(self, rc: int) -> Outcome | None:
+        """The command exited non-zero by itself: an outcome that overrides `failed` (lost, cancel), or None."""
         return None
 
-    def _poll_flags(self) -> str | None:
-        """'cancel' when a cancel was requested, 'lost' when the job is no longer ours (recovered elsewhere,
+    def _poll_flags(self) -> Outcome | None:
+        """CANCEL when a cancel was requested, LOST when the job is no longer ours (recovered elsewhere,
         deleted), None otherwise. Redis errors keep the run going: training does not need Redis."""
         try:
             self.record.refresh("cancel_requested", "worker", "attempt")
         except redis.exceptions.RedisError:
             return None
         if self.record.cancel_requested:
-            return "cancel"
-        return None if self.record.state is JobState.RUNNING and self._still_ours() else "lost"
+            return Outcome.CANCEL
+        return None if self.record.state is JobState.RUNNING and self._still_ours() else Outcome.LOST
 
     def _still_ours(self) -> bool:
         """The running job (its record just refreshed) is still this attempt's: this worker runs it."""
@@ -401,24 +412,24 @@ class Attempt:
                 if rc is not None:
                     break
                 if self.ctx.shutdown.is_set():
-                    outcome = "shutdown"
+                    outcome = Outcome.SHUTDOWN
                     break
                 outcome = self._poll_flags()
                 if outcome:
                     break
                 if monitor is not None and (prune_reason := monitor.poll()):
-                    outcome = "prune"
+                    outcome = Outcome.PRUNE
                     break
                 if timeout and time.monotonic() - started > float(timeout):
-                    outcome = "timeout"
+                    outcome = Outcome.TIMEOUT
                     break
                 time.sleep(CANCEL_POLL_INTERVAL)
             if outcome:
-                self.note({"cancel": "cancel requested: stopping every rank",
-                           "lost": "the job was taken over or deleted: stopping every rank",
-                           "timeout": f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
-                           "shutdown": "worker shutting down: stopping every rank",
-                           "prune": f"{prune_reason}: stopping every rank"}[outcome])
+                self.note({Outcome.CANCEL: "cancel requested: stopping every rank",
+                           Outcome.LOST: "the job was taken over or deleted: stopping every rank",
+                           Outcome.TIMEOUT: f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
+                           Outcome.SHUTDOWN: "worker shutting down: stopping every rank",
+                           Outcome.PRUNE: f"{prune_reason}: stopping every rank"}[outcome])
                 rc = proc.stop(TERMINATE_GRACE)
         except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
             proc.stop(grace=1.0)
@@ -438,18 +449,18 @@ class Attempt:
         if outcome is None and rc not in (0, None):
             outcome = self._after_failed_exit(rc)
 
-        if outcome == "lost":
-            return {"state": "lost", "job_id": self.job_id}
-        if outcome == "shutdown":
+        if outcome is Outcome.LOST:
+            return {"state": Outcome.LOST.value, "job_id": self.job_id}
+        if outcome is Outcome.SHUTDOWN:
             self._sync()
             return self._requeue_self("its worker shut down")
         fields: dict[str, Any] = {"exit_code": rc}
-        if outcome == "cancel":
+        if outcome is Outcome.CANCEL:
             state, fields["error"], msg = JobState.CANCELLED, "cancelled by request", f"cancelled after {seconds:g} s"
-        elif outcome == "prune":
+        elif outcome is Outcome.PRUNE:
             state, fields["error"], fields["error_kind"] = JobState.PRUNED, prune_reason, "Pruned"
             msg = f"pruned after {seconds:g} s"
-        elif outcome == "timeout":
+        elif outcome is Outcome.TIMEOUT:
             state, fields["error_kind"] = JobState.FAILED, "Timeout"
             fields["error"] = msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"
         elif rc == 0:

@@ -1,15 +1,12 @@
 """Every tunable constant of the worker package, in one place. Environment variables override a few (named below)."""
 from __future__ import annotations
 
-from pathlib import Path
+from core.data.defaults import REPO_ROOT, VAR_DIR  # noqa: F401 - defined once, in core (training uses them too)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-"""The repository root; relative default paths (var/, ARTIFACTS_DIR) are resolved against it, not the cwd."""
+# REPO_ROOT: relative default paths (VAR_DIR, ARTIFACTS_DIR) are resolved against it, not the working directory.
+# VAR_DIR: local state folder (embedded Redis data, caches), relative to REPO_ROOT; env TRAINER_VAR_DIR overrides.
 
-VAR_DIR = "var"
-"""Local state folder (embedded Redis data, caches), relative to REPO_ROOT; env TRAINER_VAR_DIR overrides."""
-
-ARTIFACTS_DIR = "var/artifacts"
+ARTIFACTS_DIR = f"{VAR_DIR}/artifacts"
 """Default artifact store (a folder relative to REPO_ROOT); env ARTIFACTS_DIR overrides with a path or fsspec URL."""
 
 ARTIFACTS_DIR_ENV = "ARTIFACTS_DIR"

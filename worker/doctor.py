@@ -322,13 +322,13 @@ def check_same_store(store: Any, conn: Any) -> Check:
 
 
 def check_disk(store: Any) -> Check:
-    from worker.paths import cache_dir
+    from worker.paths import cache_dir, runs_cache_dir
 
-    places = {"datasets (var/cache)": cache_dir()}
+    places = {"datasets (cache)": cache_dir()}
     if store is not None and store.is_local:
         places["run folders (artifact store)"] = Path(store.base)
     else:
-        places["run folders (var/cache/runs)"] = cache_dir()
+        places["run folders (cache)"] = runs_cache_dir()
     rows, worst = [], float("inf")
     for what, path in places.items():
         probe = path

@@ -27,54 +27,71 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def check_worker_name(name: str) -> str:
+    """The name itself if it can be part of a key (letters, digits, `_.-`), else ValueError."""
+    if not WORKER_NAME_RE.match(name):
+        raise ValueError(f"invalid worker name {name!r}")
+    return name
+
+
+def _key(*parts: str) -> str:
+    """`trainer:<part>:<part>...`: every key below is one of these (the queue names have their own prefix)."""
+    return ":".join((KEY_PREFIX, *parts))
+
+
+def _job_key(job_id: str, *parts: str) -> str:
+    """A key of one job, `trainer:job:<checked id>[:<part>...]`."""
+    return _key("job", check_job_id(job_id), *parts)
+
+
 def jobs_index() -> str:
     """ZSET job id → submission time (unix seconds): every job, for listing."""
-    return f"{KEY_PREFIX}:jobs"
+    return _key("jobs")
 
 
 def running_set() -> str:
     """SET of job ids in state running: what the recovery scan checks."""
-    return f"{KEY_PREFIX}:running"
+    return _key("running")
 
 
 def recovering_set() -> str:
     """SET of job ids in state recovering: a re-queue that was claimed but never enqueued is healed from it."""
-    return f"{KEY_PREFIX}:recovering"
+    return _key("recovering")
 
 
 def job(job_id: str) -> str:
     """HASH: the job's status (state, progress, epoch, ..., config JSON). See docs/redis.md."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}"
+    return _job_key(job_id)
 
 
 def events(job_id: str) -> str:
     """STREAM of core's events for the job: fields `type` and `data` (JSON)."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:events"
+    return _job_key(job_id, "events")
 
 
 def epochs_seen(job_id: str) -> str:
     """SET of epoch numbers already in the event stream (idempotency across resumes)."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:epochs"
+    return _job_key(job_id, "epochs")
 
 
 def logs(job_id: str) -> str:
     """STREAM of stdout/stderr lines of every rank plus the worker's own notes: fields `line`, `src`."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:logs"
+    return _job_key(job_id, "logs")
 
 
 def heal_lock(job_id: str) -> str:
     """STRING with a TTL: one worker at a time re-enqueues a recovery whose enqueue was lost."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:heal"
+    return _job_key(job_id, "heal")
 
 
 def gang(job_id: str) -> str:
     """HASH worker name → reservation time (unix s): the workers reserved for a multi-node job's next attempt."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:gang"
+    return _job_key(job_id, "gang")
 
 
 def nodes(job_id: str) -> str:
     """HASH node rank → JSON {worker, host, addr, ranks, state, attempt}: the nodes of a multi-node job's attempt."""
-    return f"{KEY_PREFIX}:job:{check_job_id(job_id)}:nodes"
+    return _job_key(job_id, "nodes")
 
 
 def job_keys(job_id: str) -> list[str]:
@@ -85,24 +102,22 @@ def job_keys(job_id: str) -> list[str]:
 
 def gangs() -> str:
     """ZSET of multi-node job ids waiting for their gang, scored by priority, then submission time (lowest first)."""
-    return f"{KEY_PREFIX}:gangs"
+    return _key("gangs")
 
 
 def reservations() -> str:
     """HASH worker name → the multi-node job id it is reserved for (a worker holds at most one reservation)."""
-    return f"{KEY_PREFIX}:reservations"
+    return _key("reservations")
 
 
 def workers_set() -> str:
     """SET of worker names that advertised themselves; stale names are pruned when their hash is gone."""
-    return f"{KEY_PREFIX}:workers"
+    return _key("workers")
 
 
 def worker(name: str) -> str:
     """HASH with a TTL: a live worker's advertisement (host, GPUs, state, current job, heartbeat)."""
-    if not WORKER_NAME_RE.match(name):
-        raise ValueError(f"invalid worker name {name!r}")
-    return f"{KEY_PREFIX}:worker:{name}"
+    return _key("worker", check_worker_name(name))
 
 
 def queue_name(gpus: int, priority: str) -> str:
@@ -122,9 +137,7 @@ def queues_for_slots(slots: int) -> list[str]:
 
 def node_queue(worker_name: str) -> str:
     """A worker's private RQ queue: it enqueues its own node of a multi-node job there and dequeues it at once."""
-    if not WORKER_NAME_RE.match(worker_name):
-        raise ValueError(f"invalid worker name {worker_name!r}")
-    return f"{QUEUE_PREFIX}:node:{worker_name}"
+    return f"{QUEUE_PREFIX}:node:{check_worker_name(worker_name)}"
 
 
 def rq_node_job_id(job_id: str, attempt: int, node_rank: int) -> str:
@@ -150,31 +163,36 @@ def check_sweep_id(sweep_id: str) -> str:
     return sweep_id
 
 
+def _sweep_key(sweep_id: str, *parts: str) -> str:
+    """A key of one sweep, `trainer:sweep:<checked id>[:<part>...]`."""
+    return _key("sweep", check_sweep_id(sweep_id), *parts)
+
+
 def sweeps_index() -> str:
     """ZSET sweep id → creation time (unix seconds): every sweep, for listing."""
-    return f"{KEY_PREFIX}:sweeps"
+    return _key("sweeps")
 
 
 def active_sweeps() -> str:
     """SET of ids of sweeps still running: what every worker's sweep scan advances."""
-    return f"{KEY_PREFIX}:sweeps:active"
+    return _key("sweeps", "active")
 
 
 def sweep(sweep_id: str) -> str:
     """HASH: the sweep's record (settings, base config, space, state, counts, best trial). See docs/sweeps.md."""
-    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}"
+    return _sweep_key(sweep_id)
 
 
 def sweep_trials(sweep_id: str) -> str:
     """HASH trial number → job id: the job that runs each trial the sweep asked Optuna for."""
-    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:trials"
+    return _sweep_key(sweep_id, "trials")
 
 
 def sweep_lock(sweep_id: str) -> str:
     """STRING with a TTL: held while one process tells Optuna, asks for trials and enqueues them."""
-    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:lock"
+    return _sweep_key(sweep_id, "lock")
 
 
 def sweep_journal(sweep_id: str) -> str:
     """Key prefix of the sweep's Optuna journal (`<prefix>:log_number`, `<prefix>:log:<n>`)."""
-    return f"{KEY_PREFIX}:sweep:{check_sweep_id(sweep_id)}:optuna"
+    return _sweep_key(sweep_id, "optuna")

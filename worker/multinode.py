@@ -17,7 +17,6 @@ process-group timeout (CORE_DIST_TIMEOUT) that the nodes run with.
 """
 from __future__ import annotations
 
-import json
 import socket
 import time
 from pathlib import Path
@@ -25,11 +24,12 @@ from typing import Any
 
 import redis
 
-from worker import gang, keys
-from worker.attempt import Attempt, WorkerContext, current_context
+from worker import gang
+from worker.attempt import Attempt, Outcome, WorkerContext, current_context
 from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, RENDEZVOUS_TIMEOUT
 from worker.errors import JobFailed
 from worker.launcher import Launched, Rendezvous, TrainCommand, train_command, train_env
+from worker.nodes import NodeState, save_node
 from worker.presence import heartbeat_ttl
 from worker.states import JobState
 
@@ -59,7 +59,7 @@ def free_port(addr: str) -> int:
 class _Stop(Exception):
     """The attempt ended before its command started (cancelled, taken over, node 0 never published)."""
 
-    def __init__(self, outcome: str):
+    def __init__(self, outcome: Outcome):
         super().__init__(outcome)
         self.outcome = outcome
 
@@ -78,20 +78,12 @@ class NodeRun(Attempt):
     def on_line(self, line: str, src: str = "train") -> None:
         super().on_line(f"[node {self.node_rank}] {line}", src)
 
-    def _node(self, **fields: Any) -> None:
+    def _node(self, state: NodeState, **fields: Any) -> None:
         """Update this node's entry (worker, host, addr, ranks, state, attempt, ...) in the job's nodes hash."""
-        entry = {"node_rank": self.node_rank, "worker": self.ctx.worker_name, "host": socket.gethostname(),
-                 "addr": self.ctx.advertise_addr, "attempt": self.attempt, **fields}
         try:
-            with self.conn.pipeline() as pipe:
-                pipe.exists(keys.job(self.job_id))
-                exists = pipe.execute()[0]
-            if exists:
-                old = self.conn.hget(keys.nodes(self.job_id), str(self.node_rank))
-                prev = json.loads(old) if old else {}
-                if prev.get("attempt") == self.attempt:
-                    entry = {**prev, **entry}
-                self.conn.hset(keys.nodes(self.job_id), str(self.node_rank), json.dumps(entry))
+            save_node(self.record, {"node_rank": self.node_rank, "worker": self.ctx.worker_name,
+                                    "host": socket.gethostname(), "addr": self.ctx.advertise_addr,
+                                    "attempt": self.attempt, "state": state, **fields})
         except redis.exceptions.RedisError:
             pass
 
@@ -106,7 +98,7 @@ class NodeRun(Attempt):
         self.node_rank = self.members.index(me)
         self.nnodes = len(self.members)
         ranks = self.record.gpus
-        self._node(state="starting", ranks=ranks, global_ranks=[self.node_rank * ranks + i for i in range(ranks)])
+        self._node(NodeState.STARTING, ranks=ranks, global_ranks=[self.node_rank * ranks + i for i in range(ranks)])
         return True
 
     def _rendezvous(self) -> Rendezvous:
@@ -130,7 +122,7 @@ class NodeRun(Attempt):
         what = f"node 0 ({self.members[0]}) did not publish its address within {RENDEZVOUS_TIMEOUT} s"
         if not self._requeue_if_member_lost(what):
             gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=MAX_RECOVERIES, reason=what)
-        raise _Stop("lost")
+        raise _Stop(Outcome.LOST)
 
     def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> TrainCommand:
         return train_command(config_path, run_dir, nproc=nproc, resume=resume, rendezvous=self._rendezvous())
@@ -140,7 +132,7 @@ class NodeRun(Attempt):
                          advertise_addr=self.ctx.advertise_addr)
 
     def _launched(self, proc: Launched, run_dir: Path) -> None:
-        self._node(state="running", pid=proc.pid)
+        self._node(NodeState.RUNNING, pid=proc.pid)
         if self.node_rank == 0:
             super()._launched(proc, run_dir)
 
@@ -159,7 +151,7 @@ class NodeRun(Attempt):
                   + (f"re-queued as attempt {new_attempt}" if state == JobState.RECOVERING else f"the job is {state}"))
         return True
 
-    def _after_failed_exit(self, rc: int) -> str | None:
+    def _after_failed_exit(self, rc: int) -> Outcome | None:
         """A peer's death makes this node's ranks fail too (their connections close): wait up to one heartbeat TTL
         for a member's advertisement to expire before calling the failure the job's own."""
         deadline = time.monotonic() + heartbeat_ttl() + 2.0
@@ -168,7 +160,7 @@ class NodeRun(Attempt):
             if outcome:
                 return outcome
             if self._requeue_if_member_lost(f"this node's command exited with code {rc}"):
-                return "lost"
+                return Outcome.LOST
             if time.monotonic() >= deadline:
                 return None
             time.sleep(CANCEL_POLL_INTERVAL)
@@ -184,13 +176,13 @@ class NodeRun(Attempt):
     def _requeue_self(self, reason: str) -> dict[str, Any]:
         state, new_attempt = gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=-1,
                                                   reason=f"worker {self.ctx.worker_name}: {reason}")
-        self._node(state="stopped")
+        self._node(NodeState.STOPPED)
         if state == JobState.RECOVERING:
             self.note(f"re-queued as attempt {new_attempt} ({reason}); a new gang resumes from the last checkpoint")
         return {"state": state, "job_id": self.job_id}
 
     def _finish(self, state: JobState, **fields: Any) -> dict[str, Any]:
-        self._node(state=state.value, exit_code=fields.get("exit_code"))
+        self._node(NodeState(state), exit_code=fields.get("exit_code"))
         if self.node_rank != 0:
             return {"state": state.value, "job_id": self.job_id, "node_rank": self.node_rank, **fields}
         return super()._finish(state, **fields)
@@ -199,14 +191,14 @@ class NodeRun(Attempt):
         try:
             result = super()._run()
         except _Stop as stop:
-            self.note({"cancel": "cancelled before this node started",
-                       "lost": "the attempt ended before this node started"}.get(stop.outcome, stop.outcome))
-            if stop.outcome == "cancel" and self.node_rank == 0:
+            self.note({Outcome.CANCEL: "cancelled before this node started",
+                       Outcome.LOST: "the attempt ended before this node started"}.get(stop.outcome, stop.outcome))
+            if stop.outcome is Outcome.CANCEL and self.node_rank == 0:
                 return self._finish(JobState.CANCELLED, error="cancelled by request")
-            self._node(state="stopped")
-            return {"state": stop.outcome, "job_id": self.job_id}
-        if result.get("state") in ("lost", JobState.RECOVERING):
-            self._node(state="lost" if result["state"] == "lost" else "stopped")
+            self._node(NodeState.STOPPED)
+            return {"state": stop.outcome.value, "job_id": self.job_id}
+        if result.get("state") in (Outcome.LOST, JobState.RECOVERING):
+            self._node(NodeState.LOST if result["state"] == Outcome.LOST else NodeState.STOPPED)
         return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from core.data.defaults import EXTRACTION_CACHE
 from worker.defaults import REPO_ROOT, VAR_DIR
 
 
@@ -29,6 +30,11 @@ def cache_dir() -> Path:
     return var_dir() / "cache"
 
 
+def runs_cache_dir() -> Path:
+    """Run folders of jobs synced to a remote store (`<job id>/run/`), written by the worker running them."""
+    return cache_dir() / "runs"
+
+
 def dataset_cache_dir() -> Path:
     """Dataset zips fetched from a remote store (`<sha256>.zip`), once per machine."""
     return cache_dir() / "datasets"
@@ -36,6 +42,6 @@ def dataset_cache_dir() -> Path:
 
 def extraction_cache_dir() -> Path:
     """Where this machine's training processes extract dataset zips (core's cache, `<sha256, 16 hex>/`): the worker
-    hands it to them as DATA_CACHE_DIR, so it lives under var/ (or TRAINER_VAR_DIR) like every other cache of the
-    worker, whatever the working directory."""
-    return cache_dir() / "extracted"
+    hands it to them as DATA_CACHE_DIR. Core's own default place (EXTRACTION_CACHE) under this worker's var folder,
+    so it follows TRAINER_VAR_DIR like every other cache of the worker."""
+    return var_dir() / EXTRACTION_CACHE

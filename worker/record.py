@@ -104,6 +104,10 @@ class JobRecord:
         self.fields = {**self.fields, **fields} if names else fields
         return True
 
+    def exists(self) -> bool:
+        """Whether the job's hash is still there (writers check it: a deleted job must not come back in part)."""
+        return bool(self.conn.exists(self.key))
+
     def get(self, name: str, default: Any = None) -> Any:
         value = self.fields.get(name)
         return default if value is None else value
@@ -193,10 +197,7 @@ class JobRecord:
 
     def save(self, **fields: Any) -> None:
         """HSET `fields` (and `updated_at`) on an existing job only: a deleted job must not come back as a half hash."""
-        with self.conn.pipeline() as pipe:
-            pipe.exists(self.key)
-            exists = pipe.execute()[0]
-        if exists:
+        if self.exists():
             fields = {**fields, "updated_at": time.time()}
             self.conn.hset(self.key, mapping=encode_fields(fields))
             self.fields.update(fields)

@@ -55,10 +55,12 @@ log = logging.getLogger("worker.sweeps")
 
 
 class SweepState(TextEnum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+    """A sweep's state: spelled as the job states of the same name, so pages badge both alike."""
+
+    RUNNING = JobState.RUNNING.value
+    FINISHED = JobState.FINISHED.value
+    FAILED = JobState.FAILED.value
+    CANCELLED = JobState.CANCELLED.value
 
     @property
     def is_final(self) -> bool:
@@ -67,8 +69,44 @@ class SweepState(TextEnum):
 
 DIRECTIONS = ("maximize", "minimize")
 
-TRIAL_COUNTS = ("complete", "pruned", "failed", "cancelled", "running", "queued")
-"""How `sweep_status` counts trials by their job's state (recovering counts as running)."""
+
+class TrialCount(TextEnum):
+    """The keys of `sweep_status`'s `counts`: a trial counted by its job's state. A finished job is a `complete`
+    trial (Optuna's word) and a recovering one counts as running; the other keys are the job states themselves."""
+
+    COMPLETE = "complete"
+    PRUNED = JobState.PRUNED.value
+    FAILED = JobState.FAILED.value
+    CANCELLED = JobState.CANCELLED.value
+    RUNNING = JobState.RUNNING.value
+    QUEUED = JobState.QUEUED.value
+
+    @classmethod
+    def of(cls, state: str | None) -> TrialCount | None:
+        """The count a trial whose job is in `state` falls under; None while it has no job state (asked)."""
+        if state == JobState.FINISHED:
+            return cls.COMPLETE
+        if state == JobState.RECOVERING:
+            return cls.RUNNING
+        try:
+            return cls(state)
+        except ValueError:
+            return None
+
+
+ENDED_TRIALS = frozenset({TrialCount.COMPLETE, TrialCount.PRUNED, TrialCount.FAILED, TrialCount.CANCELLED})
+"""The counts of trials that ended (`sweep_status`'s `ended` sums them)."""
+
+SHOWN_TRIAL_COUNTS = (TrialCount.COMPLETE, TrialCount.PRUNED, TrialCount.FAILED, TrialCount.RUNNING,
+                      TrialCount.QUEUED)
+"""The counts tables show, in order: cancelled trials are shown among the failed (`shown_counts`)."""
+
+
+def shown_counts(counts: dict[str, int]) -> dict[TrialCount, int]:
+    """`counts` as the dashboard and the CLI show them: SHOWN_TRIAL_COUNTS, cancelled trials added to the failed."""
+    return {k: counts.get(k, 0) + (counts.get(TrialCount.CANCELLED, 0) if k is TrialCount.FAILED else 0)
+            for k in SHOWN_TRIAL_COUNTS}
+
 
 GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
 """Keys `sweep_status` always has (None until they apply)."""
@@ -469,11 +507,11 @@ def sweep_trials(conn: redis.Redis, sweep_id: str) -> list[dict[str, Any]]:
 
 
 def _count(states: list[str]) -> dict[str, int]:
-    counts = dict.fromkeys(TRIAL_COUNTS, 0)
+    counts = {k.value: 0 for k in TrialCount}
     for s in states:
-        key = {JobState.FINISHED: "complete", JobState.RECOVERING: "running"}.get(s, s)
-        if key in counts:
-            counts[key] += 1
+        key = TrialCount.of(s)
+        if key is not None:
+            counts[key.value] += 1
     return counts
 
 
@@ -491,7 +529,7 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
         jobs = [text(v) for v in conn.hvals(keys.sweep_trials(sweep_id))]
         states = [s or JobState.FAILED.value for s, _ in _job_states(conn, jobs)]
     st["counts"] = _count(states)
-    st["ended"] = sum(st["counts"][k] for k in ("complete", "pruned", "failed", "cancelled"))
+    st["ended"] = sum(st["counts"][k] for k in ENDED_TRIALS)
     st["progress"] = min(1.0, st["ended"] / max(1, int(st["trials"] or 1)))
     st["final"] = st["state"] != SweepState.RUNNING.value
     return st

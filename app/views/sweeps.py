@@ -60,10 +60,10 @@ def draw_sweep(sweep_id: str) -> None:
     with head[1]:
         badge(s["state"])
     c = s["counts"]
-    m = st.columns(6)
+    m = st.columns(1 + len(api.SHOWN_TRIAL_COUNTS))
     m[0].metric("Trials ended", f"{s['ended']}/{s['trials']}")
-    for col, k in zip(m[1:], ("complete", "pruned", "failed", "running", "queued")):
-        col.metric(k.capitalize(), c[k] + (c["cancelled"] if k == "failed" else 0))
+    for col, (k, n) in zip(m[1:], api.shown_counts(c).items()):
+        col.metric(k.value.capitalize(), n)
     st.progress(s["progress"])
     st.caption(f"{s['direction']} {s['metric']} · sampler {s['sampler']} · pruner {s['pruner']} · "
                f"parallel {s['parallel']} · created {fmt_time(s.get('created_at'))}"
@@ -92,12 +92,12 @@ def draw_sweep(sweep_id: str) -> None:
     left, right = st.columns(2)
     left.plotly_chart(objective_figure(rows, s["metric"], s["direction"]), key="sweeps:objective")
     with right:
-        imp = importances_of(sweep_id, c["complete"])
+        imp = importances_of(sweep_id, c[api.TrialCount.COMPLETE])
         if imp:
             st.plotly_chart(importances_figure(imp), key="sweeps:importances")
         else:
             st.info("Parameter importances appear once two trials have completed.")
-    parallel = parallel_figure(sweep_id) if c["complete"] else None
+    parallel = parallel_figure(sweep_id) if c[api.TrialCount.COMPLETE] else None
     if parallel is not None:
         parallel.update_layout(height=360, margin={"l": 60, "r": 20, "t": 50, "b": 20})
         st.plotly_chart(parallel, key="sweeps:parallel")

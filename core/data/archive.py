@@ -3,7 +3,8 @@
 Why extract rather than read from the zip: training opens each image once per epoch from several DataLoader workers
 (and several ranks); plain files need no per-worker zip handles and decode as fast as the disk allows.
 
-Where: ``$DATA_CACHE_DIR/<sha256 of the zip, 16 hex>/`` (default ``var/cache/datasets/`` under the working directory).
+Where: ``$DATA_CACHE_DIR/<sha256 of the zip, 16 hex>/`` (default: defaults.EXTRACTION_CACHE under the repository's
+``var/``).
 Nothing else is written. The same zip is extracted once: a finished extraction is marked by a ``.complete`` file and
 reused; extraction happens in a temporary sibling folder renamed into place, so concurrent ranks never see half a tree.
 
@@ -26,8 +27,10 @@ from pathlib import Path, PurePosixPath
 
 from core.data.defaults import (
     CACHE_DIR_ENV,
-    DEFAULT_CACHE_DIR,
+    EXTRACTION_CACHE,
     IMAGE_EXTENSIONS,
+    REPO_ROOT,
+    VAR_DIR,
     ZIP_MAX_FILES,
     ZIP_MAX_TOTAL_BYTES,
 )
@@ -40,8 +43,8 @@ _CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    """The folder zips are extracted into: $DATA_CACHE_DIR or var/cache/datasets."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+    """The folder zips are extracted into: $DATA_CACHE_DIR, else EXTRACTION_CACHE under the repository's var/."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or REPO_ROOT / VAR_DIR / EXTRACTION_CACHE)
 
 
 def is_ignored_part(name: str) -> bool:

@@ -1,6 +1,8 @@
 """Constants of the data package, each with its unit. Change them here, nowhere else."""
 from __future__ import annotations
 
+from pathlib import Path
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 """File suffixes (compared lower-cased) that imagefolder treats as images; every other file is ignored."""
 
@@ -16,8 +18,17 @@ ZIP_MAX_FILES = 200_000
 CACHE_DIR_ENV = "DATA_CACHE_DIR"
 """Environment variable naming the folder where zips are extracted (one sub-folder per zip content hash)."""
 
-DEFAULT_CACHE_DIR = "var/cache/datasets"
-"""Extraction cache when DATA_CACHE_DIR is unset, relative to the working directory (like var/artifacts/)."""
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: default folders are resolved against it, not the working directory, so every command finds
+the same ones (the worker's defaults too)."""
+
+VAR_DIR = "var"
+"""This machine's local state (caches; a worker's embedded Redis too), relative to REPO_ROOT."""
+
+EXTRACTION_CACHE = "cache/extracted"
+"""Where zips are extracted when DATA_CACHE_DIR is unset, relative to VAR_DIR: `python -m core.train` uses
+REPO_ROOT/var/cache/extracted; a worker hands its training processes the same folder under its own var folder
+(`worker.paths.extraction_cache_dir`, which follows TRAINER_VAR_DIR) as DATA_CACHE_DIR."""
 
 CIFAR_DEFAULT_ROOT = "data"
 """Folder holding cifar-10-batches-py/ or cifar-100-python/ when data.path is unset."""

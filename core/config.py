@@ -114,7 +114,7 @@ class TrainConfig(_Section):
     log_every: int = Field(default=20, ge=1)
     """Emit a step event (and sync loss to the host) every this many steps."""
     eval_batch_size: int | None = Field(default=None, ge=1)
-    """Batch size of val/test passes (and of the feature cache's val embedding); None = max(batch_size, 256)."""
+    """Batch size of val/test passes and embedding; None = batch_size on CPU, max(batch_size, 256) on GPU."""
     time_limit: float | None = Field(default=None, gt=0)
     """Seconds; the run fails as timed out past it. None = no limit."""
     device: Device = "auto"
@@ -124,10 +124,14 @@ class TrainConfig(_Section):
 
     _feature_cache_on_off = field_validator("feature_cache", mode="before")(_on_off)
 
-    @property
-    def eval_batch(self) -> int:
-        """The batch size of val/test passes: eval_batch_size, or max(batch_size, 256) when unset."""
-        return self.eval_batch_size or max(self.batch_size, 256)
+    def eval_batch(self, device_type: str) -> int:
+        """The batch size of val/test passes (and of embedding passes) on a device of this type ("cpu", "cuda"):
+        eval_batch_size, or when unset the train batch size on CPU and max(batch_size, 256) elsewhere. On the CPU
+        a batch of 256 was slower for every model measured (Lite0 at 224 px 2x, SimpleCNN 1.4-1.9x, ResNet-18
+        1.1-1.2x: docs/benchmarks.md, "Evaluation batch size"); a GPU wants big batches."""
+        if self.eval_batch_size:
+            return self.eval_batch_size
+        return self.batch_size if device_type == "cpu" else max(self.batch_size, 256)
 
 
 class OptimConfig(_Section):

@@ -238,13 +238,13 @@ def embed(model: nn.Module, batches: Any, device: torch.device, *, autocast: Any
     return torch.cat(feats), torch.cat(labels)
 
 
-def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views: int
+def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views: int, device: torch.device
                 ) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """One iterable of (augmented batch, labels) per view, every train sample of this rank once, in the same order.
 
     With the tensor cache the views are its batch augmentation in stored order; otherwise a DataLoader over this
     rank's fixed partition with the PIL train transform, its randomness seeded per view."""
-    eval_bs = cfg.train.eval_batch
+    eval_bs = cfg.train.eval_batch(device.type)
     seeds = [cfg.train.seed * 1_000_003 + 104_729 * (v + 1) + info.rank for v in range(views)]
     if loaders.get("kind") == "tensor_cache":
         for seed in seeds:
@@ -269,7 +269,7 @@ def build_feature_loaders(cfg: Any, plan: Plan, model: nn.Module, bundle: Any, l
     progress = Progress(plan.views * plan.n_train + plan.n_val, report, check)
     per_view = []
     labels = None
-    for batches in train_views(cfg, bundle, loaders, info, plan.views):
+    for batches in train_views(cfg, bundle, loaders, info, plan.views, device):
         feats, labels = embed(model, batches, device, autocast=autocast, channels_last=channels_last,
                               progress=progress)
         per_view.append(feats)
@@ -280,7 +280,7 @@ def build_feature_loaders(cfg: Any, plan: Plan, model: nn.Module, bundle: Any, l
     seconds = progress.seconds
     n_train = train_feats.shape[1]
     drop_last = n_train > cfg.train.batch_size  # a last batch of 1 would make the step noisy; as make_loaders
-    eval_bs = cfg.train.eval_batch
+    eval_bs = cfg.train.eval_batch(device.type)
     out = {**loaders, "kind": "feature_cache", "sampler": None, "generator": None,
            "train": FeatureBatchLoader(train_feats, labels, batch_size=cfg.train.batch_size, train=True,
                                        drop_last=drop_last, seed=cfg.train.seed, rank=info.rank),

@@ -195,7 +195,7 @@ def make_loaders(cfg: Config, bundle: Any, info: D.DistInfo, device: torch.devic
     generator = torch.Generator().manual_seed(cfg.train.seed)
     train = DataLoader(bundle.train, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                        drop_last=drop_last, generator=generator, **common)
-    eval_bs = cfg.train.eval_batch
+    eval_bs = cfg.train.eval_batch(device.type)
 
     def shard(ds: Any) -> tuple[DataLoader, list[int]]:
         idx = list(range(info.rank, len(ds), info.world_size))

@@ -216,7 +216,7 @@ def make_fast_loaders(cfg: Any, bundle: Any, info: Any, device: torch.device) ->
     if not use_cache(cfg, bundle, info.world_size):
         return None
     mean, std = bundle.preprocess["mean"], bundle.preprocess["std"]
-    eval_bs = cfg.train.eval_batch
+    eval_bs = cfg.train.eval_batch(device.type)
 
     def shard(split: str, partition_seed: int | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         images, labels = bundle.eval_uint8(split)

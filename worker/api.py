@@ -52,7 +52,7 @@ from worker.streaming import (
     logs_tail,
     wait_events,
 )
-from worker.study import PRUNERS, SAMPLERS
+from worker.sweeps.study import PRUNERS, SAMPLERS
 from worker.submit import Submitted, submit_job
 from worker.sweeps import (
     SHOWN_TRIAL_COUNTS,

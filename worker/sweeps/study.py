@@ -21,7 +21,7 @@ import redis
 
 from worker import keys
 from worker.connection import connection_url
-from worker.space import Param
+from worker.sweeps.space import Param
 
 SAMPLERS = ("tpe", "random", "grid")
 """`--sampler` choices."""

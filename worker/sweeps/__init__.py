@@ -31,7 +31,7 @@ from worker.defaults import LIST_LIMIT, PRIORITIES, SWEEP_LOCK_TTL, SWEEP_LOCK_W
 from worker.errors import NoSuchSweepError, SubmissionError
 from worker.hashcodec import HashCodec, text
 from worker.record import JobRecord
-from worker.space import (
+from worker.sweeps.space import (
     Param,
     apply_params,
     grid_size,
@@ -41,7 +41,7 @@ from worker.space import (
     validate_space,
 )
 from worker.states import FINAL_STATES, JobState, TextEnum
-from worker.study import (
+from worker.sweeps.study import (
     PRUNERS,
     SAMPLERS,
     create_study,

@@ -1,5 +1,5 @@
-"""Sweeps (worker/sweeps.py, worker/space.py, worker/study.py) against the real test Redis and real `python -m worker
-run` processes training digits on CPU (small images, 2-3 epochs):
+"""Sweeps (worker/sweeps/) against the real test Redis and real `python -m worker run` processes training digits on
+CPU (small images, 2-3 epochs):
 
 - a 6-trial sweep, 2 in parallel on 2 workers, one of which is SIGKILLed mid-sweep (a replacement starts): 6 trials
   end, none is counted twice, at most 2 trials are ever queued or running, and the best is the max over the complete
@@ -176,7 +176,7 @@ def test_advance_enqueues_an_orphaned_ask_and_tells_each_trial_once(redis_conn: 
 
     # a holder that stalled past the lock's TTL enqueues a trial another process already enqueued: its job is
     # cancelled and the trial keeps its one job
-    from worker.sweeps import _enqueue
+    from worker.sweeps.driver import _enqueue
 
     assert _enqueue(redis_conn, rec, 0, rows[0]["params"], None) == rows[0]["job"]
     twins = [j for j in api.list_jobs(redis_conn) if j.get("sweep") == sweep_id and j.get("trial") == 0]

@@ -74,8 +74,11 @@ def imports_of(tree: ast.AST, module: str, is_package: bool, known: set[str] | d
 def build_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> Graph:
     """Module → the modules of `packages` it imports."""
     files = source_files(root, packages)
-    return {module: imports_of(ast.parse(path.read_text(), str(path)), module, path.name == "__init__.py", files)
-            for module, path in files.items()}
+    graph: Graph = {}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        graph[module] = imports_of(tree, module, path.name == "__init__.py", files)
+    return graph
 
 
 # ------------------------------------------------------------------------------------------------------- the rules
@@ -109,7 +112,7 @@ def long_modules(root: Path = ROOT, packages: tuple[str, ...] = ("core", "worker
     """`module (lines)` for every module longer than `limit` lines."""
     out = []
     for module, path in source_files(root, packages).items():
-        lines = len(path.read_text().splitlines())
+        lines = len(path.read_text(encoding="utf-8").splitlines())
         if lines > limit:
             out.append(f"{module} ({lines} lines)")
     return out

@@ -1,5 +1,5 @@
-"""Sweeps (worker/sweeps.py, worker/space.py, worker/study.py) against the real test Redis and real `python -m worker
-run` processes training digits on CPU (small images, 2-3 epochs):
+"""Sweeps (worker/sweeps/) against the real test Redis and real `python -m worker run` processes training digits on
+CPU (small images, 2-3 epochs):
 
 - a 6-trial sweep, 2 in parallel on 2 workers, one of which is SIGKILLed mid-sweep (a replacement starts): 6 trials
   end, none is counted twice, at most 2 trials are ever queued or running, and the best is the max over the complete
@@ -24,7 +24,7 @@ from tests.fixtures_worker import DIGITS, run_cli, run_trial, wait_for
 from worker import api, keys
 from worker.__main__ import main as cli
 from worker.errors import SubmissionError
-from worker.space import Param, apply_params, grid_size, parse_space
+from worker.sweeps.space import Param, apply_params, grid_size, parse_space
 
 FAST = ["export.enabled=false", "train.log_every=4", "data.image_size=16"]
 """Every trial: digits at 16 px, no export."""
@@ -149,8 +149,8 @@ def test_cancel_ends_the_sweep_and_every_queued_trial(redis_conn: Any, job_env: 
 
 
 def test_advance_enqueues_an_orphaned_ask_and_tells_each_trial_once(redis_conn: Any, job_env: dict[str, str]) -> None:
-    from worker.space import parse_space
-    from worker.study import load_study
+    from worker.sweeps.space import parse_space
+    from worker.sweeps.study import load_study
     from worker.sweeps import advance, read_sweep
 
     sweep_id = api.create_sweep(str(DIGITS), SPACE, connection=redis_conn, trials=3, parallel=1, pruner="none",
@@ -176,7 +176,7 @@ def test_advance_enqueues_an_orphaned_ask_and_tells_each_trial_once(redis_conn: 
 
     # a holder that stalled past the lock's TTL enqueues a trial another process already enqueued: its job is
     # cancelled and the trial keeps its one job
-    from worker.sweeps import _enqueue
+    from worker.sweeps.driver import _enqueue
 
     assert _enqueue(redis_conn, rec, 0, rows[0]["params"], None) == rows[0]["job"]
     twins = [j for j in api.list_jobs(redis_conn) if j.get("sweep") == sweep_id and j.get("trial") == 0]

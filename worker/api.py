@@ -13,13 +13,12 @@ package only through this module: states, artifact names, the store, connections
 """
 from __future__ import annotations
 
-import time
 from typing import IO, Any
 
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import gang, keys
+from worker import jobs, keys
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
@@ -43,7 +42,7 @@ from worker.paths import var_dir
 from worker.nodes import NodeState, job_nodes
 from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
-from worker.record import JobRecord, mark_final, request_cancel
+from worker.record import JobRecord
 from worker.states import ACTIVE_STATES, FINAL_STATES, JobState
 from worker.streaming import (
     events_since,
@@ -52,9 +51,10 @@ from worker.streaming import (
     logs_tail,
     wait_events,
 )
-from worker.study import PRUNERS, SAMPLERS
 from worker.submit import Submitted, submit_job
 from worker.sweeps import (
+    PRUNERS,
+    SAMPLERS,
     SHOWN_TRIAL_COUNTS,
     SweepState,
     TrialCount,
@@ -120,45 +120,14 @@ def list_jobs(
 
 
 def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
-    """Cancel a queued, recovering or running job; returns the state it is in afterwards.
-
-    A waiting job is cancelled at once (its RQ entry removed). A running one is stopped by its worker (SIGTERM to
-    every rank, SIGKILL after a grace period); `wait` seconds are spent waiting for that. A running job whose
-    worker is dead is cancelled directly. A job already final is left as it is.
-    """
-    result = request_cancel(conn, job_id)
-    if result == "missing":
-        raise NoSuchJobError(f"no such job {job_id!r}")
-    record = JobRecord(conn, job_id)
-    record.refresh("worker", "rq_job", "sweep", "num_nodes")
-    if record.num_nodes > 1:
-        gang.discard(conn, job_id)  # out of the gangs ZSET, every reservation for it released
-    if result == JobState.CANCELLED:
-        discard_rq_job(conn, record.rq_job)
-        if record.get("sweep"):
-            trial_ended(conn, record.get("sweep"), wait=0)  # no worker ends it: its sweep learns now (or next scan)
-        return JobState.CANCELLED.value
-    if result != "requested":
-        return result
-    if not is_alive(conn, record.worker):
-        mark_final(conn, job_id, record.worker, JobState.CANCELLED, {"error": "cancelled (its worker was gone)"})
-        discard_rq_job(conn, record.rq_job)
-        if record.get("sweep"):
-            trial_ended(conn, record.get("sweep"), wait=0)
-        return _state_now(record)
-    deadline = time.monotonic() + wait
-    state = JobState.RUNNING.value
-    while time.monotonic() < deadline:
-        state = _state_now(record)
-        if state in FINAL_STATES:
-            return state
-        time.sleep(0.2)
-    return state
+    """Cancel a queued, recovering or running job; returns the state it is in afterwards (worker.jobs.cancel_job).
+    A sweep's trial that the cancel itself ended (no worker ends it) is told to its sweep now, or at the next scan."""
+    return jobs.cancel_job(conn, job_id, wait=wait, ended=_tell_its_sweep)
 
 
-def _state_now(record: JobRecord) -> str:
-    """The job's state as text, re-read; 'missing' once it was deleted."""
-    return record.fields["state"] if record.refresh() else "missing"
+def _tell_its_sweep(record: JobRecord) -> None:
+    if record.refresh("sweep") and record.get("sweep"):
+        trial_ended(record.conn, record.get("sweep"), wait=0)
 
 
 def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None) -> str:

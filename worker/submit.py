@@ -161,6 +161,50 @@ def resolve_dataset(
     return None, None
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A request that passed submission's own checks (`check_request`): a job's, or a sweep's base config, so both
+    are refused alike."""
+
+    config: dict[str, Any]
+    """The resolved config, every default filled in."""
+    overrides: list[str]
+    """The caller's `dotted.key=value` overrides, then the two that point the config at `dataset_path`."""
+    name: str
+    """The name asked for, or the default: `<model> on <dataset>`."""
+    waiting: str | None
+    """What the job waits for when no worker is alive to run it (check_gpus, check_nodes); None otherwise."""
+
+
+def check_request(
+    config: dict[str, Any] | str | Path,
+    overrides: list[str] | None = None,
+    *,
+    connection: redis.Redis,
+    gpus: int,
+    nodes: int = 1,
+    priority: str,
+    dataset_path: str | Path | None = None,
+    timeout: float | None = None,
+    name: str | None = None,
+) -> Checked:
+    """The checks that need neither the dataset nor the artifact store, in the order a user hears of them: the
+    priority, the timeout, the config (with `dataset_path` as overrides), Redis, then the GPUs and nodes asked for
+    against the live workers. SubmissionError (or RedisUnavailableError) on the first that fails."""
+    if priority not in PRIORITIES:
+        raise SubmissionError.on("priority", priority, f"unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
+    if timeout is not None and not timeout > 0:
+        raise SubmissionError.on("timeout", timeout, f"must be a positive number of seconds, got {timeout!r}")
+    overrides = list(overrides or [])
+    if dataset_path is not None:
+        overrides += ["data.name=imagefolder", f"data.path={Path(dataset_path)}"]
+    cfg = validate_config(config, overrides)
+    check(connection)
+    waiting = check_gpus(connection, gpus)
+    waiting = check_nodes(connection, nodes, gpus) or waiting
+    return Checked(cfg, overrides, name or f"{cfg['model']['name']} on {cfg['data']['name']}", waiting)
+
+
 def submit_job(
     config: dict[str, Any] | str | Path,
     overrides: list[str] | None = None,
@@ -188,18 +232,10 @@ def submit_job(
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
     extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`; a retry: `retried_from`).
     """
-    if priority not in PRIORITIES:
-        raise SubmissionError.on("priority", priority, f"unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
-    if timeout is not None and not timeout > 0:
-        raise SubmissionError.on("timeout", timeout, f"must be a positive number of seconds, got {timeout!r}")
-    overrides = list(overrides or [])
-    if dataset_path is not None:
-        overrides += ["data.name=imagefolder", f"data.path={Path(dataset_path)}"]
-    cfg = validate_config(config, overrides)
+    checked = check_request(config, overrides, connection=connection, gpus=gpus, nodes=nodes, priority=priority,
+                            dataset_path=dataset_path, timeout=timeout, name=name)
+    cfg = checked.config
     store = store or ArtifactStore()
-    check(connection)
-    waiting = check_gpus(connection, gpus)
-    waiting = check_nodes(connection, nodes, gpus) or waiting
     ranks = gpus * nodes
 
     if cfg["data"]["name"] != "imagefolder":
@@ -215,9 +251,9 @@ def submit_job(
     fields = {
         "id": job_id,
         "state": JobState.QUEUED,
-        "name": name or f"{cfg['model']['name']} on {cfg['data']['name']}",
+        "name": checked.name,
         "config": cfg,
-        "overrides": overrides,
+        "overrides": checked.overrides,
         "dataset": dataset,
         "gpus": gpus,
         "num_nodes": nodes,
@@ -232,7 +268,7 @@ def submit_job(
         "epochs": cfg["train"]["epochs"],
         "timeout": timeout,
         "rq_job": keys.rq_job_id(job_id, 0),
-        "waiting": waiting,
+        "waiting": checked.waiting,
         "artifacts": {"run": store.uri(store.run_key(job_id))},
         **(extra or {}),
     }
@@ -245,4 +281,4 @@ def submit_job(
         else:  # a multi-node job waits for its gang (worker/gang.py), not in an RQ queue
             pipe.zadd(keys.gangs(), {job_id: gang.score(priority, now)})
         pipe.execute()
-    return Submitted(job_id, waiting)
+    return Submitted(job_id, checked.waiting)

@@ -175,6 +175,16 @@ def test_submission_resolves_versions_and_rm_waits_for_queued_jobs(redis_conn: A
     with pytest.raises(DatasetError, match="invalid dataset version"):
         datasets.get_version(redis_conn, "shapes:x")
 
+    # a sweep's trials are jobs: each is pinned and recorded like any other
+    from worker.sweeps import create_sweep, sweep_trials
+
+    sweep = create_sweep(DIGITS, {"optim.lr": {"float": [1e-3, 1e-2]}}, connection=redis_conn, trials=2, parallel=2,
+                         overrides=["data.dataset=shapes:3", *FAST])
+    trial_jobs = [t["job"] for t in sweep_trials(redis_conn, sweep)]
+    assert len(trial_jobs) == 2
+    assert {api.job_status(redis_conn, j)["dataset"]["ref"] for j in trial_jobs} == {"shapes:3"}
+    assert {j.id for j in datasets.version_jobs(redis_conn, "shapes", 3)} == set(trial_jobs)
+
 
 # -------------------------------------------------------------------------------------------------------- S3
 def test_s3_prefix_is_registered_in_place_from_a_sample(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,

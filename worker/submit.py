@@ -134,6 +134,8 @@ def resolve_dataset(
     """Check and upload a local dataset (its `data.path` in `cfg` becomes the stored `artifact:` reference), or check
     that a stored one exists. Returns (the job's `dataset` field, the dataset's health report when one was made)."""
     data_path = cfg["data"].get("path")
+    if cfg["data"].get("dataset"):  # registered: submit_job pins it per job (worker/datasets.resolve_for_job)
+        return None, None
     if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
         try:  # a clone/retry of a stored job: the dataset is already in the store
             if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):

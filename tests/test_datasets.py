@@ -57,9 +57,11 @@ def test_add_folder_and_zip_then_list_show_rm(redis_conn: Any, job_env: dict[str
     assert v2.version == 2 and v2.kind == "upload" and v2.source == f"artifact:datasets/{v2.hash}.zip"
     assert v2.counts == {"circle": 12, "square": 12, "tri": 12} and v2.num_images == 36
     assert len(stored_zips(job_env)) == 2
+    alias = datasets.register(redis_conn, "alias", v2.source).version  # a zip already in the store, another name
+    assert (alias.ref, alias.hash, alias.kind, alias.counts) == ("alias:1", v2.hash, "upload", v2.counts)
 
     listed = json.loads(cli(["list", "--json"], job_env).stdout)
-    assert [(d["name"], d["versions"], d["latest"]) for d in listed] == [("shapes", [1, 2], 2)]
+    assert [(d["name"], d["versions"], d["latest"]) for d in listed] == [("shapes", [1, 2], 2), ("alias", [1], 1)]
     shown = json.loads(cli(["show", "shapes:2", "--json"], job_env).stdout)
     assert shown["ref"] == "shapes:2" and shown["hash"] == v2.hash and shown["prepared"] == [] and shown["jobs"] == []
     assert shown["report"]["classes"] == ["circle", "square", "tri"] and shown["bytes"] == archive.stat().st_size
@@ -75,6 +77,9 @@ def test_add_folder_and_zip_then_list_show_rm(redis_conn: Any, job_env: dict[str
     assert out.returncode == 2 and "versions: 2" in out.stderr
     assert datasets.register(redis_conn, "shapes", str(folder)).version.version == 3  # numbers are never reused
     assert cli(["rm", "shapes"], job_env).returncode == 0
+    assert datasets.list_datasets(redis_conn) == ["alias"]
+    assert stored_zips(job_env) == [f"{v2.hash}.zip"]  # alias:1 still refers to it
+    datasets.remove(redis_conn, "alias:1")
     assert datasets.list_datasets(redis_conn) == [] and stored_zips(job_env) == []
     out = cli(["show", "shapes"], job_env)
     assert out.returncode == 2 and "no dataset 'shapes'; registered: none" in out.stderr
@@ -220,6 +225,16 @@ def test_s3_prefix_is_registered_in_place_from_a_sample(redis_conn: Any, job_env
     assert z.counts == v.counts and z.bytes == archive.stat().st_size
 
 
+def test_upload_into_an_s3_artifact_store(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,
+                                         s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARTIFACTS_DIR", s3_server.bucket("store") + "/artifacts")
+    v = datasets.register(redis_conn, "shapes", str(make_imagefolder(tmp_path / "shapes"))).version
+    fs = s3_server.fs()
+    assert fs.exists(f"store/artifacts/datasets/{v.hash}.zip") and v.source.startswith("artifact:")
+    datasets.remove(redis_conn, "shapes")
+    assert not s3_server.fs().exists(f"store/artifacts/datasets/{v.hash}.zip")
+
+
 def test_s3_refusals(redis_conn: Any, job_env: dict[str, str], tmp_path: Path, s3_server: S3Server,
                      monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = s3_server.bucket("refused")
@@ -266,3 +281,12 @@ def test_job_on_an_s3_dataset_trains_on_a_real_worker(redis_conn: Any, job_env: 
     assert [j.state for j in datasets.version_jobs(redis_conn, "shapes", 1)] == ["finished"]
     assert ArtifactStore().list_files(job)  # the run folder as for any job
     assert keys.dataset_jobs("shapes", 1).encode() in redis_conn.keys(b"trainer:dataset:*")
+
+    # the bucket changed after registration: a job on the old version fails naming it, nothing is trained on
+    s3_server.fs().pipe("train/shapes/tri/extra.png", (tmp_path / "shapes" / "tri" / "000.png").read_bytes())
+    retried = api.retry_job(redis_conn, job)
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--burst"], env, name="worker")
+    assert worker.wait(timeout=120) == 0, spawn.output(worker)
+    st = api.job_status(redis_conn, retried)
+    assert st["state"] == "failed" and st["error_kind"] == "ArtifactError", st
+    assert "shapes:1" in st["error"] and "changed since it was registered" in st["error"]

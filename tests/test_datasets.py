@@ -266,6 +266,8 @@ def test_job_on_an_s3_dataset_trains_on_a_real_worker(redis_conn: Any, job_env: 
     out = run_cli(["worker", "submit", str(DIGITS), *overrides], env)
     assert out.returncode == 0, out.stderr
     job = out.stdout.split()[-1]
+    shared = datasets.register(redis_conn, "shared", f"file://{tmp_path / 'shapes'}").version  # read in place
+    local_job = submit_job(DIGITS, ["data.dataset=shared", "train.epochs=1", *FAST], connection=redis_conn).job_id
 
     worker = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--burst"], env, name="worker")
     assert worker.wait(timeout=240) == 0, spawn.output(worker)
@@ -278,6 +280,10 @@ def test_job_on_an_s3_dataset_trains_on_a_real_worker(redis_conn: Any, job_env: 
     assert report["epochs_completed"] == 2
     cache = Path(env["TRAINER_VAR_DIR"]) / "cache" / "datasets"
     assert [p.name for p in cache.iterdir()] == [v.hash]  # synced once into the worker's cache, keyed by hash
+    st = api.job_status(redis_conn, local_job)  # the file:// one trained from the folder itself (not in the cache)
+    assert st["state"] == "finished", explain_job(redis_conn, local_job, spawn)()
+    assert json.loads(api.read_artifact(local_job, "report"))["data"]["dataset"] == "shared:1" == shared.ref
+    assert st["config"]["data"]["path"] == str(tmp_path / "shapes")
     assert [j.state for j in datasets.version_jobs(redis_conn, "shapes", 1)] == ["finished"]
     assert ArtifactStore().list_files(job)  # the run folder as for any job
     assert keys.dataset_jobs("shapes", 1).encode() in redis_conn.keys(b"trainer:dataset:*")

@@ -28,6 +28,11 @@ def cli(args: list[str], env: dict[str, str]) -> Any:
     return run_cli(["worker", "dataset", *args], env)
 
 
+def sets(overrides: list[str]) -> list[str]:
+    """`--set` flags for the CLI, one per override."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def stored_zips(env: dict[str, str]) -> list[str]:
     folder = Path(env["ARTIFACTS_DIR"]) / "datasets"
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -147,8 +152,7 @@ def test_submission_resolves_versions_and_rm_waits_for_queued_jobs(redis_conn: A
     folder = make_imagefolder(tmp_path / "shapes")
     datasets.register(redis_conn, "shapes", str(folder))
     v2 = datasets.register(redis_conn, "shapes", f"file://{folder}").version
-    out = run_cli(["worker", "submit", str(DIGITS), "--set", "data.dataset=shapes:5", *sum((["--set", o] for o in FAST),
-                                                                                            [])], job_env)
+    out = run_cli(["worker", "submit", str(DIGITS), *sets(["data.dataset=shapes:5", *FAST])], job_env)
     assert out.returncode == 2 and "data.dataset: dataset 'shapes' has no version 5; versions: 1, 2" in out.stderr
     with pytest.raises(SubmissionError, match="no dataset 'cats'; registered: shapes"):
         submit_job(DIGITS, ["data.dataset=cats", *FAST], connection=redis_conn)
@@ -193,7 +197,7 @@ def test_submission_resolves_versions_and_rm_waits_for_queued_jobs(redis_conn: A
 
 # -------------------------------------------------------------------------------------------------------- S3
 def test_s3_prefix_is_registered_in_place_from_a_sample(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,
-                                                       s3_server: S3Server) -> None:
+                                                       s3_server: S3Server) -> None:  # noqa: F811
     bucket = s3_server.bucket("photos")
     local = tmp_path / "split"
     make_imagefolder(local / "train", per_class=30)
@@ -226,7 +230,7 @@ def test_s3_prefix_is_registered_in_place_from_a_sample(redis_conn: Any, job_env
 
 
 def test_upload_into_an_s3_artifact_store(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,
-                                         s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+                                         s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     monkeypatch.setenv("ARTIFACTS_DIR", s3_server.bucket("store") + "/artifacts")
     v = datasets.register(redis_conn, "shapes", str(make_imagefolder(tmp_path / "shapes"))).version
     fs = s3_server.fs()
@@ -235,7 +239,7 @@ def test_upload_into_an_s3_artifact_store(redis_conn: Any, job_env: dict[str, st
     assert not s3_server.fs().exists(f"store/artifacts/datasets/{v.hash}.zip")
 
 
-def test_s3_refusals(redis_conn: Any, job_env: dict[str, str], tmp_path: Path, s3_server: S3Server,
+def test_s3_refusals(redis_conn: Any, job_env: dict[str, str], tmp_path: Path, s3_server: S3Server,  # noqa: F811
                      monkeypatch: pytest.MonkeyPatch) -> None:
     bucket = s3_server.bucket("refused")
     make_imagefolder(tmp_path / "flat", classes=("x",))
@@ -257,13 +261,12 @@ def test_s3_refusals(redis_conn: Any, job_env: dict[str, str], tmp_path: Path, s
 
 
 def test_job_on_an_s3_dataset_trains_on_a_real_worker(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,
-                                                      s3_server: S3Server, spawn: Any) -> None:
+                                                      s3_server: S3Server, spawn: Any) -> None:  # noqa: F811
     bucket = s3_server.bucket("train")
     upload_tree(s3_server, make_imagefolder(tmp_path / "shapes"), f"{bucket}/shapes")
     v = datasets.register(redis_conn, "shapes", f"{bucket}/shapes").version
     env = {**job_env, **s3_server.env}
-    overrides = sum((["--set", o] for o in ["data.dataset=shapes", "train.epochs=2", *FAST]), [])
-    out = run_cli(["worker", "submit", str(DIGITS), *overrides], env)
+    out = run_cli(["worker", "submit", str(DIGITS), *sets(["data.dataset=shapes", "train.epochs=2", *FAST])], env)
     assert out.returncode == 0, out.stderr
     job = out.stdout.split()[-1]
     shared = datasets.register(redis_conn, "shared", f"file://{tmp_path / 'shapes'}").version  # read in place

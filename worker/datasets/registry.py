@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -197,8 +198,6 @@ def summary(conn: redis.Redis, name: str) -> dict[str, Any]:
 def scan_source(source: str, store: ArtifactStore, *, color_mode: str = _DEFAULT_COLOR_MODE,
                 max_image_pixels: int | None = None) -> Scanned:
     """Check a source the way submission checks a dataset (nothing written on a refusal); upload it when local."""
-    from pathlib import Path
-
     from core.config import DataConfig
 
     pixels = max_image_pixels or DataConfig.model_fields["max_image_pixels"].default
@@ -281,8 +280,6 @@ def _delete_unreferenced(conn: redis.Redis, sources: list[str], store: ArtifactS
         try:
             if store.exists(key):
                 if store.is_local:
-                    from pathlib import Path
-
                     Path(store.path(key)).unlink(missing_ok=True)
                 else:
                     store.fs.rm(store.path(key))

@@ -381,7 +381,7 @@ def fetch(store: ArtifactStore, data_path: str, expected_hash: str | None, *, wh
     if target.exists():
         return target
     tmp = cache / f"{target.name}.part{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _remove(tmp)  # left by a process of this pid that died mid-sync
     try:
         if listing.zip_info:
             fs, root = _connect(data_path)
@@ -396,6 +396,12 @@ def fetch(store: ArtifactStore, data_path: str, expected_hash: str | None, *, wh
     except DatasetError as err:
         raise ArtifactError(f"dataset {label}: {err}") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _remove(tmp)
     return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

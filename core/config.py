@@ -45,6 +45,9 @@ class DataConfig(_Section):
     name: DatasetName = "digits"
     path: str | None = None
     """imagefolder: a folder or .zip of class folders; cifar: the dataset root (default `data/`)."""
+    dataset: str | None = Field(default=None, min_length=1)
+    """A registered dataset, `NAME` (its latest version) or `NAME:VERSION` (README "Datasets"): submission pins it to
+    NAME:VERSION and fills `path`; sets `name: imagefolder` (whatever the preset had)."""
     image_size: int | None = Field(default=None, ge=4, le=1024)
     """Model input side in pixels; None = the dataset's native size (digits 8 → 32 is set by the preset)."""
     split: list[float] = Field(default_factory=lambda: [0.7, 0.2, 0.1])
@@ -73,7 +76,15 @@ class DataConfig(_Section):
     """Images with more pixels are refused (decompression-bomb guard)."""
 
     _cache_on_off = field_validator("cache", mode="before")(_on_off)
-    _feature_views_auto = field_validator("feature_views", mode="before")(lambda v: None if v == "auto" else v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_is_imagefolder(cls, raw: Any) -> Any:
+        """A registered dataset is an imagefolder: `name` becomes imagefolder whatever a preset said (as a dashboard
+        upload does), so `--set data.dataset=NAME` works on every preset."""
+        if isinstance(raw, dict) and raw.get("dataset") not in (None, ""):
+            raw = {**raw, "name": "imagefolder"}
+        return raw
 
     @field_validator("split")
     @classmethod
@@ -188,9 +199,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:
-        if self.data.name == "imagefolder" and not self.data.path:
+        if self.data.name == "imagefolder" and not self.data.path and not self.data.dataset:
             raise _KeyError("data.path", self.data.path,
-                            "required when data.name is 'imagefolder' (a folder or .zip of class folders)")
+                            "required when data.name is 'imagefolder' (a folder or .zip of class folders), unless "
+                            "data.dataset names a registered dataset")
         if self.model.freeze == "backbone" and not self.model.pretrained:
             raise _KeyError("model.freeze", self.model.freeze,
                             "'backbone' needs model.pretrained: true (a frozen random backbone learns nothing)")

@@ -573,7 +573,7 @@ def test_and_report(rt: Runtime, state: TrainState, loaders: dict[str, Any], bun
     report: dict[str, Any] = {
         "test": test_metrics,
         "val": {**(best.get("val_metrics") or {}), "epoch": int(best.get("epoch", state.epoch))},
-        "data": {"name": cfg.data.name, "classes": classes, "counts": bundle.counts,
+        "data": {"name": cfg.data.name, "dataset": cfg.data.dataset, "classes": classes, "counts": bundle.counts,
                  "class_counts": bundle.class_counts, "preprocess": bundle.preprocess},
         "skipped_files": bundle.skipped_files,
         "epochs_completed": state.epoch,

@@ -1,5 +1,5 @@
 """`python -m worker redis | run | submit | status | cancel | logs | list | workers | doctor | sweep | sweep-status |
-sweep-cancel | sweeps | sweep-dashboard` (README "Jobs and workers", docs/sweeps.md).
+sweep-cancel | sweeps | sweep-dashboard | dataset` (README "Jobs and workers", docs/sweeps.md, README "Datasets").
 
 Thin wrappers over the package's functions; every error a user can cause prints one line, not a traceback.
 """
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "doctor", cmd_doctor, "can this machine serve jobs? checks each part and prints the fix (exit 1: no)",
              with_json=True)
+    from worker.dataset_cli import add_dataset_commands  # dataset add|list|show|rm
+
+    add_dataset_commands(sub)
     return p
 
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import jobs, keys
+from worker import datasets, jobs, keys  # datasets: the dataset registry (register, list, show, remove)
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
@@ -83,6 +83,8 @@ __all__ = [
     "MAX_GPUS_PER_JOB", "MAX_NODES_PER_JOB", "PRIORITIES", "REPO_ROOT",
     "ArtifactError", "InvalidJobStateError", "NoSuchJobError", "NoSuchSweepError", "RedisUnavailableError",
     "SubmissionError",
+    # the dataset registry (worker/datasets): datasets.register, .list_datasets, .describe, .remove, ...
+    "datasets",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")

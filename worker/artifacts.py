@@ -31,6 +31,7 @@ from worker.defaults import (
     ARTIFACTS_DIR_ENV,
     REPO_ROOT,
     UPLOAD_MAX_BYTES,
+    UPLOAD_MAX_BYTES_ENV,
 )
 from worker.errors import ArtifactError
 from worker.paths import dataset_cache_dir, runs_cache_dir
@@ -81,6 +82,20 @@ def zip_folder(folder: Path, dest: Path) -> None:
             info.external_attr = 0o644 << 16
             with path.open("rb") as src, zf.open(info, "w") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def upload_max_bytes() -> int:
+    """The upload cap in bytes: env UPLOAD_MAX_BYTES when set (read on every call), else the default."""
+    raw = os.environ.get(UPLOAD_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return UPLOAD_MAX_BYTES
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ArtifactError(f"{UPLOAD_MAX_BYTES_ENV}={raw!r} is not a number of bytes") from None
+    if value <= 0:
+        raise ArtifactError(f"{UPLOAD_MAX_BYTES_ENV}={raw!r} must be a positive number of bytes")
+    return value
 
 
 def store_url() -> str:
@@ -151,8 +166,11 @@ class ArtifactStore:
             else:
                 raise ArtifactError(f"dataset {str(src)!r} is neither a file nor a folder")
             size = zipped.stat().st_size
-            if size > UPLOAD_MAX_BYTES:
-                raise ArtifactError(f"dataset is {size / 1e9:.2f} GB; the limit is {UPLOAD_MAX_BYTES / 1e9:.2f} GB")
+            limit = upload_max_bytes()
+            if size > limit:
+                raise ArtifactError(f"dataset is {size / 1e9:.2f} GB; the upload limit is {limit / 1e9:.2f} GB "
+                                    f"({UPLOAD_MAX_BYTES_ENV}); register a bigger one where it lives instead "
+                                    "(python -m worker dataset add NAME s3://... or file:///...)")
             sha = _sha256_file(zipped)
             key = f"datasets/{sha}.zip"
             try:

@@ -22,7 +22,7 @@ import redis
 import yaml
 
 from core import runfolder as rf
-from worker import keys
+from worker import datasets, keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import connection_url
 from worker.defaults import (
@@ -184,9 +184,10 @@ class Attempt:
         cfg = self.record.config
         data = dict(cfg.get("data") or {})
         path = data.get("path")
-        if path and str(path).startswith(DATASET_REF_PREFIX):
+        if path and datasets.needs_fetch(str(path)):  # an uploaded zip, or a registered in-place URL (synced once)
             self.note(f"fetching dataset {path}")
-            data["path"] = str(self.store.fetch_dataset(path))
+            data["path"] = str(datasets.fetch(self.store, str(path), (self.record.get("dataset") or {}).get("hash"),
+                                              what=data.get("dataset") or ""))
         cfg["data"] = data
         cfg["track"] = self._track(cfg.get("track") or {}, path)
         run_dir = self.store.local_run_dir(self.job_id)

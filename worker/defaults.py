@@ -118,7 +118,22 @@ LIST_LIMIT = 500
 """Most jobs `list_jobs` returns (newest first)."""
 
 UPLOAD_MAX_BYTES = 2 * 1024**3
-"""Largest dataset (zip or zipped folder) submission uploads to the artifact store, in bytes."""
+"""Largest dataset (zip or zipped folder) submission or `dataset add` uploads to the artifact store, in bytes; env
+UPLOAD_MAX_BYTES overrides (read by `worker.artifacts.upload_max_bytes`). Sources read in place have no cap."""
+
+UPLOAD_MAX_BYTES_ENV = "UPLOAD_MAX_BYTES"
+"""Environment variable overriding UPLOAD_MAX_BYTES (a whole number of bytes)."""
+
+DATASET_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+"""What a registered dataset's name may be: lower-case letters, digits, `.`, `_`, `-`; 1-64 characters, starting with
+a letter or digit (no `:`, which separates NAME:VERSION, and nothing a key or a URL would need escaped)."""
+
+DATASET_SAMPLE_PER_CLASS = 8
+"""Images per class (per split folder of a pre-split tree) that registering an in-place source downloads to check
+that they decode; counts come from the listing, so the rest is never read at registration."""
+
+DATASET_SAMPLE_THREADS = 8
+"""Concurrent downloads of the sampled images (and of a remote in-place source synced to a worker)."""
 
 STORE_FULL_BYTES = 1024**2
 """A failed run whose run folder's file system has less free space than this (bytes) is reported as a full store."""

@@ -39,3 +39,12 @@ class JobFailed(WorkerError):
 
 class NoSuchSweepError(WorkerError):
     """No sweep with this id exists (or the id is malformed)."""
+
+
+class DatasetError(WorkerError):
+    """A dataset registration or removal was refused (bad name, unreachable or empty source, no class folders, in use,
+    ...); nothing was registered or removed. CLI exit 2."""
+
+
+class NoSuchDatasetError(DatasetError):
+    """No registered dataset (or version) has this name; the message lists what exists."""

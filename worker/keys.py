@@ -8,11 +8,12 @@ import re
 import secrets
 import time
 
-from worker.defaults import KEY_PREFIX, MAX_GPUS_PER_JOB, PRIORITIES, QUEUE_PREFIX
-from worker.errors import NoSuchJobError
+from worker.defaults import DATASET_NAME_PATTERN, KEY_PREFIX, MAX_GPUS_PER_JOB, PRIORITIES, QUEUE_PREFIX
+from worker.errors import DatasetError, NoSuchJobError
 
 JOB_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\Z")
 WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}\Z")
+DATASET_NAME_RE = re.compile(rf"^{DATASET_NAME_PATTERN}\Z")
 
 
 def new_job_id() -> str:
@@ -196,3 +197,42 @@ def sweep_lock(sweep_id: str) -> str:
 def sweep_journal(sweep_id: str) -> str:
     """Key prefix of the sweep's Optuna journal (`<prefix>:log_number`, `<prefix>:log:<n>`)."""
     return _sweep_key(sweep_id, "optuna")
+
+
+# --------------------------------------------------------------------------------------------------------- datasets
+def check_dataset_name(name: str) -> str:
+    """The name itself if it is a valid dataset name (DATASET_NAME_PATTERN), else DatasetError saying the rule."""
+    if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
+        raise DatasetError(f"invalid dataset name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit (e.g. flowers-2024)")
+    return name
+
+
+def _dataset_key(name: str, *parts: str) -> str:
+    """A key of one registered dataset, `trainer:dataset:<checked name>[:<part>...]`."""
+    return _key("dataset", check_dataset_name(name), *parts)
+
+
+def datasets_index() -> str:
+    """ZSET dataset name → creation time of its first version (unix seconds): every registered dataset."""
+    return _key("datasets")
+
+
+def dataset_versions(name: str) -> str:
+    """HASH version number → JSON of that version (source, hash, classes, counts, report, ...): written once."""
+    return _dataset_key(name)
+
+
+def dataset_seq(name: str) -> str:
+    """STRING: the last version number handed out for the name (kept after removals: numbers are never reused)."""
+    return _dataset_key(name, "seq")
+
+
+def dataset_jobs(name: str, version: int) -> str:
+    """ZSET job id → submission time: the jobs submitted on one version."""
+    return _dataset_key(name, str(int(version)), "jobs")
+
+
+def dataset_prepared(name: str, version: int) -> str:
+    """HASH form key → JSON: one version's prepared forms (shards), written by whoever prepares them."""
+    return _dataset_key(name, str(int(version)), "prepared")

@@ -36,7 +36,8 @@ def runs_cache_dir() -> Path:
 
 
 def dataset_cache_dir() -> Path:
-    """Dataset zips fetched from a remote store (`<sha256>.zip`), once per machine."""
+    """Dataset zips fetched from a remote store (`<sha256>.zip`) and registered in-place sources synced from a URL
+    (`<version hash>/`, or `<version hash>.zip`), once per machine."""
     return cache_dir() / "datasets"
 
 

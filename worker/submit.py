@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from worker import gang, keys
+from worker import datasets, gang, keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
 from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
@@ -134,6 +134,8 @@ def resolve_dataset(
     """Check and upload a local dataset (its `data.path` in `cfg` becomes the stored `artifact:` reference), or check
     that a stored one exists. Returns (the job's `dataset` field, the dataset's health report when one was made)."""
     data_path = cfg["data"].get("path")
+    if cfg["data"].get("dataset"):  # registered: submit_job pins it per job (worker/datasets.resolve_for_job)
+        return None, None
     if data_path and str(data_path).startswith(DATASET_REF_PREFIX):
         try:  # a clone/retry of a stored job: the dataset is already in the store
             if not store.exists(str(data_path).removeprefix(DATASET_REF_PREFIX)):
@@ -240,8 +242,13 @@ def submit_job(
 
     if cfg["data"]["name"] != "imagefolder":
         check_batch_size(cfg, train_images(cfg), ranks)
-    dataset, _ = resolve_dataset(cfg, dataset_path=dataset_path, store=store, allow_local_paths=allow_local_paths,
-                                 gpus=ranks)
+    registered = datasets.resolve_for_job(connection, cfg) if cfg["data"].get("dataset") else None
+    if registered is not None:  # a registered dataset (worker/datasets): pinned to its version, nothing uploaded
+        check_batch_size(cfg, train_images(cfg, registered.report), ranks)
+        dataset = datasets.job_field(registered)
+    else:
+        dataset, _ = resolve_dataset(cfg, dataset_path=dataset_path, store=store,
+                                     allow_local_paths=allow_local_paths, gpus=ranks)
 
     if timeout is None and cfg["train"].get("time_limit"):
         timeout = float(cfg["train"]["time_limit"]) + 300.0
@@ -276,6 +283,8 @@ def submit_job(
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
         JobRecord.create(pipe, fields)
         pipe.zadd(keys.jobs_index(), {job_id: now})
+        if registered is not None:
+            datasets.record_job(pipe, registered, job_id, now)
         if nodes == 1:
             enqueue_attempt(connection, job_id, gpus=gpus, priority=priority, attempt=0, pipeline=pipe)
         else:  # a multi-node job waits for its gang (worker/gang.py), not in an RQ queue

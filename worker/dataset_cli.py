@@ -1,0 +1,145 @@
+"""`python -m worker dataset add | list | show | rm` (README "Datasets"): thin wrappers over worker.datasets.
+
+Every refusal prints one line naming what is wrong and exits 2, with nothing registered or removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+from worker.errors import ArtifactError, DatasetError
+
+
+def _conn() -> Any:
+    from worker.connection import check, connect
+
+    return check(connect())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _ts(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from worker.datasets import register
+
+    done = register(_conn(), args.name, args.source)
+    v = done.version
+    if not done.created:
+        print(f"unchanged: {v.ref} already holds this content ({v.source}, hash {v.hash[:12]}); no new version")
+    else:
+        sampled = v.report.get("sampled")
+        how = f", {sampled['images']} sampled images decoded" if sampled else ""
+        print(f"registered {v.ref}: {len(v.classes)} classes, {v.num_images} images, {_size(v.bytes)}{how}; "
+              f"{'read in place from' if v.kind == 'in_place' else 'uploaded to'} {v.source}")
+        for warning in v.report.get("warnings") or []:
+            print(f"warning: {warning}")
+        for bad in (v.report.get("skipped_files") or [])[:20]:
+            print(f"skipped: {bad['file']}: {bad['reason']}")
+    if args.prepare:
+        print("note: preparation happens when the first job uses the dataset")
+    print(v.ref)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from worker.datasets import list_datasets, summary
+
+    conn = _conn()
+    rows = [summary(conn, name) for name in list_datasets(conn)]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no registered dataset (python -m worker dataset add NAME SOURCE)")
+        return 0
+    print(f"{'NAME':<24} {'LATEST':>6} {'VERSIONS':>8} {'CLASSES':>7} {'IMAGES':>8} {'SIZE':>9}  SOURCE")
+    for r in rows:
+        print(f"{r['name']:<24} {r['latest']:>6} {len(r['versions']):>8} {r['classes']:>7} {r['images']:>8} "
+              f"{_size(r['bytes']):>9}  {r['source']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from worker.datasets import DatasetRef, dataset_versions, describe, get_version
+
+    conn = _conn()
+    ref = DatasetRef.parse(args.ref)
+    versions = [get_version(conn, ref)] if ref.version is not None else dataset_versions(conn, ref.name)
+    shown = [describe(conn, v) for v in versions]
+    if args.json:
+        _print_json(shown[0] if ref.version is not None else {"name": ref.name, "versions": shown})
+        return 0
+    for d in shown:
+        print(f"{d['ref']}  {'in place' if d['kind'] == 'in_place' else 'uploaded'}  {d['source']}")
+        print(f"  hash      {d['hash']}")
+        print(f"  created   {_ts(d['created_at'])}  from {d['origin']}")
+        print(f"  images    {d['num_images']} in {len(d['classes'])} classes, {_size(d['bytes'])}")
+        for name, n in d["counts"].items():
+            splits = "  ".join(f"{s} {c.get(name, 0)}" for s, c in (d["counts_by_split"] or {}).items())
+            print(f"    {name:<20} {n:>7}" + (f"   ({splits})" if splits else ""))
+        report = d["report"] or {}
+        for warning in report.get("warnings") or []:
+            print(f"  warning   {warning}")
+        for bad in report.get("skipped_files") or []:
+            print(f"  skipped   {bad['file']}: {bad['reason']}")
+        print(f"  prepared  {', '.join(json.dumps(p) for p in d['prepared']) or 'none'}")
+        jobs = ", ".join(f"{j['id']} ({j['state'] or 'deleted'})" for j in d["jobs"])
+        print(f"  jobs      {jobs or 'none'}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from worker.datasets import remove
+
+    for v in remove(_conn(), args.ref):
+        print(f"removed {v.ref}")
+    return 0
+
+
+def _refusing(func: Any) -> Any:
+    """Run a command; a DatasetError (or an artifact-store error) is one line on stderr and exit 2."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args) or 0)
+        except (DatasetError, ArtifactError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_dataset_commands(sub: Any) -> None:
+    """`dataset add|list|show|rm` under the `python -m worker` subparsers `sub`."""
+    p = sub.add_parser("dataset", help="registered, versioned datasets (add, list, show, rm)")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    s = dsub.add_parser("add", help="register a new version of NAME from a folder, a .zip or a URL read in place")
+    s.add_argument("name", help="lower-case letters, digits, . _ - (1-64 characters)")
+    s.add_argument("source", help="a local folder or .zip (uploaded), or a URL read where it is: s3://bucket/prefix, "
+                                  "gs://..., https://host/data.zip, file:///shared/path")
+    s.add_argument("--prepare", action="store_true", help="prepare shards now (for now: on first use)")
+    s.set_defaults(func=_refusing(cmd_add))
+    s = dsub.add_parser("list", help="every registered dataset with its latest version")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_refusing(cmd_list))
+    s = dsub.add_parser("show", help="a dataset's versions (or one: NAME:VERSION), counts, health, jobs")
+    s.add_argument("ref", metavar="NAME[:VERSION]")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_refusing(cmd_show))
+    s = dsub.add_parser("rm", help="remove a version (NAME:VERSION) or every version (NAME); refused while in use")
+    s.add_argument("ref", metavar="NAME[:VERSION]")
+    s.set_defaults(func=_refusing(cmd_rm))

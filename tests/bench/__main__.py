@@ -62,7 +62,7 @@ from core.train import (
 
 __test__ = False  # pytest: nothing to collect here
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "benchmarks.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 

@@ -1,4 +1,4 @@
-"""The two page timings the benchmark reports (tests/bench.py, row 7), held to their 1 s target here: the Job page
+"""The two page timings the benchmark reports (tests/bench/dashboard.py), held to their 1 s target here: the Job page
 of a job with 20,000 metric points in its stream and the Jobs page with 1,000 jobs, each rendered through AppTest
 against the real test Redis (a warm server: the first render of a page pays for imports and is not timed)."""
 from __future__ import annotations

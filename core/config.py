@@ -76,6 +76,7 @@ class DataConfig(_Section):
     """Images with more pixels are refused (decompression-bomb guard)."""
 
     _cache_on_off = field_validator("cache", mode="before")(_on_off)
+    _feature_views_auto = field_validator("feature_views", mode="before")(lambda v: None if v == "auto" else v)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """Classification metrics and the evaluation pass.
 
 `predict` runs a model over a loader and returns numpy arrays (so DDP ranks can gather them); `compute_metrics` turns
-labels + predictions into the report's metric block. Both are used on val every epoch and on test at the end.
+labels + predictions into the report's metric block; `evaluate_split` does both for a run's val or test split on every
+rank. Used on val every epoch and on test at the end.
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+from core import distributed
+from core.data.loaders import EvalSplit, Loaders
+from core.distributed import DistInfo
+from core.runtime import Runtime
 
 
 @torch.no_grad()
@@ -85,3 +91,27 @@ def compute_metrics(
     if loss_sum is not None:
         out["loss"] = float(loss_sum) / len(labels)
     return out
+
+
+def gather_predictions(out: dict[str, np.ndarray], idx: list[int], info: DistInfo) -> dict[str, np.ndarray]:
+    """Each rank evaluated a disjoint shard; put the whole split back together in dataset order."""
+    parts = distributed.all_gather_objects({"idx": idx, **out}, info)
+    if len(parts) == 1:
+        return out
+    order = np.concatenate([np.asarray(p["idx"], dtype=np.int64) for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    probs = np.concatenate([p["probs"] for p in parts if len(p["probs"])], axis=0)
+    perm = np.argsort(order)
+    return {"loss_sum": np.asarray(sum(float(p["loss_sum"]) for p in parts)), "labels": labels[perm],
+            "probs": probs[perm]}
+
+
+def evaluate_split(rt: Runtime, model: torch.nn.Module, loaders: Loaders, split: EvalSplit,
+                   classes: list[str], *, fp32: bool = False) -> tuple[dict[str, Any], dict]:
+    """Metrics of `model` on a split (each rank predicts its shard; every rank gets the whole split's metrics).
+    fp32: without the run's autocast."""
+    loader, idx = loaders.eval_split(split)
+    out = predict(model, loader, rt.device, autocast=nullcontext() if fp32 else rt.autocast,
+                  channels_last=rt.channels_last)
+    out = gather_predictions(out, idx, rt.info)
+    return compute_metrics(out["labels"], out["probs"], classes, loss_sum=float(out["loss_sum"])), out

@@ -35,10 +35,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from core.data.fast import EpochBatches, epoch_generator, train_partition
 from core.config import EPOCHS_PER_VIEW, FEATURE_VIEWS_MAX
+from core.data.fast import EpochBatches, epoch_generator, train_partition
+from core.data.loaders import FeatureCacheStats, LoaderKind, Loaders
 from core.errors import ConfigError
 from core.models import get_head, set_train_mode, unwrap_model
+from core.runtime import Runtime
 
 FEATURE_BYTES = 4
 """Bytes per cached feature value (float32, whatever precision the backbone ran in)."""
@@ -238,7 +240,7 @@ def embed(model: nn.Module, batches: Any, device: torch.device, *, autocast: Any
     return torch.cat(feats), torch.cat(labels)
 
 
-def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views: int, device: torch.device
+def train_views(cfg: Any, bundle: Any, loaders: Loaders, info: Any, views: int, device: torch.device
                 ) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """One iterable of (augmented batch, labels) per view, every train sample of this rank once, in the same order.
 
@@ -246,9 +248,9 @@ def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views
     rank's fixed partition with the PIL train transform, its randomness seeded per view."""
     eval_bs = cfg.train.eval_batch(device.type)
     seeds = [cfg.train.seed * 1_000_003 + 104_729 * (v + 1) + info.rank for v in range(views)]
-    if loaders.get("kind") == "tensor_cache":
+    if loaders.kind is LoaderKind.TENSOR_CACHE:
         for seed in seeds:
-            yield loaders["train"].ordered_pass(seed)
+            yield loaders.train.ordered_pass(seed)
         return
     idx = train_partition(len(bundle.train), info.rank, info.world_size, cfg.train.seed)
     subset = Subset(bundle.train, idx)
@@ -259,36 +261,35 @@ def train_views(cfg: Any, bundle: Any, loaders: dict[str, Any], info: Any, views
                          generator=torch.Generator().manual_seed(seed))  # seeds the worker processes
 
 
-def build_feature_loaders(cfg: Any, plan: Plan, model: nn.Module, bundle: Any, loaders: dict[str, Any], info: Any,
-                          device: torch.device, *, autocast: Any = None, precision: str = "fp32",
-                          channels_last: bool = False, report: Callable[[int, int, float], None] | None = None,
-                          check: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Embed train (plan.views views) and val; returns `loaders` with train and val replaced by feature loaders
-    (the uint8 train/val images are let go), `head`, `kind: feature_cache` and `feature_cache` (the report's block).
-    test stays the image loader: it runs through the whole model."""
-    progress = Progress(plan.views * plan.n_train + plan.n_val, report, check)
+def build_feature_loaders(rt: Runtime, plan: Plan, model: nn.Module, bundle: Any, loaders: Loaders, *,
+                          report: Callable[[int, int, float], None] | None = None) -> Loaders:
+    """Embed train (plan.views views) and val with the run's device, precision and memory format, checking
+    `rt.check_stop` before every batch; returns loaders of kind feature_cache whose train and val are feature loaders
+    (the uint8 train/val images are let go), with the head that trains on them and the report's block. test stays
+    the image loader: it runs through the whole model."""
+    cfg, info, device = rt.cfg, rt.info, rt.device
+    progress = Progress(plan.views * plan.n_train + plan.n_val, report, rt.check_stop)
     per_view = []
     labels = None
     for batches in train_views(cfg, bundle, loaders, info, plan.views, device):
-        feats, labels = embed(model, batches, device, autocast=autocast, channels_last=channels_last,
+        feats, labels = embed(model, batches, device, autocast=rt.autocast, channels_last=rt.channels_last,
                               progress=progress)
         per_view.append(feats)
     train_feats = torch.stack(per_view)
     del per_view
-    val_feats, val_labels = embed(model, loaders["val"], device, autocast=autocast, channels_last=channels_last,
+    val_feats, val_labels = embed(model, loaders.val, device, autocast=rt.autocast, channels_last=rt.channels_last,
                                   progress=progress)
     seconds = progress.seconds
     n_train = train_feats.shape[1]
-    drop_last = n_train > cfg.train.batch_size  # a last batch of 1 would make the step noisy; as make_loaders
+    drop_last = n_train > cfg.train.batch_size  # a last batch of 1 would make the step noisy; as make_dataloaders
     eval_bs = cfg.train.eval_batch(device.type)
-    out = {**loaders, "kind": "feature_cache", "sampler": None, "generator": None,
-           "train": FeatureBatchLoader(train_feats, labels, batch_size=cfg.train.batch_size, train=True,
-                                       drop_last=drop_last, seed=cfg.train.seed, rank=info.rank),
-           "val": FeatureBatchLoader(val_feats[None], val_labels, batch_size=eval_bs, train=False),
-           "head": head_module(model, plan.dropout)}
-    out["feature_cache"] = {  # this process's share (rank 0's under DDP; the others hold about as much)
-        "views": plan.views, "feature_dim": plan.feature_dim,
-        "bytes": (train_feats.numel() + val_feats.numel()) * FEATURE_BYTES, "images_embedded": progress.done,
-        "seconds": round(seconds, 3), "images_per_sec": progress.done / max(seconds, 1e-9), "precision": precision,
-    }
-    return out
+    stats = FeatureCacheStats(
+        views=plan.views, feature_dim=plan.feature_dim, bytes=(train_feats.numel() + val_feats.numel()) * FEATURE_BYTES,
+        images_embedded=progress.done, seconds=round(seconds, 3), images_per_sec=progress.done / max(seconds, 1e-9),
+        precision=rt.amp or "fp32")
+    return Loaders(
+        LoaderKind.FEATURE_CACHE,
+        train=FeatureBatchLoader(train_feats, labels, batch_size=cfg.train.batch_size, train=True,
+                                 drop_last=drop_last, seed=cfg.train.seed, rank=info.rank),
+        val=FeatureBatchLoader(val_feats[None], val_labels, batch_size=eval_bs, train=False), val_idx=loaders.val_idx,
+        test=loaders.test, test_idx=loaders.test_idx, head=head_module(model, plan.dropout), feature_cache=stats)

@@ -8,7 +8,8 @@ fine-tuned for K epochs, so pruned weights stay exactly zero; only then `prune.r
 
 NEW_RUN_DIR is a complete run folder (config.yaml, labels.json, preprocess.json, split.json, checkpoints/best.pt,
 predictions.jsonl, samples/, metrics.jsonl, report.json with a "pruning" section) and is exported like any other run
-unless `--no-export`. The fine-tune reuses core.train's optimizer, schedule, loaders, epoch and evaluation functions.
+unless `--no-export`. It is a run like any other: core.train's frame (run folder, events, SIGTERM, FAILED/CANCELLED
+markers), loaders, optimizer, schedule, epoch loop, checkpoints and report, around the pruning step.
 
 Zeros are still stored densely: model.onnx keeps its size (bundle.zip, being deflated, shrinks). The gain is the
 sparsity itself, for runtimes that exploit it, and a starting point for physically slimmer models.
@@ -16,7 +17,6 @@ sparsity itself, for runtimes that exploit it, and a starting point for physical
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 import traceback
@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from core import runfolder as rf
+from core import runfolder
 from core.config import Config, config_from_dict, save_config
 from core.errors import ConfigError, CoreError, exit_code
-from core.export import export_run
+from core.evaluate import evaluate_split
+from core.train import announce, create_train_state, finish_run, load_data, make_loaders, open_run, run_epochs
 
 FINETUNE_LR_SCALE = 0.1
 """Fine-tuning learning rate as a fraction of the run's optim.lr (the model is already trained; no warm-up)."""
@@ -74,128 +75,85 @@ def sparsity_stats(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dic
 
 
 def _finetune_config(cfg: Config, epochs: int, lr_scale: float) -> Config:
-    """The run's config for fine-tuning: K epochs, lower lr, no warm-up, every layer trainable, no compile."""
+    """The run's config for fine-tuning: K epochs, lower lr, no warm-up, every layer trainable, no compile; no early
+    stopping and no time limit (the fine-tune runs its K epochs), on the GPU when there is one unless the run was
+    trained on the CPU on purpose."""
     lr = float(f"{cfg.optim.lr * lr_scale:.6g}")  # 0.0003, not 0.00030000000000000003, in the report
-    return config_from_dict(cfg.to_dict(), [f"train.epochs={max(epochs, 1)}", f"optim.lr={lr}",
-                                            "sched.warmup_epochs=0", "model.freeze=none", "train.compile=false"])
+    raw = cfg.to_dict()
+    raw["train"]["time_limit"] = None
+    return config_from_dict(raw, [f"train.epochs={max(epochs, 1)}", f"optim.lr={lr}", "sched.warmup_epochs=0",
+                                  "model.freeze=none", "train.compile=false", "train.early_stopping=0",
+                                  f"train.device={'cpu' if cfg.train.device == 'cpu' else 'auto'}"])
 
 
 def prune_run(run_dir: str | Path, out_dir: str | Path, *, amount: float, structured: bool = False,
               finetune_epochs: int = 1, lr_scale: float = FINETUNE_LR_SCALE, export: bool = True) -> dict[str, Any]:
-    """Prune, fine-tune and evaluate `run_dir`'s best checkpoint into the new run folder `out_dir`; returns its report."""
-    from core import train as T
-    from core.data import build_datasets
-    from core.events import JsonlSink, MultiSink, PrintSink, sink_from_env
+    """Prune, fine-tune and evaluate `run_dir`'s best checkpoint into the new run folder `out_dir`; returns its report.
 
-    t0 = time.time()
+    The run's frame, epoch loop, checkpoints and report are core.train's (open_run, run_epochs, finish_run); what
+    pruning adds is the step before the epochs (prune, the epoch-0 best.pt) and two hooks of the report: make the
+    pruning permanent in the best weights, and the report's `pruning` section."""
+    started = time.time()
     if not 0 < amount < 1:
         raise ConfigError(f"--amount: must be a fraction between 0 and 1 (exclusive), got {amount}")
     if finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs: must be >= 0, got {finetune_epochs}")
-    run = rf.load_run(run_dir)
+    run = runfolder.load_run(run_dir)
     out = Path(out_dir)
     if out.resolve() == run.path.resolve():
         raise ConfigError(f"--out: {str(out)!r} is the source run; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {str(out)!r} is not empty; choose a new folder")
-    cfg = run.cfg
-    ft_cfg = _finetune_config(cfg, finetune_epochs, lr_scale)
-    use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    device = torch.device("cuda" if use_cuda else "cpu")
-    T.seed_everything(cfg.train.seed)
-
-    (out / rf.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    sink = MultiSink(JsonlSink(out / rf.METRICS), PrintSink(), sink_from_env())
-    stop_flag = {"stop": False}
-    T.install_sigterm(stop_flag)
-    try:
-        rt = T.Runtime.create(ft_cfg, device, sink=sink, stop_flag=stop_flag)
-        sink.emit("phase", {"phase": "data"})
-        bundle = build_datasets(cfg)
-        classes = run.classes
-        model = rf.build_model(run).to(device)  # NCHW while pruning: global_unstructured views weights as vectors
-        loaders = T.make_loaders(ft_cfg, bundle, rt.info, device)
-
-        def evaluate(split: str) -> tuple[dict[str, Any], dict]:
-            return T.evaluate_split(rt, model, loaders, split, classes)
-
-        before, _ = evaluate("test")
+    ft_cfg = _finetune_config(run.cfg, finetune_epochs, lr_scale)
+    with open_run(ft_cfg, out, started=started) as rt:
+        save_config(run.cfg, out / runfolder.CONFIG)  # the pruned run is the source run's recipe
+        bundle = load_data(rt, out)
+        classes = list(bundle.classes)
+        model = runfolder.build_model(run).to(rt.device)  # NCHW while pruning: global_unstructured sees vectors
+        loaders = make_loaders(ft_cfg, bundle, rt.info, rt.device)
+        before, _ = evaluate_split(rt, model, loaders, "test", classes)
         layers = apply_pruning(model, amount, structured=structured)
         if rt.channels_last:  # for the fine-tuning and evaluation that follow
             model = model.to(memory_format=torch.channels_last)
-        pruned_only, _ = evaluate("test")
+        pruned_only, _ = evaluate_split(rt, model, loaders, "test", classes)
         print(f"prune: test accuracy {before['accuracy']:.4f} before, {pruned_only['accuracy']:.4f} right after "
               f"pruning {amount:g} ({'structured' if structured else 'global unstructured'})", flush=True)
 
-        sink.emit("start", {"epochs": finetune_epochs, "world_size": 1, "classes": classes, "counts": bundle.counts,
-                            "config": ft_cfg.to_dict(), "device": str(device), "resumed_from": None,
-                            "pruning": {"source_run": str(run.path), "amount": amount, "structured": structured}})
-        best_val, _ = evaluate("val")
-        best_epoch, best_state = 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = create_train_state(rt, model, len(loaders.train))
+        announce(rt, state, bundle, loaders, epochs=finetune_epochs,
+                 pruning={"source_run": str(run.path), "amount": amount, "structured": structured})
+        val, _ = evaluate_split(rt, model, loaders, "val", classes)
+        state.best_val_acc = val["accuracy"]  # epoch 0, the pruned model: fine-tuning keeps only what beats it
+        runfolder.save_best_checkpoint(out / runfolder.BEST_CHECKPOINT, model, epoch=0, cfg=run.cfg, val_metrics=val)
         if finetune_epochs:
-            sink.emit("phase", {"phase": "train"})
-            state = T.create_train_state(rt, model, len(loaders["train"]))
-            for epoch in range(1, finetune_epochs + 1):
-                T.set_epoch(loaders, ft_cfg, epoch, rt.info)
-                stats = T.train_one_epoch(rt, state, loaders["train"], epoch)
-                val, _ = evaluate("val")
-                if val["accuracy"] > best_val["accuracy"]:
-                    best_val, best_epoch = val, epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                state.best_val_acc = best_val["accuracy"]
-                sink.emit("epoch", T.epoch_event(rt, state, epoch, stats, val))
-        model.load_state_dict(best_state)  # masks included: the chosen weights are pruned like the others
-        make_permanent(layers)
+            run_epochs(rt, state, loaders, classes, out)
 
-        sink.emit("phase", {"phase": "test"})
-        test, test_out = evaluate("test")
-        stats = sparsity_stats(model, layers)
-        pruning = {"amount": amount, "structured": structured, "method": "ln_structured n=2 dim=0 per layer"
-                   if structured else "global_unstructured L1", **stats,
-                   "before": {"test_accuracy": before["accuracy"]},
-                   "pruned_before_finetune": {"test_accuracy": pruned_only["accuracy"]},
-                   "after": {"test_accuracy": test["accuracy"]},
-                   "finetune_epochs": finetune_epochs, "best_epoch": best_epoch,
-                   "finetune_lr": ft_cfg.optim.lr, "source_run": str(run.path)}
+        def make_permanent_in_best(model: nn.Module, best: dict[str, Any]) -> None:
+            """The best weights still carry the masks (weight_orig, weight_mask): fold them into plain weights and
+            rewrite best.pt so export and load_run see an ordinary model. last.pt keeps the masked form, which no
+            plain model loads: a pruned run is not resumed, so it goes."""
+            make_permanent(layers)
+            runfolder.save_best_checkpoint(out / runfolder.BEST_CHECKPOINT, model, epoch=int(best["epoch"]),
+                                           cfg=run.cfg, val_metrics=best["val_metrics"])
+            (out / runfolder.LAST_CHECKPOINT).unlink(missing_ok=True)
 
-        rf.save_best_checkpoint(out / rf.BEST_CHECKPOINT, model, epoch=best_epoch, cfg=cfg, val_metrics=best_val)
-        save_config(cfg, out / rf.CONFIG)
-        for name in (rf.LABELS, rf.PREPROCESS, rf.SPLIT):
-            if (run.path / name).exists():
-                shutil.copyfile(run.path / name, out / name)
-        report = {
-            "test": test,
-            "val": {**best_val, "epoch": best_epoch},
-            "data": run.report.get("data", {}),
-            "skipped_files": run.report.get("skipped_files", []),
-            "epochs_completed": finetune_epochs,
-            "world_size": 1,
-            "device": str(device),
-            "seconds": time.time() - t0,
-            "model": {"name": cfg.model.name, "parameters": stats["total_params"],
-                      "nonzero_parameters": stats["nonzero_params"]},
-            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
-            "pruning": pruning,
-        }
-        report["misclassified"] = T.write_predictions(out, bundle, test_out, classes)
-        report["samples"] = T.write_samples(out, bundle, classes)
-        rf.write_json(out / rf.REPORT, report)
-        sink.emit("report", {k: v for k, v in report.items() if k != "misclassified"})
-        print(f"prune: sparsity {stats['sparsity']:.4f} over {stats['pruned_layers']} layers, test accuracy "
-              f"{before['accuracy']:.4f} → {test['accuracy']:.4f} after {finetune_epochs} fine-tune epoch(s)", flush=True)
-        if export:
-            sink.emit("phase", {"phase": "export"})
-            export_run(out)
-            report = rf.read_json(out / rf.REPORT)
-        sink.emit("phase", {"phase": "done"})
-        return report
-    except BaseException as err:
-        if not (out / rf.REPORT).exists():
-            rf.mark(out, rf.marker_for(err), f"{type(err).__name__}: {err}")
-        sink.emit("error", {"error": str(err), "kind": type(err).__name__})
-        raise
-    finally:
-        sink.close()
+        def pruning_section(report: dict[str, Any], model: nn.Module) -> None:
+            stats = sparsity_stats(model, layers)
+            report["model"]["nonzero_parameters"] = stats["nonzero_params"]
+            report["pruning"] = {
+                "amount": amount, "structured": structured,
+                "method": "ln_structured n=2 dim=0 per layer" if structured else "global_unstructured L1", **stats,
+                "before": {"test_accuracy": before["accuracy"]},
+                "pruned_before_finetune": {"test_accuracy": pruned_only["accuracy"]},
+                "after": {"test_accuracy": report["test"]["accuracy"]},
+                "finetune_epochs": finetune_epochs, "best_epoch": report["val"]["epoch"],
+                "finetune_lr": ft_cfg.optim.lr, "source_run": str(run.path)}
+            print(f"prune: sparsity {stats['sparsity']:.4f} over {stats['pruned_layers']} layers, test accuracy "
+                  f"{before['accuracy']:.4f} → {report['test']['accuracy']:.4f} after {finetune_epochs} fine-tune "
+                  "epoch(s)", flush=True)
+
+        return finish_run(rt, state, loaders, bundle, out, export=export, on_best=make_permanent_in_best,
+                          extend=pruning_section)
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI

@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import runfolder as rf
+from core import runfolder
 from core.events import append_bounded
 
-TB_DIR = rf.TENSORBOARD
-MLFLOW_RUN_FILE = rf.MLFLOW_RUN
+TB_DIR = runfolder.TENSORBOARD
+MLFLOW_RUN_FILE = runfolder.MLFLOW_RUN
 
 BUFFER_EVENTS = 50_000
 """Events a tracking sink holds while its target is slow or away; beyond it the oldest step events are dropped."""
@@ -315,7 +315,7 @@ class MlflowSink(BackgroundSink):
         params = [Param(k, str(v)[:6000]) for k, v in flatten(self.config).items() if not k.startswith("track.")]
         for i in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[i:i + 100])
-        rf.write_json(self.run_dir / MLFLOW_RUN_FILE,
+        runfolder.write_json(self.run_dir / MLFLOW_RUN_FILE,
                       {"tracking_uri": self.uri, "experiment_id": exp_id, "run_id": run_id})
         self.run_id = run_id
         return run_id
@@ -357,10 +357,10 @@ class MlflowSink(BackgroundSink):
             self._log_artifacts(run_id)
 
     def _log_artifacts(self, run_id: str) -> None:
-        report = self.run_dir / rf.REPORT
+        report = self.run_dir / runfolder.REPORT
         if report.exists():
             self.client.log_artifact(run_id, str(report))
-        onnx_path = self.run_dir / rf.exported(rf.ONNX)
+        onnx_path = self.run_dir / runfolder.exported(runfolder.ONNX)
         if onnx_path.exists():
             import mlflow
             import mlflow.onnx
@@ -369,7 +369,7 @@ class MlflowSink(BackgroundSink):
             if self.experiment_id:  # the logged model goes to the run's experiment (else to the default one)
                 mlflow.set_experiment(experiment_id=self.experiment_id)
             mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", run_id=run_id)
-        bundle = self.run_dir / rf.exported(rf.BUNDLE)
+        bundle = self.run_dir / runfolder.exported(runfolder.BUNDLE)
         if bundle.exists():
             self.client.log_artifact(run_id, str(bundle))
         self.artifacts_sent = True
@@ -385,7 +385,7 @@ class MlflowSink(BackgroundSink):
 def dataset_hash(run_dir: Path) -> str:
     """sha256 of the run's split.json and labels.json: the same images in the same splits with the same classes."""
     h = hashlib.sha256()
-    for name in (rf.SPLIT, rf.LABELS):
+    for name in (runfolder.SPLIT, runfolder.LABELS):
         path = run_dir / name
         if path.exists():
             h.update(path.read_bytes())

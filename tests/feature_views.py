@@ -16,7 +16,8 @@ import torch
 
 from core.config import load_config
 from core.features import FeatureBatchLoader, build_feature_loaders, plan_feature_cache
-from core.train import Runtime, build_training_model, create_train_state, load_data, prepare_inputs, seed_everything
+from core.runtime import Runtime, seed_everything
+from core.train import build_training_model, create_train_state, load_data, prepare_inputs
 from tests.fixtures_images import make_photo_tree
 
 PRESET = "configs/transfer_efficientnet_lite0.yaml"
@@ -36,12 +37,11 @@ def main() -> None:
         model = build_training_model(rt, bundle)
         loaders = prepare_inputs(rt, bundle)
         plan, _ = plan_feature_cache(cfg, model, bundle)
-        cached = build_feature_loaders(cfg, plan, model, bundle, loaders, rt.info, rt.device, autocast=rt.autocast,
-                                       precision=rt.amp or "fp32", channels_last=rt.channels_last)
-        print("embedded:", cached["feature_cache"], flush=True)
-        feats, labels = cached["train"].features, cached["train"].labels
-        val_feats, val_labels = cached["val"].features[0], cached["val"].labels
-        head = cached["head"]
+        cached = build_feature_loaders(rt, plan, model, bundle, loaders)
+        print("embedded:", cached.feature_cache, flush=True)
+        feats, labels = cached.train.features, cached.train.labels
+        val_feats, val_labels = cached.val.features[0], cached.val.labels
+        head = cached.head
         for epochs in EPOCHS:
             for views in VIEWS:
                 best_accs = []

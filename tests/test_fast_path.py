@@ -114,17 +114,17 @@ def test_ddp_shards_hold_only_their_part() -> None:
     n_train = len(bundle.train)
     rows = []
     for loaders in shards:
-        train = loaders["train"]
+        train = loaders.train
         assert len(train.labels) == n_train // 2 == len(train.images)
         rows.append({bytes(img.numpy().tobytes()) for img in train.images})
     assert not rows[0] & rows[1]  # disjoint
     all_rows = {bytes(img.numpy().tobytes()) for img in full_train}
     assert rows[0] | rows[1] <= all_rows
     for split in ("val", "test"):
-        idx = [shards[r][f"{split}_idx"] for r in range(2)]
+        loader, idx = zip(*(shards[r].eval_split(split) for r in range(2)))
         assert not set(idx[0]) & set(idx[1])
         assert sorted(idx[0] + idx[1]) == list(range(len(bundle.dataset(split))))
-        assert all(len(shards[r][split].labels) == len(idx[r]) for r in range(2))
+        assert all(len(loader[r].labels) == len(idx[r]) for r in range(2))
 
 
 def test_cache_size_of_cifar() -> None:

@@ -54,9 +54,9 @@ def test_tensor_cache_lives_on_the_device(tmp_path: Path) -> None:
 
     cfg = load_config(DIGITS, [*CUDA, "data.cache=on"])
     loaders = make_loaders(cfg, build_datasets(cfg), D.DistInfo(), torch.device("cuda", 0))
-    assert loaders["kind"] == "tensor_cache"
-    x, y = next(iter(loaders["train"]))
-    assert loaders["train"].images.device.type == "cuda" and x.device.type == "cuda" and y.device.type == "cuda"
+    assert loaders.kind == "tensor_cache"
+    x, y = next(iter(loaders.train))
+    assert loaders.train.images.device.type == "cuda" and x.device.type == "cuda" and y.device.type == "cuda"
     report = train(cfg, tmp_path / "run")
     assert _start(tmp_path / "run")["data_path"] == "tensor_cache" and report["test"]["accuracy"] >= 0.9
 

@@ -160,8 +160,6 @@ def test_inner_worker_modules_never_import_the_door(graph: Graph) -> None:
     assert door_importers(graph) == []
 
 
-@pytest.mark.xfail(strict=False, reason="issue 19: core/train.py (799 lines) is split by another branch of the "
-                                        "same issue; this passes once that lands")
 def test_no_module_over_500_lines() -> None:
     assert long_modules() == []
 

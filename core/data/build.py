@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from core.config import Config
-from core.data import defaults as D
+from core.data import defaults
 from core.data.datasets import SPLITS, ArraySource, DataBundle, FileSource, ImageDataset, ImageSource, SyntheticSource
 from core.data.imagefolder import FolderScan, scan_imagefolder
 from core.data.split import carve_fractions, stratified_split
@@ -86,10 +86,10 @@ def _load_digits(cfg: Config) -> _Parts:
 _CIFAR = {
     "cifar10": {"title": "CIFAR-10", "folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
                 "test": ["test_batch"], "meta": "batches.meta", "names_key": "label_names", "labels_key": "labels",
-                "stats": (D.CIFAR10_MEAN, D.CIFAR10_STD)},
+                "stats": (defaults.CIFAR10_MEAN, defaults.CIFAR10_STD)},
     "cifar100": {"title": "CIFAR-100", "folder": "cifar-100-python", "train": ["train"], "test": ["test"],
                  "meta": "meta", "names_key": "fine_label_names", "labels_key": "fine_labels",
-                 "stats": (D.CIFAR100_MEAN, D.CIFAR100_STD)},
+                 "stats": (defaults.CIFAR100_MEAN, defaults.CIFAR100_STD)},
 }
 
 
@@ -98,7 +98,7 @@ def cifar_folder(name: str, path: str | None) -> Path:
 
     data.path may also point at that folder itself.
     """
-    root = Path(path or D.CIFAR_DEFAULT_ROOT).expanduser()
+    root = Path(path or defaults.CIFAR_DEFAULT_ROOT).expanduser()
     folder = _CIFAR[name]["folder"]
     return root if root.name == folder else root / folder
 
@@ -223,8 +223,10 @@ def _load_imagefolder(cfg: Config) -> _Parts:
     return _Parts(classes=scan.classes, sources=dict.fromkeys(SPLITS, source), indices=indices,
                   labels={k: labels[v] for k, v in indices.items()},
                   ids={k: [scan.records[i].rel for i in v] for k, v in indices.items()},
-                  native_size=max(native, 4) if native <= D.SMALL_IMAGE_SIDE else D.IMAGEFOLDER_DEFAULT_SIZE,
-                  median_side=native, constant_stats=(D.IMAGENET_MEAN, D.IMAGENET_STD), skipped=scan.skipped)
+                  native_size=(max(native, 4) if native <= defaults.SMALL_IMAGE_SIDE
+                               else defaults.IMAGEFOLDER_DEFAULT_SIZE),
+                  median_side=native, constant_stats=(defaults.IMAGENET_MEAN, defaults.IMAGENET_STD),
+                  skipped=scan.skipped)
 
 
 _LOADERS: dict[str, Callable[[Config], _Parts]] = {
@@ -250,14 +252,15 @@ def _pretrained_stats(model_name: str) -> tuple[Sequence[float], Sequence[float]
         stats = pretrained_normalization(model_name)
     except (ImportError, AttributeError):
         stats = None
-    return stats if stats is not None else (D.IMAGENET_MEAN, D.IMAGENET_STD)
+    return stats if stats is not None else (defaults.IMAGENET_MEAN, defaults.IMAGENET_STD)
 
 
 def train_statistics(source: ImageSource, indices: np.ndarray, color_mode: str) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of pixels/255 over (at most STATS_MAX_IMAGES evenly spaced) images at native size."""
     if len(indices) == 0:
         raise DataError("the train split is empty; cannot compute normalisation statistics")
-    pick = indices[np.unique(np.linspace(0, len(indices) - 1, min(len(indices), D.STATS_MAX_IMAGES)).astype(int))]
+    n_pick = min(len(indices), defaults.STATS_MAX_IMAGES)
+    pick = indices[np.unique(np.linspace(0, len(indices) - 1, n_pick).astype(int))]
     n_channels = channels(color_mode)
     if isinstance(source, ArraySource):  # in-memory images: one vectorised pass when no PIL conversion is needed
         batch = source.as_uint8(pick, color_mode)

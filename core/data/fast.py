@@ -18,6 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.config import Config
+from core.data.loaders import LoaderKind, Loaders
+from core.distributed import DistInfo
+
 BRIGHTNESS = 0.2
 """ColorJitter brightness range: factor drawn from [1 - 0.2, 1 + 0.2] (the classic preset)."""
 CONTRAST = 0.2
@@ -211,10 +215,8 @@ def train_partition(n: int, rank: int, world_size: int, seed: int) -> list[int]:
     return perm[rank * n_per_rank:(rank + 1) * n_per_rank].sort().values.tolist()
 
 
-def make_fast_loaders(cfg: Any, bundle: Any, info: Any, device: torch.device) -> dict[str, Any] | None:
-    """The tensor-cache loaders, or None when `data.cache` rules them out (the caller falls back to DataLoader)."""
-    if not use_cache(cfg, bundle, info.world_size):
-        return None
+def make_fast_loaders(cfg: Config, bundle: Any, info: DistInfo, device: torch.device) -> Loaders:
+    """The tensor-cache loaders (the caller checked `use_cache`): each rank's shard of every split on the device."""
     mean, std = bundle.preprocess["mean"], bundle.preprocess["std"]
     eval_bs = cfg.train.eval_batch(device.type)
 
@@ -228,14 +230,14 @@ def make_fast_loaders(cfg: Any, bundle: Any, info: Any, device: torch.device) ->
         index = torch.tensor(idx, dtype=torch.long)
         return images[index].contiguous().to(device), labels[index].to(device), idx
 
+    def eval_loader(split: str) -> tuple[TensorBatchLoader, list[int]]:
+        x, y, idx = shard(split, None)
+        return TensorBatchLoader(x, y, batch_size=eval_bs, mean=mean, std=std, train=False), idx
+
     x_tr, y_tr, _ = shard("train", cfg.train.seed)
     drop_last = len(y_tr) > cfg.train.batch_size
     train = TensorBatchLoader(x_tr, y_tr, batch_size=cfg.train.batch_size, mean=mean, std=std, train=True,
                               augment=cfg.data.augment, hflip=cfg.data.hflip, drop_last=drop_last,
                               seed=cfg.train.seed, rank=info.rank)
-    out: dict[str, Any] = {"train": train, "sampler": None, "generator": None, "kind": "tensor_cache"}
-    for split in ("val", "test"):
-        x, y, idx = shard(split, None)
-        out[split] = TensorBatchLoader(x, y, batch_size=eval_bs, mean=mean, std=std, train=False)
-        out[f"{split}_idx"] = idx
-    return out
+    (val, val_idx), (test, test_idx) = eval_loader("val"), eval_loader("test")
+    return Loaders(LoaderKind.TENSOR_CACHE, train, val, val_idx, test, test_idx)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from core import runfolder as rf
+from core import runfolder
 from core.export.defaults import PARITY_ATOL
 from core.runfolder import Run
 
@@ -22,7 +22,7 @@ def _mb(n: int | None) -> str:
 
 
 def _deploy_file(export: dict[str, Any]) -> str:
-    return (export.get("deploy") or {}).get("file") or rf.ONNX
+    return (export.get("deploy") or {}).get("file") or runfolder.ONNX
 
 
 def _deploy_lines(export: dict[str, Any]) -> list[str]:
@@ -49,10 +49,10 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
         "## Use it", "",
         *_deploy_lines(export),
         "```", "pip install onnxruntime numpy pillow",
-        f"python {rf.PREDICT_SCRIPT} image.png --top-k 5 [--json]      # {_deploy_file(export)}",
-        f"python {rf.PREDICT_SCRIPT} {rf.ONNX} image.png                # or name the model", "```",
+        f"python {runfolder.PREDICT_SCRIPT} image.png --top-k 5 [--json]      # {_deploy_file(export)}",
+        f"python {runfolder.PREDICT_SCRIPT} {runfolder.ONNX} image.png                # or name the model", "```",
         "", (f"Input `input` float32 [batch, {run.in_chans}, {h}, {w}]; output `logits` [batch, {len(run.classes)}] "
-        f"(softmax gives probabilities). Preprocessing ({rf.PREPROCESS}): convert to "
+        f"(softmax gives probabilities). Preprocessing ({runfolder.PREPROCESS}): convert to "
         f"{pp['color_mode']}, {geometry}, pixels / 255, subtract mean {pp['mean']}, divide by std {pp['std']}, CHW."),
         "", "## Intended use and limitations", "",
         (f"- Classifies images that look like the training data ({cfg.data.name}) into exactly these classes: "
@@ -102,30 +102,30 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
                   "| true \\ pred | " + " | ".join(run.classes) + " |", "|---" * (len(cm) + 1) + "|"]
         lines += [f"| {run.classes[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(cm)]
     elif cm:
-        lines += ["", f"Confusion matrix: {len(cm)}×{len(cm)}, see {rf.REPORT} (too large for this card)."]
+        lines += ["", f"Confusion matrix: {len(cm)}×{len(cm)}, see {runfolder.REPORT} (too large for this card)."]
     lines += [
         "", "## Export verification", "",
-        (f"- `{rf.ONNX}`: FP32, opset {onnx_info['opset']}, exporter {onnx_info['exporter']}, "
+        (f"- `{runfolder.ONNX}`: FP32, opset {onnx_info['opset']}, exporter {onnx_info['exporter']}, "
         f"{_mb(onnx_info['bytes'])}. ONNX Runtime vs PyTorch on {onnx_info['parity_images']} real images: "
         f"max |Δlogit| {onnx_info['max_abs_diff']:.2e} (limit {PARITY_ATOL:g}), top-1 agreement "
         f"{_pct(onnx_info['top1_agreement'])}. Batch-1 latency {onnx_info.get('latency_ms_batch1', float('nan')):.2f} "
         "ms on the exporting machine's CPU."),
     ]
     if int8.get("ok"):
-        lines.append(f"- `{rf.INT8_ONNX}`: static QDQ INT8 (per-channel {int8['weight_type']} weights, "
+        lines.append(f"- `{runfolder.INT8_ONNX}`: static QDQ INT8 (per-channel {int8['weight_type']} weights, "
                      f"{int8['activation_type']} activations), calibrated on {int8['calib_images']} training images; "
                      f"{_mb(int8['bytes'])}; test accuracy {_pct(int8['accuracy'])} vs FP32 {_pct(int8['fp32_accuracy'])}"
                      f" (drop {100 * int8['accuracy_drop']:.2f} points); agrees with FP32 on "
                      f"{_pct(int8['top1_agreement_with_fp32'])} of test images; batch-1 latency "
                      f"{int8.get('latency_ms_batch1', float('nan')):.2f} ms.")
     else:
-        lines.append(f"- `{rf.INT8_ONNX}`: not produced ({int8.get('error', 'disabled')}).")
+        lines.append(f"- `{runfolder.INT8_ONNX}`: not produced ({int8.get('error', 'disabled')}).")
     pt2 = export["pt2"]
-    lines.append(f"- `{rf.STATE_DICT}`: state_dict ({_mb(export['files'].get(rf.STATE_DICT))}); rebuild with "
+    lines.append(f"- `{runfolder.STATE_DICT}`: state_dict ({_mb(export['files'].get(runfolder.STATE_DICT))}); rebuild with "
                  f"`core.models.create_model({cfg.model.name!r}, {len(run.classes)}, in_chans={run.in_chans}, "
                  f"image_size={run.image_size})` and load it with `torch.load(path, weights_only=True)`.")
-    lines.append(f"- `{rf.PT2}`: torch.export program ({_mb(pt2.get('bytes'))}), load with `torch.export.load`."
-                 if pt2.get("ok") else f"- `{rf.PT2}`: not produced ({pt2.get('error')}).")
+    lines.append(f"- `{runfolder.PT2}`: torch.export program ({_mb(pt2.get('bytes'))}), load with `torch.export.load`."
+                 if pt2.get("ok") else f"- `{runfolder.PT2}`: not produced ({pt2.get('error')}).")
     trt = export.get("tensorrt", {})
     lines.append(f"- TensorRT: {trt['backend']}, batch-1 latency {trt['latency_ms_batch1']:.3f} ms."
                  if trt.get("latency_ms_batch1") is not None else f"- TensorRT: {trt.get('reason') or trt.get('error')}.")

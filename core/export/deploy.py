@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from core import runfolder as rf
+from core import runfolder
 from core.export.defaults import DEPLOY_ACCURACY_TOLERANCE, DEPLOY_MIN_SPEEDUP
 
 DEFAULT_MODEL_LINE = 'DEFAULT_MODEL = "model.onnx"'
@@ -24,7 +24,7 @@ def choose_deploy(onnx_info: dict[str, Any], int8: dict[str, Any]) -> dict[str, 
     FP32 and INT8 measurements (accuracy on the test split, median batch-1 latency)."""
     n = int(onnx_info.get("test_images") or 0)
     tolerance = max(DEPLOY_ACCURACY_TOLERANCE, 1.0 / n if n else 0.0)
-    out: dict[str, Any] = {"file": rf.ONNX, "accuracy_tolerance": tolerance, "int8_speedup_batch1": None,
+    out: dict[str, Any] = {"file": runfolder.ONNX, "accuracy_tolerance": tolerance, "int8_speedup_batch1": None,
                            "int8_accuracy_drop": None}
     if not int8.get("ok"):
         out["reason"] = f"there is no INT8 model ({int8.get('error') or 'not produced'})"
@@ -43,7 +43,7 @@ def choose_deploy(onnx_info: dict[str, Any], int8: dict[str, Any]) -> dict[str, 
         out["reason"] = (f"INT8 is not faster here: {timing}, less than the {DEPLOY_MIN_SPEEDUP:.2f}× that would "
                          f"make it worth it; {accuracy}")
     else:
-        out["file"] = rf.INT8_ONNX
+        out["file"] = runfolder.INT8_ONNX
         out["reason"] = f"{timing}, and {accuracy}"
     return out
 

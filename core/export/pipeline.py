@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from core import runfolder as rf
+from core import runfolder
 from core.errors import CoreError, ExportError, RunDirError
 from core.export.card import model_card
 from core.export.deploy import choose_deploy, predict_script
@@ -29,9 +29,9 @@ Log = Callable[[str], None]
 
 def _record_failure(run: Run, message: str) -> None:
     """report.json says why the export failed (the dashboard shows it); the export folder is left untouched."""
-    report = rf.read_json(run.path / rf.REPORT)
+    report = runfolder.read_json(run.path / runfolder.REPORT)
     report["export"] = {"ok": False, "error": message}
-    rf.write_json(run.path / rf.REPORT, report)
+    runfolder.write_json(run.path / runfolder.REPORT, report)
 
 
 def export_run(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def export_run(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     """
     t0 = time.time()
     run = load_run(run_dir)
-    partial = run.path / rf.EXPORT_PARTIAL
+    partial = run.path / runfolder.EXPORT_PARTIAL
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
@@ -54,16 +54,16 @@ def export_run(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
             with contextlib.suppress(CoreError, OSError):
                 _record_failure(run, message)
         raise
-    final, old = run.path / rf.EXPORT, run.path / rf.EXPORT_OLD
+    final, old = run.path / runfolder.EXPORT, run.path / runfolder.EXPORT_OLD
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
     export["seconds"] = time.time() - t0
-    report = rf.read_json(run.path / rf.REPORT)
+    report = runfolder.read_json(run.path / runfolder.REPORT)
     report["export"] = export
-    rf.write_json(run.path / rf.REPORT, report)
+    runfolder.write_json(run.path / runfolder.REPORT, report)
     log(f"export: done in {export['seconds']:.1f}s → {final}")
     return export
 
@@ -93,8 +93,8 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
     pt2: dict[str, Any] = {"ok": program is not None}
     if program is not None:
         try:
-            torch.export.save(program, str(out / rf.PT2))
-            pt2["bytes"] = (out / rf.PT2).stat().st_size
+            torch.export.save(program, str(out / runfolder.PT2))
+            pt2["bytes"] = (out / runfolder.PT2).stat().st_size
         except Exception as err:  # noqa: BLE001
             pt2 = {"ok": False, "error": f"torch.export.save: {type(err).__name__}: {str(err)[:300]}"}
     else:
@@ -102,7 +102,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
     export["pt2"] = pt2
 
     # ---- ONNX FP32, checked, then parity with PyTorch on real images
-    onnx_path = out / rf.ONNX
+    onnx_path = out / runfolder.ONNX
     onnx_info = export_onnx(model, program, example, onnx_path, cfg.export.opset)
     onnx_info["opset_requested"] = cfg.export.opset
     onnx_info["export_seconds"] = time.time() - t
@@ -111,7 +111,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
     parity = check_parity(model, session, parity_x)
     parity["images_from"] = sorted({split for split, _ in where})
     onnx_info.update(parity, bytes=onnx_path.stat().st_size)
-    log(f"export: {rf.ONNX} ({onnx_info['exporter']}, opset {onnx_info['opset']}) parity on {len(parity_x)} images: "
+    log(f"export: {runfolder.ONNX} ({onnx_info['exporter']}, opset {onnx_info['opset']}) parity on {len(parity_x)} images: "
         f"max |Δlogit| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}")
     if not parity["ok"]:
         raise ExportError(f"ONNX parity failed on {len(parity_x)} images: max |Δlogit| {parity['max_abs_diff']:.3g} "
@@ -122,7 +122,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
     # ---- INT8 (static QDQ), calibrated on training images; failure is reported, not fatal
     sessions = {"fp32": session}
     int8: dict[str, Any] = {"ok": False}
-    int8_path = out / rf.INT8_ONNX
+    int8_path = out / runfolder.INT8_ONNX
     if cfg.export.int8:
         try:
             t = time.time()
@@ -160,17 +160,17 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
     log(f"export: deploy {export['deploy']['file']}: {export['deploy']['reason']}")
 
     # ---- PyTorch weights, the client contract files, the card and the bundle
-    torch.save(model.state_dict(), out / rf.STATE_DICT)
-    rf.write_json(out / rf.LABELS, run.classes)
-    rf.write_json(out / rf.PREPROCESS, {**run.preprocess, "input_name": "input"})
-    (out / rf.PREDICT_SCRIPT).write_text(predict_script(PREDICT_TEMPLATE.read_text(encoding="utf-8"),
+    torch.save(model.state_dict(), out / runfolder.STATE_DICT)
+    runfolder.write_json(out / runfolder.LABELS, run.classes)
+    runfolder.write_json(out / runfolder.PREPROCESS, {**run.preprocess, "input_name": "input"})
+    (out / runfolder.PREDICT_SCRIPT).write_text(predict_script(PREDICT_TEMPLATE.read_text(encoding="utf-8"),
                                                         export["deploy"]), encoding="utf-8")
-    export["files"] = {name: (out / name).stat().st_size for name in rf.BUNDLE_FILES if (out / name).exists()}
-    (out / rf.MODEL_CARD).write_text(model_card(run, export), encoding="utf-8")
-    export["files"][rf.MODEL_CARD] = (out / rf.MODEL_CARD).stat().st_size
-    with zipfile.ZipFile(out / rf.BUNDLE, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in rf.BUNDLE_FILES:
+    export["files"] = {name: (out / name).stat().st_size for name in runfolder.BUNDLE_FILES if (out / name).exists()}
+    (out / runfolder.MODEL_CARD).write_text(model_card(run, export), encoding="utf-8")
+    export["files"][runfolder.MODEL_CARD] = (out / runfolder.MODEL_CARD).stat().st_size
+    with zipfile.ZipFile(out / runfolder.BUNDLE, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in runfolder.BUNDLE_FILES:
             if (out / name).exists():
                 zf.write(out / name, arcname=name)
-    export["files"][rf.BUNDLE] = (out / rf.BUNDLE).stat().st_size
+    export["files"][runfolder.BUNDLE] = (out / runfolder.BUNDLE).stat().st_size
     return export

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.train import use_channels_last
+from core.runtime import use_channels_last
 
 BATCH_SIZE = 64
 """Batch size of every training comparison (the presets' default)."""

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from core import distributed
-from core.train import Runtime, TrainState, create_optimizer, create_scheduler, make_loaders, set_epoch, train_one_epoch
+from core.optim import create_optimizer, create_scheduler
+from core.runtime import Runtime, TrainState
+from core.train import make_loaders, set_epoch, train_one_epoch
 from tests.bench.fixtures import in_memory_bundle, new_model, train_config
 from tests.bench.harness import Row, Section, alternate, ratio_median
 from tests.bench.transfer import TRANSFER_PHOTOS_PER_CLASS, TRANSFER_PRESET
@@ -83,9 +85,9 @@ def _gpu_row(model_name: str, quick: bool, batch: int = 512) -> Row:
         set_epoch(loaders, cfg, epoch[0], info)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        train_one_epoch(core_rt, core_state, loaders["train"], epoch[0])
+        train_one_epoch(core_rt, core_state, loaders.train, epoch[0])
         torch.cuda.synchronize()
-        return len(loaders["train"]) * batch / (time.perf_counter() - t)
+        return len(loaders.train) * batch / (time.perf_counter() - t)
 
     def classic_side() -> float:
         m, o = models["classic"], opts["classic"]

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from core import distributed
-from core.train import Runtime, TrainState, create_optimizer, create_scheduler, make_loaders, train_one_epoch
+from core.optim import create_optimizer, create_scheduler
+from core.runtime import Runtime, TrainState
+from core.train import make_loaders, train_one_epoch
 from tests.bench.fixtures import CHUNK_STEPS, Chunks, in_memory_bundle, new_model, train_config
 from tests.bench.harness import Row, Section, alternate, log, ratio_median
 
@@ -30,13 +32,13 @@ def bench_streaming(quick: bool, url: str) -> list[Row]:
     loaders = make_loaders(cfg, bundle, info, device)
     model = new_model(cfg, bundle.in_chans, len(bundle.classes), device)
     opt = create_optimizer(cfg, model)
-    sched = create_scheduler(cfg, opt, len(loaders["train"]) * 100)
+    sched = create_scheduler(cfg, opt, len(loaders.train) * 100)
     state = TrainState(model, opt, sched, nn.CrossEntropyLoss())
     conn = connect(url)
     job_id = keys.new_job_id()
     conn.hset(keys.job(job_id), mapping={"id": job_id, "state": "running"})  # the sink updates an existing job hash
     epoch = [0]
-    chunks = Chunks(loaders["train"], CHUNK_STEPS)
+    chunks = Chunks(loaders.train, CHUNK_STEPS)
 
     def run(sink: Any) -> float:  # a chunk of training, as one "epoch" with its start and epoch events
         epoch[0] += 1

@@ -10,16 +10,9 @@ import torch
 from torch import nn
 
 from core import distributed
-from core.train import (
-    Runtime,
-    TrainState,
-    create_optimizer,
-    create_scheduler,
-    make_loaders,
-    set_epoch,
-    train_one_epoch,
-    use_channels_last,
-)
+from core.optim import create_optimizer, create_scheduler
+from core.runtime import Runtime, TrainState, use_channels_last
+from core.train import make_loaders, set_epoch, train_one_epoch
 from tests.bench.fixtures import (
     BATCH_SIZE,
     CHUNK_STEPS,
@@ -50,11 +43,11 @@ def bench_training(quick: bool) -> list[Row]:
 
     # core: the real train_one_epoch over the tensor-cache loader make_loaders picks for this config
     loaders = make_loaders(cfg, bundle, info, device)
-    assert loaders["kind"] == "tensor_cache", loaders["kind"]
+    assert loaders.kind == "tensor_cache", loaders.kind
     core_model = new_model(cfg, bundle.in_chans, classes, device)
     channels_last = use_channels_last(cfg, device)  # what train() does with this config on this device
     core_opt = create_optimizer(cfg, core_model)
-    core_sched = create_scheduler(cfg, core_opt, len(loaders["train"]) * 100)
+    core_sched = create_scheduler(cfg, core_opt, len(loaders.train) * 100)
     core_rt = Runtime.create(cfg, device, info)
     core_state = TrainState(core_model, core_opt, core_sched, criterion)
     core_epoch = [0]
@@ -63,8 +56,8 @@ def bench_training(quick: bool) -> list[Row]:
         core_epoch[0] += 1
         set_epoch(loaders, cfg, core_epoch[0], info)
         t = time.perf_counter()
-        train_one_epoch(core_rt, core_state, loaders["train"], core_epoch[0])
-        return len(loaders["train"]) * BATCH_SIZE / (time.perf_counter() - t)  # drop_last: full batches only
+        train_one_epoch(core_rt, core_state, loaders.train, core_epoch[0])
+        return len(loaders.train) * BATCH_SIZE / (time.perf_counter() - t)  # drop_last: full batches only
 
     # classic: DataLoader over the PIL-transform dataset, 2 workers, the loop as usually written (loss.item() per step)
     classic_loader = DataLoader(bundle.train, batch_size=BATCH_SIZE, shuffle=True, num_workers=CLASSIC_WORKERS,
@@ -123,8 +116,8 @@ def bench_training(quick: bool) -> list[Row]:
               "written")
 
     # row 2: the real train_one_epoch over chunks of the tensor-cache loader vs the bound, alternating every chunk
-    chunks = Chunks(loaders["train"], CHUNK_STEPS)
-    pairs = 6 if quick else 3 * len(loaders["train"]) // CHUNK_STEPS
+    chunks = Chunks(loaders.train, CHUNK_STEPS)
+    pairs = 6 if quick else 3 * len(loaders.train) // CHUNK_STEPS
 
     def core_chunk() -> float:
         core_epoch[0] += 1

@@ -75,7 +75,8 @@ def reservations(conn: redis.Redis) -> dict[str, str]:
 def members(conn: redis.Redis, job_id: str) -> list[str]:
     """The workers reserved for a waiting job, in reservation order."""
     raw = conn.hgetall(keys.gang(job_id))
-    return [name for name, _ in sorted(((decode_reply(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))]
+    joined = sorted(((decode_reply(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))
+    return [name for name, _ in joined]
 
 
 def reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[str, int]:

@@ -4,14 +4,16 @@ functions the dashboard calls (list, cancel, retry, delete) and the CLI's exit c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fixtures_worker import DIGITS, make_imagefolder, run_cli
+from tests.fixtures_worker import DIGITS, ROOT, make_imagefolder, run_cli
 from worker import api, keys
 from worker.artifacts import ArtifactStore
 from worker.errors import InvalidJobStateError, NoSuchJobError, SubmissionError
@@ -35,6 +37,24 @@ def test_cli_submit_bad_config_exits_2_and_enqueues_nothing(redis_conn: Any, job
     assert out.returncode == 2 and "not found" in out.stderr
     assert redis_conn.dbsize() == 0
 
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_cli_into_a_closed_pipe_ends_quietly(redis_conn: Any, job_env: dict[str, str], unbuffered: str) -> None:
+    """`python -m worker status JOB --json | head -c 10` (or `| grep -q`): the reader goes away before the CLI has
+    written everything. The CLI ends quietly with 141 (as a shell reports a tool that SIGPIPE ended), no traceback."""
+    job_id = submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True).job_id
+    for args in (["status", job_id, "--json"], ["status", job_id], ["list"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first byte: every write fails with EPIPE
+        try:
+            proc = subprocess.run([sys.executable, "-m", "worker", *args], stdout=write_end, stderr=subprocess.PIPE,
+                                  env={**job_env, "PYTHONUNBUFFERED": unbuffered}, cwd=ROOT, text=True, timeout=120,
+                                  check=False)
+        finally:
+            os.close(write_end)
+        assert proc.returncode == 141, (args, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, (args, proc.stderr)
 
 def test_cli_submit_list_status(redis_conn: Any, job_env: dict[str, str]) -> None:
     out = cli(["submit", str(DIGITS), "--set", "train.epochs=3", "--priority", "high"], job_env)

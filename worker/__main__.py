@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -38,9 +39,6 @@ def _conn() -> Any:
 
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_redis(args: argparse.Namespace) -> int:
-    import os
-    import signal
-
     from worker.connection import redact
     from worker.server import run_foreground
 
@@ -359,10 +357,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+READER_GONE_EXIT = 128 + signal.SIGPIPE
+"""Exit status when stdout's reader went away (`| head`, `| grep -q`): 141, what a shell reports for a Unix tool that
+SIGPIPE ended (`yes | head`). The CLI ends quietly with it instead of a BrokenPipeError traceback (README)."""
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe: point stdout at /dev/null so Python's flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return READER_GONE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows up here (a short output sits in the buffer until exit)
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except WorkerError as err:
         print(f"error: {err}", file=sys.stderr)
         refused = args.command in ("submit", "sweep") or isinstance(err, (SubmissionError, NoSuchJobError,

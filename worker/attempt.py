@@ -1,8 +1,14 @@
 """One attempt of one job: the RQ job function runs it and leaves the job's status final (or recovering).
 
-`run_attempt(job_id)` is what RQ calls (by import path, with a JSON argument). Inside a `python -m worker run` process
-the worker hands over its context (connection, name, devices, store, shutdown flag) with `set_context`; under a plain
-`rq worker` the context is built from RQ's current job, so the function still works, without recovery.
+`run_attempt(job_id, ctx=)` is what RQ calls (by import path, with a JSON argument). Inside a `python -m worker run`
+process the worker hands it its context (connection, name, devices, store, shutdown flag) as `ctx`
+(worker/worker.py's `WorkerJob`); under a plain `rq worker` the context is built from RQ's current job, so the
+function still works, without recovery.
+
+`Attempt.run` is a sequence of named steps (claim → prepare, with `fetch_data` → rendezvous → launch → watch →
+conclude → finish); each returns what the next needs, and every way an attempt ends is one `AttemptResult`. A node of
+a multi-node job (worker/multinode.py) overrides the few hooks that differ: `claim`, `rendezvous`, `still_ours`,
+`after_failed_exit`, `give_back` and `on_stage`; `primary` and `log_prefix` say the rest.
 """
 from __future__ import annotations
 
@@ -10,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import threading
@@ -23,8 +28,8 @@ import yaml
 
 from core import runfolder as rf
 from worker import datasets, keys
-from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
-from worker.connection import connection_url
+from worker.artifacts import DATASET_REF_PREFIX
+from worker.context import WorkerContext, rq_job_context
 from worker.defaults import (
     ARTIFACT_SYNC_INTERVAL,
     CANCEL_POLL_INTERVAL,
@@ -34,68 +39,22 @@ from worker.defaults import (
     TERMINATE_GRACE,
 )
 from worker.errors import ArtifactError, JobFailed
-from worker.launcher import (
-    Launched,
-    TrainCommand,
-    WarmTrainer,
-    train_command,
-    train_env,
-)
+from worker.launcher import Launched, Rendezvous, train_command, train_env
+from worker.nodes import NodeState
+from worker.outcome import AttemptResult, Outcome, last_words
 from worker.record import JobRecord, claim_for_requeue, mark_final, mark_started
 from worker.recovery import enqueue_next_attempt
-from worker.states import FINAL_STATES, JobState, TextEnum
+from worker.states import FINAL_STATES, JobState
 from worker.streaming import LogWriter
 from worker.sweeps import TrialMonitor, trial_ended
 
 
-@dataclasses.dataclass
-class WorkerContext:
-    """What a job needs from the worker process running it."""
-
-    connection: redis.Redis
-    redis_url: str
-    worker_name: str
-    devices: list[int] | None
-    store: ArtifactStore
-    shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)
-    """Set when the worker is asked to stop: the running job is stopped and re-queued to resume elsewhere."""
-    current_job: str | None = None
-    warm: WarmTrainer | None = None
-    """The pre-started one-rank trainer (None: every run starts cold)."""
-    advertise_addr: str = "127.0.0.1"
-    """The address other machines reach this worker at (node 0 of a multi-node job hosts the rendezvous there)."""
-
-
-_context: WorkerContext | None = None
-
-
-def set_context(ctx: WorkerContext | None) -> None:
-    """The worker process registers itself here before it starts dequeuing (one worker per process)."""
-    global _context
-    _context = ctx
-
-
-def current_context() -> WorkerContext | None:
-    """The context of the `python -m worker run` process this code runs in (None under a plain `rq worker`)."""
-    return _context
-
-
-def _fallback_context() -> WorkerContext:
-    from rq import get_current_job
-
-    rq_job = get_current_job()
-    conn = rq_job.connection
-    return WorkerContext(connection=conn, redis_url=connection_url(conn), worker_name=rq_job.worker_name or "rq",
-                         devices=None, store=ArtifactStore())
-
-
-def run_attempt(job_id: str) -> dict[str, Any]:
+def run_attempt(job_id: str, ctx: WorkerContext | None = None) -> dict[str, Any]:
     """RQ entry point. Raises JobFailed when the run failed, so RQ's failed registry agrees with our status."""
-    ctx = _context or _fallback_context()
-    result = Attempt(ctx, job_id).run()
-    if result["state"] == JobState.FAILED:
-        raise JobFailed(f"job {job_id} failed: {result.get('error')}")
-    return result
+    result = Attempt(ctx or rq_job_context(), job_id).run()
+    if result.failed_job:
+        raise JobFailed(f"job {job_id} failed: {result.error}")
+    return result.as_json()
 
 
 def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -112,37 +71,34 @@ def _retry_redis(fn: Any, *args: Any, **kwargs: Any) -> Any:
             delay = min(delay * 2, 5.0)
 
 
-class Outcome(TextEnum):
-    """Why an attempt's command was stopped (or, after a failed exit, what its failure really was)."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A run folder ready for the training command: where it is, the job's config file in it, ranks, resume or not."""
 
-    CANCEL = "cancel"
-    LOST = "lost"
-    """The job is no longer this attempt's (recovered elsewhere, re-queued by a multi-node peer, deleted)."""
-    SHUTDOWN = "shutdown"
-    PRUNE = "prune"
-    TIMEOUT = "timeout"
-
-
-_OUTPUT_PREFIX = re.compile(r"^(\[node \d+\] )?(\[rank\d+\]: ?)?")
-"""What is put in front of a training line: this worker's node tag (multi-node), torchrun's rank tag."""
+    run_dir: Path
+    config_path: Path
+    nproc: int
+    resume: bool
 
 
-def last_words(lines: list[str]) -> str | None:
-    """The exception line of the last Python traceback in a training output (`ValueError: ...`), else its last line
-    that is not the worker's own note; None when there is none. Only Python's traceback layout is relied on, never
-    the wording of core's messages."""
-    output = [_OUTPUT_PREFIX.sub("", line).rstrip() for line in lines]
-    output = [line for line in output if line.strip() and not line.startswith("[worker]")]
-    starts = [i for i, line in enumerate(output) if line.startswith("Traceback (most recent call last)")]
-    if starts:
-        for line in output[starts[-1] + 1:]:
-            if not line.startswith((" ", "\t")):  # the first unindented line after the frames names the exception
-                return line.strip()
-    return output[-1].strip() if output else None
+@dataclasses.dataclass(frozen=True)
+class CommandEnd:
+    """How the training command ended: what stopped it (None: it exited by itself), its exit code, how long it ran,
+    and the pruner's reason when a sweep's pruner stopped it."""
+
+    stopped_by: Outcome | None
+    exit_code: int | None
+    seconds: float
+    prune_reason: str | None = None
 
 
 class Attempt:
-    """One attempt of one job on this worker."""
+    """One attempt of one job on this worker: `run` calls the steps below in order."""
+
+    primary = True
+    """This attempt writes the job's status, run folder and final state (of a multi-node job: node 0 only)."""
+    log_prefix = ""
+    """Put in front of every log line of this attempt (a node of a multi-node job: `[node i] `)."""
 
     def __init__(self, ctx: WorkerContext, job_id: str):
         self.ctx = ctx
@@ -155,22 +111,47 @@ class Attempt:
         self.sync_state: dict[str, tuple[int, int]] = {}
         self.run_dir: Path | None = None
 
-    # ----------------------------------------------------------------------------------------------------- helpers
-    def note(self, msg: str) -> None:
-        """A line from the worker itself into the job's log."""
-        self.on_line(f"[worker] {msg}\n", src="worker")
+    # ------------------------------------------------------------------------------------------------------ run
+    def run(self) -> AttemptResult:
+        if not self.claim():
+            return AttemptResult(self.job_id, None, Outcome.SKIPPED)
+        sweep = self.record.get("sweep")  # a sweep's trial: its sweep learns when it ends
+        self.ctx.current_job = self.job_id
+        self.log = LogWriter(self.conn, self.job_id)
+        try:
+            result = self.steps()
+        except Exception as err:  # a bug or an unexpected OS error must not leave the job `running` forever
+            logging.getLogger("worker").exception("job %s: worker error", self.job_id)
+            self.note(f"worker error: {type(err).__name__}: {err}")
+            result = self.finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
+        finally:
+            self.ctx.current_job = None
+            if self.log_file is not None:
+                self.log_file.close()
+            self.log.close()
+        if sweep and result.state in FINAL_STATES:
+            trial_ended(self.conn, sweep)  # tell Optuna, enqueue the sweep's next trial
+        return result
 
-    def on_line(self, line: str, src: str = "train") -> None:
-        if self.log is not None:
-            self.log.write(line, src)
-        if self.log_file is not None:
-            try:
-                self.log_file.write(line if line.endswith("\n") else line + "\n")
-                self.log_file.flush()
-            except (OSError, ValueError):
-                pass
+    def steps(self) -> AttemptResult:
+        """The steps after the claim; the first that ends the attempt returns its result."""
+        try:
+            prepared = self.prepare()
+            rendezvous = self.rendezvous()
+            if isinstance(rendezvous, Outcome):
+                return self._ended_before_launch(rendezvous)
+            self.log_file = (prepared.run_dir / rf.JOB_LOG).open("a", encoding="utf-8")
+        except (ArtifactError, OSError) as err:
+            self.note(f"cannot prepare the run: {err}")
+            message = str(err) if isinstance(err, ArtifactError) else \
+                f"the artifact store {self.store.url} is not writable (preparing the run folder failed): {err}"
+            return self.finish(JobState.FAILED, error=message, error_kind="ArtifactError")
+        started = time.monotonic()
+        proc = self.launch(prepared, rendezvous)
+        return self.conclude(self.watch(proc, started))
 
-    def _start(self) -> bool:
+    # ---------------------------------------------------------------------------------------------------- steps
+    def claim(self) -> bool:
         """Claim the job and read its record; False when it is not ours to run (cancelled while queued, deleted,
         already running)."""
         from rq import get_current_job
@@ -180,16 +161,13 @@ class Attempt:
         result = _retry_redis(mark_started, self.conn, self.job_id, self.ctx.worker_name, rq_id)
         return result == "ok" and self.record.refresh()
 
-    def _prepare(self) -> tuple[Path, TrainCommand, int, bool]:
+    def prepare(self) -> Prepared:
+        """The run folder (downloaded from a remote store to resume) and the job's config file, data made local."""
         cfg = self.record.config
         data = dict(cfg.get("data") or {})
-        path = data.get("path")
-        if path and datasets.needs_fetch(str(path)):  # an uploaded zip, or a registered in-place URL (synced once)
-            self.note(f"fetching dataset {path}")
-            data["path"] = str(datasets.fetch(self.store, str(path), (self.record.get("dataset") or {}).get("hash"),
-                                              what=data.get("dataset") or ""))
-        cfg["data"] = data
-        cfg["track"] = self._track(cfg.get("track") or {}, path)
+        dataset_ref = data.get("path")
+        cfg["data"] = self.fetch_data(data)
+        cfg["track"] = self._track(cfg.get("track") or {}, dataset_ref)
         run_dir = self.store.local_run_dir(self.job_id)
         resume = self.record.attempt > 0
         if resume and not self.store.is_local:
@@ -200,10 +178,18 @@ class Attempt:
         tmp = config_path.with_name(f"{config_path.name}.{os.getpid()}.tmp")
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         os.replace(tmp, config_path)  # atomic: the nodes of a multi-node job on one shared store write it each
-        nproc = self.record.gpus
         self.run_dir = run_dir
-        command = self._command(config_path, run_dir, nproc, resume)
-        return run_dir, command, nproc, resume
+        return Prepared(run_dir, config_path, self.record.gpus, resume)
+
+    def fetch_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The config's `data` section with the dataset on this machine: an uploaded zip or a registered in-place URL
+        is fetched (synced once) into this machine's cache, and `path` points there."""
+        path = data.get("path")
+        if path and datasets.needs_fetch(str(path)):
+            self.note(f"fetching dataset {path}")
+            data["path"] = str(datasets.fetch(self.store, str(path), (self.record.get("dataset") or {}).get("hash"),
+                                              what=data.get("dataset") or ""))
+        return data
 
     def _track(self, track: dict[str, Any], dataset_ref: Any) -> dict[str, Any]:
         """The config's `track` section with what only the worker knows: the MLflow run is named after the job and
@@ -213,22 +199,177 @@ class Attempt:
             tags["dataset_hash"] = str(dataset_ref).rsplit("/", 1)[-1].removesuffix(".zip")
         return {**track, "run_name": track.get("run_name") or self.record.get("name") or self.job_id, "tags": tags}
 
-    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> TrainCommand:
-        """The training command of this attempt (a node of a multi-node job builds its own)."""
-        return train_command(config_path, run_dir, nproc=nproc, resume=resume)
-
-    def _env(self, devices: list[int], nproc: int) -> dict[str, str]:
-        return train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc)
-
-    def _launched(self, proc: Launched, run_dir: Path) -> None:
-        """The command is running (diagnostics in the status)."""
-        self.record.save(pid=proc.pid, run_dir=str(run_dir))
-
-    def _after_failed_exit(self, rc: int) -> Outcome | None:
-        """The command exited non-zero by itself: an outcome that overrides `failed` (lost, cancel), or None."""
+    def rendezvous(self) -> Rendezvous | Outcome | None:
+        """Hook: where the ranks of a multi-node job meet (None for a one-node job), or the Outcome that ended the
+        attempt while this one waited for its peers."""
         return None
 
-    def _poll_flags(self) -> Outcome | None:
+    def _ended_before_launch(self, outcome: Outcome) -> AttemptResult:
+        """The attempt ended (cancelled, re-queued) while this one waited for its peers: nothing was launched."""
+        if outcome is Outcome.CANCEL and self.primary:
+            return self.finish(JobState.CANCELLED, outcome, error="cancelled by request")
+        self.on_stage(NodeState.STOPPED)
+        return AttemptResult(self.job_id, None, outcome)
+
+    def launch(self, prepared: Prepared, rendezvous: Rendezvous | None) -> Launched:
+        """Start the training command: in the worker's pre-started trainer when it can take it, else cold."""
+        devices = (self.ctx.devices or [])[:prepared.nproc]
+        where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{prepared.nproc} CPU rank(s) (gloo)"
+        self.note(f"attempt {self.record.attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
+                  + (", resuming from the last checkpoint" if prepared.resume else ""))
+        command = train_command(prepared.config_path, prepared.run_dir, nproc=prepared.nproc, resume=prepared.resume,
+                                rendezvous=rendezvous)
+        env = train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=prepared.nproc,
+                        advertise_addr=self.ctx.advertise_addr if rendezvous is not None else None)
+        proc = self.ctx.warm.take(command, env, self.on_line) if self.ctx.warm is not None else None
+        if proc is not None:
+            self.note("running in the worker's pre-started training process")
+            if self.record.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
+                self.ctx.warm.start()  # its trainer ready when this one ends (imports overlap with training)
+        else:
+            proc = Launched(command.argv(), env, self.on_line)
+        return proc
+
+    def launched(self, proc: Launched) -> None:
+        """The command is running (diagnostics in the status)."""
+        self.on_stage(NodeState.RUNNING, pid=proc.pid)
+        if self.primary:
+            self.record.save(pid=proc.pid, run_dir=str(self.run_dir))
+
+    def watch(self, proc: Launched, started: float) -> CommandEnd:
+        """Wait for the command, uploading the run folder meanwhile (remote store); stop every rank on a cancel, a
+        lost job, the time limit, the worker's shutdown or a sweep's pruner."""
+        sweep, trial = self.record.get("sweep"), self.record.get("trial")
+        monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
+        if monitor is not None:
+            monitor.prepare()
+        self.launched(proc)
+        stop_sync = threading.Event()
+        syncer = None
+        if not self.store.is_local:
+            syncer = threading.Thread(target=self._syncer, args=(stop_sync,), daemon=True, name="artifact-sync")
+            syncer.start()
+        timeout = self.record.timeout
+        outcome, prune_reason, rc = None, None, None
+        try:
+            while (rc := proc.poll()) is None:
+                outcome = Outcome.SHUTDOWN if self.ctx.shutdown.is_set() else self.poll_flags()
+                if outcome is None and monitor is not None and (prune_reason := monitor.poll()):
+                    outcome = Outcome.PRUNE
+                if outcome is None and timeout and time.monotonic() - started > float(timeout):
+                    outcome = Outcome.TIMEOUT
+                if outcome is not None:
+                    self.note({Outcome.CANCEL: "cancel requested", Outcome.LOST: "the job was taken over or deleted",
+                               Outcome.TIMEOUT: f"time limit of {float(timeout or 0):g} s exceeded",
+                               Outcome.SHUTDOWN: "worker shutting down", Outcome.PRUNE: str(prune_reason)}[outcome]
+                              + ": stopping every rank")
+                    rc = proc.stop(TERMINATE_GRACE)
+                    break
+                time.sleep(CANCEL_POLL_INTERVAL)
+        except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
+            proc.stop(grace=1.0)
+            stop_sync.set()
+            if not isinstance(exc, Exception):  # the worker is going away: give the job back (a bug fails it)
+                try:
+                    self.give_back("worker stopped abruptly")
+                except Exception as err:  # noqa: BLE001 - recovery by heartbeat expiry still applies
+                    logging.getLogger("worker").warning("job %s: could not re-queue it: %s", self.job_id, err)
+            raise
+        finally:
+            stop_sync.set()
+            proc.wait_output()
+            if syncer is not None:
+                syncer.join(timeout=30)
+        seconds = round(time.monotonic() - started, 1)
+        if outcome is None and rc not in (0, None):
+            outcome = self.after_failed_exit(rc)
+        return CommandEnd(outcome, rc, seconds, prune_reason)
+
+    def conclude(self, end: CommandEnd) -> AttemptResult:
+        """The final state from how the command ended, said in the log and the run folder, then recorded."""
+        rc, seconds = end.exit_code, end.seconds
+        if end.stopped_by is Outcome.LOST:
+            self.on_stage(NodeState.LOST)
+            return AttemptResult(self.job_id, None, Outcome.LOST)
+        if end.stopped_by is Outcome.SHUTDOWN:
+            self._sync()
+            return self.give_back("its worker shut down")
+        fields: dict[str, Any] = {"exit_code": rc}
+        if end.stopped_by is Outcome.CANCEL:
+            state, fields["error"], msg = JobState.CANCELLED, "cancelled by request", f"cancelled after {seconds:g} s"
+        elif end.stopped_by is Outcome.PRUNE:
+            state, fields["error"], fields["error_kind"] = JobState.PRUNED, end.prune_reason, "Pruned"
+            msg = f"pruned after {seconds:g} s"
+        elif end.stopped_by is Outcome.TIMEOUT:
+            state, fields["error_kind"] = JobState.FAILED, "Timeout"
+            limit = float(self.record.timeout or 0)
+            fields["error"] = msg = f"timed out: the job exceeded its time limit of {limit:g} s"
+        elif rc == 0:
+            state, fields["error"], msg = JobState.FINISHED, None, f"finished in {seconds:g} s"
+            fields.update(self._fields_from_report())
+        else:
+            state = JobState.FAILED
+            fields["error"], fields["error_kind"] = self._error_from(rc)
+            if full := self._store_full(fields["error"]):
+                fields["error"], fields["error_kind"] = f"{full}: {fields['error']}", "ArtifactError"
+            msg = f"failed with exit code {rc}: {fields['error']}"
+        self.note(msg)
+        self._mark_run(state, fields.get("error") or "")
+        try:
+            self._sync(final=True)  # after the last note, so the uploaded job.log is complete
+        except ArtifactError as err:
+            state, fields["error"], fields["error_kind"] = JobState.FAILED, str(err), "ArtifactError"
+        return self.finish(state, end.stopped_by, **fields)
+
+    def finish(self, state: JobState, why: Outcome | None = None, **fields: Any) -> AttemptResult:
+        """Record the final state with `fields` (error, error_kind, exit_code, ...), the artifacts and, unless it
+        finished, the log's tail. A job taken over meanwhile keeps the state it has (the result says which)."""
+        self.on_stage(NodeState(state), exit_code=fields.get("exit_code"))
+        said = {k: fields.get(k) for k in ("error", "error_kind", "exit_code")}
+        if not self.primary:
+            return AttemptResult(self.job_id, state, why, **said, primary=False)
+        tail = list(self.log.tail)[-STATUS_LOG_TAIL_LINES:] if self.log else []
+        files = []
+        try:
+            files = self.store.list_files(self.job_id)
+        except (OSError, ArtifactError):
+            pass
+        artifacts = {**self.store.artifact_uris(self.job_id, files), "files": files,
+                     "partial": state is not JobState.FINISHED}
+        payload = {"artifacts": artifacts, "log_tail": tail if state is not JobState.FINISHED else [], **fields}
+        if state is JobState.FINISHED:
+            payload["progress"] = 1.0
+        written = _retry_redis(mark_final, self.conn, self.job_id, self.ctx.worker_name, state, payload)
+        if written != "ok":
+            self.note(f"not recording {state.value}: the job is now {written}")
+            state = JobState.parse(written)  # None: deleted
+            if state is JobState.RECOVERING:  # given back by someone else: this attempt merely stopped
+                self.on_stage(NodeState.STOPPED)
+        return AttemptResult(self.job_id, state, why, **said)
+
+    def give_back(self, reason: str) -> AttemptResult:
+        """Give the job back (worker shutting down): recovering, re-enqueued at the front; not a recovery count."""
+        state, attempt = _retry_redis(claim_for_requeue, self.conn, self.job_id, self.ctx.worker_name,
+                                      max_recoveries=-1, reason=reason)
+        if state == JobState.RECOVERING:
+            enqueue_next_attempt(self.conn, self.job_id, attempt)
+            self.note(f"re-queued ({reason}); it will resume from its last checkpoint")
+        return AttemptResult(self.job_id, JobState.parse(state), Outcome.SHUTDOWN)
+
+    # ---------------------------------------------------------------------------------------------------- hooks
+    def still_ours(self) -> bool:
+        """Hook: the running job (its record just refreshed) is still this attempt's: this worker runs it."""
+        return self.record.worker == self.ctx.worker_name
+
+    def after_failed_exit(self, rc: int) -> Outcome | None:
+        """Hook: the command exited non-zero by itself: an outcome that overrides `failed` (lost, cancel), or None."""
+        return None
+
+    def on_stage(self, stage: NodeState, **fields: Any) -> None:
+        """Hook: this attempt reached `stage` (running, its end, lost, stopped). A one-node attempt's stages are the
+        job's own, recorded by the steps; a node of a multi-node job also records its own entry."""
+
+    def poll_flags(self) -> Outcome | None:
         """CANCEL when a cancel was requested, LOST when the job is no longer ours (recovered elsewhere,
         deleted), None otherwise. Redis errors keep the run going: training does not need Redis."""
         try:
@@ -237,14 +378,27 @@ class Attempt:
             return None
         if self.record.cancel_requested:
             return Outcome.CANCEL
-        return None if self.record.state is JobState.RUNNING and self._still_ours() else Outcome.LOST
+        return None if self.record.state is JobState.RUNNING and self.still_ours() else Outcome.LOST
 
-    def _still_ours(self) -> bool:
-        """The running job (its record just refreshed) is still this attempt's: this worker runs it."""
-        return self.record.worker == self.ctx.worker_name
+    # -------------------------------------------------------------------------------------------------- helpers
+    def note(self, msg: str) -> None:
+        """A line from the worker itself into the job's log."""
+        self.on_line(f"[worker] {msg}\n", src="worker")
+
+    def on_line(self, line: str, src: str = "train") -> None:
+        line = self.log_prefix + line
+        if self.log is not None:
+            self.log.write(line, src)
+        if self.log_file is not None:
+            try:
+                self.log_file.write(line if line.endswith("\n") else line + "\n")
+                self.log_file.flush()
+            except (OSError, ValueError):
+                pass
 
     def _sync(self, final: bool = False) -> None:
-        if self.store.is_local or self.run_dir is None:
+        """Upload the run folder to a remote store (only the primary attempt writes it: rank 0 lives there)."""
+        if self.store.is_local or self.run_dir is None or not self.primary:
             return
         try:
             n = self.store.sync_up(self.job_id, self.run_dir, self.sync_state)
@@ -311,7 +465,7 @@ class Attempt:
     def _mark_run(self, state: JobState, error: str) -> None:
         """A run stopped by a signal (cancel, time limit) may die before core writes its CANCELLED/FAILED marker:
         write it here, so the run folder (and its copy in the store) says it is partial."""
-        if state is JobState.FINISHED or self.run_dir is None or not self.run_dir.is_dir():
+        if state is JobState.FINISHED or not self.primary or self.run_dir is None or not self.run_dir.is_dir():
             return
         if any((self.run_dir / marker).exists() for marker in rf.MARKERS):
             return
@@ -320,164 +474,4 @@ class Attempt:
             rf.mark(self.run_dir, marker, f"{error or state.value} (marked by worker {self.ctx.worker_name})")
         except OSError:
             pass
-
-    def _requeue_self(self, reason: str) -> dict[str, Any]:
-        """Give the job back (worker shutting down): recovering, re-enqueued at the front; not a recovery count."""
-        state, attempt = _retry_redis(claim_for_requeue, self.conn, self.job_id, self.ctx.worker_name,
-                                      max_recoveries=-1, reason=reason)
-        if state == JobState.RECOVERING:
-            enqueue_next_attempt(self.conn, self.job_id, attempt)
-            self.note(f"re-queued ({reason}); it will resume from its last checkpoint")
-        return {"state": state, "job_id": self.job_id}
-
-    def _finish(self, state: JobState, **fields: Any) -> dict[str, Any]:
-        tail = list(self.log.tail)[-STATUS_LOG_TAIL_LINES:] if self.log else []
-        files = []
-        try:
-            files = self.store.list_files(self.job_id)
-        except (OSError, ArtifactError):
-            pass
-        artifacts = {**self.store.artifact_uris(self.job_id, files), "files": files,
-                     "partial": state is not JobState.FINISHED}
-        payload = {"artifacts": artifacts, "log_tail": tail if state is not JobState.FINISHED else [], **fields}
-        if state is JobState.FINISHED:
-            payload["progress"] = 1.0
-        result = _retry_redis(mark_final, self.conn, self.job_id, self.ctx.worker_name, state, payload)
-        if result != "ok":
-            self.note(f"not recording {state.value}: the job is now {result}")
-        return {"state": state.value if result == "ok" else result, "job_id": self.job_id, **fields}
-
-    # -------------------------------------------------------------------------------------------------------- run
-    def run(self) -> dict[str, Any]:
-        if not self._start():
-            return {"state": "skipped", "job_id": self.job_id}
-        sweep = self.record.get("sweep")  # a sweep's trial: its sweep learns when it ends
-        self.ctx.current_job = self.job_id
-        self.log = LogWriter(self.conn, self.job_id)
-        try:
-            result = self._run()
-        except Exception as err:  # a bug or an unexpected OS error must not leave the job `running` forever
-            logging.getLogger("worker").exception("job %s: worker error", self.job_id)
-            self.note(f"worker error: {type(err).__name__}: {err}")
-            result = self._finish(JobState.FAILED, error=f"worker error: {err}", error_kind=type(err).__name__)
-        finally:
-            self.ctx.current_job = None
-            if self.log_file is not None:
-                self.log_file.close()
-            self.log.close()
-        if sweep and result.get("state") in FINAL_STATES:
-            trial_ended(self.conn, sweep)  # tell Optuna, enqueue the sweep's next trial
-        return result
-
-    def _run(self) -> dict[str, Any]:
-        attempt = self.record.attempt
-        try:
-            run_dir, command, nproc, resume = self._prepare()
-            self.log_file = (run_dir / rf.JOB_LOG).open("a", encoding="utf-8")
-        except (ArtifactError, OSError) as err:
-            self.note(f"cannot prepare the run: {err}")
-            message = str(err) if isinstance(err, ArtifactError) else \
-                f"the artifact store {self.store.url} is not writable (preparing the run folder failed): {err}"
-            return self._finish(JobState.FAILED, error=message, error_kind="ArtifactError")
-        devices = (self.ctx.devices or [])[:nproc]
-        where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{nproc} CPU rank(s) (gloo)"
-        self.note(f"attempt {attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
-                  + (", resuming from the last checkpoint" if resume else ""))
-        env = self._env(devices, nproc)
-        started = time.monotonic()
-        timeout = self.record.timeout
-        proc = self.ctx.warm.take(command, env, self.on_line) if self.ctx.warm is not None else None
-        if proc is not None:
-            self.note("running in the worker's pre-started training process")
-            if self.record.get("sweep") and self.ctx.warm is not None:  # the sweep's next trial follows this one: have
-                self.ctx.warm.start()  # its trainer ready when this one ends (imports overlap with training)
-        else:
-            proc = Launched(command.argv(), env, self.on_line)
-        sweep, trial = self.record.get("sweep"), self.record.get("trial")
-        monitor = TrialMonitor(self.conn, sweep, trial, self.job_id) if sweep and trial is not None else None
-        if monitor is not None:
-            monitor.prepare()
-        prune_reason = None
-        self._launched(proc, run_dir)
-        stop_sync = threading.Event()
-        syncer = None
-        if not self.store.is_local:
-            syncer = threading.Thread(target=self._syncer, args=(stop_sync,), daemon=True, name="artifact-sync")
-            syncer.start()
-
-        outcome = None
-        rc: int | None = None
-        try:
-            while True:
-                rc = proc.poll()
-                if rc is not None:
-                    break
-                if self.ctx.shutdown.is_set():
-                    outcome = Outcome.SHUTDOWN
-                    break
-                outcome = self._poll_flags()
-                if outcome:
-                    break
-                if monitor is not None and (prune_reason := monitor.poll()):
-                    outcome = Outcome.PRUNE
-                    break
-                if timeout and time.monotonic() - started > float(timeout):
-                    outcome = Outcome.TIMEOUT
-                    break
-                time.sleep(CANCEL_POLL_INTERVAL)
-            if outcome:
-                self.note({Outcome.CANCEL: "cancel requested: stopping every rank",
-                           Outcome.LOST: "the job was taken over or deleted: stopping every rank",
-                           Outcome.TIMEOUT: f"time limit of {float(timeout or 0):g} s exceeded: stopping every rank",
-                           Outcome.SHUTDOWN: "worker shutting down: stopping every rank",
-                           Outcome.PRUNE: f"{prune_reason}: stopping every rank"}[outcome])
-                rc = proc.stop(TERMINATE_GRACE)
-        except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
-            proc.stop(grace=1.0)
-            stop_sync.set()
-            if not isinstance(exc, Exception):  # the worker is going away: give the job back (a bug fails it)
-                try:
-                    self._requeue_self("worker stopped abruptly")
-                except Exception as err:  # noqa: BLE001 - recovery by heartbeat expiry still applies
-                    logging.getLogger("worker").warning("job %s: could not re-queue it: %s", self.job_id, err)
-            raise
-        finally:
-            stop_sync.set()
-            proc.wait_output()
-            if syncer is not None:
-                syncer.join(timeout=30)
-        seconds = round(time.monotonic() - started, 1)
-        if outcome is None and rc not in (0, None):
-            outcome = self._after_failed_exit(rc)
-
-        if outcome is Outcome.LOST:
-            return {"state": Outcome.LOST.value, "job_id": self.job_id}
-        if outcome is Outcome.SHUTDOWN:
-            self._sync()
-            return self._requeue_self("its worker shut down")
-        fields: dict[str, Any] = {"exit_code": rc}
-        if outcome is Outcome.CANCEL:
-            state, fields["error"], msg = JobState.CANCELLED, "cancelled by request", f"cancelled after {seconds:g} s"
-        elif outcome is Outcome.PRUNE:
-            state, fields["error"], fields["error_kind"] = JobState.PRUNED, prune_reason, "Pruned"
-            msg = f"pruned after {seconds:g} s"
-        elif outcome is Outcome.TIMEOUT:
-            state, fields["error_kind"] = JobState.FAILED, "Timeout"
-            fields["error"] = msg = f"timed out: the job exceeded its time limit of {float(timeout or 0):g} s"
-        elif rc == 0:
-            state, fields["error"], msg = JobState.FINISHED, None, f"finished in {seconds:g} s"
-            fields.update(self._fields_from_report())
-        else:
-            state = JobState.FAILED
-            fields["error"], fields["error_kind"] = self._error_from(rc)
-            if full := self._store_full(fields["error"]):
-                fields["error"], fields["error_kind"] = f"{full}: {fields['error']}", "ArtifactError"
-            msg = f"failed with exit code {rc}: {fields['error']}"
-        self.note(msg)
-        self._mark_run(state, fields.get("error") or "")
-        try:
-            self._sync(final=True)  # after the last note, so the uploaded job.log is complete
-        except ArtifactError as err:
-            state, fields["error"], fields["error_kind"] = JobState.FAILED, str(err), "ArtifactError"
-        return self._finish(state, **fields)
 

@@ -30,7 +30,7 @@ import redis
 
 from worker import keys, record
 from worker.defaults import GANG_RESERVATION_TIMEOUT, PRIORITIES
-from worker.hashcodec import text
+from worker.hashcodec import decode_reply
 from worker.record import JobRecord
 from worker.states import WAITING_STATES, JobState
 
@@ -58,24 +58,25 @@ def waiting_note(reserved: int, nodes: int) -> str:
 
 def waiting_jobs(conn: redis.Redis, limit: int = 50) -> list[str]:
     """Multi-node jobs waiting for a gang, first served first."""
-    return [text(j) for j in conn.zrange(keys.gangs(), 0, limit - 1)]
+    return [decode_reply(j) for j in conn.zrange(keys.gangs(), 0, limit - 1)]
 
 
 def reserved_job(conn: redis.Redis, worker: str) -> str | None:
     """The multi-node job this worker is reserved for, or None."""
     raw = conn.hget(keys.reservations(), worker)
-    return text(raw) if raw else None
+    return decode_reply(raw) if raw else None
 
 
 def reservations(conn: redis.Redis) -> dict[str, str]:
     """worker name → job id, for every worker holding a reservation."""
-    return {text(k): text(v) for k, v in conn.hgetall(keys.reservations()).items()}
+    return {decode_reply(k): decode_reply(v) for k, v in conn.hgetall(keys.reservations()).items()}
 
 
 def members(conn: redis.Redis, job_id: str) -> list[str]:
     """The workers reserved for a waiting job, in reservation order."""
     raw = conn.hgetall(keys.gang(job_id))
-    return [name for name, _ in sorted(((text(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))]
+    joined = sorted(((decode_reply(k), float(v)) for k, v in raw.items()), key=lambda x: (x[1], x[0]))
+    return [name for name, _ in joined]
 
 
 def reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tuple[str, int]:

@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Any
 
 
-def text(value: bytes | str) -> str:
+def decode_reply(value: bytes | str) -> str:
     """A Redis reply (bytes: our clients are in bytes mode, as RQ expects) as text."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -23,7 +23,7 @@ class HashCodec:
     jsons: frozenset[str] = frozenset()
 
     def decode_value(self, key: str, raw: bytes | str) -> Any:
-        val = text(raw)
+        val = decode_reply(raw)
         if val == "":
             return None
         if key in self.ints:
@@ -45,7 +45,7 @@ class HashCodec:
 
     def decode(self, raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
         """HGETALL reply → typed values."""
-        return {text(k): self.decode_value(text(k), v) for k, v in raw.items()}
+        return {decode_reply(k): self.decode_value(decode_reply(k), v) for k, v in raw.items()}
 
     @staticmethod
     def encode(fields: dict[str, Any]) -> dict[str, str]:

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from worker import gang
-from worker.attempt import Attempt, Outcome, WorkerContext, current_context
+from worker.attempt import Attempt
+from worker.context import WorkerContext
 from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, RENDEZVOUS_TIMEOUT
 from worker.errors import JobFailed
-from worker.launcher import Launched, Rendezvous, TrainCommand, train_command, train_env
+from worker.launcher import Rendezvous
 from worker.nodes import NodeState, save_node
+from worker.outcome import AttemptResult, Outcome
 from worker.presence import heartbeat_ttl
 from worker.states import JobState
 
@@ -56,16 +57,11 @@ def free_port(addr: str) -> int:
         return int(sock.getsockname()[1])
 
 
-class _Stop(Exception):
-    """The attempt ended before its command started (cancelled, taken over, node 0 never published)."""
-
-    def __init__(self, outcome: Outcome):
-        super().__init__(outcome)
-        self.outcome = outcome
-
-
 class NodeRun(Attempt):
-    """One node (rank `node_rank` of the gang) of one attempt of a multi-node job on this worker."""
+    """One node (rank `node_rank` of the gang) of one attempt of a multi-node job on this worker. It overrides the
+    hooks that differ from a one-node attempt: `claim` (the gang already started the attempt), `rendezvous`,
+    `still_ours` (the attempt number), `after_failed_exit` (a lost peer), `give_back` (the whole gang) and `on_stage`
+    (its entry in the nodes hash); only node 0 is `primary`."""
 
     def __init__(self, ctx: WorkerContext, job_id: str, attempt: int):
         super().__init__(ctx, job_id)
@@ -73,22 +69,10 @@ class NodeRun(Attempt):
         self.node_rank = -1
         self.members: list[str] = []
         self.nnodes = 0
-
-    # --------------------------------------------------------------------------------------------------- helpers
-    def on_line(self, line: str, src: str = "train") -> None:
-        super().on_line(f"[node {self.node_rank}] {line}", src)
-
-    def _node(self, state: NodeState, **fields: Any) -> None:
-        """Update this node's entry (worker, host, addr, ranks, state, attempt, ...) in the job's nodes hash."""
-        try:
-            save_node(self.record, {"node_rank": self.node_rank, "worker": self.ctx.worker_name,
-                                    "host": socket.gethostname(), "addr": self.ctx.advertise_addr,
-                                    "attempt": self.attempt, "state": state, **fields})
-        except redis.exceptions.RedisError:
-            pass
+        self.primary = False
 
     # --------------------------------------------------------------------------------------------- Attempt hooks
-    def _start(self) -> bool:
+    def claim(self) -> bool:
         me = self.ctx.worker_name
         gang.unreserve(self.conn, me, self.job_id)
         if not self.record.refresh() or self.record.state is not JobState.RUNNING \
@@ -97,11 +81,15 @@ class NodeRun(Attempt):
         self.members = self.record.gang
         self.node_rank = self.members.index(me)
         self.nnodes = len(self.members)
+        self.primary = self.node_rank == 0  # node 0 holds global rank 0, which writes the run folder
+        self.log_prefix = f"[node {self.node_rank}] "
         ranks = self.record.gpus
-        self._node(NodeState.STARTING, ranks=ranks, global_ranks=[self.node_rank * ranks + i for i in range(ranks)])
+        self.on_stage(NodeState.STARTING, ranks=ranks,
+                      global_ranks=[self.node_rank * ranks + i for i in range(ranks)])
         return True
 
-    def _rendezvous(self) -> Rendezvous:
+    def rendezvous(self) -> Rendezvous | Outcome:
+        """Node 0 publishes a free port on its address; the others wait for it (or for the attempt to end)."""
         run_id = f"{self.job_id}-a{self.attempt}"
         if self.node_rank == 0:
             addr = self.ctx.advertise_addr
@@ -111,9 +99,9 @@ class NodeRun(Attempt):
             return Rendezvous(addr, port, self.nnodes, 0, run_id)
         deadline = time.monotonic() + RENDEZVOUS_TIMEOUT
         while time.monotonic() < deadline:
-            outcome = self._poll_flags()
+            outcome = self.poll_flags()
             if outcome:
-                raise _Stop(outcome)
+                return self._ended_before_start(outcome)
             self.record.refresh("rendezvous")
             info = self.record.get("rendezvous", {})
             if info.get("attempt") == self.attempt:
@@ -122,21 +110,14 @@ class NodeRun(Attempt):
         what = f"node 0 ({self.members[0]}) did not publish its address within {RENDEZVOUS_TIMEOUT} s"
         if not self._requeue_if_member_lost(what):
             gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=MAX_RECOVERIES, reason=what)
-        raise _Stop(Outcome.LOST)
+        return self._ended_before_start(Outcome.LOST)
 
-    def _command(self, config_path: Path, run_dir: Path, nproc: int, resume: bool) -> TrainCommand:
-        return train_command(config_path, run_dir, nproc=nproc, resume=resume, rendezvous=self._rendezvous())
+    def _ended_before_start(self, outcome: Outcome) -> Outcome:
+        self.note({Outcome.CANCEL: "cancelled before this node started",
+                   Outcome.LOST: "the attempt ended before this node started"}.get(outcome, str(outcome)))
+        return outcome
 
-    def _env(self, devices: list[int], nproc: int) -> dict[str, str]:
-        return train_env(job_id=self.job_id, redis_url=self.ctx.redis_url, devices=devices, nproc=nproc,
-                         advertise_addr=self.ctx.advertise_addr)
-
-    def _launched(self, proc: Launched, run_dir: Path) -> None:
-        self._node(NodeState.RUNNING, pid=proc.pid)
-        if self.node_rank == 0:
-            super()._launched(proc, run_dir)
-
-    def _still_ours(self) -> bool:
+    def still_ours(self) -> bool:
         """Still this attempt (node 0's worker is the job's `worker`; every node checks the attempt number)."""
         return self.record.attempt == self.attempt
 
@@ -151,12 +132,12 @@ class NodeRun(Attempt):
                   + (f"re-queued as attempt {new_attempt}" if state == JobState.RECOVERING else f"the job is {state}"))
         return True
 
-    def _after_failed_exit(self, rc: int) -> Outcome | None:
+    def after_failed_exit(self, rc: int) -> Outcome | None:
         """A peer's death makes this node's ranks fail too (their connections close): wait up to one heartbeat TTL
         for a member's advertisement to expire before calling the failure the job's own."""
         deadline = time.monotonic() + heartbeat_ttl() + 2.0
         while True:
-            outcome = self._poll_flags()
+            outcome = self.poll_flags()
             if outcome:
                 return outcome
             if self._requeue_if_member_lost(f"this node's command exited with code {rc}"):
@@ -165,49 +146,31 @@ class NodeRun(Attempt):
                 return None
             time.sleep(CANCEL_POLL_INTERVAL)
 
-    def _sync(self, final: bool = False) -> None:
-        if self.node_rank == 0:  # only node 0 holds global rank 0, which writes the run folder
-            super()._sync(final)
-
-    def _mark_run(self, state: JobState, error: str) -> None:
-        if self.node_rank == 0:
-            super()._mark_run(state, error)
-
-    def _requeue_self(self, reason: str) -> dict[str, Any]:
+    def give_back(self, reason: str) -> AttemptResult:
+        """The whole gang's attempt goes back to waiting (the other nodes notice the new attempt number and stop)."""
         state, new_attempt = gang.requeue_running(self.conn, self.job_id, self.attempt, max_recoveries=-1,
                                                   reason=f"worker {self.ctx.worker_name}: {reason}")
-        self._node(NodeState.STOPPED)
+        self.on_stage(NodeState.STOPPED)
         if state == JobState.RECOVERING:
             self.note(f"re-queued as attempt {new_attempt} ({reason}); a new gang resumes from the last checkpoint")
-        return {"state": state, "job_id": self.job_id}
+        return AttemptResult(self.job_id, JobState.parse(state), Outcome.SHUTDOWN, primary=self.primary)
 
-    def _finish(self, state: JobState, **fields: Any) -> dict[str, Any]:
-        self._node(NodeState(state), exit_code=fields.get("exit_code"))
-        if self.node_rank != 0:
-            return {"state": state.value, "job_id": self.job_id, "node_rank": self.node_rank, **fields}
-        return super()._finish(state, **fields)
-
-    def _run(self) -> dict[str, Any]:
+    def on_stage(self, stage: NodeState, **fields: Any) -> None:
+        """This node's entry (worker, host, addr, ranks, state, attempt, ...) in the job's nodes hash."""
         try:
-            result = super()._run()
-        except _Stop as stop:
-            self.note({Outcome.CANCEL: "cancelled before this node started",
-                       Outcome.LOST: "the attempt ended before this node started"}.get(stop.outcome, stop.outcome))
-            if stop.outcome is Outcome.CANCEL and self.node_rank == 0:
-                return self._finish(JobState.CANCELLED, error="cancelled by request")
-            self._node(NodeState.STOPPED)
-            return {"state": stop.outcome.value, "job_id": self.job_id}
-        if result.get("state") in (Outcome.LOST, JobState.RECOVERING):
-            self._node(NodeState.LOST if result["state"] == Outcome.LOST else NodeState.STOPPED)
-        return result
+            save_node(self.record, {"node_rank": self.node_rank, "worker": self.ctx.worker_name,
+                                    "host": socket.gethostname(), "addr": self.ctx.advertise_addr,
+                                    "attempt": self.attempt, "state": stage, **fields})
+        except redis.exceptions.RedisError:
+            pass
 
 
-def train_node(job_id: str, attempt: int) -> dict[str, Any]:
-    """RQ entry point of one node (enqueued by its own worker into its private queue when the gang started)."""
-    ctx = current_context()
+def train_node(job_id: str, attempt: int, ctx: WorkerContext | None = None) -> dict[str, Any]:
+    """RQ entry point of one node (enqueued by its own worker into its private queue when the gang started); `ctx`
+    is that worker's context (worker/worker.py's `WorkerJob` passes it)."""
     if ctx is None:
         raise JobFailed("a node of a multi-node job runs only inside `python -m worker run`")
     result = NodeRun(ctx, job_id, int(attempt)).run()
-    if result["state"] == JobState.FAILED and result.get("node_rank") in (None, 0):
-        raise JobFailed(f"job {job_id} failed: {result.get('error')}")
-    return result
+    if result.failed_job:
+        raise JobFailed(f"job {job_id} failed: {result.error}")
+    return result.as_json()

@@ -11,7 +11,7 @@ import redis
 
 from worker import keys
 from worker.defaults import HEARTBEAT_TTL
-from worker.hashcodec import HashCodec, text
+from worker.hashcodec import HashCodec, decode_reply
 
 WORKER_CODEC = HashCodec(ints=frozenset({"slots", "pid"}), floats=frozenset({"heartbeat", "started_at"}),
                          jsons=frozenset({"gpus", "queues"}))
@@ -52,7 +52,7 @@ def is_alive(conn: redis.Redis, name: str) -> bool:
 def list_workers(conn: redis.Redis) -> list[dict[str, Any]]:
     """Live workers (name, hostname, pid, kind, gpus [{index, name, memory_mb}], slots, torch, cuda, state,
     current_job, heartbeat, started_at, queues), sorted by name; names whose hash expired are pruned."""
-    names = sorted(text(n) for n in conn.smembers(keys.workers_set()))
+    names = sorted(decode_reply(n) for n in conn.smembers(keys.workers_set()))
     if not names:
         return []
     with conn.pipeline() as pipe:

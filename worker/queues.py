@@ -1,6 +1,8 @@
 """RQ queues: one per (GPU count, priority), e.g. `train:g2:high`; payloads through RQ's JSONSerializer only.
 
-A worker with G devices listens to the queues for 1..G devices, so it only ever dequeues jobs it can run.
+A worker with G devices listens to the queues for 1..G devices, so it only ever dequeues jobs it can run. The job
+functions are named by import path (`JOB_FUNCTION`, `NODE_FUNCTION`): jobs already queued keep working as long as
+those paths do.
 """
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ from worker.defaults import JOB_RESULT_TTL
 
 JOB_FUNCTION = "worker.attempt.run_attempt"
 """The RQ job function, by import path (its only argument is the job id: plain JSON, nothing pickled)."""
+
+NODE_FUNCTION = "worker.multinode.train_node"
+"""The RQ job function of one node of a multi-node job (arguments: the job id and the attempt number)."""
+
+CONTEXT_FUNCTIONS = frozenset({JOB_FUNCTION, NODE_FUNCTION})
+"""The job functions that take the running worker's context as their keyword argument `ctx` (worker/worker.py's
+`WorkerJob` passes it)."""
 
 
 def get_queue(conn: redis.Redis, name: str) -> Queue:

@@ -16,7 +16,7 @@ import redis
 
 from worker import keys
 from worker.errors import NoSuchJobError
-from worker.hashcodec import HashCodec, text
+from worker.hashcodec import HashCodec, decode_reply
 from worker.states import JobState
 
 JOB_CODEC = HashCodec(
@@ -285,7 +285,7 @@ return {$RECOVERING, attempt}
 
 def mark_started(conn: redis.Redis, job_id: str, worker: str, rq_id: str) -> str:
     """queued/recovering → running, owned by `worker`. Returns 'ok' or the state that prevented it."""
-    return text(conn.eval(_START, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), worker,
+    return decode_reply(conn.eval(_START, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), worker,
                           time.time(), rq_id, job_id))
 
 
@@ -294,12 +294,12 @@ def mark_final(conn: redis.Redis, job_id: str, worker: str, state: JobState, fie
     args: list[Any] = [worker, state.value, time.time(), job_id]
     for k, v in encode_fields(fields).items():
         args += [k, v]
-    return text(conn.eval(_FINISH, 2, keys.job(job_id), keys.running_set(), *args))
+    return decode_reply(conn.eval(_FINISH, 2, keys.job(job_id), keys.running_set(), *args))
 
 
 def request_cancel(conn: redis.Redis, job_id: str) -> str:
     """$CANCELLED (was waiting), 'requested' (running: its worker stops it) or the final state it already had."""
-    return text(conn.eval(_CANCEL, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), time.time(),
+    return decode_reply(conn.eval(_CANCEL, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), time.time(),
                           job_id))
 
 
@@ -310,7 +310,7 @@ def claim_for_requeue(
     (current state, 0) when someone else already moved it. `max_recoveries=-1` does not count this one."""
     state, attempt = conn.eval(_REQUEUE, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), owner,
                                max_recoveries, time.time(), job_id, reason)
-    return text(state), int(attempt)
+    return decode_reply(state), int(attempt)
 
 
 # ---------------------------------------------------------------------------------- multi-node gang transitions
@@ -428,7 +428,7 @@ def gang_reserve(conn: redis.Redis, job_id: str, worker: str, slots: int) -> tup
     result, count = conn.eval(_GANG_RESERVE, 7, keys.job(job_id), keys.gang(job_id), keys.reservations(),
                               keys.gangs(), keys.running_set(), keys.recovering_set(), keys.nodes(job_id),
                               worker, time.time(), job_id, int(slots))
-    return text(result), int(count)
+    return decode_reply(result), int(count)
 
 
 def gang_drop(conn: redis.Redis, job_id: str, names: list[str]) -> int:
@@ -451,4 +451,4 @@ def gang_requeue(conn: redis.Redis, job_id: str, attempt: int, *, max_recoveries
     state, new_attempt = conn.eval(_GANG_REQUEUE, 6, keys.job(job_id), keys.running_set(), keys.recovering_set(),
                                    keys.gangs(), keys.gang(job_id), keys.reservations(), attempt, max_recoveries,
                                    time.time(), job_id, reason, score)
-    return text(state), int(new_attempt)
+    return decode_reply(state), int(new_attempt)

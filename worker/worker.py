@@ -19,14 +19,14 @@ import time
 from typing import Any
 
 import redis
-from rq.exceptions import DequeueTimeout
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import attempt, gang, keys
+from worker import gang, keys
 from worker.artifacts import ArtifactStore
+from worker.context import WorkerContext
 from worker.defaults import (
     GANG_POLL_INTERVAL,
     HEARTBEAT_INTERVAL,
@@ -36,6 +36,7 @@ from worker.defaults import (
 )
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
+from worker.queues import CONTEXT_FUNCTIONS, NODE_FUNCTION
 from worker.record import JobRecord
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
 from worker.states import JobState
@@ -45,6 +46,20 @@ log = logging.getLogger("worker")
 
 RQ_WORKER_TTL = 30
 """Seconds: RQ's own worker-key TTL base (RQ adds 60), and its idle dequeue timeout is this minus 15."""
+
+
+class WorkerJob(Job):
+    """RQ's job as a `TrainerWorker` runs it: `execute_job` sets `context`, and a job function of
+    `queues.CONTEXT_FUNCTIONS` receives it as its `ctx` argument (explicitly: no module global; the stored payload
+    stays the job id alone). Under a plain `rq worker` (RQ's own job class) those functions get no context and build
+    one from RQ's current job. `Job._execute` is the one RQ method overridden (tests/test_rq_shape.py pins it)."""
+
+    context: WorkerContext | None = None
+
+    def _execute(self) -> Any:
+        if self.context is None or self.func_name not in CONTEXT_FUNCTIONS:
+            return super()._execute()
+        return self.func(*self.args, ctx=self.context, **self.kwargs)
 
 
 def default_name() -> str:
@@ -76,11 +91,12 @@ class TrainerWorker(SimpleWorker):
             connection=connection,
             serializer=JSONSerializer,
             worker_ttl=RQ_WORKER_TTL,
+            job_class=WorkerJob,
         )
         self.store = store
         self.store_id = store.identity()
-        self.ctx = attempt.WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
-                                      devices=resources.get("devices"), store=store)
+        self.ctx = WorkerContext(connection=connection, redis_url=redis_url, worker_name=self.name,
+                                 devices=resources.get("devices"), store=store)
         if advertise_addr:
             self.ctx.advertise_addr = advertise_addr
         self.gang_timeout = gang.reservation_timeout()
@@ -212,7 +228,7 @@ class TrainerWorker(SimpleWorker):
             return None
         self._reserved_for = None
         queue = Queue(keys.node_queue(self.name), connection=conn, serializer=JSONSerializer)
-        queue.enqueue_call("worker.multinode.train_node", args=[job_id, attempt], timeout=-1,
+        queue.enqueue_call(NODE_FUNCTION, args=[job_id, attempt], timeout=-1,
                            job_id=keys.rq_node_job_id(job_id, attempt, node_rank), result_ttl=JOB_RESULT_TTL,
                            failure_ttl=JOB_RESULT_TTL,
                            description=f"train {job_id} (attempt {attempt}, node {node_rank})")
@@ -236,51 +252,42 @@ class TrainerWorker(SimpleWorker):
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None,
                                      max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
-        """RQ's idle loop, plus the multi-node jobs: each round first looks at the waiting gangs (gang.py: the rules),
-        then blocks on the RQ queues for at most a second. A reserved worker takes no single-node job."""
+        """RQ's idle loop, plus the multi-node jobs. All that differs from RQ's own: each round first looks at the
+        waiting gangs (gang.py: the rules), a reserved worker takes no single-node job, and the RQ queues are looked
+        at by RQ's own loop for at most a second per round (`max_idle_time=1`), so a gang is seen within about a
+        second. tests/test_rq_shape.py pins the shape of the RQ code this relies on."""
         self.set_state(WorkerStatus.IDLE)
-        self.procline("Listening on " + ",".join(self.queue_names()))
         idle_since = time.monotonic()
         wait = 1.0
         while True:
             try:
-                self.heartbeat()
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()
                 node = self._gang_turn()
-                if node is not None:
+                if node is None and self._reserved_for:  # RQ's loop (and its heartbeat) waits with the gang
                     self.heartbeat()
-                    return node
-                if self._reserved_for:
-                    time.sleep(GANG_POLL_INTERVAL)
-                    continue
-                single_first, self._single_first = self._single_first, False
-                block = None if (timeout is None or single_first) else 1
-                result = self.queue_class.dequeue_any(self._ordered_queues, block, connection=self.connection,
-                                                      job_class=self.job_class, serializer=self.serializer,
-                                                      death_penalty_class=self.death_penalty_class)
-                if result is not None:
-                    job, queue = result
-                    self.reorder_queues(reference_queue=queue)
-                    job.redis_server_version = self.get_redis_server_version()
-                    log.info("worker %s: %s: %s", self.name, queue.name, job.id)
-                    self.heartbeat()
-                    return result
-                if timeout is None:  # burst: nothing queued, and no gang (a reserved worker waits above; one
-                    return None      # released by the timeout ends here too, rather than reserving again)
-            except DequeueTimeout:
-                pass
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
                 log.error("worker %s: could not reach Redis (%s); retrying in %g s", self.name, err, wait)
                 time.sleep(wait)
                 wait = min(wait * 2, 30.0)
                 continue
             wait = 1.0
+            if node is not None:
+                self.heartbeat()
+                return node
+            if self._reserved_for:
+                time.sleep(GANG_POLL_INTERVAL)
+                continue
+            single_first, self._single_first = self._single_first, False
+            look_once = timeout is None or single_first  # burst, or just released by a gang: no blocking
+            result = super().dequeue_job_and_maintain_ttl(None if look_once else 1, None if look_once else 1)
+            if result is not None or timeout is None:  # burst: nothing queued, and no gang (a reserved worker
+                return result                           # waits above; one released by the timeout ends here too)
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 
     # ---------------------------------------------------------------------------------------------- RQ hooks
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if isinstance(job, WorkerJob):  # always (our job_class): the job function receives this worker's context
+            job.context = self.ctx
         self._current_rq_job = job
         try:
             super().execute_job(job, queue)
@@ -307,7 +314,6 @@ class TrainerWorker(SimpleWorker):
         self.ctx.shutdown.set()  # the running job (if any) is stopped and re-queued; see the module docstring
 
     def work(self, burst: bool = False, **kwargs: Any) -> bool:  # type: ignore[override]
-        attempt.set_context(self.ctx)
         self._burst = burst
         self._prewarm()
         self.beat()
@@ -327,4 +333,3 @@ class TrainerWorker(SimpleWorker):
                 withdraw(self.connection, self.name)
             except redis.exceptions.RedisError:
                 pass
-            attempt.set_context(None)

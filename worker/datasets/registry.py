@@ -32,7 +32,7 @@ from worker.datasets.sources import (
     scan_upload,
 )
 from worker.errors import ArtifactError, DatasetError, NoSuchDatasetError
-from worker.hashcodec import text
+from worker.hashcodec import decode_reply
 from worker.states import ACTIVE_STATES
 
 _DEFAULT_COLOR_MODE = "RGB"
@@ -99,7 +99,7 @@ class DatasetVersion:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> DatasetVersion:
-        data = json.loads(text(raw))
+        data = json.loads(decode_reply(raw))
         return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
 
 
@@ -124,12 +124,12 @@ class JobUse:
 # ------------------------------------------------------------------------------------------------------- reading
 def _versions(conn: redis.Redis, name: str) -> dict[int, DatasetVersion]:
     raw = conn.hgetall(keys.dataset_versions(name))
-    return dict(sorted((int(text(k)), DatasetVersion.from_json(v)) for k, v in raw.items()))
+    return dict(sorted((int(decode_reply(k)), DatasetVersion.from_json(v)) for k, v in raw.items()))
 
 
 def list_datasets(conn: redis.Redis) -> list[str]:
     """Names of every registered dataset, oldest first."""
-    return [text(n) for n in conn.zrange(keys.datasets_index(), 0, -1)]
+    return [decode_reply(n) for n in conn.zrange(keys.datasets_index(), 0, -1)]
 
 
 def dataset_versions(conn: redis.Redis, name: str) -> list[DatasetVersion]:
@@ -158,7 +158,7 @@ def version_jobs(conn: redis.Redis, name: str, version: int) -> list[JobUse]:
     """The jobs submitted on one version, oldest first, with their state now."""
     from worker.record import JobRecord
 
-    entries = [(text(j), float(t)) for j, t in conn.zrange(keys.dataset_jobs(name, version), 0, -1, withscores=True)]
+    entries = [(decode_reply(j), float(t)) for j, t in conn.zrange(keys.dataset_jobs(name, version), 0, -1, withscores=True)]
     records = JobRecord.fetch_many(conn, [j for j, _ in entries]) if entries else {}
     out = []
     for job_id, t in entries:
@@ -170,7 +170,7 @@ def version_jobs(conn: redis.Redis, name: str, version: int) -> list[JobUse]:
 def prepared_forms(conn: redis.Redis, name: str, version: int) -> list[dict[str, Any]]:
     """The version's prepared forms (shards), as their preparer recorded them; [] until one is prepared."""
     raw = conn.hgetall(keys.dataset_prepared(name, version))
-    return [json.loads(text(raw[k])) for k in sorted(raw)]
+    return [json.loads(decode_reply(raw[k])) for k in sorted(raw)]
 
 
 def add_prepared_form(conn: redis.Redis, name: str, version: int, form_key: str, form: dict[str, Any]) -> None:

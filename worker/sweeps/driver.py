@@ -17,7 +17,7 @@ from worker import keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import SWEEP_LOCK_TTL, SWEEP_LOCK_WAIT
 from worker.errors import NoSuchSweepError, SubmissionError
-from worker.hashcodec import text
+from worker.hashcodec import decode_reply
 from worker.jobs import cancel_job
 from worker.states import FINAL_STATES, JobState
 from worker.sweeps.record import SWEEP_CODEC, SweepState, job_states, read_sweep, trial_jobs
@@ -181,7 +181,7 @@ def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[s
     # another process enqueued this trial meanwhile (ours stalled past the lock's TTL): one job per trial (this one
     # was never recorded as the trial's, so the sweep has nothing to hear of its cancel)
     cancel_job(conn, job_id)
-    return text(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
+    return decode_reply(conn.hget(keys.sweep_trials(rec["id"]), str(number)))
 
 
 def trial_ended(conn: redis.Redis, sweep_id: str, *, wait: float = SWEEP_LOCK_WAIT) -> None:
@@ -201,9 +201,9 @@ def heal_sweeps(conn: redis.Redis) -> None:
         return  # Redis away: the next scan tries again
     for raw in active:
         try:
-            advance(conn, text(raw), wait=0)
+            advance(conn, decode_reply(raw), wait=0)
         except Exception as err:  # noqa: BLE001 - one broken sweep must not stop the scan
-            log.warning("sweep %s: scan could not advance it: %s", text(raw), err)
+            log.warning("sweep %s: scan could not advance it: %s", decode_reply(raw), err)
 
 
 # ----------------------------------------------------------------------------------------------------------- cancel

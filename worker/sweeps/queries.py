@@ -9,7 +9,7 @@ import redis
 from worker import keys
 from worker.defaults import LIST_LIMIT
 from worker.errors import NoSuchSweepError
-from worker.hashcodec import text
+from worker.hashcodec import decode_reply
 from worker.record import JobRecord
 from worker.states import JobState
 from worker.sweeps.record import ENDED_TRIALS, SweepState, TrialCount, job_states, read_sweep, trial_jobs
@@ -81,7 +81,7 @@ def list_sweeps(conn: redis.Redis, *, limit: int = LIST_LIMIT) -> list[dict[str,
     out = []
     for raw in conn.zrevrange(keys.sweeps_index(), 0, max(0, limit - 1)):
         try:
-            st = sweep_status(conn, text(raw), with_trials=False)
+            st = sweep_status(conn, decode_reply(raw), with_trials=False)
         except NoSuchSweepError:
             continue
         for k in ("config", "overrides", "dataset"):

@@ -9,7 +9,7 @@ import redis
 
 from worker import keys
 from worker.errors import NoSuchSweepError
-from worker.hashcodec import HashCodec, text
+from worker.hashcodec import HashCodec, decode_reply
 from worker.record import JobRecord
 from worker.states import JobState, TextEnum
 
@@ -83,7 +83,7 @@ def read_sweep(conn: redis.Redis, sweep_id: str) -> dict[str, Any]:
 
 def trial_jobs(conn: redis.Redis, sweep_id: str) -> dict[int, str]:
     """Trial number → the id of its job, for every trial that has one."""
-    return {int(text(k)): text(v) for k, v in conn.hgetall(keys.sweep_trials(sweep_id)).items()}
+    return {int(decode_reply(k)): decode_reply(v) for k, v in conn.hgetall(keys.sweep_trials(sweep_id)).items()}
 
 
 def job_states(conn: redis.Redis, job_ids: list[str]) -> list[tuple[str | None, str | None]]:

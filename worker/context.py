@@ -1,0 +1,45 @@
+"""What a job needs from the worker process running it, handed to the job function as its `ctx` argument.
+
+`TrainerWorker` (worker/worker.py) builds one `WorkerContext` and runs its RQ jobs as its `WorkerJob`, which passes
+it to the job functions that take one (`queues.CONTEXT_FUNCTIONS`): explicitly, never through a module global.
+Under a plain `rq worker` those functions build one with `rq_job_context`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import redis
+
+from worker.artifacts import ArtifactStore
+from worker.connection import connection_url
+from worker.launcher import WarmTrainer
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """What a job needs from the worker process running it."""
+
+    connection: redis.Redis
+    redis_url: str
+    worker_name: str
+    devices: list[int] | None
+    store: ArtifactStore
+    shutdown: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set when the worker is asked to stop: the running job is stopped and re-queued to resume elsewhere."""
+    current_job: str | None = None
+    warm: WarmTrainer | None = None
+    """The pre-started one-rank trainer (None: every run starts cold)."""
+    advertise_addr: str = "127.0.0.1"
+    """The address other machines reach this worker at (node 0 of a multi-node job hosts the rendezvous there)."""
+
+
+def rq_job_context() -> WorkerContext:
+    """Under a plain `rq worker` (no context handed over): one built from RQ's current job, without shutdown handling
+    or a pre-started trainer."""
+    from rq import get_current_job
+
+    rq_job = get_current_job()
+    conn = rq_job.connection
+    return WorkerContext(connection=conn, redis_url=connection_url(conn), worker_name=rq_job.worker_name or "rq",
+                         devices=None, store=ArtifactStore())

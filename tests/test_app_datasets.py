@@ -154,6 +154,25 @@ def test_register_an_s3_url_and_an_upload_from_the_page(app_env: Any, tmp_path: 
     assert at.subheader[0].value == "remote:2" and any("Registered remote:2" in s.value for s in at.success)
 
 
+def test_register_a_shared_folder_under_the_allowed_roots(app_env: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "shared" / "photos"  # pre-split, below a wrapping folder: the walk finds the class folders
+    make_imagefolder(root / "all" / "train", per_class=8, size=16)
+    make_imagefolder(root / "all" / "val", per_class=4, size=16)
+    monkeypatch.setenv("DASHBOARD_DATASET_ROOTS", str(tmp_path / "shared"))
+    at = open_page("datasets")
+    widget(at, "text_input", "Dataset name").set_value("photos")
+    widget(at, "radio", "Source").set_value("url").run()
+    widget(at, "text_input", "URL").set_value(f"file://{root}")
+    buttons(at)["Register"].click().run()
+    no_exception(at)
+    assert api.datasets.get_version(app_env, "photos:1").kind == "in_place"
+    counts = frame(at, "counts")
+    assert list(counts.columns) == ["class", "images", "train", "val"]
+    assert counts.loc[0].to_dict() == {"class": "circle", "images": 12, "train": 8, "val": 4}
+    assert thumbnails(at) == 3 * 4
+
+
 def test_removing_a_version_in_use_is_refused_with_the_reason(app_env: Any, tmp_path: Path) -> None:
     api.datasets.register(app_env, "shapes", str(shapes(tmp_path)))
     job = submit_digits(app_env, ["data.dataset=shapes", *SMALL])
@@ -259,3 +278,21 @@ def test_job_page_names_its_dataset_version_and_data_path(app_env: Any, tmp_path
     assert version.hash in texts(at)
     report = json.loads((run / "report.json").read_text())
     assert f"Data path: {report['data_path'].replace('_', ' ')}" in texts(at)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def test_a_name_from_a_file_name_and_the_config_a_choice_builds() -> None:
+    from app import forms
+    from app.tables import data_path_text
+
+    assert api.suggest_dataset_name("My Photos (2).zip") == "my-photos-2"
+    assert api.suggest_dataset_name("flowers-2024.ZIP") == "flowers-2024"
+    assert api.suggest_dataset_name("___.zip") == "dataset"
+    raw = {"data": {"name": "imagefolder", "path": "artifact:datasets/x.zip", "dataset": "old:1"}}
+    assert forms.default_dataset(raw) == forms.REGISTERED  # a clone keeps its registered version
+    registered = forms.build_config(raw, {}, forms.REGISTERED, "shapes:2")["data"]
+    assert registered == {"name": "imagefolder", "dataset": "shapes:2"}  # submission pins data.path
+    assert "dataset" not in forms.build_config(raw, {}, "digits")["data"]
+    assert data_path_text({"data_path": "tensor_cache"}).startswith("tensor cache")
+    assert data_path_text({"data": {"path": "shards"}}).startswith("prepared shards")
+    assert data_path_text({"data": {}}) is None

@@ -35,14 +35,11 @@ ui.show_flash()
 
 
 @st.cache_data(ttl=DATASET_THUMBS_SECONDS, max_entries=32, show_spinner="Reading a few images per class…")
-def version_thumbnails(ref: str, content_hash: str) -> tuple[dict[str, list[bytes]], str | None]:
-    """(thumbnails by class, None) or ({}, why not); keyed by the version and its hash."""
-    version = datasets.get_version(conn, ref)
-    try:
-        return api.dataset_thumbnails(version, store=artifact_store(), per_class=DATASET_THUMBS_PER_CLASS,
-                                      max_classes=DATASET_THUMB_CLASSES), None
-    except DatasetError as err:
-        return {}, str(err)
+def version_thumbnails(ref: str, content_hash: str) -> dict[str, list[bytes]]:
+    """Thumbnails by class of one version, keyed by the version and its hash; DatasetError (not cached: a source
+    that was unreachable is tried again on the next view)."""
+    return api.dataset_thumbnails(datasets.get_version(conn, ref), store=artifact_store(),
+                                  per_class=DATASET_THUMBS_PER_CLASS, max_classes=DATASET_THUMB_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------------- registering
@@ -167,9 +164,11 @@ def draw_version(version: Any, described: dict[str, Any]) -> None:
         st.plotly_chart(counts_figure(version.counts), key="datasets:counts_chart")
     with right:
         st.markdown("**A few images per class**")
-        thumbs, why = version_thumbnails(version.ref, version.hash)
-        if why:
-            st.info(f"No images shown: {why}", icon=":material/image_not_supported:")
+        try:
+            thumbs = version_thumbnails(version.ref, version.hash)
+        except DatasetError as err:
+            thumbs = {}
+            st.info(f"No images shown: {err}", icon=":material/image_not_supported:")
         for name, images in thumbs.items():
             row = st.columns([1, 5])
             row[0].markdown(f"`{name}`  \n{version.counts.get(name, 0):,} images")

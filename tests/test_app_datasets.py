@@ -221,6 +221,23 @@ def test_new_job_on_a_registered_dataset_submits_name_and_version(app_env: Any, 
         ["shapes:1", "shapes:2"]
 
 
+def test_a_sweep_on_a_registered_dataset_pins_every_trial(app_env: Any, tmp_path: Path) -> None:
+    api.datasets.register(app_env, "shapes", str(shapes(tmp_path)))
+    at = open_page("new")
+    at.toggle(key="new:sweep").set_value(True).run()
+    at.radio[0].set_value("registered").run()
+    prefix = "new:digits:"
+    at.multiselect(key=prefix + "sweep:vary").set_value(["optim.lr"]).run()
+    at.number_input(key=prefix + "sweep:trials").set_value(2)
+    widget(at, "number_input", "Batch size").set_value(8)
+    [start] = [b for b in at.button if b.label == "Start sweep"]
+    start.click().run()
+    no_exception(at)
+    [sweep] = api.list_sweeps(app_env)
+    trials = api.list_jobs(app_env, with_config=True)
+    assert trials and {t["config"]["data"]["dataset"] for t in trials} == {"shapes:1"}, sweep
+
+
 def test_new_job_without_registered_datasets_submits_nothing(app_env: Any) -> None:
     at = open_page("new")
     at.radio[0].set_value("registered").run()

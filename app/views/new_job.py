@@ -169,8 +169,11 @@ if dataset == forms.UPLOAD:
             st.error(f"**This dataset cannot be used:** {upload_error}", icon=":material/block:")
         elif upload_result is not None:
             show_health(upload_result, upload.name)
-            st.text_input("Register as dataset", value=api.suggest_dataset_name(upload.name),
-                          key=prefix + "upload:name",
+            if st.session_state.get(prefix + "upload:name_for") != upload.file_id \
+                    or prefix + "upload:name" not in st.session_state:  # a new file: its own name
+                st.session_state[prefix + "upload:name_for"] = upload.file_id
+                st.session_state[prefix + "upload:name"] = api.suggest_dataset_name(upload.name)
+            st.text_input("Register as dataset", key=prefix + "upload:name",
                           help="submitting registers the upload as the next version of this dataset (the same "
                                "content again: its existing version); the job trains on that version, and a retry "
                                "or clone reuses it without uploading again")

@@ -72,3 +72,17 @@ PORT = 8501
 
 SWEEPS_REFRESH_SECONDS = 4.0
 """Seconds between redraws of a running sweep's view on the Sweeps page."""
+
+DATASET_THUMBS_PER_CLASS = 4
+"""Images per class shown on the Datasets page."""
+
+DATASET_THUMB_CLASSES = 12
+"""Classes whose images the Datasets page shows (the first ones; a dataset may have a thousand)."""
+
+DATASET_THUMBS_SECONDS = 600
+"""Seconds the Datasets page keeps a version's thumbnails (a version never changes; the bound is for memory)."""
+
+DATASET_ROOTS_ENV = "DASHBOARD_DATASET_ROOTS"
+"""Environment variable: folders (separated by `:`) under which the dashboard may register a `file://` dataset.
+Unset: none, as no path a browser user types is read from the dashboard's disk (`python -m worker dataset add` has
+no such limit)."""

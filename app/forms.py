@@ -18,7 +18,10 @@ from worker.api import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES, REPO_ROO
 
 UPLOAD = "upload"
 CLONED = "cloned"
-DATASET_LABELS = {**{name: d.label for name, d in BUILTIN_DATASETS.items()}, UPLOAD: "Upload a .zip of class folders",
+REGISTERED = "registered"
+DATASET_LABELS = {**{name: d.label for name, d in BUILTIN_DATASETS.items()},
+                  REGISTERED: "A registered dataset (Datasets page)",
+                  UPLOAD: "Upload a .zip of class folders (registered as a dataset version)",
                   CLONED: "The dataset of the cloned job"}
 
 
@@ -132,9 +135,10 @@ def resolved(raw: dict[str, Any]) -> dict[str, Any]:
 def _without_data_path(raw: dict[str, Any]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     data = raw.setdefault("data", {})
-    if data.get("name") == "imagefolder":  # pre-filling only: the path comes with the upload
+    if data.get("name") == "imagefolder" or data.get("dataset"):  # pre-filling only: the data is chosen apart
         data["name"] = "digits"
     data.pop("path", None)
+    data.pop("dataset", None)
     return raw
 
 
@@ -142,6 +146,8 @@ def default_dataset(raw: dict[str, Any]) -> str:
     """Which dataset choice a config starts with."""
     data = raw.get("data") or {}
     path = str(data.get("path") or "")
+    if data.get("dataset"):  # a registered version: a clone keeps it
+        return REGISTERED
     if path.startswith("artifact:"):
         return CLONED
     name = data.get("name") or "digits"
@@ -167,11 +173,13 @@ def initial_values(raw: dict[str, Any], *, gpus: int = 1, nodes: int = 1, priori
     return out
 
 
-def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str) -> dict[str, Any]:
+def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str, registered: str | None = None
+                 ) -> dict[str, Any]:
     """The config dict to submit: the preset (or cloned config) with the form's values and dataset applied.
 
     Keys the form does not show (hflip, log_every, ...) keep the preset's values. A built-in dataset drops any
-    data.path (workers read built-ins from their own disk); an upload's path is added by submit_job.
+    data.path and data.dataset (workers read built-ins from their own disk). A registered dataset (or an upload,
+    registered on submit) is `data.dataset: registered` (NAME:VERSION) with no data.path: submission pins it.
     """
     cfg = copy.deepcopy(raw)
     starting = {"model.freeze": (raw.get("model") or {}).get("freeze")}  # what decided the fields shown
@@ -184,14 +192,19 @@ def build_config(raw: dict[str, Any], values: dict[str, Any], dataset: str) -> d
     if dataset in BUILTIN_DATASETS:
         data["name"] = dataset
         data.pop("path", None)
-    elif dataset == UPLOAD:
+        data.pop("dataset", None)
+    elif dataset in (UPLOAD, REGISTERED):
         data["name"] = "imagefolder"
         data.pop("path", None)
+        data.pop("dataset", None)
+        if registered:
+            data["dataset"] = registered
     return cfg
 
 
 # ------------------------------------------------------------------------------------------------ error placement
-FIELD_ALIASES = {"data.path": "dataset", "data.name": "dataset", "dataset upload": "dataset", "timeout": "name"}
+FIELD_ALIASES = {"data.path": "dataset", "data.name": "dataset", "data.dataset": "dataset", "dataset upload": "dataset",
+                 "timeout": "name"}
 """Error keys shown under another field: every data key under the dataset choice, the timeout under the name."""
 
 

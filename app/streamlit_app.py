@@ -27,6 +27,7 @@ PAGES = [
     st.Page("views/job.py", title="Job", icon=":material/monitoring:", url_path="job"),
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("views/sweeps.py", title="Sweeps", icon=":material/tune:", url_path="sweeps"),
+    st.Page("views/datasets.py", title="Datasets", icon=":material/dataset:", url_path="datasets"),
     st.Page("views/workers.py", title="Workers", icon=":material/memory:", url_path="workers"),
     st.Page("views/try_it.py", title="Try it", icon=":material/image_search:", url_path="try"),
 ]

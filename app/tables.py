@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from core import runfolder as rf
-from worker.api import ACTIVE_STATES, JobState, shown_counts
+from worker.api import ACTIVE_STATES, JobState, datasets, shown_counts
 
 STATE_ICONS = {
     JobState.QUEUED: "hourglass_top", JobState.RUNNING: "play_circle", JobState.RECOVERING: "sync_problem",
@@ -402,3 +402,60 @@ def trials_frame(trials: list[dict[str, Any]], keys: list[str]) -> pd.DataFrame:
             "job": f"job?job={t['job']}" if t.get("job") else None, "note": t.get("error") or "",
         })
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------------- datasets
+SOURCE_KIND_LABELS = {datasets.UPLOAD: "uploaded", datasets.IN_PLACE: "read in place"}
+"""How a dataset version's files are kept (worker.datasets' source kinds), as the Datasets page says it."""
+
+DATA_PATH_LABELS = {
+    "tensor_cache": "tensor cache (decoded once into memory, augmented as tensors)",
+    "feature_cache": "feature cache (frozen backbone's embeddings computed once)",
+    "dataloader": "DataLoader (images decoded by PIL every epoch)",
+    "shards": "prepared shards (decoded once, streamed from the shard cache)",
+}
+"""What report.json's data path (core/train.py: `data_path`) means, for the Job page; unknown kinds show as is."""
+
+
+def data_path_text(report: dict[str, Any]) -> str | None:
+    """The data path a run used, from report.json (`data.path`, or the older top-level `data_path`); None if absent."""
+    data = report.get("data") if isinstance(report.get("data"), dict) else {}
+    kind = data.get("path") or report.get("data_path")
+    if isinstance(kind, dict):  # a richer record: its kind names the path
+        kind = kind.get("kind")
+    return DATA_PATH_LABELS.get(str(kind), str(kind)) if kind else None
+
+
+def datasets_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The Datasets list: one row per dataset (worker.datasets.summary), its latest version's facts."""
+    return pd.DataFrame([{
+        "name": r["name"], "latest": f"{r['name']}:{r['latest']}", "versions": len(r["versions"]),
+        "classes": r["classes"], "images": r["images"], "size": fmt_bytes(r["bytes"]),
+        "source": SOURCE_KIND_LABELS.get(r["kind"], r["kind"]),
+        "created": pd.to_datetime(r["created_at"], unit="s") if r.get("created_at") else None,
+    } for r in rows], columns=["name", "latest", "versions", "classes", "images", "size", "source", "created"])
+
+
+def versions_frame(versions: list[Any]) -> pd.DataFrame:
+    """One dataset's versions (worker.datasets.DatasetVersion), newest first."""
+    return pd.DataFrame([{
+        "version": v.version, "classes": len(v.classes), "images": v.num_images, "size": fmt_bytes(v.bytes),
+        "source": SOURCE_KIND_LABELS.get(v.kind, v.kind), "hash": v.hash[:12],
+        "created": pd.to_datetime(v.created_at, unit="s") if v.created_at else None,
+    } for v in sorted(versions, key=lambda v: -v.version)],
+        columns=["version", "classes", "images", "size", "source", "hash", "created"])
+
+
+def class_counts_frame(counts: dict[str, int], by_split: dict[str, dict[str, int]] | None) -> pd.DataFrame:
+    """Images per class, with one column per split folder when the data is pre-split (train/val/test)."""
+    splits = [s for s in ("train", "val", "test") if s in (by_split or {})]
+    return pd.DataFrame([{"class": c, "images": n, **{s: by_split[s].get(c, 0) for s in splits}}
+                         for c, n in counts.items()], columns=["class", "images", *splits])
+
+
+def dataset_jobs_frame(jobs: list[Any]) -> pd.DataFrame:
+    """The jobs submitted on a version (worker.datasets.JobUse), newest first, each linking to its Job page."""
+    return pd.DataFrame([{
+        "job": f"job?job={j.id}", "status": state_label(j.state) if j.state else "deleted",
+        "submitted": pd.to_datetime(j.submitted_at, unit="s"),
+    } for j in sorted(jobs, key=lambda j: -j.submitted_at)], columns=["job", "status", "submitted"])

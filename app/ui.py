@@ -22,6 +22,7 @@ PAGE_COMPARE = "views/compare.py"
 PAGE_WORKERS = "views/workers.py"
 PAGE_TRY = "views/try_it.py"
 PAGE_SWEEPS = "views/sweeps.py"
+PAGE_DATASETS = "views/datasets.py"
 
 
 def flash(message: str, kind: str = "success") -> None:

@@ -18,6 +18,7 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 PAGES = {
     "new": "views/new_job.py", "jobs": "views/jobs.py", "job": "views/job.py", "compare": "views/compare.py",
     "workers": "views/workers.py", "try": "views/try_it.py", "sweeps": "views/sweeps.py",
+    "datasets": "views/datasets.py",
 }
 TEST_WORKER = "test-worker"
 
@@ -49,7 +50,7 @@ def submit_digits(conn: Any, overrides: list[str] | None = None, **kwargs: Any) 
     return api.submit_job(DIGITS, list(overrides or []), connection=conn, allow_local_paths=True, **kwargs).job_id
 
 
-def seed_finished_job(conn: Any, run_dir: Path, *, name: str | None = None) -> str:
+def seed_finished_job(conn: Any, run_dir: Path, *, name: str | None = None, overrides: list[str] | None = None) -> str:
     """A finished job whose run folder is a copy of `run_dir`, with the run's metrics.jsonl replayed into its stream.
 
     It takes the path a worker takes (submit → mark_started → the Redis event sink → mark_final), minus training.
@@ -62,7 +63,7 @@ def seed_finished_job(conn: Any, run_dir: Path, *, name: str | None = None) -> s
     from worker.states import JobState
     from worker.streaming import RedisEventSink
 
-    job_id = submit_digits(conn, ["export.enabled=true"], name=name)
+    job_id = submit_digits(conn, ["export.enabled=true", *(overrides or [])], name=name)
     discard_rq_job(conn, JobRecord.fetch(conn, job_id).rq_job)  # no worker may pick it up
     assert mark_started(conn, job_id, TEST_WORKER, job_id) == "ok"
     sink = RedisEventSink(conn, job_id)

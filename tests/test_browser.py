@@ -52,18 +52,24 @@ def wait_http(url: str, timeout: float, proc: Any, spawn: Any) -> None:
     wait_until(up, timeout, f"{url} to answer", interval=0.3)
 
 
-@pytest.fixture
-def stack(redis_conn: Any, job_env: dict[str, str], spawn: Any, tmp_path: Path) -> dict[str, Any]:
-    """A worker and the dashboard (Redis is the session's redis-server); killed at teardown, pass or fail."""
-    require_chromium()
-    env = {**job_env, "DATA_CACHE_DIR": str(tmp_path / "data-cache"), "OMP_NUM_THREADS": "2"}
-    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1"], env, name="worker")
+def start_dashboard(env: dict[str, str], spawn: Any) -> tuple[str, Any]:
+    """`streamlit run` on a free port, answering: (its base URL, its process)."""
     port = free_port()
     web = spawn([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless=true",
                  f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
                  "--server.fileWatcherType=none"], env, name="streamlit")
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/_stcore/health", 60, web, spawn)
+    return base, web
+
+
+@pytest.fixture
+def stack(redis_conn: Any, job_env: dict[str, str], spawn: Any, tmp_path: Path) -> dict[str, Any]:
+    """A worker and the dashboard (Redis is the session's redis-server); killed at teardown, pass or fail."""
+    require_chromium()
+    env = {**job_env, "DATA_CACHE_DIR": str(tmp_path / "data-cache"), "OMP_NUM_THREADS": "2"}
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1"], env, name="worker")
+    base, web = start_dashboard(env, spawn)
     from worker import api
 
     wait_until(lambda: api.list_workers(redis_conn) or worker.poll() is not None, 60, "the worker to advertise")
@@ -277,3 +283,59 @@ def classify_digits_with(model: Path, job_id: str) -> None:
                    pp.get("input_name") or "input")
     right = [t[0]["label"] == str(digits.target[i]) for t, i in zip(top, test_ids, strict=True)]
     assert sum(right) >= 0.8 * len(right), f"{sum(right)} of {len(right)} test digits right"
+
+
+def test_datasets_page_and_new_job_on_a_registered_dataset(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                           tmp_path: Path) -> None:
+    """A registered dataset with a queued job on it: the Datasets page shows its classes, images and the job; its
+    "New job on" link opens New job on that version, and submitting sends `data.dataset: NAME:VERSION`."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.fixtures_app import submit_digits
+    from tests.fixtures_worker import make_imagefolder
+    from worker import api
+
+    require_chromium()
+    folder = make_imagefolder(tmp_path / "shapes", per_class=12, size=48)
+    (folder / "tri" / "corrupt.png").write_bytes(b"not a png")
+    api.datasets.register(redis_conn, "shapes", str(folder))
+    job = submit_digits(redis_conn, ["data.dataset=shapes:1", "train.batch_size=8", "data.image_size=16"],
+                        name="on shapes")  # no worker here: it stays queued
+    base, _ = start_dashboard({**job_env, "DATA_CACHE_DIR": str(tmp_path / "data-cache")}, spawn)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1500})
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/datasets?dataset=shapes&version=1")
+            page.get_by_text("Jobs that trained on it (1)").wait_for()
+            page.get_by_text("A few images per class").wait_for()
+            for name in ("circle", "square", "tri"):  # each class beside its images
+                page.locator("code").filter(has_text=re.compile(f"^{name}$")).first.wait_for()
+            page.get_by_text(job).first.wait_for(state="attached")  # a cell of the jobs table (a canvas)
+            page.locator("img[src*='/media/']").nth(11).wait_for()  # four images for each of the three classes
+            settle(page)
+            assert not page.get_by_test_id("stException").count()
+            shot(page, "10-datasets")
+            page.get_by_text("Jobs that trained on it (1)").evaluate("e => e.scrollIntoView({block: 'start'})")
+            shot(page, "10b-datasets-jobs")
+
+            page.get_by_text("New job on shapes:1").click()
+            page.wait_for_url(re.compile(r"/(new)?\?dataset=shapes(%3A|:)1$"))
+            page.get_by_role("button", name=re.compile("Submit job")).wait_for()
+            page.get_by_text(re.compile(r"shapes:1.*3 classes, 36 images")).wait_for()
+            settle(page)
+            shot(page, "11-new-job-registered-dataset")
+            batch = page.get_by_label("Batch size", exact=True)
+            batch.fill("8")
+            batch.press("Tab")
+            settle(page)
+            page.get_by_role("button", name=re.compile("Submit job")).click()
+            page.wait_for_url(re.compile(r"/job\?job=\d{8}-\d{6}-[0-9a-f]{6}"))
+            new_job = re.search(r"job=([0-9a-f-]+)", page.url).group(1)
+            assert api.job_status(redis_conn, new_job)["config"]["data"]["dataset"] == "shapes:1"
+            page.get_by_role("link", name="Dataset shapes:1").first.wait_for()
+            settle(page)
+            shot(page, "12-job-on-registered-dataset")
+        finally:
+            browser.close()

@@ -30,9 +30,12 @@ from worker.defaults import (
     REPO_ROOT,
     STATUS_WAIT_CANCEL,
 )
+from worker.dataset_view import suggest_dataset_name, thumbnails as dataset_thumbnails
 from worker.errors import (
     ArtifactError,
+    DatasetError,
     InvalidJobStateError,
+    NoSuchDatasetError,
     NoSuchJobError,
     NoSuchSweepError,
     RedisUnavailableError,
@@ -51,7 +54,7 @@ from worker.streaming import (
     logs_tail,
     wait_events,
 )
-from worker.submit import Submitted, submit_job
+from worker.submit import Submitted, check_request, submit_job
 from worker.sweeps import (
     PRUNERS,
     SAMPLERS,
@@ -85,6 +88,9 @@ __all__ = [
     "SubmissionError",
     # the dataset registry (worker/datasets): datasets.register, .list_datasets, .describe, .remove, ...
     "datasets",
+    # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
+    # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
+    "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")

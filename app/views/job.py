@@ -20,6 +20,7 @@ from app.tables import (
     STATE_COLORS,
     STATE_ICONS,
     LiveSeries,
+    data_path_text,
     export_rows,
     fmt_bytes,
     fmt_seconds,
@@ -108,6 +109,12 @@ st.caption(
     f"submitted {fmt_time(status.get('submitted_at'))}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )
+registered = status.get("dataset") or {}
+if registered.get("version"):  # trained on a registered dataset version (worker/datasets: the job's `dataset`)
+    st.page_link(ui.PAGE_DATASETS, label=f"Dataset {registered['ref']}", icon=":material/dataset:",
+                 query_params={"dataset": registered["name"], "version": str(registered["version"])},
+                 help="the exact version this job trained on; retry and clone reuse it")
+    st.caption(f"Dataset content hash `{registered.get('hash')}`")
 buttons = st.columns([1, 1, 1, 1, 4])
 if not status["final"]:
     buttons[0].button("Cancel", icon=":material/stop_circle:", on_click=cancel, args=(job_id,), key="job:cancel")
@@ -257,6 +264,8 @@ def draw_results(job: str, s: dict[str, Any]) -> None:
     c[3].metric("Test loss", f"{test['loss']:.4f}" if test.get("loss") is not None else "–")
     c[4].metric("Test images", f"{test.get('n', 0):,}")
     ui.draw_downloads(job, files)
+    if path := data_path_text(report):
+        st.caption(f"Data path: {path}")
     classes = (report.get("data") or {}).get("classes") or []
     tabs = st.tabs(["Confusion matrix", "Per class", "Misclassified", "Export"])
     with tabs[0]:

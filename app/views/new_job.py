@@ -14,10 +14,11 @@ import streamlit as st
 from app import forms, ui
 from app.charts import counts_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis, try_redis
-from app.tables import fmt_bytes
+from app.register import register_saved
+from app.tables import SOURCE_KIND_LABELS, fmt_bytes
 from app.upload import CheckedUpload, UploadError, check_upload, max_upload_mb
 from worker import api
-from worker.api import NoSuchJobError, SubmissionError
+from worker.api import ArtifactError, DatasetError, NoSuchJobError, SubmissionError, datasets
 
 conn = require_redis()
 if submitted := st.session_state.pop("new:submitted", None):
@@ -108,14 +109,51 @@ def show_health(checked: CheckedUpload, file_name: str) -> None:
             st.dataframe(r["skipped_files"], hide_index=True)
 
 
+def registered_picker(wanted: str | None) -> str | None:
+    """A registered dataset and version (the latest unless `wanted`, NAME or NAME:VERSION, names another);
+    NAME:VERSION, or None when nothing is registered."""
+    names = datasets.list_datasets(conn)
+    if not names:
+        st.info("No registered datasets yet: upload a .zip (it is registered), or register one on the Datasets "
+                "page.", icon=":material/dataset:")
+        st.page_link(ui.PAGE_DATASETS, label="Datasets", icon=":material/dataset:")
+        return None
+    try:
+        want = datasets.DatasetRef.parse(wanted) if wanted else None
+    except DatasetError:
+        want = None
+    cols = st.columns([2, 1, 3])
+    name = cols[0].selectbox("Registered dataset", names, key=prefix + "registered:name",
+                             index=names.index(want.name) if want and want.name in names else len(names) - 1)
+    versions = [v.version for v in reversed(datasets.dataset_versions(conn, name))]
+    asked = want.version if want and want.name == name else None
+    if asked is not None and asked not in versions:
+        st.warning(f"{want} no longer exists (removed); versions of {name}: {', '.join(map(str, versions))}.")
+    number = cols[1].selectbox("Version", versions, key=prefix + f"registered:version:{name}",
+                               index=versions.index(asked) if asked in versions else 0,
+                               format_func=lambda n: f"{n} (latest)" if n == versions[0] else str(n))
+    version = datasets.get_version(conn, datasets.DatasetRef(name, number))
+    with cols[2]:
+        st.caption(f"**{version.ref}**: {len(version.classes)} classes, {version.num_images:,} images, "
+                   f"{fmt_bytes(version.bytes)}, {SOURCE_KIND_LABELS.get(version.kind, version.kind)}; hash "
+                   f"`{version.hash[:12]}`")
+        st.page_link(ui.PAGE_DATASETS, label=f"{version.ref} on the Datasets page", icon=":material/dataset:",
+                     query_params={"dataset": name, "version": str(number)})
+    return version.ref
+
+
 st.subheader("Dataset")
-datasets = list(forms.BUILTIN_DATASETS) + [forms.UPLOAD]
-if forms.default_dataset(raw) == forms.CLONED:
-    datasets.insert(0, forms.CLONED)
-dataset = st.radio("Dataset", datasets, index=datasets.index(forms.default_dataset(raw))
-                   if forms.default_dataset(raw) in datasets else 0,
+linked = st.query_params.get("dataset")  # "New job on NAME:VERSION" from the Datasets page
+choices = list(forms.BUILTIN_DATASETS) + [forms.REGISTERED, forms.UPLOAD]
+start = forms.REGISTERED if linked and choice != CLONE else forms.default_dataset(raw)
+if start == forms.CLONED:
+    choices.insert(0, forms.CLONED)
+dataset = st.radio("Dataset", choices, index=choices.index(start) if start in choices else 0,
                    format_func=lambda d: forms.DATASET_LABELS[d], key=prefix + "dataset", label_visibility="collapsed")
 upload_result: CheckedUpload | None = None
+registered_ref: str | None = None
+if dataset == forms.REGISTERED:
+    registered_ref = registered_picker(linked if choice != CLONE else (raw.get("data") or {}).get("dataset"))
 if dataset == forms.UPLOAD:
     upload = st.file_uploader(
         "Dataset .zip", type=["zip"], key=prefix + "upload", max_upload_size=max_upload_mb(),
@@ -131,6 +169,14 @@ if dataset == forms.UPLOAD:
             st.error(f"**This dataset cannot be used:** {upload_error}", icon=":material/block:")
         elif upload_result is not None:
             show_health(upload_result, upload.name)
+            if st.session_state.get(prefix + "upload:name_for") != upload.file_id \
+                    or prefix + "upload:name" not in st.session_state:  # a new file: its own name
+                st.session_state[prefix + "upload:name_for"] = upload.file_id
+                st.session_state[prefix + "upload:name"] = api.suggest_dataset_name(upload.name)
+            st.text_input("Register as dataset", key=prefix + "upload:name",
+                          help="submitting registers the upload as the next version of this dataset (the same "
+                               "content again: its existing version); the job trains on that version, and a retry "
+                               "or clone reuses it without uploading again")
             if mode == "L":
                 st.caption("Colour mode is L (greyscale), as in this preset: images train, and are shown here, in "
                            "greyscale. Choose RGB under \"Model and data\" for colour images.")
@@ -165,27 +211,53 @@ def widget(field: forms.Field, value: Any, key: str) -> None:
         st.error(errors[field.key], icon=":material/error:")
 
 
-def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None) -> None:
-    """The form's callback: submit_job validates everything before it writes; its message lands on the fields."""
-    st.session_state["new:errors_for"] = prefix
-    values = {f.key: st.session_state.get(prefix + f.key) for f in forms.fields()}
-    cfg = forms.build_config(raw, values, dataset)
+def register_upload(prefix: str, conn_now: Any, cfg: dict[str, Any], checked: CheckedUpload) -> None:
+    """Register the checked upload under the name given (DatasetError: nothing registered) and point the config at
+    the version: the job trains on `data.dataset: NAME:VERSION`, so a retry or clone never uploads it again."""
+    name = (st.session_state.get(prefix + "upload:name") or "").strip()
+    try:
+        done = register_saved(conn_now, name, checked.path, store=artifact_store())
+    except ArtifactError as err:
+        raise DatasetError(str(err)) from None
+    cfg["data"]["dataset"] = done.version.ref
+
+
+def dataset_missing(dataset: str, checked: CheckedUpload | None, registered: str | None) -> str | None:
+    """Why the dataset choice cannot be submitted yet (None: it can)."""
     if dataset == forms.UPLOAD and checked is None:
         memo = st.session_state.get("new:upload") or {}
-        reason = memo.get("error") or "upload a .zip of class folders first"
-        st.session_state["new:errors"] = {"dataset": f"dataset: {reason}"}
+        return f"dataset: {memo.get('error') or 'upload a .zip of class folders first'}"
+    if dataset == forms.REGISTERED and not registered:
+        return "dataset: pick a registered dataset (none is registered yet: upload a .zip, or use the Datasets page)"
+    return None
+
+
+def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None,
+           registered: str | None) -> None:
+    """The form's callback: submit_job validates everything before it writes; its message lands on the fields.
+    An upload is registered only once the config, GPUs and nodes passed (check_request), so a refused form
+    registers nothing."""
+    st.session_state["new:errors_for"] = prefix
+    values = {f.key: st.session_state.get(prefix + f.key) for f in forms.fields()}
+    cfg = forms.build_config(raw, values, dataset, registered)
+    if missing := dataset_missing(dataset, checked, registered):
+        st.session_state["new:errors"] = {"dataset": missing}
         return
     conn_now, why = try_redis()
     if conn_now is None:
         st.session_state["new:errors"] = {"": f"Redis is unreachable, nothing was submitted: {why}"}
         return
+    request = {"connection": conn_now, "gpus": int(values["gpus"] or 0), "nodes": int(values["nodes"] or 0),
+               "priority": values["priority"], "name": (values["name"] or "").strip() or None}
     try:
-        job_id = api.submit_job(
-            cfg, connection=conn_now, gpus=int(values["gpus"] or 0), nodes=int(values["nodes"] or 0),
-            priority=values["priority"],
-            dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
-            name=(values["name"] or "").strip() or None, store=artifact_store(),
-        ).job_id
+        if dataset == forms.UPLOAD and checked is not None:
+            cfg["data"]["dataset"] = (st.session_state.get(prefix + "upload:name") or "").strip() or "dataset"
+            api.check_request(cfg, **request)
+            register_upload(prefix, conn_now, cfg, checked)
+        job_id = api.submit_job(cfg, store=artifact_store(), **request).job_id
+    except DatasetError as err:
+        st.session_state["new:errors"] = {"dataset": f"dataset: {err}"}
+        return
     except SubmissionError as err:
         st.session_state["new:errors"] = forms.errors_by_field(err.errors)
         return
@@ -247,15 +319,16 @@ def sweep_space(prefix: str) -> dict[str, Any]:
     return space
 
 
-def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None) -> None:
+def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None,
+                registered: str | None) -> None:
     """The form's callback in Sweep mode: create_sweep validates the space and the config before it writes."""
     st.session_state["new:errors_for"] = prefix
     st.session_state["new:errors"] = {}
     st.session_state["new:sweep_error"] = None
     values = {f.key: st.session_state.get(prefix + f.key) for f in forms.fields()}
-    cfg = forms.build_config(raw, values, dataset)
-    if dataset == forms.UPLOAD and checked is None:
-        st.session_state["new:errors"] = {"dataset": "dataset: upload a .zip of class folders first"}
+    cfg = forms.build_config(raw, values, dataset, registered)
+    if missing := dataset_missing(dataset, checked, registered):
+        st.session_state["new:errors"] = {"dataset": missing}
         return
     space = sweep_space(prefix)
     if not space:
@@ -270,14 +343,15 @@ def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: Checked
         return
     g = lambda name: st.session_state.get(prefix + f"sweep:{name}")  # noqa: E731
     try:
+        if dataset == forms.UPLOAD and checked is not None:
+            register_upload(prefix, conn_now, cfg, checked)
         sweep_id = api.create_sweep(
             cfg, space, connection=conn_now, trials=int(g("trials")), parallel=int(g("parallel")),
             metric=g("metric"), direction=None if g("direction") == "auto" else g("direction"),
             sampler=g("sampler"), pruner=g("pruner"), name=(values["name"] or "").strip() or None,
             gpus=int(values["gpus"] or 0), priority=values["priority"], store=artifact_store(),
-            dataset_path=checked.path if dataset == forms.UPLOAD and checked else None,
         )
-    except SubmissionError as err:
+    except (SubmissionError, DatasetError) as err:
         st.session_state["new:sweep_error"] = str(err)
         return
     except REDIS_ERRORS as err:
@@ -310,7 +384,8 @@ with st.form(prefix + "form", border=True):
         st.error("**Nothing was submitted.**  \n" + "  \n".join(errors.values()), icon=":material/block:")
     if sweep_mode:
         st.form_submit_button("Start sweep", type="primary", on_click=start_sweep,
-                              args=(prefix, raw, dataset, upload_result), icon=":material/tune:")
+                              args=(prefix, raw, dataset, upload_result, registered_ref), icon=":material/tune:")
     else:
         st.form_submit_button("Submit job", type="primary", on_click=submit,
-                              args=(prefix, raw, dataset, upload_result), icon=":material/rocket_launch:")
+                              args=(prefix, raw, dataset, upload_result, registered_ref),
+                              icon=":material/rocket_launch:")

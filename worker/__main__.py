@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.defaults import PRIORITIES, STATUS_WAIT_CANCEL
-from worker.errors import NoSuchJobError, NoSuchSweepError, SubmissionError, WorkerError
+from worker.errors import InsecureRedisError, NoSuchJobError, NoSuchSweepError, SubmissionError, WorkerError
 
 
 def _ts(t: float | None) -> str:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as err:
         print(f"error: {err}", file=sys.stderr)
         refused = args.command in ("submit", "sweep") or isinstance(err, (SubmissionError, NoSuchJobError,
-                                                                           NoSuchSweepError))
+                                                                           NoSuchSweepError, InsecureRedisError))
         return 2 if refused else 1
     except KeyboardInterrupt:
         return 130

@@ -21,6 +21,10 @@ REDIS_PORT = 6379
 REDIS_PASSWORD_BYTES = 24
 """Entropy of the generated embedded-Redis password, in bytes (token_urlsafe makes it ~32 characters)."""
 
+ALLOW_INSECURE_ENV = "REDIS_ALLOW_INSECURE"
+"""Set to 1 to use a Redis off loopback with neither a password nor a TLS client certificate, on purpose (a warning
+is printed)."""
+
 REDIS_CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a TCP connection to Redis before giving up."""
 

@@ -25,6 +25,10 @@ class RedisUnavailableError(WorkerError):
     """Redis cannot be reached or refused the credentials."""
 
 
+class InsecureRedisError(RedisUnavailableError):
+    """A password-less Redis URL (no TLS client certificate either) off loopback, without REDIS_ALLOW_INSECURE=1."""
+
+
 class EmbeddedRedisError(WorkerError):
     """The embedded Redis cannot start (port taken by something else, binary missing, ...)."""
 

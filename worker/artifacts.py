@@ -15,6 +15,7 @@ opened by (job id, name) where the name must be one the listing returned.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -174,7 +175,7 @@ class ArtifactStore:
             sha = _sha256_file(zipped)
             key = f"datasets/{sha}.zip"
             try:
-                if not self.exists(key):
+                if not self.has_complete(key, size):
                     self.put_file(zipped, key)
             except OSError as err:
                 raise ArtifactError(f"cannot write the dataset to the artifact store {self.url}: {err}") from None
@@ -214,16 +215,37 @@ class ArtifactStore:
         return bool(self.fs.exists(self.path(key)))
 
     def put_file(self, local: Path, key: str) -> None:
+        """Copy a local file to `key`, never leaving a torn file under the final name: a local store writes a temp
+        file, fsyncs and renames it (`core.runfolder.replacing`); a remote one uploads, then compares the stored
+        size with the local one and deletes the object when they differ or the upload failed. OSError on failure
+        (a full disk: ENOSPC), with the previous file at `key`, if any, kept on a local store."""
         if self.is_local:
             dest = Path(self.path(key))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        else:
-            parent = self.path(key).rsplit("/", 1)[0]
-            self.fs.makedirs(parent, exist_ok=True)
-            self.fs.put_file(str(local), self.path(key))
+            with rf.replacing(dest) as tmp:
+                shutil.copyfile(local, tmp)
+            return
+        remote = self.path(key)
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        expected = local.stat().st_size
+        try:
+            self.fs.put_file(str(local), remote)
+            stored = self.fs.size(remote)
+            if stored != expected:
+                raise OSError(f"{self.uri(key)}: stored {stored} bytes of {expected}")
+        except BaseException:
+            with contextlib.suppress(OSError, FileNotFoundError):
+                self.fs.rm_file(remote)
+            raise
+
+    def has_complete(self, key: str, size: int) -> bool:
+        """`key` exists with exactly `size` bytes (a content-addressed file torn by an old upload is not complete)."""
+        try:
+            if self.is_local:
+                return Path(self.path(key)).stat().st_size == size
+            return int(self.fs.size(self.path(key))) == size
+        except (OSError, FileNotFoundError):
+            return False
 
     def sync_up(self, job_id: str, local_dir: Path, state: dict[str, tuple[int, int]]) -> int:
         """Upload the files of `local_dir` that changed since the last call (`state` remembers size/mtime).

@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.dataset_cli import add_dataset_commands  # dataset add|list|show|rm
 
     add_dataset_commands(sub)
+    from worker.storage_cli import add_storage_commands  # storage, gc
+
+    add_storage_commands(sub)
     return p
 
 

@@ -335,6 +335,38 @@ class ArtifactStore:
                 out[short] = self.uri(f"{self.run_key(job_id)}/{rel}")
         return out
 
+    def listing(self, prefix: str) -> list[tuple[str, int, float]]:
+        """(key, bytes, modified as a Unix time) of every file under `prefix` (a key folder); [] when none."""
+        if self.is_local:
+            root = Path(self.path(prefix))
+            if not root.is_dir():
+                return []
+            out = []
+            for p in root.rglob("*"):
+                if p.is_file() and not p.is_symlink():
+                    st = p.stat()
+                    out.append((f"{prefix}/{p.relative_to(root).as_posix()}", st.st_size, st.st_mtime))
+            return out
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for path, info in self.fs.find(base, detail=True).items():
+            modified = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
+            out.append((f"{prefix}/{path[len(base):].lstrip('/')}", int(info.get("size") or 0), stamp))
+        return out
+
+    def remove(self, key: str) -> None:
+        """Delete one file of the store (missing is fine); ArtifactError when the store refuses."""
+        try:
+            if self.is_local:
+                Path(self.path(key)).unlink(missing_ok=True)
+            elif self.fs.exists(self.path(key)):
+                self.fs.rm_file(self.path(key))
+        except OSError as err:
+            raise ArtifactError(f"cannot delete {key} from the artifact store {self.url}: {err}") from None
+
     def delete_job(self, job_id: str) -> None:
         """Remove the job's folder from the store (and this machine's cache of it)."""
         key = f"jobs/{keys.check_job_id(job_id)}"

@@ -18,6 +18,13 @@ REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 """TCP port of the embedded Redis; env REDIS_PORT overrides."""
 
+REDIS_MAXMEMORY_MB = 2048
+"""Memory ceiling of the embedded Redis in MiB (`maxmemory`, policy noeviction: nothing is ever evicted, writes fail
+at the ceiling). Event streams are capped per job (EVENT_STREAM_MAXLEN), so ~2 GiB holds thousands of jobs."""
+
+REDIS_MAXMEMORY_MB_ENV = "REDIS_MAXMEMORY_MB"
+"""Environment variable overriding REDIS_MAXMEMORY_MB."""
+
 REDIS_PASSWORD_BYTES = 24
 """Entropy of the generated embedded-Redis password, in bytes (token_urlsafe makes it ~32 characters)."""
 
@@ -151,8 +158,26 @@ SWEEP_LOCK_WAIT = 10.0
 SWEEP_SCAN_INTERVAL = 5.0
 """Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
 
-DOCTOR_DISK_FAIL_GB = 2.0
-"""`worker doctor`: less free disk than this (GiB) where datasets or run folders go fails the check."""
+DISK_MIN_FREE_GB = 2.0
+"""Free disk floor in GiB on var/ and a local artifact store: below it submission and dataset uploads are refused,
+workers take no job, and `worker doctor`'s disk check fails. Env DISK_MIN_FREE_GB overrides."""
+
+DISK_MIN_FREE_GB_ENV = "DISK_MIN_FREE_GB"
+"""Environment variable overriding DISK_MIN_FREE_GB (read only by worker.storage.min_free_bytes)."""
+
+RETENTION_CHECKPOINT_DAYS = 7.0
+"""`worker gc`: a finished job's last.pt is removed this many days after it ended (best.pt and export/ stay)."""
+
+RETENTION_ORPHAN_DAYS = 1.0
+"""`worker gc`: a stored dataset zip that no version and no job refers to is removed after this many days (a
+submission may be uploading one right now)."""
+
+RETENTION_LOCAL_RUN_DAYS = 2.0
+"""`worker gc`: this machine's copy of a remote store's run folder is removed this many days after its job ended
+(at once when the job was deleted); the store keeps the files."""
+
+GC_INTERVAL = 24 * 3600.0
+"""Seconds between the retention runs a worker starts by itself (one per artifact store and per machine)."""
 
 DOCTOR_DISK_WARN_GB = 20.0
 """`worker doctor`: less free disk than this (GiB) is a warning (a CIFAR-sized job needs a few GiB with checkpoints)."""

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.defaults import (
-    DOCTOR_DISK_FAIL_GB,
+    DISK_MIN_FREE_GB,
     DOCTOR_DISK_WARN_GB,
     DOCTOR_PROBE_TIMEOUT,
     MIN_REDIS_VERSION,
@@ -359,8 +359,8 @@ def check_disk(store: Any) -> Check:
         rows.append(f"{what} {path}: {free_gb:.1f} GiB free")
     desc = "; ".join(rows)
     data = {"min_free_gb": round(worst, 2)}
-    if worst < DOCTOR_DISK_FAIL_GB:
-        return Check("disk", FAIL, desc, f"free disk space (at least {DOCTOR_DISK_FAIL_GB:g} GiB; datasets are "
+    if worst < DISK_MIN_FREE_GB:
+        return Check("disk", FAIL, desc, f"free disk space (at least {DISK_MIN_FREE_GB:g} GiB; datasets are "
                      "unpacked and checkpoints written there), or point TRAINER_VAR_DIR at a bigger disk", data)
     if worst < DOCTOR_DISK_WARN_GB:
         return Check("disk", WARN, desc, f"less than {DOCTOR_DISK_WARN_GB:g} GiB: big datasets or many checkpoints "

@@ -236,3 +236,9 @@ def dataset_jobs(name: str, version: int) -> str:
 def dataset_prepared(name: str, version: int) -> str:
     """HASH form key → JSON: one version's prepared forms (shards), written by whoever prepares them."""
     return _dataset_key(name, str(int(version)), "prepared")
+
+
+def gc_claim(scope: str) -> str:
+    """STRING with a TTL of GC_INTERVAL: the retention policy ran for this scope (a store id, or a store id and a
+    machine) and runs again when it expires (worker/retention.py)."""
+    return _key("gc", scope)

@@ -25,6 +25,7 @@ from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
 from worker.record import JobRecord
 from worker.states import JobState
+from worker.storage import low_disk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +240,9 @@ def submit_job(
     cfg = checked.config
     store = store or ArtifactStore()
     ranks = gpus * nodes
+    full = low_disk(store)  # before any upload, extraction or enqueue
+    if full:
+        raise SubmissionError(full)
 
     if cfg["data"]["name"] != "imagefolder":
         check_batch_size(cfg, train_images(cfg), ranks)

@@ -53,7 +53,7 @@ def test_storage_shows_and_gc_removes_only_what_the_policy_allows(redis_conn: An
                                                                    tmp_path: Path) -> None:
     store = ArtifactStore()
     old_id, old_run = finished_job(redis_conn, store, ended_days_ago=10)
-    new_id, new_run = finished_job(redis_conn, store, ended_days_ago=1)
+    _, new_run = finished_job(redis_conn, store, ended_days_ago=1)
     running_id = seed_running_job(redis_conn)
     running_run = fake_run(store, running_id)
     gone_id = keys.new_job_id()

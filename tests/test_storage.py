@@ -1,4 +1,4 @@
-"""Nothing fills the disk (README "Disk and retention"): `worker storage` shows what each job, dataset and cache holds;
+"""Nothing fills the disk (README "Disk, retention and limits"): `worker storage` shows what each job, dataset and cache holds;
 `worker gc` removes what the retention policy allows and nothing else; below the free-disk floor submission and
 dataset uploads are refused before anything is written; the embedded Redis has a memory ceiling that evicts nothing.
 

@@ -149,6 +149,19 @@ DATASET_SAMPLE_THREADS = 8
 STORE_FULL_BYTES = 1024**2
 """A failed run whose run folder's file system has less free space than this (bytes) is reported as a full store."""
 
+JOB_TIME_LIMIT_HOURS = 72.0
+"""`train.time_limit` a job gets at submission when its config sets none (the run ends as timed out at the limit,
+its checkpoints kept). Env JOB_TIME_LIMIT_HOURS overrides; 0 means no limit."""
+
+JOB_TIME_LIMIT_ENV = "JOB_TIME_LIMIT_HOURS"
+"""Environment variable overriding JOB_TIME_LIMIT_HOURS (read by worker.submit.default_time_limit)."""
+
+MAX_SWEEP_TRIALS = 1000
+"""Most trials one sweep may ask for (each is a job record, a stream and an Optuna trial in Redis)."""
+
+MAX_SWEEP_PARALLEL = 64
+"""Most trials of one sweep queued or running at once."""
+
 SWEEP_LOCK_TTL = 30.0
 """Seconds a sweep's lock lives when its holder dies (telling Optuna and enqueuing trials takes milliseconds)."""
 

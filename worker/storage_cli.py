@@ -1,4 +1,4 @@
-"""`python -m worker storage [--json]` and `python -m worker gc [--dry-run] [--json]` (README "Disk and retention")."""
+"""`python -m worker storage [--json]` and `python -m worker gc [--dry-run] [--json]` (README "Disk, retention and limits")."""
 from __future__ import annotations
 
 import argparse
@@ -68,7 +68,7 @@ def add_storage_commands(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--top", type=int, default=20, help="job rows shown (largest first; default 20)")
     s.set_defaults(func=cmd_storage)
-    s = sub.add_parser("gc", help="apply the retention policy (README 'Disk and retention'); workers run it daily")
+    s = sub.add_parser("gc", help="apply the retention policy (README 'Disk, retention and limits'); workers run it daily")
     s.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_gc)

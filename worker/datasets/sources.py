@@ -304,6 +304,11 @@ def scan_in_place(url: str, *, color_mode: str, max_image_pixels: int,
     if not layout.images:
         raise DatasetError(f"{url}: no class folders with images found ({len(listing.files)} file(s) listed, "
                            f"{layout.loose} outside any folder); put the images in one folder per class")
+    from core.data.imagefolder import too_many_classes  # (imports torchvision: only when a URL is scanned)
+
+    refusal = too_many_classes(len({name for _, name in layout.images}), url)  # before sampling every class
+    if refusal:
+        raise DatasetError(refusal)
     sample = [rel for rels in layout.images.values() for rel in _spread(rels, per_class)]
     with tempfile.TemporaryDirectory(prefix="dataset-sample-") as tmp:
         _download(listing, sample, Path(tmp), url)

@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.storage_cli import add_storage_commands  # storage, gc
 
     add_storage_commands(sub)
+    from worker.model_cli import add_model_commands  # model register|alias|list|show|rm
+
+    add_model_commands(sub)
     return p
 
 

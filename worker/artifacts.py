@@ -357,6 +357,37 @@ class ArtifactStore:
             out.append((f"{prefix}/{path[len(base):].lstrip('/')}", int(info.get("size") or 0), stamp))
         return out
 
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one file of the store to another key (server-side on a remote store; through `replacing` locally)."""
+        if self.is_local:
+            dest = Path(self.path(dst))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with rf.replacing(dest) as tmp:
+                shutil.copyfile(self.path(src), tmp)
+            return
+        self.fs.makedirs(self.path(dst).rsplit("/", 1)[0], exist_ok=True)
+        self.fs.copy(self.path(src), self.path(dst))
+
+    def size(self, key: str) -> int:
+        return Path(self.path(key)).stat().st_size if self.is_local else int(self.fs.size(self.path(key)))
+
+    def read_key(self, key: str) -> bytes:
+        """The bytes of any file of the store by key (callers build the key from checked names only)."""
+        if self.is_local:
+            return Path(self.path(key)).read_bytes()
+        with self.fs.open(self.path(key), "rb") as fh:
+            return fh.read()
+
+    def remove_folder(self, prefix: str) -> None:
+        """Delete every file under a key folder (missing is fine)."""
+        try:
+            if self.is_local:
+                shutil.rmtree(self.path(prefix), ignore_errors=True)
+            elif self.fs.exists(self.path(prefix)):
+                self.fs.rm(self.path(prefix), recursive=True)
+        except OSError as err:
+            raise ArtifactError(f"cannot delete {prefix}/ from the artifact store {self.url}: {err}") from None
+
     def remove(self, key: str) -> None:
         """Delete one file of the store (missing is fine); ArtifactError when the store refuses."""
         try:
@@ -369,14 +400,7 @@ class ArtifactStore:
 
     def delete_job(self, job_id: str) -> None:
         """Remove the job's folder from the store (and this machine's cache of it)."""
-        key = f"jobs/{keys.check_job_id(job_id)}"
-        try:
-            if self.is_local:
-                shutil.rmtree(self.path(key), ignore_errors=True)
-            elif self.fs.exists(self.path(key)):
-                self.fs.rm(self.path(key), recursive=True)
-        except OSError as err:
-            raise ArtifactError(f"cannot delete {key} from the artifact store {self.url}: {err}") from None
+        self.remove_folder(f"jobs/{keys.check_job_id(job_id)}")
         shutil.rmtree(runs_cache_dir() / job_id, ignore_errors=True)
 
     def identity(self) -> str:

@@ -56,3 +56,12 @@ class DatasetError(WorkerError):
 
 class NoSuchDatasetError(DatasetError):
     """No registered dataset (or version) has this name; the message lists what exists."""
+
+
+class ModelError(WorkerError):
+    """A model registry operation was refused (bad name, no such job, version or alias, job not exported, in use);
+    nothing was changed. CLI exit 2."""
+
+
+class NoSuchModelError(ModelError):
+    """No registered model, version or alias has this name; the message lists what exists."""

@@ -174,10 +174,13 @@ def create_app(holder: ModelHolder, *, token: str | None, limits: Limits) -> Sta
     async def classify(request: Request) -> Response:
         model, batcher = model_for(request), holder.batcher
         try:
-            form = await request.form(max_files=limits.max_images, max_fields=16,
+            # one file over the limit still parses, so that the count check below names it; more stop the parser
+            form = await request.form(max_files=limits.max_images + 1, max_fields=16,
                                       max_part_size=limits.max_body_bytes)
         except Exception as err:  # noqa: BLE001 - the multipart parser's own errors (too many files, malformed)
-            raise BadInput(f"not a multipart form with image files: {err}") from None
+            detail = getattr(err, "detail", None) or str(err)
+            raise BadInput(f"the multipart form was refused: {detail} (at most {limits.max_images} images per "
+                           "request, in the field 'files')") from None
         files = form.getlist("files")
         if not files:
             raise BadInput("send one or more images in the multipart field 'files'")

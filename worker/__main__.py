@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.model_cli import add_model_commands  # model register|alias|list|show|rm
 
     add_model_commands(sub)
+    from worker.notify_cli import add_notify_commands  # notify add|list|rm|log
+
+    add_notify_commands(sub)
     return p
 
 

@@ -189,6 +189,9 @@ RETENTION_LOCAL_RUN_DAYS = 2.0
 """`worker gc`: this machine's copy of a remote store's run folder is removed this many days after its job ended
 (at once when the job was deleted); the store keeps the files."""
 
+GC_CHECK_INTERVAL = 600.0
+"""Seconds between a worker's looks at whether the daily retention run is due (the claim keys decide)."""
+
 GC_INTERVAL = 24 * 3600.0
 """Seconds between the retention runs a worker starts by itself (one per artifact store and per machine)."""
 

@@ -277,3 +277,19 @@ def model_seq(name: str) -> str:
 def model_aliases(name: str) -> str:
     """HASH alias → version number (`production`, `staging`, any name)."""
     return _model_key(name, "aliases")
+
+
+# ---------------------------------------------------------------------------------------------------- notifications
+def hooks() -> str:
+    """HASH hook id → JSON {id, url, events, secret, created_at} (worker/notify.py)."""
+    return _key("hooks")
+
+
+def hook_log(hook_id: str) -> str:
+    """STREAM of one hook's delivery attempts (field `entry`: JSON), capped."""
+    return _key("hook", hook_id, "log")
+
+
+def notify_events() -> str:
+    """STREAM of events waiting for delivery (fields `event`, `data`), read by the workers' consumer group."""
+    return _key("notify", "events")

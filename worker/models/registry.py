@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from core import runfolder as runfiles
-from worker import keys
+from worker import keys, notify
 from worker.artifacts import ArtifactStore
 from worker.errors import ArtifactError, ModelError, NoSuchModelError
 from worker.hashcodec import text
@@ -190,6 +190,9 @@ def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore 
         pipe.hset(keys.model_versions(name), str(number), json.dumps(dataclasses.asdict(version)))
         pipe.zadd(keys.models_index(), {name: version.created_at}, nx=True)
         pipe.execute()
+    notify.emit(conn, "model.registered", {"model": name, "version": number, "id": job_id,
+                                           "name": version.job_name, "metrics": version.metrics,
+                                           "url": notify.dashboard_link("models", model=name)})
     return version
 
 
@@ -199,7 +202,11 @@ def set_alias(conn: redis.Redis, name: str, alias: str, version: int) -> int | N
     target = resolve(conn, ModelRef(name, int(version)))
     before = conn.hget(keys.model_aliases(name), alias)
     conn.hset(keys.model_aliases(name), alias, target.version)
-    return int(before) if before is not None else None
+    previous = int(before) if before is not None else None
+    if previous != target.version:
+        notify.emit(conn, "alias.moved", {"model": name, "alias": alias, "version": target.version,
+                                          "previous": previous, "url": notify.dashboard_link("models", model=name)})
+    return previous
 
 
 def remove_alias(conn: redis.Redis, name: str, alias: str) -> None:

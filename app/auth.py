@@ -28,6 +28,40 @@ PASSWORD_SECRET = "dashboard_password"
 
 _OK = "auth:ok"
 
+_SIGNED_IN: dict[str, None] = {}
+"""Ids of this server's sessions that have signed in (insertion-ordered; app/gate.py lets only them upload)."""
+_SIGNED_IN_MAX = 10_000
+"""Most session ids remembered; the oldest is forgotten first (it must sign in again to upload)."""
+
+
+def _session_id() -> str | None:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx else None
+
+
+def _mark_signed_in(signed_in: bool) -> None:
+    sid = _session_id()
+    if sid is None:
+        return
+    if not signed_in:
+        _SIGNED_IN.pop(sid, None)
+        return
+    _SIGNED_IN[sid] = None
+    while len(_SIGNED_IN) > _SIGNED_IN_MAX:
+        _SIGNED_IN.pop(next(iter(_SIGNED_IN)))
+
+
+def session_signed_in(session_id: str) -> bool:
+    """Whether the session with this id has signed in (and not logged out) on this server."""
+    return session_id in _SIGNED_IN
+
+
+def _log_out() -> None:
+    st.session_state.pop(_OK, None)
+    _mark_signed_in(False)
+
 
 def _secret(key: str) -> Any:
     try:
@@ -92,15 +126,18 @@ def require_login() -> bool:
     """True when this session may see the dashboard; otherwise the login form is drawn and False returned."""
     if oidc_configured():
         if st.user.get("is_logged_in"):  # (a mapping: the key is absent where Streamlit has no auth context)
+            _mark_signed_in(True)
             st.sidebar.button("Log out", on_click=st.logout)
             return True
+        _mark_signed_in(False)
         st.title("Sign in")
         st.button("Log in", on_click=st.login, type="primary")
         return False
     password = shared_password()
     if not password or st.session_state.get(_OK):
         if password:
-            st.sidebar.button("Log out", on_click=lambda: st.session_state.pop(_OK, None))
+            _mark_signed_in(True)
+            st.sidebar.button("Log out", on_click=_log_out)
         return True
     st.title("Sign in")
     with st.form("auth:form"):

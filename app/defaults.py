@@ -55,6 +55,10 @@ CONFIGS_DIR = "configs"
 DEFAULT_PRESET = "digits"
 """Preset the New-job page starts from."""
 
+HOSTS_ENV = "DASHBOARD_HOSTS"
+"""Environment variable: host names (comma-separated, `*.example.com` allowed) the dashboard answers to besides IP
+addresses and localhost (app/gate.py: a request under any other name is refused, against DNS rebinding)."""
+
 ADDRESS_ENV = "DASHBOARD_ADDRESS"
 """Environment variable: the interface the dashboard listens on (`python -m app`, the Procfile's `web:` line)."""
 

@@ -31,6 +31,10 @@ EPOCHS_PER_VIEW = 10
 """data.feature_views auto: one view per this many epochs (up to 10 epochs extra views changed val accuracy by less
 than the noise; from 20 epochs on 4 views gained 1-2 points: docs/benchmarks.md, "Feature cache")."""
 
+MAX_BATCH_INPUT_BYTES = 8 * 2**30
+"""Largest float32 input of one batch, batch_size × channels × image_size² × 4 bytes (8 GiB: 682 RGB images of
+1,024 px; 256 at 224 px is 154 MB). Over it the config is refused instead of exhausting the machine's memory."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -211,6 +215,14 @@ class Config(_Section):
             raise _KeyError("train.feature_cache", self.train.feature_cache,
                             "'on' needs model.freeze: backbone (a backbone that trains changes its features every "
                             "step, so they cannot be computed once); use auto or off")
+        batch = max(self.train.batch_size, self.train.eval_batch_size or 0)
+        side = self.data.image_size
+        channels = 1 if self.data.color_mode == "L" else 3
+        if side and batch * channels * side * side * 4 > MAX_BATCH_INPUT_BYTES:
+            key = "train.batch_size" if batch == self.train.batch_size else "train.eval_batch_size"
+            raise _KeyError(key, batch, f"a batch of {batch} images of {side}×{side}×{channels} is "
+                            f"{batch * channels * side * side * 4 / 2**30:.1f} GiB of float32 input; at most "
+                            f"{MAX_BATCH_INPUT_BYTES / 2**30:g} GiB (lower the batch size or data.image_size)")
         from core.models import list_models  # local import: models import torch, config must stay light
 
         if self.model.name not in list_models():

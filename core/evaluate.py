@@ -19,6 +19,26 @@ from core.data.loaders import EvalSplit, Loaders
 from core.distributed import DistInfo
 from core.runtime import Runtime
 
+CONFUSION_MATRIX_MAX_CLASSES = 1000
+"""Classes up to which a metric block holds the dense confusion matrix (1,000² counts: ~4 MB of JSON); above it
+`confusion_matrix` is null and `top_confusions` says what is confused with what."""
+
+TOP_CONFUSIONS = 50
+"""Most (true, predicted) pairs listed in `top_confusions`, the commonest first."""
+
+
+def top_confusions(labels: np.ndarray, preds: np.ndarray, classes: list[str], k: int = TOP_CONFUSIONS
+                   ) -> list[dict[str, Any]]:
+    """The k commonest mistakes as [{"true", "predicted", "count"}], in memory proportional to the samples (not to
+    the classes squared)."""
+    wrong = labels != preds
+    if not wrong.any():
+        return []
+    pairs, counts = np.unique(np.stack([labels[wrong], preds[wrong]], axis=1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:k]
+    return [{"true": classes[int(pairs[i, 0])], "predicted": classes[int(pairs[i, 1])], "count": int(counts[i])}
+            for i in order]
+
 
 @torch.no_grad()
 def predict(
@@ -66,7 +86,7 @@ def compute_metrics(
     all_labels = list(range(n_classes))
     out: dict[str, Any] = {"n": len(labels)}
     if len(labels) == 0:
-        out.update(accuracy=0.0, macro_f1=0.0, weighted_f1=0.0, per_class=[], confusion_matrix=[])
+        out.update(accuracy=0.0, macro_f1=0.0, weighted_f1=0.0, per_class=[], confusion_matrix=[], top_confusions=[])
         return out
     out["accuracy"] = float((preds == labels).mean())
     if n_classes >= 5:
@@ -87,7 +107,10 @@ def compute_metrics(
         }
         for i in range(n_classes)
     ]
-    out["confusion_matrix"] = confusion_matrix(labels, preds, labels=all_labels).tolist()
+    # dense n×n only while it is small: 20,000 classes would be 3.2 GB here and again in every reader
+    out["confusion_matrix"] = (confusion_matrix(labels, preds, labels=all_labels).tolist()
+                               if n_classes <= CONFUSION_MATRIX_MAX_CLASSES else None)
+    out["top_confusions"] = top_confusions(labels, preds, classes)
     if loss_sum is not None:
         out["loss"] = float(loss_sum) / len(labels)
     return out

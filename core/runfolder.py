@@ -19,8 +19,10 @@ Importing this module does not import torch (the dashboard reads the names).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,11 +107,26 @@ def exported(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- atomic read/write
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp path beside `path` to write into; when the block ends it is flushed to disk (fsync) and renamed over
+    `path`, so readers and a crash see the old file or the new one, never half of one. When the block raises (a full
+    disk, say) the temp file is removed and the previous `path` is kept as it was."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file then rename: readers see the old file or the new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON through `replacing`: readers see the old file or the new one, never half of one."""
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
 
 
 def read_json(path: Path) -> Any:
@@ -122,12 +139,16 @@ def read_json(path: Path) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    """Write through `replacing`, so a crash or a full disk never leaves a half-written checkpoint."""
     import torch
 
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:  # torch's zip writer hides the OSError (a full disk: ENOSPC) behind its own
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:

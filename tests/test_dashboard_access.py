@@ -128,3 +128,100 @@ def test_exposed_with_a_password_gates_then_uploads_and_submits(web_env: dict[st
 def test_procfile_starts_the_dashboard_through_the_safe_launcher() -> None:
     web = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
     assert web.split(":", 1)[1].split() == ["python", "-m", "app"]
+
+
+def _handshake(port: int, host: str, path: str = "/_stcore/stream") -> str:
+    """The status line a websocket upgrade to the dashboard gets under this Host header."""
+    import base64
+    import os
+    import socket
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: streamlit"
+                      "\r\n\r\n").encode())
+        return sock.recv(4096).decode("latin-1").split("\r\n", 1)[0]
+
+
+def _get(url: str, host: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def test_a_forged_host_gets_neither_the_page_nor_the_websocket(web_env: dict[str, str], spawn: Any,
+                                                               redis_conn: Any) -> None:
+    """DNS rebinding: a page under the attacker's name that re-resolves to 127.0.0.1 must not drive the loopback
+    dashboard. IP addresses, localhost and DASHBOARD_HOSTS names are served."""
+    env = {**web_env, "DASHBOARD_HOSTS": "dash.example.org,*.corp.example"}
+    _, base = start_dashboard(spawn, env)
+    port = int(env["PORT"])
+    for host in ("rebind.attacker.example", "dash.example.org.attacker.example", "corp.example"):
+        status, body = _get(base + "/", f"{host}:{port}")
+        assert status == 400 and "not allowed" in body and "DASHBOARD_HOSTS" in body, (host, status)
+        assert " 101 " not in _handshake(port, f"{host}:{port}") + " ", host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "dash.example.org", "ci.corp.example"):
+        assert _get(base + "/", host)[0] == 200, host
+        assert " 101 " in _handshake(port, host), host
+
+
+def test_no_upload_is_read_before_sign_in(web_env: dict[str, str], spawn: Any, redis_conn: Any) -> None:
+    """A session that only sees the sign-in form cannot push a file into the server's memory: its upload is refused
+    by the gate (403) until it signs in, and again after it logs out."""
+    from playwright.sync_api import sync_playwright
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    require_chromium()
+    env = {**web_env, "DASHBOARD_PASSWORD": "correct horse"}
+    _, base = start_dashboard(spawn, env)
+    session: list[str] = []
+
+    def frame(payload: bytes | str) -> None:
+        if isinstance(payload, bytes):
+            msg = ForwardMsg()
+            msg.ParseFromString(payload)
+            if msg.WhichOneof("type") == "new_session" and not session:
+                session.append(msg.new_session.initialize.session_id)
+
+    def upload() -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.zip\"\r\n\r\nPK\x05\x06" + \
+            b"\0" * 18 + b"\r\n--b--\r\n"
+        req = urllib.request.Request(f"{base}/_stcore/upload_file/{session[0]}/f1", data=body, method="PUT",
+                                     headers={"Content-Type": "multipart/form-data; boundary=b"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(errors="replace")
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.on("websocket", lambda ws: ws.on("framereceived", frame))
+            page.goto(base + "/")
+            page.get_by_role("heading", name="Sign in").wait_for()
+            assert session, "no session id seen on the websocket"
+            status, text = upload()
+            assert status == 403 and "sign in before uploading" in text
+            page.get_by_label("Password", exact=True).fill("correct horse")
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_role("button", name="Log out").wait_for()
+            assert "sign in before uploading" not in upload()[1]  # past the gate (Streamlit's own checks decide)
+            page.get_by_role("button", name="Log out").click()
+            page.get_by_role("heading", name="Sign in").wait_for()
+            status, text = upload()
+            assert status == 403 and "sign in before uploading" in text
+        finally:
+            browser.close()

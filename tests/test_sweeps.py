@@ -88,6 +88,8 @@ BAD_CASES = [
     ({"optim.lr": {"range": [1e-4, 1e-2]}}, [], "exactly one of float, int, choice"),
     ({"optim.lr": {"float": [1e-4, 1e-2]}}, ["--trials", "0"], "trials: must be a whole number of at least 1"),
     ({"optim.lr": {"float": [1e-4, 1e-2]}}, ["--parallel", "0"], "parallel: must be a whole number of at least 1"),
+    ({"optim.lr": {"float": [1e-4, 1e-2]}}, ["--trials", "1001"], "trials: must be a whole number of at least 1 and at most 1000"),
+    ({"optim.lr": {"float": [1e-4, 1e-2]}}, ["--parallel", "65"], "parallel: must be a whole number of at least 1 and at most 64"),
     ({"optim.lr": {"float": [1e-4, 1e-2]}}, ["--metric", "test_acc"], "no epoch event carries 'test_acc'"),
     ({"optim.lr": {"float": [1e-4, 1e-2]}}, ["--sampler", "grid"], "optim.lr is a continuous range"),
     ({"train.epochs": {"int": [1, 2]}}, ["--sampler", "grid", "--trials", "3"], "the grid has 2 point(s)"),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.defaults import PRIORITIES, STATUS_WAIT_CANCEL
-from worker.errors import NoSuchJobError, NoSuchSweepError, SubmissionError, WorkerError
+from worker.errors import InsecureRedisError, NoSuchJobError, NoSuchSweepError, SubmissionError, WorkerError
 
 
 def _ts(t: float | None) -> str:
@@ -354,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.dataset_cli import add_dataset_commands  # dataset add|list|show|rm
 
     add_dataset_commands(sub)
+    from worker.storage_cli import add_storage_commands  # storage, gc
+
+    add_storage_commands(sub)
+    from worker.model_cli import add_model_commands  # model register|alias|list|show|rm
+
+    add_model_commands(sub)
+    from worker.notify_cli import add_notify_commands  # notify add|list|rm|log
+
+    add_notify_commands(sub)
     return p
 
 
@@ -381,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as err:
         print(f"error: {err}", file=sys.stderr)
         refused = args.command in ("submit", "sweep") or isinstance(err, (SubmissionError, NoSuchJobError,
-                                                                           NoSuchSweepError))
+                                                                           NoSuchSweepError, InsecureRedisError))
         return 2 if refused else 1
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ opened by (job id, name) where the name must be one the listing returned.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -174,7 +175,7 @@ class ArtifactStore:
             sha = _sha256_file(zipped)
             key = f"datasets/{sha}.zip"
             try:
-                if not self.exists(key):
+                if not self.has_complete(key, size):
                     self.put_file(zipped, key)
             except OSError as err:
                 raise ArtifactError(f"cannot write the dataset to the artifact store {self.url}: {err}") from None
@@ -214,16 +215,37 @@ class ArtifactStore:
         return bool(self.fs.exists(self.path(key)))
 
     def put_file(self, local: Path, key: str) -> None:
+        """Copy a local file to `key`, never leaving a torn file under the final name: a local store writes a temp
+        file, fsyncs and renames it (`core.runfolder.replacing`); a remote one uploads, then compares the stored
+        size with the local one and deletes the object when they differ or the upload failed. OSError on failure
+        (a full disk: ENOSPC), with the previous file at `key`, if any, kept on a local store."""
         if self.is_local:
             dest = Path(self.path(key))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        else:
-            parent = self.path(key).rsplit("/", 1)[0]
-            self.fs.makedirs(parent, exist_ok=True)
-            self.fs.put_file(str(local), self.path(key))
+            with rf.replacing(dest) as tmp:
+                shutil.copyfile(local, tmp)
+            return
+        remote = self.path(key)
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        expected = local.stat().st_size
+        try:
+            self.fs.put_file(str(local), remote)
+            stored = self.fs.size(remote)
+            if stored != expected:
+                raise OSError(f"{self.uri(key)}: stored {stored} bytes of {expected}")
+        except BaseException:
+            with contextlib.suppress(OSError, FileNotFoundError):
+                self.fs.rm_file(remote)
+            raise
+
+    def has_complete(self, key: str, size: int) -> bool:
+        """`key` exists with exactly `size` bytes (a content-addressed file torn by an old upload is not complete)."""
+        try:
+            if self.is_local:
+                return Path(self.path(key)).stat().st_size == size
+            return int(self.fs.size(self.path(key))) == size
+        except (OSError, FileNotFoundError):
+            return False
 
     def sync_up(self, job_id: str, local_dir: Path, state: dict[str, tuple[int, int]]) -> int:
         """Upload the files of `local_dir` that changed since the last call (`state` remembers size/mtime).
@@ -313,16 +335,72 @@ class ArtifactStore:
                 out[short] = self.uri(f"{self.run_key(job_id)}/{rel}")
         return out
 
-    def delete_job(self, job_id: str) -> None:
-        """Remove the job's folder from the store (and this machine's cache of it)."""
-        key = f"jobs/{keys.check_job_id(job_id)}"
+    def listing(self, prefix: str) -> list[tuple[str, int, float]]:
+        """(key, bytes, modified as a Unix time) of every file under `prefix` (a key folder); [] when none."""
+        if self.is_local:
+            root = Path(self.path(prefix))
+            if not root.is_dir():
+                return []
+            out = []
+            for p in root.rglob("*"):
+                if p.is_file() and not p.is_symlink():
+                    st = p.stat()
+                    out.append((f"{prefix}/{p.relative_to(root).as_posix()}", st.st_size, st.st_mtime))
+            return out
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for path, info in self.fs.find(base, detail=True).items():
+            modified = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
+            out.append((f"{prefix}/{path[len(base):].lstrip('/')}", int(info.get("size") or 0), stamp))
+        return out
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one file of the store to another key (server-side on a remote store; through `replacing` locally)."""
+        if self.is_local:
+            dest = Path(self.path(dst))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with rf.replacing(dest) as tmp:
+                shutil.copyfile(self.path(src), tmp)
+            return
+        self.fs.makedirs(self.path(dst).rsplit("/", 1)[0], exist_ok=True)
+        self.fs.copy(self.path(src), self.path(dst))
+
+    def size(self, key: str) -> int:
+        return Path(self.path(key)).stat().st_size if self.is_local else int(self.fs.size(self.path(key)))
+
+    def read_key(self, key: str) -> bytes:
+        """The bytes of any file of the store by key (callers build the key from checked names only)."""
+        if self.is_local:
+            return Path(self.path(key)).read_bytes()
+        with self.fs.open(self.path(key), "rb") as fh:
+            return fh.read()
+
+    def remove_folder(self, prefix: str) -> None:
+        """Delete every file under a key folder (missing is fine)."""
         try:
             if self.is_local:
-                shutil.rmtree(self.path(key), ignore_errors=True)
+                shutil.rmtree(self.path(prefix), ignore_errors=True)
+            elif self.fs.exists(self.path(prefix)):
+                self.fs.rm(self.path(prefix), recursive=True)
+        except OSError as err:
+            raise ArtifactError(f"cannot delete {prefix}/ from the artifact store {self.url}: {err}") from None
+
+    def remove(self, key: str) -> None:
+        """Delete one file of the store (missing is fine); ArtifactError when the store refuses."""
+        try:
+            if self.is_local:
+                Path(self.path(key)).unlink(missing_ok=True)
             elif self.fs.exists(self.path(key)):
-                self.fs.rm(self.path(key), recursive=True)
+                self.fs.rm_file(self.path(key))
         except OSError as err:
             raise ArtifactError(f"cannot delete {key} from the artifact store {self.url}: {err}") from None
+
+    def delete_job(self, job_id: str) -> None:
+        """Remove the job's folder from the store (and this machine's cache of it)."""
+        self.remove_folder(f"jobs/{keys.check_job_id(job_id)}")
         shutil.rmtree(runs_cache_dir() / job_id, ignore_errors=True)
 
     def identity(self) -> str:

@@ -5,15 +5,17 @@ Clients are in bytes mode (what RQ expects); our helpers decode.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import sys
 import time
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 import redis
 
-from worker.defaults import REDIS_CONNECT_TIMEOUT, REDIS_HOST, REDIS_PORT
-from worker.errors import RedisUnavailableError
+from worker.defaults import ALLOW_INSECURE_ENV, REDIS_CONNECT_TIMEOUT, REDIS_HOST, REDIS_PORT
+from worker.errors import InsecureRedisError, RedisUnavailableError
 from worker.paths import password_file
 
 
@@ -62,9 +64,65 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether every address `host` resolves to is loopback (127.0.0.0/8, ::1); a name that does not resolve is not."""
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def insecure_reason(url: str) -> str | None:
+    """Why `url` lets anyone who reaches its port run jobs on every worker, or None: a TCP Redis off loopback with
+    neither a password nor a TLS client certificate (`rediss://...?ssl_certfile=...`). Unix sockets are local."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix" or is_loopback(parts.hostname):
+        return None
+    if parts.password:
+        return None
+    if parts.scheme == "rediss" and parse_qs(parts.query).get("ssl_certfile"):
+        return None
+    return (f"Redis at {redact(url)} is off loopback and has no password: anyone who reaches it can queue jobs "
+            "on every worker")
+
+
+def allows_insecure() -> bool:
+    """REDIS_ALLOW_INSECURE=1 (or true/yes): the operator accepts a password-less Redis off loopback."""
+    return os.environ.get(ALLOW_INSECURE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+_warned: set[str] = set()
+
+
+def check_secure(url: str) -> None:
+    """Refuse an insecure URL (InsecureRedisError with the fix) unless REDIS_ALLOW_INSECURE=1, which prints a
+    warning once per URL and process."""
+    reason = insecure_reason(url)
+    if reason is None:
+        return
+    if not allows_insecure():
+        parts = urlsplit(url)
+        raise InsecureRedisError(
+            f"{reason}. Set a password on that server (requirepass) and use "
+            f"REDIS_URL=redis://:PASSWORD@{parts.hostname}:{parts.port or 6379}/0 (or rediss:// with a client "
+            f"certificate), or set {ALLOW_INSECURE_ENV}=1 to allow it on purpose")
+    if url not in _warned:
+        _warned.add(url)
+        print(f"warning: {reason} ({ALLOW_INSECURE_ENV}=1 allows it)", file=sys.stderr, flush=True)
+
+
 def connect(url: str | None = None) -> redis.Redis:
-    """A client for `url` (default `redis_url()`). Lazy: nothing is sent until the first command."""
+    """A client for `url` (default `redis_url()`). Lazy: nothing is sent until the first command. A password-less
+    URL off loopback is refused here (`check_secure`), so the worker, the CLI and the dashboard all refuse it."""
     url = url or redis_url()
+    check_secure(url)
     conn = redis.Redis.from_url(
         url,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
@@ -121,7 +179,7 @@ def wait_for_redis(timeout: float) -> tuple[str, redis.Redis]:
     announced = False
     while True:
         url = redis_url()
-        conn = connect(url)
+        conn = connect(url)  # an insecure URL raises here, at once: waiting does not make it secure
         try:
             return url, check(conn)
         except RedisUnavailableError as err:

@@ -18,8 +18,19 @@ REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 """TCP port of the embedded Redis; env REDIS_PORT overrides."""
 
+REDIS_MAXMEMORY_MB = 2048
+"""Memory ceiling of the embedded Redis in MiB (`maxmemory`, policy noeviction: nothing is ever evicted, writes fail
+at the ceiling). Event streams are capped per job (EVENT_STREAM_MAXLEN), so ~2 GiB holds thousands of jobs."""
+
+REDIS_MAXMEMORY_MB_ENV = "REDIS_MAXMEMORY_MB"
+"""Environment variable overriding REDIS_MAXMEMORY_MB."""
+
 REDIS_PASSWORD_BYTES = 24
 """Entropy of the generated embedded-Redis password, in bytes (token_urlsafe makes it ~32 characters)."""
+
+ALLOW_INSECURE_ENV = "REDIS_ALLOW_INSECURE"
+"""Set to 1 to use a Redis off loopback with neither a password nor a TLS client certificate, on purpose (a warning
+is printed)."""
 
 REDIS_CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a TCP connection to Redis before giving up."""
@@ -138,6 +149,19 @@ DATASET_SAMPLE_THREADS = 8
 STORE_FULL_BYTES = 1024**2
 """A failed run whose run folder's file system has less free space than this (bytes) is reported as a full store."""
 
+JOB_TIME_LIMIT_HOURS = 72.0
+"""`train.time_limit` a job gets at submission when its config sets none (the run ends as timed out at the limit,
+its checkpoints kept). Env JOB_TIME_LIMIT_HOURS overrides; 0 means no limit."""
+
+JOB_TIME_LIMIT_ENV = "JOB_TIME_LIMIT_HOURS"
+"""Environment variable overriding JOB_TIME_LIMIT_HOURS (read by worker.submit.default_time_limit)."""
+
+MAX_SWEEP_TRIALS = 1000
+"""Most trials one sweep may ask for (each is a job record, a stream and an Optuna trial in Redis)."""
+
+MAX_SWEEP_PARALLEL = 64
+"""Most trials of one sweep queued or running at once."""
+
 SWEEP_LOCK_TTL = 30.0
 """Seconds a sweep's lock lives when its holder dies (telling Optuna and enqueuing trials takes milliseconds)."""
 
@@ -147,8 +171,29 @@ SWEEP_LOCK_WAIT = 10.0
 SWEEP_SCAN_INTERVAL = 5.0
 """Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
 
-DOCTOR_DISK_FAIL_GB = 2.0
-"""`worker doctor`: less free disk than this (GiB) where datasets or run folders go fails the check."""
+DISK_MIN_FREE_GB = 2.0
+"""Free disk floor in GiB on var/ and a local artifact store: below it submission and dataset uploads are refused,
+workers take no job, and `worker doctor`'s disk check fails. Env DISK_MIN_FREE_GB overrides."""
+
+DISK_MIN_FREE_GB_ENV = "DISK_MIN_FREE_GB"
+"""Environment variable overriding DISK_MIN_FREE_GB (read only by worker.storage.min_free_bytes)."""
+
+RETENTION_CHECKPOINT_DAYS = 7.0
+"""`worker gc`: a finished job's last.pt is removed this many days after it ended (best.pt and export/ stay)."""
+
+RETENTION_ORPHAN_DAYS = 1.0
+"""`worker gc`: a stored dataset zip that no version and no job refers to is removed after this many days (a
+submission may be uploading one right now)."""
+
+RETENTION_LOCAL_RUN_DAYS = 2.0
+"""`worker gc`: this machine's copy of a remote store's run folder is removed this many days after its job ended
+(at once when the job was deleted); the store keeps the files."""
+
+GC_CHECK_INTERVAL = 600.0
+"""Seconds between a worker's looks at whether the daily retention run is due (the claim keys decide)."""
+
+GC_INTERVAL = 24 * 3600.0
+"""Seconds between the retention runs a worker starts by itself (one per artifact store and per machine)."""
 
 DOCTOR_DISK_WARN_GB = 20.0
 """`worker doctor`: less free disk than this (GiB) is a warning (a CIFAR-sized job needs a few GiB with checkpoints)."""

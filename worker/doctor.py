@@ -26,9 +26,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.defaults import (
-    DOCTOR_DISK_FAIL_GB,
+    DISK_MIN_FREE_GB,
     DOCTOR_DISK_WARN_GB,
     DOCTOR_PROBE_TIMEOUT,
     MIN_REDIS_VERSION,
@@ -216,6 +217,25 @@ def check_distributed() -> Check:
     return Check("distributed", OK, desc + " (a one-rank all-reduce)", data=results)
 
 
+def check_redis_security() -> Check:
+    """Who can queue jobs here: a Redis off loopback needs a password or a TLS client certificate (or the operator's
+    REDIS_ALLOW_INSECURE=1, a warning)."""
+    from worker.connection import allows_insecure, insecure_reason, is_loopback, redact, redis_url
+    from worker.defaults import ALLOW_INSECURE_ENV
+
+    url = redis_url()
+    reason = insecure_reason(url)
+    data = {"url": redact(url), "allow_insecure": allows_insecure()}
+    if reason is None:
+        how = "loopback" if is_loopback(urlsplit(url).hostname) or url.startswith("unix:") else "password or TLS"
+        return Check("redis security", OK, f"{redact(url)}: {how}", data=data)
+    fix = ("set a password on that Redis (requirepass) and put it in REDIS_URL=redis://:PASSWORD@HOST:6379/0, or "
+           "use rediss:// with a client certificate")
+    if allows_insecure():
+        return Check("redis security", WARN, f"{reason} ({ALLOW_INSECURE_ENV}=1 allows it)", fix, data)
+    return Check("redis security", FAIL, reason, fix + f" (or set {ALLOW_INSECURE_ENV}=1 on purpose)", data)
+
+
 def check_redis() -> tuple[Check, Any]:
     """The Redis check, and the checked connection (None when unreachable)."""
     from worker.connection import check, connect, redact, redis_url
@@ -339,8 +359,8 @@ def check_disk(store: Any) -> Check:
         rows.append(f"{what} {path}: {free_gb:.1f} GiB free")
     desc = "; ".join(rows)
     data = {"min_free_gb": round(worst, 2)}
-    if worst < DOCTOR_DISK_FAIL_GB:
-        return Check("disk", FAIL, desc, f"free disk space (at least {DOCTOR_DISK_FAIL_GB:g} GiB; datasets are "
+    if worst < DISK_MIN_FREE_GB:
+        return Check("disk", FAIL, desc, f"free disk space (at least {DISK_MIN_FREE_GB:g} GiB; datasets are "
                      "unpacked and checkpoints written there), or point TRAINER_VAR_DIR at a bigger disk", data)
     if worst < DOCTOR_DISK_WARN_GB:
         return Check("disk", WARN, desc, f"less than {DOCTOR_DISK_WARN_GB:g} GiB: big datasets or many checkpoints "
@@ -398,6 +418,7 @@ def run_checks() -> list[Check]:
     if torch_check.status != FAIL or torch_check.data:
         checks.append(guarded("gpus", lambda: check_gpus(smi)))
         checks.append(guarded("distributed", check_distributed))
+    checks.append(guarded("redis security", check_redis_security))
     redis_check, conn = check_redis()
     store_check, store = check_store()
     checks += [redis_check, store_check, guarded("shared store", lambda: check_same_store(store, conn)),

@@ -25,8 +25,16 @@ class RedisUnavailableError(WorkerError):
     """Redis cannot be reached or refused the credentials."""
 
 
+class InsecureRedisError(RedisUnavailableError):
+    """A password-less Redis URL (no TLS client certificate either) off loopback, without REDIS_ALLOW_INSECURE=1."""
+
+
 class EmbeddedRedisError(WorkerError):
     """The embedded Redis cannot start (port taken by something else, binary missing, ...)."""
+
+
+class LowDiskError(WorkerError):
+    """Free disk is below the floor (DISK_MIN_FREE_GB): new uploads and jobs wait; nothing was written. CLI exit 2."""
 
 
 class ArtifactError(WorkerError):
@@ -48,3 +56,12 @@ class DatasetError(WorkerError):
 
 class NoSuchDatasetError(DatasetError):
     """No registered dataset (or version) has this name; the message lists what exists."""
+
+
+class ModelError(WorkerError):
+    """A model registry operation was refused (bad name, no such job, version or alias, job not exported, in use);
+    nothing was changed. CLI exit 2."""
+
+
+class NoSuchModelError(ModelError):
+    """No registered model, version or alias has this name; the message lists what exists."""

@@ -236,3 +236,60 @@ def dataset_jobs(name: str, version: int) -> str:
 def dataset_prepared(name: str, version: int) -> str:
     """HASH form key → JSON: one version's prepared forms (shards), written by whoever prepares them."""
     return _dataset_key(name, str(int(version)), "prepared")
+
+
+def gc_claim(scope: str) -> str:
+    """STRING with a TTL of GC_INTERVAL: the retention policy ran for this scope (a store id, or a store id and a
+    machine) and runs again when it expires (worker/retention.py)."""
+    return _key("gc", scope)
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+def check_model_name(name: str, what: str = "model name") -> str:
+    """The name itself if valid (the dataset name rule, DATASET_NAME_PATTERN: also for aliases), else ModelError."""
+    from worker.errors import ModelError
+
+    if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
+        raise ModelError(f"invalid {what} {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit (e.g. flowers-classifier)")
+    return name
+
+
+def _model_key(name: str, *parts: str) -> str:
+    return _key("model", check_model_name(name), *parts)
+
+
+def models_index() -> str:
+    """ZSET model name → creation time of its first version: every registered model."""
+    return _key("models")
+
+
+def model_versions(name: str) -> str:
+    """HASH version number → JSON of that version (job, dataset, files, metrics, deploy choice): written once."""
+    return _model_key(name)
+
+
+def model_seq(name: str) -> str:
+    """STRING: the last version number handed out (kept after removals: numbers are never reused)."""
+    return _model_key(name, "seq")
+
+
+def model_aliases(name: str) -> str:
+    """HASH alias → version number (`production`, `staging`, any name)."""
+    return _model_key(name, "aliases")
+
+
+# ---------------------------------------------------------------------------------------------------- notifications
+def hooks() -> str:
+    """HASH hook id → JSON {id, url, events, secret, created_at} (worker/notify.py)."""
+    return _key("hooks")
+
+
+def hook_log(hook_id: str) -> str:
+    """STREAM of one hook's delivery attempts (field `entry`: JSON), capped."""
+    return _key("hook", hook_id, "log")
+
+
+def notify_events() -> str:
+    """STREAM of events waiting for delivery (fields `event`, `data`), read by the workers' consumer group."""
+    return _key("notify", "events")

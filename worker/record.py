@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, notify
 from worker.errors import NoSuchJobError
 from worker.hashcodec import HashCodec, decode_reply
 from worker.states import JobState
@@ -294,13 +294,19 @@ def mark_final(conn: redis.Redis, job_id: str, worker: str, state: JobState, fie
     args: list[Any] = [worker, state.value, time.time(), job_id]
     for k, v in encode_fields(fields).items():
         args += [k, v]
-    return decode_reply(conn.eval(_FINISH, 2, keys.job(job_id), keys.running_set(), *args))
+    result = decode_reply(conn.eval(_FINISH, 2, keys.job(job_id), keys.running_set(), *args))
+    if result == "ok":
+        notify.job_event(conn, job_id)
+    return result
 
 
 def request_cancel(conn: redis.Redis, job_id: str) -> str:
     """$CANCELLED (was waiting), 'requested' (running: its worker stops it) or the final state it already had."""
-    return decode_reply(conn.eval(_CANCEL, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), time.time(),
-                          job_id))
+    result = decode_reply(conn.eval(_CANCEL, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), time.time(),
+                            job_id))
+    if result == JobState.CANCELLED:
+        notify.job_event(conn, job_id)
+    return result
 
 
 def claim_for_requeue(
@@ -310,6 +316,8 @@ def claim_for_requeue(
     (current state, 0) when someone else already moved it. `max_recoveries=-1` does not count this one."""
     state, attempt = conn.eval(_REQUEUE, 3, keys.job(job_id), keys.running_set(), keys.recovering_set(), owner,
                                max_recoveries, time.time(), job_id, reason)
+    if decode_reply(state) == JobState.FAILED:  # past the recovery cap
+        notify.job_event(conn, job_id)
     return decode_reply(state), int(attempt)
 
 
@@ -451,4 +459,6 @@ def gang_requeue(conn: redis.Redis, job_id: str, attempt: int, *, max_recoveries
     state, new_attempt = conn.eval(_GANG_REQUEUE, 6, keys.job(job_id), keys.running_set(), keys.recovering_set(),
                                    keys.gangs(), keys.gang(job_id), keys.reservations(), attempt, max_recoveries,
                                    time.time(), job_id, reason, score)
+    if decode_reply(state) == JobState.FAILED:
+        notify.job_event(conn, job_id)
     return decode_reply(state), int(new_attempt)

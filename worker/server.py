@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 
 from worker.connection import embedded_port
-from worker.defaults import REDIS_HOST, REDIS_PASSWORD_BYTES
+from worker.defaults import REDIS_HOST, REDIS_MAXMEMORY_MB, REDIS_MAXMEMORY_MB_ENV, REDIS_PASSWORD_BYTES
 from worker.errors import EmbeddedRedisError
 from worker.paths import password_file, redis_dir
 from worker.procutil import set_parent_death_signal
@@ -59,6 +59,18 @@ def ensure_password(path: Path | None = None) -> str:
     return password
 
 
+def redis_maxmemory_mb() -> int:
+    """The embedded server's memory ceiling in MiB: env REDIS_MAXMEMORY_MB, else REDIS_MAXMEMORY_MB."""
+    raw = os.environ.get(REDIS_MAXMEMORY_MB_ENV, "").strip()
+    try:
+        value = int(raw) if raw else REDIS_MAXMEMORY_MB
+    except ValueError:
+        raise EmbeddedRedisError(f"{REDIS_MAXMEMORY_MB_ENV} must be a whole number of MiB, got {raw!r}") from None
+    if value < 64:
+        raise EmbeddedRedisError(f"{REDIS_MAXMEMORY_MB_ENV} must be at least 64 (MiB), got {value}")
+    return value
+
+
 def write_config(data_dir: Path, port: int, password: str, *, bind: str = REDIS_HOST) -> Path:
     """redis.conf (mode 0600: it holds the password, which must not show up in `ps`)."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +88,10 @@ def write_config(data_dir: Path, port: int, password: str, *, bind: str = REDIS_
         "loglevel notice",
         'logfile ""',
         f'requirepass "{password}"',
+        # a ceiling, and nothing evicted at it: job state has no TTL and must never vanish; at the ceiling writes
+        # fail with an OOM error (the worker retries its final writes) instead of the machine running out of memory
+        f"maxmemory {redis_maxmemory_mb()}mb",
+        "maxmemory-policy noeviction",
     ]
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ import redis
 from worker import datasets, gang, keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
-from worker.defaults import MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
+from worker.defaults import JOB_TIME_LIMIT_ENV, JOB_TIME_LIMIT_HOURS, MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
 from worker.errors import ArtifactError, SubmissionError
 from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
 from worker.record import JobRecord
 from worker.states import JobState
+from worker.storage import low_disk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +180,18 @@ class Checked:
     """What the job waits for when no worker is alive to run it (check_gpus, check_nodes); None otherwise."""
 
 
+def default_time_limit() -> float | None:
+    """Seconds a job may train when its config sets no `train.time_limit`: env JOB_TIME_LIMIT_HOURS (0: none), else
+    JOB_TIME_LIMIT_HOURS."""
+    raw = os.environ.get(JOB_TIME_LIMIT_ENV, "").strip()
+    try:
+        hours = float(raw) if raw else JOB_TIME_LIMIT_HOURS
+    except ValueError:
+        raise SubmissionError.on("timeout", raw, f"{JOB_TIME_LIMIT_ENV} must be a number of hours, got {raw!r}"
+                                 ) from None
+    return hours * 3600.0 if hours > 0 else None
+
+
 def check_request(
     config: dict[str, Any] | str | Path,
     overrides: list[str] | None = None,
@@ -201,6 +215,8 @@ def check_request(
     if dataset_path is not None:
         overrides += ["data.name=imagefolder", f"data.path={Path(dataset_path)}"]
     cfg = validate_config(config, overrides)
+    if not cfg["train"].get("time_limit") and default_time_limit():
+        cfg["train"]["time_limit"] = default_time_limit()  # no job runs forever unless the operator says so
     check(connection)
     waiting = check_gpus(connection, gpus)
     waiting = check_nodes(connection, nodes, gpus) or waiting
@@ -239,6 +255,9 @@ def submit_job(
     cfg = checked.config
     store = store or ArtifactStore()
     ranks = gpus * nodes
+    full = low_disk(store)  # before any upload, extraction or enqueue
+    if full:
+        raise SubmissionError(full)
 
     if cfg["data"]["name"] != "imagefolder":
         check_batch_size(cfg, train_images(cfg), ranks)

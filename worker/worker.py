@@ -24,11 +24,12 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import gang, keys
+from worker import gang, keys, notify, retention
 from worker.artifacts import ArtifactStore
 from worker.context import WorkerContext
 from worker.defaults import (
     GANG_POLL_INTERVAL,
+    GC_CHECK_INTERVAL,
     HEARTBEAT_INTERVAL,
     JOB_RESULT_TTL,
     RECOVERY_SCAN_INTERVAL,
@@ -112,6 +113,9 @@ class TrainerWorker(SimpleWorker):
         self._last_scan = 0.0
         self._last_sweep_scan = 0.0
         self._sweep_thread: threading.Thread | None = None
+        self._deliverer: notify.Deliverer | None = None
+        self._gc_thread: threading.Thread | None = None
+        self._last_gc_check = -GC_CHECK_INTERVAL
         self._current_rq_job: Job | None = None
         self._burst = False
 
@@ -150,6 +154,7 @@ class TrainerWorker(SimpleWorker):
                 self._healthy_since = time.monotonic()
             self._maybe_scan()
             self._maybe_scan_sweeps()
+            self._keep_house()
         except redis.exceptions.RedisError as err:
             if self._healthy_since is not None:
                 log.warning("worker %s: Redis unreachable (%s); training continues, retrying", self.name, err)
@@ -180,6 +185,28 @@ class TrainerWorker(SimpleWorker):
         self._sweep_thread = threading.Thread(target=heal_sweeps, args=(self.connection,), name="sweep-scan",
                                               daemon=True)
         self._sweep_thread.start()
+
+    def _keep_house(self) -> None:
+        """The background duties beside jobs, each in a thread of its own so a heartbeat never waits: delivering
+        notifications (worker/notify.py) and, once a day, the retention policy (worker/retention.py)."""
+        if self._deliverer is None or not self._deliverer.is_alive():
+            self._deliverer = notify.Deliverer(self.connection, self.name)
+            self._deliverer.start()
+        now = time.monotonic()
+        if now - self._last_gc_check >= GC_CHECK_INTERVAL and not (self._gc_thread and self._gc_thread.is_alive()):
+            self._last_gc_check = now
+            self._gc_thread = threading.Thread(target=self._daily_gc, name="retention", daemon=True)
+            self._gc_thread.start()
+
+    def _daily_gc(self) -> None:
+        try:
+            removed = retention.daily(self.connection, self.store, socket.gethostname())
+        except Exception:
+            log.exception("worker %s: retention run failed", self.name)
+            return
+        if removed:
+            log.info("worker %s: retention removed %d item(s), %d bytes", self.name, len(removed),
+                     sum(r.bytes for r in removed))
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(HEARTBEAT_INTERVAL):
@@ -326,6 +353,8 @@ class TrainerWorker(SimpleWorker):
         finally:
             self._hb_stop.set()
             self._hb_thread.join(timeout=5)
+            if self._deliverer is not None:
+                self._deliverer.stop()
             if self.ctx.warm is not None:
                 self.ctx.warm.stop()
             try:

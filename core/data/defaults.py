@@ -12,6 +12,10 @@ SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validatio
 ZIP_MAX_TOTAL_BYTES = 4 * 1024**3
 """Bytes: the most a dataset zip may expand to (sum of its entries' uncompressed sizes)."""
 
+MAX_CLASSES = 10_000
+"""Classes: the most an imagefolder dataset may have (the per-class report, the confusion pairs and the classifier
+head grow with it; 10,000 covers ImageNet-1k and iNaturalist-scale sets)."""
+
 ZIP_MAX_FILES = 200_000
 """Entries: the most a dataset zip may hold."""
 

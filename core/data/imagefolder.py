@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.data.archive import extract_zip, is_ignored_part, is_image_name, zip_errors
-from core.data.defaults import SCAN_THREADS, SPLIT_FOLDER_NAMES
+from core.data.defaults import MAX_CLASSES, SCAN_THREADS, SPLIT_FOLDER_NAMES
 from core.data.transforms import to_color_mode
 from core.errors import DataError
 
@@ -173,6 +173,14 @@ def _class_folders(root: Path, source: str) -> tuple[dict[str | None, dict[str, 
     return layout, loose
 
 
+def too_many_classes(n: int, source: str) -> str | None:
+    """Why a dataset of `n` classes is refused (over MAX_CLASSES), or None."""
+    if n <= MAX_CLASSES:
+        return None
+    return (f"imagefolder {source!r}: {n:,} class folders; at most {MAX_CLASSES:,} classes can be trained "
+            "(core.data.defaults.MAX_CLASSES)")
+
+
 def scan_imagefolder(path: str | Path, *, max_image_pixels: int, color_mode: str = "RGB") -> FolderScan:
     """Find classes and validate every image once; raises DataError for datasets that cannot be trained on."""
     source = str(path)
@@ -185,6 +193,9 @@ def scan_imagefolder(path: str | Path, *, max_image_pixels: int, color_mode: str
         listed = f" ({', '.join(classes)})" if classes else ""
         raise DataError(f"imagefolder {source!r}: found {found}{listed}; need at least two folders of images, "
                         "one per class")
+    refusal = too_many_classes(len(classes), source)
+    if refusal:
+        raise DataError(refusal)
     label_of = {name: i for i, name in enumerate(classes)}
     candidates: list[tuple[str, str, int, str | None]] = []
     ignored = 0

@@ -103,6 +103,9 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
         lines += [f"| {run.classes[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(cm)]
     elif cm:
         lines += ["", f"Confusion matrix: {len(cm)}×{len(cm)}, see {runfolder.REPORT} (too large for this card)."]
+    if (cm is None or len(cm) > 30) and test.get("top_confusions"):
+        lines += ["", "Most frequent confusions (test):", "", "| true | predicted | count |", "|---|---|---|"]
+        lines += [f"| {c['true']} | {c['predicted']} | {c['count']} |" for c in test["top_confusions"][:20]]
     lines += [
         "", "## Export verification", "",
         (f"- `{runfolder.ONNX}`: FP32, opset {onnx_info['opset']}, exporter {onnx_info['exporter']}, "

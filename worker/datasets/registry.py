@@ -31,7 +31,7 @@ from worker.datasets.sources import (
     scan_stored,
     scan_upload,
 )
-from worker.errors import ArtifactError, DatasetError, NoSuchDatasetError
+from worker.errors import DatasetError, NoSuchDatasetError
 from worker.hashcodec import decode_reply
 from worker.states import ACTIVE_STATES
 
@@ -276,15 +276,7 @@ def _delete_unreferenced(conn: redis.Redis, sources: list[str], store: ArtifactS
         return
     still = {v.source for name in list_datasets(conn) for v in _versions(conn, name).values()}
     for source in set(sources) - still:
-        key = source.removeprefix(DATASET_REF_PREFIX)
-        try:
-            if store.exists(key):
-                if store.is_local:
-                    Path(store.path(key)).unlink(missing_ok=True)
-                else:
-                    store.fs.rm(store.path(key))
-        except OSError as err:
-            raise ArtifactError(f"cannot delete {key} from the artifact store {store.url}: {err}") from None
+        store.remove(source.removeprefix(DATASET_REF_PREFIX))
 
 
 # -------------------------------------------------------------------------------------------------- submission

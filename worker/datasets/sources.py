@@ -32,6 +32,7 @@ from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.defaults import DATASET_SAMPLE_PER_CLASS, DATASET_SAMPLE_THREADS
 from worker.errors import ArtifactError, DatasetError
 from worker.paths import dataset_cache_dir
+from worker.storage import low_disk
 
 UPLOAD = "upload"
 IN_PLACE = "in_place"
@@ -271,6 +272,9 @@ def scan_upload(path: Path, store: ArtifactStore, *, color_mode: str, max_image_
     if not path.exists():
         raise DatasetError(f"{str(path)!r} does not exist; give a folder or .zip of class folders, or a URL "
                            "(s3://..., file:///...)")
+    full = low_disk(store)  # checked before the zip is extracted for its check or uploaded
+    if full:
+        raise DatasetError(full)
     report = _inspect(path, color_mode=color_mode, max_image_pixels=max_image_pixels)
     try:
         stored = store.upload_dataset(path)
@@ -300,6 +304,11 @@ def scan_in_place(url: str, *, color_mode: str, max_image_pixels: int,
     if not layout.images:
         raise DatasetError(f"{url}: no class folders with images found ({len(listing.files)} file(s) listed, "
                            f"{layout.loose} outside any folder); put the images in one folder per class")
+    from core.data.imagefolder import too_many_classes  # (imports torchvision: only when a URL is scanned)
+
+    refusal = too_many_classes(len({name for _, name in layout.images}), url)  # before sampling every class
+    if refusal:
+        raise DatasetError(refusal)
     sample = [rel for rels in layout.images.values() for rel in _spread(rels, per_class)]
     with tempfile.TemporaryDirectory(prefix="dataset-sample-") as tmp:
         _download(listing, sample, Path(tmp), url)

@@ -14,6 +14,7 @@ import redis
 
 from worker import keys
 from worker.artifacts import ArtifactStore
+from worker.defaults import MAX_SWEEP_PARALLEL, MAX_SWEEP_TRIALS
 from worker.errors import SubmissionError
 from worker.sweeps.driver import advance
 from worker.sweeps.record import SWEEP_CODEC, SweepState
@@ -41,9 +42,9 @@ class SweepSettings:
     pruner: str
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SubmissionError(f"{name}: must be a whole number of at least 1, got {value!r}")
+def _count(name: str, value: Any, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise SubmissionError(f"{name}: must be a whole number of at least 1 and at most {most}, got {value!r}")
     return value
 
 
@@ -52,8 +53,8 @@ def check_settings(*, trials: Any, parallel: Any, metric: str, direction: str | 
     """The sweep's own settings (SubmissionError naming the first bad one)."""
     from core.events import EPOCH_METRICS
 
-    _positive_int("trials", trials)
-    _positive_int("parallel", parallel)
+    _count("trials", trials, MAX_SWEEP_TRIALS)
+    _count("parallel", parallel, MAX_SWEEP_PARALLEL)
     if metric not in EPOCH_METRICS:
         raise SubmissionError(f"metric: no epoch event carries {metric!r}; choose from {', '.join(EPOCH_METRICS)}")
     direction = direction or default_direction(metric)

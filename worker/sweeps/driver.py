@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, notify
 from worker.artifacts import ArtifactStore
 from worker.defaults import SWEEP_LOCK_TTL, SWEEP_LOCK_WAIT
 from worker.errors import NoSuchSweepError, SubmissionError
@@ -171,6 +171,11 @@ def _advance(conn: redis.Redis, sweep_id: str, store: ArtifactStore | None, toke
             fields["ended_at"] = time.time()
         conn.srem(keys.active_sweeps(), sweep_id)
     conn.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode(fields))
+    if fields.get("state"):
+        notify.emit(conn, "sweep.finished", {"id": sweep_id, "name": rec.get("name"), "state": fields["state"],
+                                             "error": fields.get("error"), "best_value": fields.get("best_value"),
+                                             "best_job": fields.get("best_job"),
+                                             "url": notify.dashboard_link("sweeps", sweep=sweep_id)})
 
 
 def _enqueue(conn: redis.Redis, rec: dict[str, Any], number: int, values: dict[str, Any],

@@ -1,0 +1,56 @@
+"""Many classes do not exhaust memory: a dataset over MAX_CLASSES is refused before anything is decoded (a folder
+and an in-place source), and above CONFUSION_MATRIX_MAX_CLASSES the metric block lists the commonest confusions
+instead of a dense n×n matrix."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core.data import defaults
+from core.data.imagefolder import scan_imagefolder
+from core.errors import DataError
+from core.evaluate import CONFUSION_MATRIX_MAX_CLASSES, compute_metrics
+from tests.fixtures_worker import make_imagefolder, run_cli
+
+
+def test_too_many_classes_is_refused_naming_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_imagefolder(tmp_path / "many", tuple(f"c{i:02d}" for i in range(12)), per_class=1, size=8)
+    monkeypatch.setattr(defaults, "MAX_CLASSES", 10)
+    monkeypatch.setattr("core.data.imagefolder.MAX_CLASSES", 10)
+    with pytest.raises(DataError, match="12 class folders; at most 10 classes"):
+        scan_imagefolder(root, max_image_pixels=10**8)
+
+
+def test_a_source_over_the_bound_is_refused_before_sampling(redis_conn: Any, job_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    """The real bound, through the real CLI: 10,001 empty-named class folders with one tiny file each."""
+    root = tmp_path / "wide"
+    for i in range(defaults.MAX_CLASSES + 1):
+        (root / f"c{i:05d}").mkdir(parents=True)
+        (root / f"c{i:05d}" / "a.png").write_bytes(b"not decoded")  # a refusal before sampling never opens it
+    res = run_cli(["worker", "dataset", "add", "wide", root.as_uri()], job_env, timeout=300)
+    assert res.returncode == 2 and "10,001 class folders; at most 10,000" in res.stderr, res.stderr[-2000:]
+
+
+def test_the_metric_block_of_many_classes_lists_top_confusions() -> None:
+    n = CONFUSION_MATRIX_MAX_CLASSES + 1
+    classes = [f"c{i}" for i in range(n)]
+    labels = np.arange(3 * n) % n
+    probs = np.zeros((3 * n, n), np.float32)
+    probs[np.arange(3 * n), labels] = 1.0
+    probs[:5, :] = 0.0
+    probs[:5, 7] = 1.0  # samples 0-4 (true c0..c4) predicted c7
+    probs[n:n + 3, :] = 0.0
+    probs[n:n + 3, 7] = 1.0  # true c0, c1, c2 again predicted c7
+    out = compute_metrics(labels, probs, classes)
+    assert out["confusion_matrix"] is None
+    assert out["top_confusions"][:3] == [{"true": "c0", "predicted": "c7", "count": 2},
+                                         {"true": "c1", "predicted": "c7", "count": 2},
+                                         {"true": "c2", "predicted": "c7", "count": 2}]
+    assert len(out["top_confusions"]) == 5
+    small = compute_metrics(np.array([0, 1, 1]), np.eye(2, dtype=np.float32)[[0, 0, 1]], ["a", "b"])
+    assert small["confusion_matrix"] == [[1, 0], [1, 1]] and small["top_confusions"] == [
+        {"true": "b", "predicted": "a", "count": 1}]

@@ -1,0 +1,139 @@
+"""`python -m worker model register | alias | list | show | rm` (README "Models and deployments"): thin wrappers over
+worker.models. A refusal prints one line naming what is wrong and exits 2, with nothing changed."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from worker.cliutil import checked_connection, human_bytes, print_json, timestamp
+from worker.errors import ArtifactError, ModelError
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from worker.models import register
+
+    version = register(checked_connection(), args.job, args.name)
+    print(f"registered {version.ref} from job {version.job_id} (serves {version.deploy}; test accuracy "
+          f"{version.metrics.get('accuracy', float('nan')):.4f})")
+    print(version.ref)
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    from worker.models import remove_alias, set_alias
+
+    conn = checked_connection()
+    if args.delete:
+        remove_alias(conn, args.name, args.alias)
+        print(f"removed alias {args.name}@{args.alias}")
+        return 0
+    if args.version is None:
+        raise ModelError("give the VERSION the alias should point at (or --delete)")
+    before = set_alias(conn, args.name, args.alias, args.version)
+    moved = f" (was {before})" if before is not None and before != args.version else ""
+    print(f"{args.name}@{args.alias} → {args.version}{moved}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from worker.models import list_models, summary
+
+    conn = checked_connection()
+    rows = [summary(conn, name) for name in list_models(conn)]
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no models registered (python -m worker model register JOB --name NAME)")
+    for r in rows:
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted(r["aliases"].items())) or "-"
+        acc = r["metrics"].get("accuracy")
+        print(f"{r['name']:<24} latest {r['latest']:<4} versions {len(r['versions']):<3} aliases {aliases:<24} "
+              f"accuracy {'-' if acc is None else f'{acc:.4f}'}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from worker.models import describe, model_versions, parse_ref, resolve
+
+    conn = checked_connection()
+    ref = parse_ref(args.ref)
+    versions = [resolve(conn, ref)] if ref.version or ref.alias else model_versions(conn, ref.name)
+    if not versions:
+        resolve(conn, ref)  # the "no such model" error
+    shown = [describe(conn, v) for v in versions]
+    if args.json:
+        print_json(shown[0] if ref.version or ref.alias else shown)
+        return 0
+    for v in shown:
+        print(f"{v['ref']}  from job {v['job_id']} ({v['job_name']}), {timestamp(v['created_at'])}"
+              + (f"  aliases: {', '.join(v['aliases'])}" if v["aliases"] else ""))
+        print(f"  dataset {v['dataset'] or '-'}  serves {v['deploy']}: {v['deploy_reason']}")
+        print("  metrics " + ", ".join(f"{k} {val:.4g}" for k, val in v["metrics"].items() if val is not None))
+        print("  files " + ", ".join(f"{f} ({human_bytes(n)})" for f, n in v["files"].items()))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from worker.models import remove
+
+    for v in remove(checked_connection(), args.ref):
+        print(f"removed {v.ref}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worker.serving.server import ServeOptions, serve
+
+    return serve(checked_connection(), args.ref, ServeOptions(
+        host=args.host, port=args.port, max_batch=1 if args.no_batching else args.max_batch,
+        max_delay_ms=args.max_delay_ms, use_gpu=args.gpu))
+
+
+def _refusing(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args) or 0)
+        except (ModelError, ArtifactError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_model_commands(sub: Any) -> None:
+    """`model register|alias|list|show|rm` under the `python -m worker` subparsers `sub`."""
+    p = sub.add_parser("model", help="the model registry (register, alias, list, show, rm)")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    s = msub.add_parser("register", help="make a new version of NAME from a finished, exported job")
+    s.add_argument("job")
+    s.add_argument("--name", required=True, help="lower-case letters, digits, . _ - (1-64 characters)")
+    s.set_defaults(func=_refusing(cmd_register))
+    s = msub.add_parser("alias", help="point ALIAS (production, staging, any name) at VERSION of NAME")
+    s.add_argument("name")
+    s.add_argument("alias")
+    s.add_argument("version", type=int, nargs="?")
+    s.add_argument("--delete", action="store_true", help="remove the alias instead")
+    s.set_defaults(func=_refusing(cmd_alias))
+    s = msub.add_parser("list", help="every registered model with its latest version and aliases")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_refusing(cmd_list))
+    s = msub.add_parser("show", help="a model's versions (or one: NAME:VERSION or NAME@ALIAS)")
+    s.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_refusing(cmd_show))
+    s = msub.add_parser("rm", help="remove a version (NAME:VERSION) or a whole model (NAME); refused while served")
+    s.add_argument("ref", metavar="NAME[:VERSION]")
+    s.set_defaults(func=_refusing(cmd_rm))
+    s = sub.add_parser("serve", help="serve a model version in the foreground (Open Inference Protocol v2)")
+    s.add_argument("ref", metavar="MODEL_REF", help="NAME (latest), NAME:VERSION or NAME@ALIAS (followed as it moves)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; elsewhere a bearer "
+                                                        "token is required: SERVE_TOKEN, or one is made)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--max-batch", type=int, default=32, help="most samples per model run (dynamic batching)")
+    s.add_argument("--max-delay-ms", type=float, default=0.0,
+                   help="how long a batch waits for more requests after its first (0: none; batches still form "
+                        "while the model is busy)")
+    s.add_argument("--no-batching", action="store_true", help="one request per model run")
+    s.add_argument("--gpu", action="store_true", help="use CUDA/TensorRT execution providers when present")
+    s.set_defaults(func=_refusing(cmd_serve))

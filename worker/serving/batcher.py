@@ -1,0 +1,110 @@
+"""Dynamic batching: requests that wait together run as one batch.
+
+One batch runs at a time, in a worker thread (ONNX Runtime releases the GIL, so the event loop keeps accepting
+requests meanwhile). Requests queue while it runs; the next batch takes everything queued, up to `max_batch`
+samples. `max_delay` (seconds) is how long a batch waits for company after its first request: 0 (the default) adds
+no latency at low load, and batches still form whenever the model is busy, which is exactly when they help.
+`max_batch=1` turns batching off (one request per run, as a server without it).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class _Request:
+    x: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+class DynamicBatcher:
+    """`await batcher.run(x)`: x's rows go through `infer` in a batch with other requests' rows."""
+
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay: float,
+                 pool: Executor, on_batch: Callable[[int], None] | None = None) -> None:
+        self.infer = infer
+        self.max_batch = max(1, int(max_batch))
+        self.max_delay = max(0.0, float(max_delay))
+        self.pool = pool
+        """Where batches run: one thread shared by every batcher of a server (one model run at a time)."""
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._carry: _Request | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retired = False
+
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queue.qsize() + (self._carry is not None)
+
+    async def run(self, x: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        await self._queue.put(_Request(x, future))
+        if self._task is None or self._task.done():  # first use, or a request that arrived after retire()
+            self._task = loop.create_task(self._serve())
+        return await future
+
+    def retire(self) -> None:
+        """Serve what is queued, then stop (a newer batcher takes new requests)."""
+        self._retired = True
+        if self._task is not None and self._queue.empty() and self._carry is None:
+            self._task.cancel()
+
+    async def _next(self, timeout: float | None) -> _Request | None:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            return self._queue.get_nowait() if not self._queue.empty() else None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _gather(self) -> list[_Request]:
+        loop = asyncio.get_running_loop()
+        first = await self._next(None)
+        assert first is not None
+        items, n = [first], len(first.x)
+        deadline = loop.time() + self.max_delay
+        while n < self.max_batch:
+            item = await self._next(max(0.0, deadline - loop.time()))
+            if item is None:
+                break
+            if n + len(item.x) > self.max_batch:
+                self._carry = item  # it starts the next batch
+                break
+            items.append(item)
+            n += len(item.x)
+        return items
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not (self._retired and self._queue.empty() and self._carry is None):
+            items = await self._gather()
+            live = [r for r in items if not r.future.done()]  # a client that went away is not computed for
+            if not live:
+                continue
+            batch = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
+            try:
+                out = await loop.run_in_executor(self.pool, self.infer, batch)
+            except Exception as err:  # noqa: BLE001 - the error belongs to the requests, the server goes on
+                for r in live:
+                    if not r.future.done():
+                        r.future.set_exception(err)
+                continue
+            if self.on_batch:
+                self.on_batch(len(batch))
+            start = 0
+            for r in live:
+                if not r.future.done():
+                    r.future.set_result(out[start:start + len(r.x)])
+                start += len(r.x)

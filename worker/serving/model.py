@@ -1,0 +1,87 @@
+"""A registered model version loaded for serving: its ONNX Runtime session, labels and preprocessing.
+
+The session reads the version's recommended file (`ModelVersion.deploy`) from the artifact store, with the CUDA (and
+TensorRT, where present) execution providers when the machine has them, else the CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from core.predict_template import preprocess_image, softmax
+from worker.artifacts import ArtifactStore
+from worker.models import ModelVersion
+
+ACCELERATED = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+"""Execution providers preferred over the CPU when ONNX Runtime has them (in this order)."""
+
+
+class BadInput(ValueError):
+    """A request the model cannot take (wrong shape or datatype, not an image, too big); the message says why."""
+
+
+def providers(use_gpu: bool) -> list[str]:
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in ACCELERATED if use_gpu and p in have] + ["CPUExecutionProvider"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    version: ModelVersion
+    session: Any
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, int, int]
+    """C, H, W of one sample."""
+
+    @property
+    def name(self) -> str:
+        return self.version.name
+
+    @property
+    def labels(self) -> list[str]:
+        return self.version.labels
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of an N×C×H×W float32 batch."""
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def check_input(self, x: np.ndarray) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise BadInput(f"input shape {list(x.shape)} does not match the model's [-1, "
+                           f"{', '.join(map(str, self.input_shape))}] (preprocess.json: input_size, color_mode)")
+
+    def image_tensor(self, data: bytes, filename: str, max_pixels: int) -> np.ndarray:
+        """One uploaded image as the model's C×H×W input (predict.py's preprocessing); BadInput when unusable."""
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise BadInput(f"{filename}: {w}×{h} pixels is more than the limit of {max_pixels:,}")
+                img.load()
+                return preprocess_image(img, self.version.preprocess)
+        except BadInput:
+            raise
+        except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad files; the client needs the reason
+            raise BadInput(f"{filename}: not a readable image ({type(err).__name__})") from None
+
+    def top_k(self, logits: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [[{"label": self.labels[int(j)], "prob": float(p[j])} for j in row] for p, row in zip(probs, order)]
+
+
+def load(version: ModelVersion, store: ArtifactStore, *, use_gpu: bool = False) -> LoadedModel:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(store.read_key(version.key(version.deploy)), providers=providers(use_gpu))
+    inp, out = session.get_inputs()[0], session.get_outputs()[0]
+    channels = 1 if version.preprocess.get("color_mode") == "L" else 3
+    h, w = version.preprocess["input_size"]
+    return LoadedModel(version, session, inp.name, out.name, (channels, int(h), int(w)))

@@ -20,7 +20,11 @@ JOB_FUNCTION = "worker.attempt.run_attempt"
 NODE_FUNCTION = "worker.multinode.train_node"
 """The RQ job function of one node of a multi-node job (arguments: the job id and the attempt number)."""
 
-CONTEXT_FUNCTIONS = frozenset({JOB_FUNCTION, NODE_FUNCTION})
+JOB_FUNCTIONS = frozenset({JOB_FUNCTION, NODE_FUNCTION})
+"""Every function a worker runs: an RQ job naming anything else is refused before it is imported (worker/worker.py,
+`foreign_job_refusal`)."""
+
+CONTEXT_FUNCTIONS = JOB_FUNCTIONS
 """The job functions that take the running worker's context as their keyword argument `ctx` (worker/worker.py's
 `WorkerJob` passes it)."""
 

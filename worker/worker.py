@@ -37,7 +37,7 @@ from worker.defaults import (
 )
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
-from worker.queues import CONTEXT_FUNCTIONS, NODE_FUNCTION
+from worker.queues import CONTEXT_FUNCTIONS, JOB_FUNCTIONS, NODE_FUNCTION
 from worker.record import JobRecord
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
 from worker.states import JobState
@@ -61,6 +61,22 @@ class WorkerJob(Job):
         if self.context is None or self.func_name not in CONTEXT_FUNCTIONS:
             return super()._execute()
         return self.func(*self.args, ctx=self.context, **self.kwargs)
+
+
+def foreign_job_refusal(job: Job) -> str | None:
+    """Why this RQ job must not run here, or None: a function other than the product's own (queues.JOB_FUNCTIONS),
+    or a success/failure/stopped callback (RQ would import and call it). Read from the stored names only: nothing
+    the job names is imported."""
+    try:
+        func = job.func_name
+    except Exception as err:  # noqa: BLE001 - an undecodable payload is refused like a foreign one
+        return f"refused RQ job {job.id}: its payload cannot be read ({type(err).__name__})"
+    callbacks = [n for n in (job._success_callback_name, job._failure_callback_name, job._stopped_callback_name) if n]
+    if func not in JOB_FUNCTIONS or callbacks:
+        what = f"names {func!r}" + (f" with callbacks {', '.join(callbacks)}" if callbacks else "")
+        return (f"refused RQ job {job.id}: it {what}; this worker runs only {', '.join(sorted(JOB_FUNCTIONS))}, "
+                "without callbacks")
+    return None
 
 
 def default_name() -> str:
@@ -313,6 +329,12 @@ class TrainerWorker(SimpleWorker):
 
     # ---------------------------------------------------------------------------------------------- RQ hooks
     def execute_job(self, job: Job, queue: Queue) -> None:
+        refusal = foreign_job_refusal(job)
+        if refusal:  # anyone who can write to Redis could queue any function: run only ours, import nothing
+            log.warning("worker %s: %s", self.name, refusal)
+            job.retries_left = 0
+            self.handle_job_failure(job, queue, exc_string=refusal)
+            return
         if isinstance(job, WorkerJob):  # always (our job_class): the job function receives this worker's context
             job.context = self.ctx
         self._current_rq_job = job

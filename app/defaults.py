@@ -31,6 +31,12 @@ LIVE_LOG_LINES = 40
 GALLERY_MAX_IMAGES = 24
 """Misclassified test images shown in a finished job's gallery."""
 
+CONFUSION_HEATMAP_MAX_CLASSES = 50
+"""Classes up to which the Job page draws the confusion matrix; above it, the table of the commonest confusions."""
+
+TRY_MAX_IMAGES = 32
+"""Most images the Try it page classifies at once (each is decoded in the dashboard's process)."""
+
 TRY_SAMPLES_DEFAULT = 4
 """Test images picked by default on the Try it page."""
 

@@ -47,6 +47,14 @@ def model_names() -> tuple[str, ...]:
     return tuple(list_models())
 
 
+def time_limit_default() -> str:
+    """The submission default of train.time_limit, in words (JOB_TIME_LIMIT_HOURS)."""
+    from worker.api import default_time_limit
+
+    seconds = default_time_limit()
+    return f"{seconds:g} s ({seconds / 3600:g} h)" if seconds else "no limit"
+
+
 def fields() -> list[Field]:
     """Every field of the form, in display order (sections: model, data, training, resources, export)."""
     return [
@@ -79,6 +87,9 @@ def fields() -> list[Field]:
               help="workers (machines) the job spans: one DDP job of nodes × GPUs ranks, started when that many "
                    "workers are free (docs/multinode.md)"),
         Field("priority", "Priority", "select", PRIORITIES),
+        Field("train.time_limit", "Time limit (s)", "float", min_value=0.0, step=3600.0, fmt="%g", optional=True,
+              help=f"training stops (timed out, checkpoints kept) after this many seconds; empty = the default, "
+                   f"{time_limit_default()}"),
         Field("name", "Job name (optional)", "text"),
         Field("export.enabled", "Export ONNX when training ends", "bool"),
         Field("export.int8", "Also an INT8 model", "bool"),

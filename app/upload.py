@@ -104,6 +104,9 @@ def check_upload(data: bytes, *, color_mode: str = "RGB", max_image_pixels: int 
         report = inspect_upload(path, color_mode=color_mode, max_image_pixels=max_image_pixels,
                                 thumbnails_per_class=thumbnails_per_class, display_name=display_name)
     except UploadError:
-        path.unlink(missing_ok=True)  # nothing will be submitted from it
+        from core.data.archive import remove_extraction
+
+        remove_extraction(path)  # nothing will be submitted from it: neither the zip nor its extraction stays
+        path.unlink(missing_ok=True)
         raise
     return CheckedUpload(sha256=sha, path=path, bytes=len(data), report=report)

@@ -54,3 +54,34 @@ def test_the_metric_block_of_many_classes_lists_top_confusions() -> None:
     small = compute_metrics(np.array([0, 1, 1]), np.eye(2, dtype=np.float32)[[0, 0, 1]], ["a", "b"])
     assert small["confusion_matrix"] == [[1, 0], [1, 1]] and small["top_confusions"] == [
         {"true": "b", "predicted": "a", "count": 1}]
+
+
+def test_the_job_page_lists_top_confusions_for_many_classes(redis_conn: Any, job_env: dict[str, str],
+                                                             tmp_path: Path,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A finished job whose test set has 60 classes: the Job page shows the commonest confusions as a table, not a
+    60×60 heatmap. The report's test block is compute_metrics' own output on 60-class predictions."""
+    import json
+    import shutil
+
+    from tests.fixtures_app import open_page, seed_finished_job
+    from tests.fixtures_runs import digits_run_exported
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run_exported(tmp_path_factory)[0], run)
+    n = 60
+    classes = [f"c{i}" for i in range(n)]
+    labels = np.arange(2 * n) % n
+    probs = np.eye(n, dtype=np.float32)[labels]
+    probs[:3] = np.eye(n, dtype=np.float32)[[9, 9, 9]]  # c0, c1, c2 predicted c9
+    report = json.loads((run / "report.json").read_text())
+    report["test"] = compute_metrics(labels, probs, classes)
+    report["data"]["classes"] = classes
+    (run / "report.json").write_text(json.dumps(report))
+    job_id = seed_finished_job(redis_conn, run)
+    at = open_page("job", {"job": job_id})
+    assert not at.exception, [e.value for e in at.exception]
+    tables = [d.value for d in at.dataframe if "predicted" in getattr(d.value, "columns", [])]
+    assert tables and tables[0].to_dict("records")[:1] == [{"true": "c0", "predicted": "c9", "count": 1}]
+    traces = [t.get("type") for c in at.get("plotly_chart") for t in json.loads(c.proto.spec).get("data", [])]
+    assert traces and "heatmap" not in traces

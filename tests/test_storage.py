@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fixtures_app import TEST_WORKER, seed_running_job, submit_digits
+from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 from tests.fixtures_worker import DIGITS, make_imagefolder, run_cli
 from worker import keys
 from worker.artifacts import ArtifactStore
@@ -110,3 +111,29 @@ def test_the_embedded_redis_has_a_ceiling_and_evicts_nothing(redis_conn: Any) ->
     """The test's redis-server runs worker.server's own config (tests/fixtures_redis.py)."""
     assert int(redis_conn.config_get("maxmemory")["maxmemory"]) == 2048 * 2**20
     assert redis_conn.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+
+def test_a_worker_on_a_full_disk_takes_no_job_until_space_is_freed(redis_conn: Any, job_env: dict[str, str],
+                                                                   spawn: Any, small_disk: Path) -> None:
+    """The worker's var/ on a 256 KiB tmpfs (tests/test_full_disk.py), filled: it advertises `low disk` and leaves
+    the job queued; once the filler is deleted it takes the job and finishes it."""
+    from tests.fixtures_worker import wait_for
+    from worker import api
+
+    job_id = submit_digits(redis_conn, ["train.epochs=1", "export.enabled=false", "data.image_size=8"])
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (200 * 1024))
+    env = {**job_env, "TRAINER_VAR_DIR": str(small_disk), "DISK_MIN_FREE_GB": str(100 / 2**20)}  # 100 KiB floor
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm"], env, name="worker")
+
+    def advertised() -> list[dict[str, Any]]:
+        return api.list_workers(redis_conn)
+
+    ws = wait_for(lambda: [w for w in advertised() if w.get("state") == "low disk"], 60, "a low-disk advertisement",
+                  explain=lambda: spawn.output(worker)[-2000:])
+    assert "below the" in ws[0]["low_disk"]
+    assert api.job_status(redis_conn, job_id)["state"] == "queued"
+    filler.unlink()
+    wait_for(lambda: api.job_status(redis_conn, job_id)["state"] == "finished", 240, "the job to run once space is back",
+             explain=lambda: spawn.output(worker)[-2000:])
+    assert "taking no jobs: low disk" in spawn.output(worker)

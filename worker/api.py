@@ -54,7 +54,7 @@ from worker.streaming import (
     logs_tail,
     wait_events,
 )
-from worker.submit import Submitted, check_request, submit_job
+from worker.submit import Submitted, check_request, default_time_limit, submit_job
 from worker.sweeps import (
     PRUNERS,
     SAMPLERS,
@@ -91,6 +91,7 @@ __all__ = [
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
     "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",
+    "default_time_limit",
 ]
 
 SUMMARY_EXCLUDE = ("config", "overrides", "log_tail", "dataset")

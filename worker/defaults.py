@@ -189,6 +189,9 @@ RETENTION_LOCAL_RUN_DAYS = 2.0
 """`worker gc`: this machine's copy of a remote store's run folder is removed this many days after its job ended
 (at once when the job was deleted); the store keeps the files."""
 
+DISK_CHECK_INTERVAL = 10.0
+"""Seconds between an idle worker's looks at its free disk (below DISK_MIN_FREE_GB it takes no job)."""
+
 GC_CHECK_INTERVAL = 600.0
 """Seconds between a worker's looks at whether the daily retention run is due (the claim keys decide)."""
 

@@ -28,6 +28,7 @@ from worker import gang, keys, notify, retention
 from worker.artifacts import ArtifactStore
 from worker.context import WorkerContext
 from worker.defaults import (
+    DISK_CHECK_INTERVAL,
     GANG_POLL_INTERVAL,
     GC_CHECK_INTERVAL,
     HEARTBEAT_INTERVAL,
@@ -41,6 +42,7 @@ from worker.queues import CONTEXT_FUNCTIONS, JOB_FUNCTIONS, NODE_FUNCTION
 from worker.record import JobRecord
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
 from worker.states import JobState
+from worker.storage import low_disk
 from worker.sweeps import heal_sweeps
 
 log = logging.getLogger("worker")
@@ -132,6 +134,8 @@ class TrainerWorker(SimpleWorker):
         self._deliverer: notify.Deliverer | None = None
         self._gc_thread: threading.Thread | None = None
         self._last_gc_check = -GC_CHECK_INTERVAL
+        self._low_disk: str | None = None
+        self._disk_checked = -DISK_CHECK_INTERVAL
         self._current_rq_job: Job | None = None
         self._burst = False
 
@@ -146,6 +150,7 @@ class TrainerWorker(SimpleWorker):
             "queues": self.queue_names(), "artifacts": self.store.url, "store_id": self.store_id,
             "warm": self.ctx.warm.state() if self.ctx.warm is not None else "off",
             "addr": self.ctx.advertise_addr, "reserved_for": self._reserved_for or "",
+            "low_disk": self._low_disk or "",
         }
 
     def _public_state(self) -> str:
@@ -154,6 +159,8 @@ class TrainerWorker(SimpleWorker):
             return "busy"
         if self._reserved_for:
             return "reserved"
+        if self._low_disk:
+            return "low disk"
         state = self.get_state()
         return str(getattr(state, "value", state))
 
@@ -303,6 +310,12 @@ class TrainerWorker(SimpleWorker):
         idle_since = time.monotonic()
         wait = 1.0
         while True:
+            if self._disk_is_low():  # take no job (single or gang) until space is freed; say why in the listing
+                if timeout is None:
+                    return None
+                self.heartbeat()
+                time.sleep(1.0)
+                continue
             try:
                 node = self._gang_turn()
                 if node is None and self._reserved_for:  # RQ's loop (and its heartbeat) waits with the gang
@@ -326,6 +339,20 @@ class TrainerWorker(SimpleWorker):
                 return result                           # waits above; one released by the timeout ends here too)
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
+
+    def _disk_is_low(self) -> bool:
+        """Below the free-disk floor (worker.storage)? Looked at every DISK_CHECK_INTERVAL seconds; logged once per
+        episode. A job already running goes on: stopping it would lose work, and its checkpoints keep the last good
+        file when the disk fills (core.runfolder.replacing)."""
+        now = time.monotonic()
+        if now - self._disk_checked >= DISK_CHECK_INTERVAL:
+            self._disk_checked = now
+            was, self._low_disk = self._low_disk, low_disk(self.store)
+            if self._low_disk and not was:
+                log.warning("worker %s: taking no jobs: %s", self.name, self._low_disk)
+            elif was and not self._low_disk:
+                log.info("worker %s: disk space is back; taking jobs again", self.name)
+        return bool(self._low_disk)
 
     # ---------------------------------------------------------------------------------------------- RQ hooks
     def execute_job(self, job: Job, queue: Queue) -> None:

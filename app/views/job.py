@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from app import ui
 from app.charts import confusion_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
-from app.defaults import GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
+from app.defaults import CONFUSION_HEATMAP_MAX_CLASSES, GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
 from app.live import SharedSeries, shared_series
 from app.tables import (
     STATE_COLORS,
@@ -269,8 +270,14 @@ def draw_results(job: str, s: dict[str, Any]) -> None:
     classes = (report.get("data") or {}).get("classes") or []
     tabs = st.tabs(["Confusion matrix", "Per class", "Misclassified", "Export"])
     with tabs[0]:
-        if test.get("confusion_matrix"):
-            st.plotly_chart(confusion_figure(test["confusion_matrix"], classes), key="job:confusion")
+        matrix, top = test.get("confusion_matrix"), test.get("top_confusions")
+        if matrix and (len(matrix) <= CONFUSION_HEATMAP_MAX_CLASSES or top is None):  # (older reports: no top)
+            st.plotly_chart(confusion_figure(matrix, classes), key="job:confusion")
+        elif top:  # a heatmap of hundreds of classes says nothing and weighs megabytes
+            st.caption(f"{len(classes):,} classes: the commonest confusions (test) instead of the matrix")
+            st.dataframe(pd.DataFrame(top), hide_index=True, key="job:top-confusions")
+        elif top == [] and test.get("n"):
+            st.info("No test image was misclassified.")
     with tabs[1]:
         st.dataframe(per_class_frame(report), hide_index=True, column_config={
             "precision": st.column_config.NumberColumn(format="%.3f"),

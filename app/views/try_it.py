@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import predict, ui
 from app.connection import artifact_store, require_redis
-from app.defaults import IMAGE_UPLOAD_MAX_MB, TOP_K, TRY_SAMPLES_DEFAULT
+from app.defaults import IMAGE_UPLOAD_MAX_MB, TOP_K, TRY_MAX_IMAGES, TRY_SAMPLES_DEFAULT
 from core import runfolder as rf
 from worker import api
 from worker.api import ArtifactError
@@ -65,7 +65,10 @@ else:
     uploads = st.file_uploader("Images", type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"],
                                accept_multiple_files=True, key="try:upload", max_upload_size=IMAGE_UPLOAD_MAX_MB)
     max_pixels = ((status.get("config") or {}).get("data") or {}).get("max_image_pixels")
-    for up in uploads or []:
+    if uploads and len(uploads) > TRY_MAX_IMAGES:
+        st.warning(f"{len(uploads)} images: the first {TRY_MAX_IMAGES} are classified (at most {TRY_MAX_IMAGES} "
+                   "at once).")
+    for up in (uploads or [])[:TRY_MAX_IMAGES]:
         try:
             images.append((up.name, predict.open_image(up.getvalue(), max_pixels=max_pixels), None))
         except predict.ImageRejected as err:

@@ -84,6 +84,19 @@ def _wanted(name: str) -> bool:
         and is_image_name(parts[-1])
 
 
+def extraction_folder(zip_path: Path) -> Path:
+    """Where `extract_zip` puts (or has put) this zip's content: one folder per content hash in the cache."""
+    return cache_dir() / _sha256(zip_path)[:16]
+
+
+def remove_extraction(zip_path: Path) -> None:
+    """Delete this zip's extraction from the cache (a refused upload leaves nothing behind); missing is fine."""
+    try:
+        shutil.rmtree(extraction_folder(zip_path), ignore_errors=True)
+    except OSError:
+        pass
+
+
 def extract_zip(zip_path: Path) -> Path:
     """Extract the image entries of `zip_path` into the cache (once per content) and return that folder."""
     try:
@@ -100,7 +113,7 @@ def extract_zip(zip_path: Path) -> Path:
         if declared > ZIP_MAX_TOTAL_BYTES:
             raise DataError(f"zip {str(zip_path)!r} expands to {declared} bytes, more than the limit of "
                             f"{ZIP_MAX_TOTAL_BYTES} bytes")
-        target = cache_dir() / _sha256(zip_path)[:16]
+        target = extraction_folder(zip_path)
         if (target / _COMPLETE_MARKER).is_file():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -275,7 +275,14 @@ def scan_upload(path: Path, store: ArtifactStore, *, color_mode: str, max_image_
     full = low_disk(store)  # checked before the zip is extracted for its check or uploaded
     if full:
         raise DatasetError(full)
-    report = _inspect(path, color_mode=color_mode, max_image_pixels=max_image_pixels)
+    try:
+        report = _inspect(path, color_mode=color_mode, max_image_pixels=max_image_pixels)
+    except DatasetError:
+        if path.is_file():  # a refused zip leaves no extraction behind
+            from core.data.archive import remove_extraction
+
+            remove_extraction(path)
+        raise
     try:
         stored = store.upload_dataset(path)
     except ArtifactError as err:

@@ -293,3 +293,19 @@ def hook_log(hook_id: str) -> str:
 def notify_events() -> str:
     """STREAM of events waiting for delivery (fields `event`, `data`), read by the workers' consumer group."""
     return _key("notify", "events")
+
+
+# ------------------------------------------------------------------------------------------------------ deployments
+def deployments() -> str:
+    """ZSET deployment id → creation time: every deployment (stopped ones too, until removed)."""
+    return _key("deployments")
+
+
+def deployment(dep_id: str) -> str:
+    """STRING: JSON of one deployment (worker/deployments.py `Deployment`: ref, replicas, batching, token, state)."""
+    return _key("deployment", dep_id)
+
+
+def deployment_hosts(dep_id: str) -> str:
+    """HASH replica index → JSON {worker, state, url, pid, version_ref, error, since}: who serves each replica."""
+    return _key("deployment", dep_id, "hosts")

@@ -76,9 +76,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from worker.deployments import in_use
     from worker.models import remove
 
-    for v in remove(checked_connection(), args.ref):
+    conn = checked_connection()
+    for v in remove(conn, args.ref, in_use=in_use(conn)):
         print(f"removed {v.ref}")
     return 0
 
@@ -89,6 +91,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(checked_connection(), args.ref, ServeOptions(
         host=args.host, port=args.port, max_batch=1 if args.no_batching else args.max_batch,
         max_delay_ms=args.max_delay_ms, use_gpu=args.gpu))
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from worker.deployments import create
+
+    dep = create(checked_connection(), args.ref, replicas=args.replicas, gpus=args.gpus, max_batch=args.max_batch,
+                 max_delay_ms=args.max_delay_ms)
+    print(f"deployment {dep.id} of {dep.ref}: {dep.replicas} replica(s), starting on the workers "
+          "(python -m worker deployments shows their URLs)")
+    print(f"bearer token (shown once; clients send Authorization: Bearer TOKEN): {dep.token}")
+    print(dep.id)
+    return 0
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    from worker.deployments import listing
+
+    rows = listing(checked_connection())
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("no deployments (python -m worker deploy MODEL_REF)")
+    for d in rows:
+        where = ", ".join(f"{h.get('url') or '-'} on {h['worker']} ({h.get('state')})" for h in d["replica_hosts"])
+        print(f"{d['id']}  {d['ref']:<24} {d['state']:<9} {where or 'no worker yet'}"
+              + (f"  error: {d['error']}" if d["error"] else ""))
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from worker.deployments import stop
+
+    dep = stop(checked_connection(), args.id)
+    print(f"deployment {dep.id} stopped (its servers end within seconds)")
+    return 0
 
 
 def _refusing(func: Any) -> Any:
@@ -137,3 +175,16 @@ def add_model_commands(sub: Any) -> None:
     s.add_argument("--no-batching", action="store_true", help="one request per model run")
     s.add_argument("--gpu", action="store_true", help="use CUDA/TensorRT execution providers when present")
     s.set_defaults(func=_refusing(cmd_serve))
+    s = sub.add_parser("deploy", help="serve a model on the workers (managed; prints the deployment id last)")
+    s.add_argument("ref", metavar="MODEL_REF", help="NAME, NAME:VERSION or NAME@ALIAS (followed as it moves)")
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--gpus", type=int, default=0, help="use the hosting worker's GPU (CUDA/TensorRT) when >0")
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--max-delay-ms", type=float, default=0.0)
+    s.set_defaults(func=_refusing(cmd_deploy))
+    s = sub.add_parser("deployments", help="every deployment: id, state, url, worker")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_refusing(cmd_deployments))
+    s = sub.add_parser("undeploy", help="stop a deployment")
+    s.add_argument("id")
+    s.set_defaults(func=_refusing(cmd_undeploy))

@@ -24,7 +24,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import gang, keys, notify, retention
+from worker import deployments, gang, keys, notify, retention
 from worker.artifacts import ArtifactStore
 from worker.context import WorkerContext
 from worker.defaults import (
@@ -132,6 +132,7 @@ class TrainerWorker(SimpleWorker):
         self._last_sweep_scan = 0.0
         self._sweep_thread: threading.Thread | None = None
         self._deliverer: notify.Deliverer | None = None
+        self._deploy_thread: threading.Thread | None = None
         self._gc_thread: threading.Thread | None = None
         self._last_gc_check = -GC_CHECK_INTERVAL
         self._low_disk: str | None = None
@@ -215,6 +216,11 @@ class TrainerWorker(SimpleWorker):
         if self._deliverer is None or not self._deliverer.is_alive():
             self._deliverer = notify.Deliverer(self.connection, self.name)
             self._deliverer.start()
+        if self._deploy_thread is None or not self._deploy_thread.is_alive():
+            host = deployments.Host(self.connection, self.name, deployments.serve_address(self.ctx.advertise_addr))
+            self._deploy_thread = threading.Thread(target=host.loop, args=(self._hb_stop,), name="deployments",
+                                                   daemon=True)
+            self._deploy_thread.start()
         now = time.monotonic()
         if now - self._last_gc_check >= GC_CHECK_INTERVAL and not (self._gc_thread and self._gc_thread.is_alive()):
             self._last_gc_check = now
@@ -404,6 +410,8 @@ class TrainerWorker(SimpleWorker):
             self._hb_thread.join(timeout=5)
             if self._deliverer is not None:
                 self._deliverer.stop()
+            if self._deploy_thread is not None:  # it ends its servers once the heartbeat's stop is set
+                self._deploy_thread.join(timeout=15)
             if self.ctx.warm is not None:
                 self.ctx.warm.stop()
             try:

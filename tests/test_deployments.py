@@ -1,0 +1,80 @@
+"""Managed deployments (README "Models and serving"): real workers host the inference server; a deployment becomes
+ready with a URL that answers the Open Inference Protocol behind its token, survives the death of its worker (another
+worker takes it over), keeps its model version from being removed, and ends with `undeploy`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures_app import seed_finished_job
+from tests.fixtures_runs import digits_run_exported
+from tests.fixtures_worker import run_cli, wait_for
+from tests.test_serving import call, ready
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return digits_run_exported(tmp_path_factory)[0]
+
+
+def deployments(env: dict[str, str]) -> list[dict[str, Any]]:
+    res = run_cli(["worker", "deployments", "--json"], env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_deploy_survive_a_dead_worker_and_undeploy(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                  exported_run: Path) -> None:
+    job_id = seed_finished_job(redis_conn, exported_run)
+    assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
+    assert run_cli(["worker", "model", "alias", "digits", "production", "1"], job_env).returncode == 0
+    first = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "host-a"], job_env,
+                         name="host-a")
+    res = run_cli(["worker", "deploy", "digits@production"], job_env)
+    assert res.returncode == 0, res.stderr
+    dep_id = res.stdout.split()[-1]
+    token = next(line.split()[-1] for line in res.stdout.splitlines() if line.startswith("bearer token"))
+
+    live = wait_for(lambda: [d for d in deployments(job_env) if d["id"] == dep_id and d["state"] == "ready"], 120,
+                    "the deployment to be ready", explain=lambda: spawn.output(first)[-3000:])[0]
+    assert live["worker"] == "host-a" and live["url"].startswith("http://127.0.0.1:") and "token" not in live
+    pp = json.loads((exported_run / "export/preprocess.json").read_text())
+    c = 1 if pp["color_mode"] == "L" else 3
+    body = json.dumps({"inputs": [{"name": pp["input_name"], "shape": [1, c, *pp["input_size"]], "datatype": "FP32",
+                                   "data": [0.0] * (c * pp["input_size"][0] * pp["input_size"][1])}]}).encode()
+    auth = {"Authorization": f"Bearer {token}"}
+    status, out = call(live["url"] + "/v2/models/digits/infer", body, headers=auth)
+    assert status == 200 and out["model_version"] == "1"
+    assert call(live["url"] + "/v2/models/digits/infer", body)[0] == 401
+    res = run_cli(["worker", "model", "rm", "digits:1"], job_env)
+    assert res.returncode == 2 and f"served by deployment {dep_id}" in res.stderr
+
+    spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "host-b"], job_env,
+                 name="host-b")
+    wait_for(lambda: len(run_cli(["worker", "workers", "--json"], job_env).stdout.split('"name"')) > 2, 60,
+             "the second worker")
+    os.killpg(first.pid, signal.SIGKILL)  # the worker and, by its parent-death signal, its server
+    moved = wait_for(lambda: [d for d in deployments(job_env) if d["state"] == "ready" and d["worker"] == "host-b"],
+                     120, "the deployment on the other worker")[0]
+    assert moved["url"] != live["url"] and not ready(live["url"])
+    assert call(moved["url"] + "/v2/models/digits/infer", body, headers=auth)[0] == 200
+
+    assert run_cli(["worker", "undeploy", dep_id], job_env).returncode == 0
+    wait_for(lambda: not ready(moved["url"]), 30, "the server to end")
+    (stopped,) = deployments(job_env)
+    assert stopped["state"] == "stopped"
+    wait_for(lambda: not deployments(job_env)[0]["replica_hosts"], 30, "the replica record to go")
+    assert run_cli(["worker", "model", "rm", "digits:1"], job_env).returncode == 0  # nothing serves it now
+
+
+def test_bad_deploys_are_refused(redis_conn: Any, job_env: dict[str, str]) -> None:
+    for args, message in ((["deploy", "nothing"], "no model named 'nothing'"),
+                          (["undeploy", "d-00000000"], "no deployment 'd-00000000'")):
+        res = run_cli(["worker", *args], job_env)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert deployments(job_env) == []

@@ -28,6 +28,7 @@ PAGES = [
     st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("views/sweeps.py", title="Sweeps", icon=":material/tune:", url_path="sweeps"),
     st.Page("views/datasets.py", title="Datasets", icon=":material/dataset:", url_path="datasets"),
+    st.Page("views/models.py", title="Models", icon=":material/deployed_code:", url_path="models"),
     st.Page("views/workers.py", title="Workers", icon=":material/memory:", url_path="workers"),
     st.Page("views/try_it.py", title="Try it", icon=":material/image_search:", url_path="try"),
 ]

@@ -23,6 +23,7 @@ PAGE_WORKERS = "views/workers.py"
 PAGE_TRY = "views/try_it.py"
 PAGE_SWEEPS = "views/sweeps.py"
 PAGE_DATASETS = "views/datasets.py"
+PAGE_MODELS = "views/models.py"
 
 
 def flash(message: str, kind: str = "success") -> None:

@@ -85,7 +85,8 @@ def test_every_page_renders_on_an_empty_redis(app_env: Any, page: str) -> None:
     at = open_page(page)
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
-    assert at.title[0].value in {"New job", "Jobs", "Job", "Compare runs", "Workers", "Try it", "Sweeps", "Datasets"}
+    assert at.title[0].value in {"New job", "Jobs", "Job", "Compare runs", "Workers", "Try it", "Sweeps", "Datasets",
+                                 "Models"}
 
 
 def test_redis_down_shows_a_banner_on_every_page(app_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:

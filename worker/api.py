@@ -18,7 +18,7 @@ from typing import IO, Any
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import datasets, jobs, keys  # datasets: the dataset registry (register, list, show, remove)
+from worker import datasets, deployments, jobs, keys, models  # the dataset and model registries, deployments
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
@@ -35,6 +35,7 @@ from worker.errors import (
     ArtifactError,
     DatasetError,
     InvalidJobStateError,
+    ModelError,
     NoSuchDatasetError,
     NoSuchJobError,
     NoSuchSweepError,
@@ -88,6 +89,8 @@ __all__ = [
     "SubmissionError",
     # the dataset registry (worker/datasets): datasets.register, .list_datasets, .describe, .remove, ...
     "datasets",
+    # the model registry (worker/models: register, set_alias, resolve, ...) and managed deployments (create, stop, ...)
+    "models", "deployments", "ModelError",
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
     "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",

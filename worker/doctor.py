@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.defaults import (
-    DISK_MIN_FREE_GB,
     DOCTOR_DISK_WARN_GB,
     DOCTOR_PROBE_TIMEOUT,
     MIN_REDIS_VERSION,
@@ -342,6 +341,7 @@ def check_same_store(store: Any, conn: Any) -> Check:
 
 
 def check_disk(store: Any) -> Check:
+    from worker.diskspace import min_free_bytes
     from worker.paths import cache_dir, runs_cache_dir
 
     places = {"datasets (cache)": cache_dir()}
@@ -359,8 +359,9 @@ def check_disk(store: Any) -> Check:
         rows.append(f"{what} {path}: {free_gb:.1f} GiB free")
     desc = "; ".join(rows)
     data = {"min_free_gb": round(worst, 2)}
-    if worst < DISK_MIN_FREE_GB:
-        return Check("disk", FAIL, desc, f"free disk space (at least {DISK_MIN_FREE_GB:g} GiB; datasets are "
+    floor = min_free_bytes() / 2**30  # DISK_MIN_FREE_GB, or its environment override
+    if worst < floor:
+        return Check("disk", FAIL, desc, f"free disk space (at least {floor:g} GiB; datasets are "
                      "unpacked and checkpoints written there), or point TRAINER_VAR_DIR at a bigger disk", data)
     if worst < DOCTOR_DISK_WARN_GB:
         return Check("disk", WARN, desc, f"less than {DOCTOR_DISK_WARN_GB:g} GiB: big datasets or many checkpoints "

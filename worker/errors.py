@@ -33,10 +33,6 @@ class EmbeddedRedisError(WorkerError):
     """The embedded Redis cannot start (port taken by something else, binary missing, ...)."""
 
 
-class LowDiskError(WorkerError):
-    """Free disk is below the floor (DISK_MIN_FREE_GB): new uploads and jobs wait; nothing was written. CLI exit 2."""
-
-
 class ArtifactError(WorkerError):
     """The artifact store cannot be read or written, or an artifact name is not one of the job's files."""
 

@@ -1,17 +1,12 @@
-"""What the disk holds and how much is left: `python -m worker storage [--json]` and the low-disk floor.
+"""What the disk holds: `python -m worker storage [--json]`.
 
-- `usage()`: every job's run folder in the artifact store (its checkpoints apart), every stored dataset zip with the
-  versions that refer to it (none: an orphan `worker gc` removes), this machine's caches, free space, and Redis'
-  memory. Models get their rows once the model registry exists.
-- `check_free_disk()`: submission and dataset uploads refuse to start below `DISK_MIN_FREE_GB` free on this machine's
-  var/ folder (the embedded Redis' data, caches, uploads) or a local artifact store, with the numbers, before
-  anything is written; a worker takes no job below it.
+`usage()`: every job's run folder in the artifact store (its checkpoints apart), every stored dataset zip with what
+refers to it (nothing: an orphan `worker gc` removes), this machine's caches, free space (worker/diskspace.py) and
+Redis' memory.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,70 +14,12 @@ import redis
 
 from worker import keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
-from worker.defaults import DISK_MIN_FREE_GB, DISK_MIN_FREE_GB_ENV
-from worker.errors import LowDiskError
+from worker.diskspace import disk_places, min_free_bytes
 from worker.paths import cache_dir, dataset_cache_dir, extraction_cache_dir, runs_cache_dir, var_dir
 from worker.record import JobRecord
 
 CHECKPOINTS = "checkpoints/"
 """Run-folder prefix of the checkpoints (core.runfolder's folder name, as a key prefix)."""
-
-
-@dataclasses.dataclass
-class Place:
-    """A folder on a disk and the free space there."""
-
-    what: str
-    path: str
-    free: int
-    total: int
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def disk_places(store: ArtifactStore) -> list[Place]:
-    """var/ (Redis data, caches, uploads) and a local artifact store, with their free bytes."""
-    places = {"var": var_dir()}
-    if store.is_local:
-        places["artifact store"] = Path(store.base)
-    out = []
-    for what, path in places.items():
-        usage = shutil.disk_usage(_existing(path))
-        out.append(Place(what, str(path), usage.free, usage.total))
-    return out
-
-
-def min_free_bytes() -> int:
-    """The floor: env DISK_MIN_FREE_GB (GiB, may be fractional), else DISK_MIN_FREE_GB."""
-    raw = os.environ.get(DISK_MIN_FREE_GB_ENV, "").strip()
-    try:
-        gb = float(raw) if raw else DISK_MIN_FREE_GB
-    except ValueError:
-        gb = DISK_MIN_FREE_GB
-    return int(max(gb, 0.0) * 2**30)
-
-
-def low_disk(store: ArtifactStore) -> str | None:
-    """Why new work must wait for disk space, or None."""
-    floor = min_free_bytes()
-    short = [p for p in disk_places(store) if p.free < floor]
-    if not short:
-        return None
-    where = "; ".join(f"{p.what} {p.path}: {p.free / 2**30:.2f} GiB free" for p in short)
-    return (f"low disk: {where}, below the {floor / 2**30:.2f} GiB floor ({DISK_MIN_FREE_GB_ENV}). Free space "
-            "(`python -m worker storage` shows what each job, dataset and cache holds; `python -m worker gc` "
-            "removes what the retention policy allows) and try again")
-
-
-def check_free_disk(store: ArtifactStore) -> None:
-    """LowDiskError (nothing written yet) when new work must wait for disk space."""
-    reason = low_disk(store)
-    if reason:
-        raise LowDiskError(reason)
 
 
 def folder_bytes(path: Path) -> tuple[int, int]:

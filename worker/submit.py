@@ -21,12 +21,12 @@ from worker import datasets, gang, keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
 from worker.defaults import JOB_TIME_LIMIT_ENV, JOB_TIME_LIMIT_HOURS, MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
+from worker.diskspace import low_disk
 from worker.errors import ArtifactError, SubmissionError
 from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
 from worker.record import JobRecord
 from worker.states import JobState
-from worker.storage import low_disk
 
 
 @dataclasses.dataclass(frozen=True)

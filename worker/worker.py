@@ -36,13 +36,13 @@ from worker.defaults import (
     RECOVERY_SCAN_INTERVAL,
     SWEEP_SCAN_INTERVAL,
 )
+from worker.diskspace import low_disk
 from worker.launcher import WarmTrainer, train_env
 from worker.presence import advertise, heartbeat_ttl, withdraw
 from worker.queues import CONTEXT_FUNCTIONS, JOB_FUNCTIONS, NODE_FUNCTION
 from worker.record import JobRecord
 from worker.recovery import find_orphans, heal_stuck_recoveries, recover_orphans
 from worker.states import JobState
-from worker.storage import low_disk
 from worker.sweeps import heal_sweeps
 
 log = logging.getLogger("worker")

@@ -97,6 +97,16 @@ def retry(job: str) -> None:
     st.session_state["job:goto"] = (ui.PAGE_JOB, {"job": new})
 
 
+def register_model(job: str) -> None:
+    """The Register button: a new version of the named model from this job (worker.api.models.register)."""
+    name = (st.session_state.get("job:model:name") or "").strip()
+    try:
+        version = api.models.register(conn, job, name, store=artifact_store())
+        ui.flash(f"Registered [{version.ref}](/models?model={version.name}) from this job.")
+    except api.ModelError as err:
+        ui.flash(str(err), "error")
+
+
 def clone(job: str) -> None:
     st.session_state["job:goto"] = (ui.PAGE_NEW, {"clone": job})
 
@@ -265,6 +275,11 @@ def draw_results(job: str, s: dict[str, Any]) -> None:
     c[3].metric("Test loss", f"{test['loss']:.4f}" if test.get("loss") is not None else "–")
     c[4].metric("Test images", f"{test.get('n', 0):,}")
     ui.draw_downloads(job, files)
+    if s.get("state") == "finished" and NAMED_ARTIFACTS["onnx"] in files:
+        with st.popover("Register model", icon=":material/deployed_code:"):
+            st.text_input("Model name", key="job:model:name", value=(s.get("name") or "model").split(" ")[0].lower(),
+                          help="a new version of this model (lower-case letters, digits, . _ -)")
+            st.button("Register", key="job:model:register", on_click=register_model, args=(job,), type="primary")
     if path := data_path_text(report):
         st.caption(f"Data path: {path}")
     classes = (report.get("data") or {}).get("classes") or []

@@ -30,9 +30,9 @@ from urllib.parse import unquote, urlsplit
 from core.data.defaults import FEW_IMAGES_WARNING, IMBALANCE_WARNING_RATIO, SPLIT_FOLDER_NAMES
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.defaults import DATASET_SAMPLE_PER_CLASS, DATASET_SAMPLE_THREADS
+from worker.diskspace import low_disk
 from worker.errors import ArtifactError, DatasetError
 from worker.paths import dataset_cache_dir
-from worker.storage import low_disk
 
 UPLOAD = "upload"
 IN_PLACE = "in_place"

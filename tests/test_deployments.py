@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_app import seed_finished_job
+from tests.fixtures_app import open_page, seed_finished_job
 from tests.fixtures_runs import digits_run_exported
 from tests.fixtures_worker import run_cli, wait_for
 from tests.test_serving import call, ready
@@ -53,6 +53,12 @@ def test_deploy_survive_a_dead_worker_and_undeploy(redis_conn: Any, job_env: dic
     assert call(live["url"] + "/v2/models/digits/infer", body)[0] == 401
     res = run_cli(["worker", "model", "rm", "digits:1"], job_env)
     assert res.returncode == 2 and f"served by deployment {dep_id}" in res.stderr
+
+    at = open_page("try", {"job": job_id})  # Try it: the job's test samples, here and through the deployment
+    here = [t.value for t in at.markdown if t.value.startswith("Prediction:")]
+    at.radio(key="try:runner").set_value(next(o for o in at.radio(key="try:runner").options if dep_id in o)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert here and [t.value for t in at.markdown if t.value.startswith("Prediction:")] == here
 
     spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "host-b"], job_env,
                  name="host-b")

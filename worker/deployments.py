@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,44 @@ class Host:
             except Exception as err:  # noqa: BLE001 - Redis away, a bad record: keep serving, try again
                 log.warning("worker %s: deployments: %s: %s", self.worker, type(err).__name__, err)
         self.close()
+
+
+def ready_for_job(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    """Ready deployments whose served version was registered from `job_id` (what Try it can send that job's images
+    to)."""
+    out = []
+    for d in listing(conn):
+        if d["state"] != READY:
+            continue
+        try:
+            if resolve(conn, d["ref"]).job_id == job_id:
+                out.append(d)
+        except ModelError:
+            continue
+    return out
+
+
+def classify(conn: redis.Redis, dep_id: str, files: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
+    """Send images to a ready replica's classify route (with the deployment's token); its JSON answer."""
+    dep = get(conn, dep_id)
+    urls = [h["url"] for h in hosts(conn, dep_id).values() if h.get("state") == READY and h.get("url")]
+    if not urls:
+        raise DeploymentError(f"deployment {dep_id} has no ready replica")
+    name = resolve(conn, dep.ref).name
+    boundary = "----" + secrets.token_hex(8)
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{fname}"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                    for fname, data in files)
+    body += f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n--{boundary}--\r\n'.encode()
+    req = urllib.request.Request(f"{urls[0]}/v2/models/{name}/classify", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "Authorization": f"Bearer {dep.token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise DeploymentError(f"deployment {dep_id}: {json.loads(err.read() or b'{}').get('error', err)}") from None
+    except OSError as err:
+        raise DeploymentError(f"deployment {dep_id} at {urls[0]}: {err}") from None
 
 
 def _answers(url: str) -> bool:

@@ -48,6 +48,7 @@ SAMPLES, UPLOAD = "Test images of this job", "Upload images"
 source = st.segmented_control("Images", [SAMPLES, UPLOAD], default=SAMPLES if samples else UPLOAD, key="try:source",
                               required=True)
 images: list[tuple[str, Any, str | None]] = []  # (name, PIL image, true label or None)
+raw: list[tuple[str, bytes]] = []  # the same images as bytes, for a deployment
 if source == SAMPLES:
     if not samples:
         st.info("This job saved no test samples; upload images instead.")
@@ -61,6 +62,7 @@ if source == SAMPLES:
             st.warning(f"{name} is missing from the job's artifacts.")
             continue
         images.append((name, predict.open_image(data), str(by_name[name]["label"])))
+        raw.append((name.rsplit("/", 1)[-1], data))
 else:
     uploads = st.file_uploader("Images", type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"],
                                accept_multiple_files=True, key="try:upload", max_upload_size=IMAGE_UPLOAD_MAX_MB)
@@ -71,11 +73,24 @@ else:
     for up in (uploads or [])[:TRY_MAX_IMAGES]:
         try:
             images.append((up.name, predict.open_image(up.getvalue(), max_pixels=max_pixels), None))
+            raw.append((up.name, up.getvalue()))
         except predict.ImageRejected as err:
             st.error(f"{up.name}: {err}")
 
-if images:
+HERE = "In the dashboard"
+served = {f"Deployment {d['id']} ({d['ref']})": d["id"] for d in api.deployments.ready_for_job(conn, job_id)}
+runner = st.radio("Run the model", [HERE, *served], horizontal=True, key="try:runner",
+                  help="a ready deployment of a model version registered from this job answers over HTTP")
+if images and runner != HERE:
+    try:
+        answer = api.deployments.classify(conn, served[runner], raw, TOP_K)
+        results = [row["top"] for row in answer]
+    except api.ModelError as err:
+        st.error(str(err))
+        st.stop()
+elif images:
     results = predict.top_k(clf, [img for _, img, _ in images], TOP_K)
+if images:
     correct = [r[0]["label"] == true for (_, _, true), r in zip(images, results) if true is not None]
     if correct:
         st.caption(f"Top-1 correct on {sum(correct)} of {len(correct)} test image(s).")

@@ -172,6 +172,10 @@ def create_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_ep
 # --------------------------------------------------------------------------------------------------------- loaders
 def make_loaders(cfg: Config, bundle: Any, info: D.DistInfo, device: torch.device) -> dict[str, Any]:
     """DataLoaders for train (sharded, shuffled per epoch) and val/test (sharded without padding, gathered later)."""
+    from core.data.shard_loader import make_shard_loaders, use_shards  # issue 20: a prepared form's shards
+
+    if use_shards(cfg, bundle):
+        return make_shard_loaders(cfg, bundle, info, device)
     if cfg.data.cache != "off":
         try:
             from core.data.fast import make_fast_loaders  # the tensor-cache path (docs/benchmarks.md)

@@ -60,14 +60,15 @@ if source == SAMPLES:
         if data is None:
             st.warning(f"{name} is missing from the job's artifacts.")
             continue
-        images.append((name, predict.open_image(data), str(by_name[name]["label"])))
+        images.append((name, predict.open_image(data, preprocess=clf.preprocess), str(by_name[name]["label"])))
 else:
     uploads = st.file_uploader("Images", type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"],
                                accept_multiple_files=True, key="try:upload", max_upload_size=IMAGE_UPLOAD_MAX_MB)
     max_pixels = ((status.get("config") or {}).get("data") or {}).get("max_image_pixels")
     for up in uploads or []:
         try:
-            images.append((up.name, predict.open_image(up.getvalue(), max_pixels=max_pixels), None))
+            images.append((up.name, predict.open_image(up.getvalue(), max_pixels=max_pixels,
+                                                            preprocess=clf.preprocess), None))
         except predict.ImageRejected as err:
             st.error(f"{up.name}: {err}")
 

@@ -160,8 +160,8 @@ def test_training_from_shards_reports_the_path(folder: Path, tmp_path: Path, mon
     assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["ant", "bee", "cat"]
 
 
-def test_an_s3_store_through_moto(folder: Path, tmp_path: Path, s3_server: S3Server,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_an_s3_store_through_moto(folder: Path, tmp_path: Path, s3_server: S3Server,  # noqa: F811
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     url = s3_server.bucket("prepared") + "/photos/96"
     index = prepare(str(folder), url, size=96, encoding="raw", shard_bytes=SHARD_BYTES)
     assert read_index(url).splits["test"].shards == index.splits["test"].shards

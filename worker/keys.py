@@ -236,3 +236,8 @@ def dataset_jobs(name: str, version: int) -> str:
 def dataset_prepared(name: str, version: int) -> str:
     """HASH form key → JSON: one version's prepared forms (shards), written by whoever prepares them."""
     return _dataset_key(name, str(int(version)), "prepared")
+
+
+def dataset_prepare_lock(name: str, version: int, form: str) -> str:
+    """STRING (a redis-py Lock, with expiry): held by the one worker preparing form `form` (e.g. 224-RGB)."""
+    return _dataset_key(name, str(int(version)), "prepare-lock", form)

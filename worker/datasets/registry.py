@@ -266,7 +266,11 @@ def remove(conn: redis.Redis, ref: str | DatasetRef, *, store: ArtifactStore | N
     conn.transaction(commit, *watched)
     if not conn.exists(keys.dataset_versions(ref.name)):
         conn.zrem(keys.datasets_index(), ref.name)
-    _delete_unreferenced(conn, [t.source for t in targets if t.kind == UPLOAD], store or ArtifactStore())
+    store = store or ArtifactStore()
+    _delete_unreferenced(conn, [t.source for t in targets if t.kind == UPLOAD], store)
+    from worker.datasets.prepared import delete_unreferenced_forms  # issue 20: their shards
+
+    delete_unreferenced_forms(conn, [t.hash for t in targets], store)
     return targets
 
 

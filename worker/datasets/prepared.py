@@ -10,13 +10,12 @@ Decisions:
   else this worker prepares it, under a Redis lock per (version, form) so only one worker prepares while the others
   wait for it, and records it with `add_prepared_form`. The shards go to the artifact store beside the datasets,
   `prepared/<content hash>/<form key>/`: the same content registered twice shares them; `dataset rm` deletes
-  them once no version with that hash is left.
+  them once no version with that hash is left (registry.remove).
 - Preparing shows progress as the feature cache's embedding pass does: `phase: prepare`, then `prepare` events
   {done, total, images_per_sec} in the job's event stream, and lines in its log.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,15 +25,9 @@ import redis
 
 from worker import keys
 from worker.artifacts import ArtifactStore
-from worker.errors import ArtifactError
 from worker.datasets.registry import DatasetRef, DatasetVersion, add_prepared_form, get_version, prepared_forms
+from worker.defaults import PREPARE_LOCK_SECONDS, PREPARED_PREFIX
 
-PREPARE_LOCK_SECONDS = 120
-"""Seconds a preparer's lock lives without renewal (renewed at each progress report); a dead preparer's lock expires."""
-
-PREPARED_PREFIX = "prepared"
-"""Artifact-store folder of prepared forms: <content hash>/<form key>/ (index.json and the tar shards); next to
-`datasets/` (the uploads), keyed by the same content hash."""
 
 def input_size(data: dict[str, Any], version: DatasetVersion) -> int:
     """The side the job's images will have: data.image_size, else core's imagefolder rule on the registered sizes."""
@@ -123,22 +116,6 @@ def local_copy(store: ArtifactStore, version: DatasetVersion, note: Callable[[st
         return Path(path)
     note(f"fetching dataset {version.ref} ({path}) to prepare it")
     return fetch(store, path, version.hash, what=version.ref)
-
-
-def delete_unreferenced_forms(conn: redis.Redis, hashes: list[str], store: ArtifactStore) -> None:
-    """Delete the prepared shards of content hashes that no remaining version of any dataset has (`dataset rm`)."""
-    from worker.datasets.registry import dataset_versions, list_datasets
-
-    still = {v.hash for name in list_datasets(conn) for v in dataset_versions(conn, name)}
-    for digest in set(hashes) - still:
-        key = f"{PREPARED_PREFIX}/{digest}"
-        try:
-            if store.is_local:
-                shutil.rmtree(store.path(key), ignore_errors=True)
-            elif store.exists(key):
-                store.fs.rm(store.path(key), recursive=True)
-        except OSError as err:
-            raise ArtifactError(f"cannot delete {key} from the artifact store {store.url}: {err}") from None
 
 
 def _form(conn: redis.Redis, version: DatasetVersion, key: str) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from worker.datasets.sources import (
     scan_stored,
     scan_upload,
 )
+from worker.defaults import PREPARED_PREFIX
 from worker.errors import ArtifactError, DatasetError, NoSuchDatasetError
 from worker.hashcodec import text
 from worker.states import ACTIVE_STATES
@@ -268,9 +270,7 @@ def remove(conn: redis.Redis, ref: str | DatasetRef, *, store: ArtifactStore | N
         conn.zrem(keys.datasets_index(), ref.name)
     store = store or ArtifactStore()
     _delete_unreferenced(conn, [t.source for t in targets if t.kind == UPLOAD], store)
-    from worker.datasets.prepared import delete_unreferenced_forms  # issue 20: their shards
-
-    delete_unreferenced_forms(conn, [t.hash for t in targets], store)
+    _delete_unreferenced_forms(conn, [t.hash for t in targets], store)
     return targets
 
 
@@ -287,6 +287,20 @@ def _delete_unreferenced(conn: redis.Redis, sources: list[str], store: ArtifactS
                     Path(store.path(key)).unlink(missing_ok=True)
                 else:
                     store.fs.rm(store.path(key))
+        except OSError as err:
+            raise ArtifactError(f"cannot delete {key} from the artifact store {store.url}: {err}") from None
+
+
+def _delete_unreferenced_forms(conn: redis.Redis, hashes: list[str], store: ArtifactStore) -> None:
+    """Delete the prepared shards of content hashes that no remaining version of any dataset has (`dataset rm`)."""
+    still = {v.hash for name in list_datasets(conn) for v in _versions(conn, name).values()}
+    for digest in set(hashes) - still:
+        key = f"{PREPARED_PREFIX}/{digest}"
+        try:
+            if store.is_local:
+                shutil.rmtree(store.path(key), ignore_errors=True)
+            elif store.exists(key):
+                store.fs.rm(store.path(key), recursive=True)
         except OSError as err:
             raise ArtifactError(f"cannot delete {key} from the artifact store {store.url}: {err}") from None
 

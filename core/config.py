@@ -62,7 +62,8 @@ class DataConfig(_Section):
     """RGB converts every image to 3 channels; L keeps one channel."""
     download: bool = False
     """cifar: download into `path` when the files are missing (needs internet)."""
-    num_workers: int = Field(default=0, ge=0, le=64)
+    num_workers: int | Literal["auto"] = Field(default="auto")
+    """DataLoader processes per rank on the PIL path; auto: min(CPUs per rank - 1, 4) (core/data/workers.py)."""
     pin_memory: bool = False
     cache: CacheMode = "auto"
     """Tensor cache (decode once, augment batches as tensors): auto = on when the dataset fits in memory."""
@@ -80,6 +81,13 @@ class DataConfig(_Section):
 
     _cache_on_off = field_validator("cache", mode="before")(_on_off)
     _feature_views_auto = field_validator("feature_views", mode="before")(lambda v: None if v == "auto" else v)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_in_range(cls, v: int | str) -> int | str:
+        if v != "auto" and not 0 <= int(v) <= 64:
+            raise ValueError(f"must be 'auto' or a whole number from 0 to 64, got {v}")
+        return v
 
     @model_validator(mode="before")
     @classmethod

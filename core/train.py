@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from core import distributed as D
 from core import runfolder as rf
 from core.config import Config, choices, load_config, load_yaml, save_config
+from core.data.workers import num_workers
 from core.errors import Cancelled, ConfigError, CoreError, DataError, TrainingError, exit_code
 from core.evaluate import compute_metrics, predict
 from core.features import build_feature_loaders, plan_feature_cache
@@ -186,7 +187,7 @@ def make_loaders(cfg: Config, bundle: Any, info: D.DistInfo, device: torch.devic
             if fast is not None:
                 return fast
     pin = cfg.data.pin_memory and device.type == "cuda"
-    workers = cfg.data.num_workers
+    workers = num_workers(cfg)  # data.num_workers, `auto` resolved (issue 20)
     common = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
     if workers > 0:
         common["prefetch_factor"] = 4

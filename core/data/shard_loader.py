@@ -176,12 +176,23 @@ class ShardBatchLoader(EpochBatches):
         return stream[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        positions = self.epoch_positions()
-        steps = len(self)
+        gen = epoch_generator(self.seed, self.epoch, self.rank)
+        return self._batches(self.epoch_positions(), gen, augment=self.train and self.augment == "classic")
+
+    def ordered_pass(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's block of the split once, in stored order, with the train augmentation drawn from a generator
+        seeded by `seed`: one augmented view (the feature cache embeds a few; TensorBatchLoader.ordered_pass)."""
+        n = len(self.reader.split)
+        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        return self._batches(np.arange(lo, hi), torch.Generator().manual_seed(seed),
+                             augment=self.augment == "classic", keep_last=True)
+
+    def _batches(self, positions: np.ndarray, gen: torch.Generator, *, augment: bool, keep_last: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n_batches = -(-len(positions) // self.batch_size)
+        steps = n_batches if keep_last else min(len(self), n_batches)
         batches = [positions[i * self.batch_size:(i + 1) * self.batch_size] for i in range(steps)]
-        augment = self.train and self.augment == "classic"
-        if augment:
-            gen = epoch_generator(self.seed, self.epoch, self.rank)
+        if augment:  # the whole pass's parameters at once, as the tensor cache draws them
             params = draw_classic_params(len(positions), gen, pad=self.pad, hflip=self.hflip)
             brightness_first = (torch.rand(steps, generator=gen) < 0.5).tolist()
             params = {k: v.to(self.device) for k, v in params.items()}

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from core import runfolder as rf
+from core.data.workers import num_workers
 from core.errors import CoreError, ExportError, RunDirError
 from core.export.card import model_card
-from core.export.deploy import choose_deploy, predict_script
 from core.export.defaults import PARITY_ATOL, PARITY_MIN_IMAGES, PREDICT_TEMPLATE
+from core.export.deploy import choose_deploy, predict_script
 from core.export.inputs import calibration_images, take_images
 from core.export.int8 import quantize_int8
 from core.export.onnx_export import check_onnx, export_onnx, trace_model
@@ -139,7 +140,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
         int8["error"] = "disabled by export.int8: false"
 
     # ---- accuracy of the ONNX files on the whole test split (ONNX Runtime, one pass)
-    preds, labels, seconds = ort_predictions(sessions, bundle.test, cfg.data.num_workers)
+    preds, labels, seconds = ort_predictions(sessions, bundle.test, num_workers(cfg))
     fp32_acc = float((preds["fp32"] == labels).mean()) if len(labels) else float("nan")
     onnx_info["accuracy"] = fp32_acc
     onnx_info["pytorch_accuracy"] = run.report.get("test", {}).get("accuracy")

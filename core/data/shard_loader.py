@@ -179,6 +179,12 @@ class ShardBatchLoader(EpochBatches):
         gen = epoch_generator(self.seed, self.epoch, self.rank)
         return self._batches(self.epoch_positions(), gen, augment=self.train and self.augment == "classic")
 
+    def uint8_batches(self) -> Iterator[torch.Tensor]:
+        """This epoch's uint8 N×C×S×S batches as the assembly thread hands them over, before the device: the whole
+        CPU side of the path when the device is a GPU (tests/bench/shards.py measures it)."""
+        positions = self.epoch_positions()
+        return self._prefetched([positions[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))])
+
     def ordered_pass(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's block of the split once, in stored order, with the train augmentation drawn from a generator
         seeded by `seed`: one augmented view (the feature cache embeds a few; TensorBatchLoader.ordered_pass)."""

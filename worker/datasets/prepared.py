@@ -27,6 +27,7 @@ from worker import keys
 from worker.artifacts import ArtifactStore
 from worker.datasets.registry import DatasetRef, DatasetVersion, add_prepared_form, get_version, prepared_forms
 from worker.defaults import PREPARE_LOCK_SECONDS, PREPARED_PREFIX
+from worker.errors import ArtifactError, DatasetError
 
 
 def input_size(data: dict[str, Any], version: DatasetVersion) -> int:
@@ -131,6 +132,16 @@ def use_prepared(conn: redis.Redis, store: ArtifactStore, data: dict[str, Any], 
     says shards (module docstring); else `data` unchanged. `record` is the job's JobRecord."""
     if not data.get("dataset") or data.get("prepared"):
         return data
+    from core.errors import DataError
+
+    try:
+        return _use_prepared(conn, store, data, record, note=note)
+    except (DataError, DatasetError) as err:  # the attempt fails the job with this message (its ArtifactError path)
+        raise ArtifactError(f"dataset {data['dataset']}: cannot read it as shards: {err}") from None
+
+
+def _use_prepared(conn: redis.Redis, store: ArtifactStore, data: dict[str, Any], record: Any, *,
+                  note: Callable[[str], None]) -> dict[str, Any]:
     version = get_version(conn, DatasetRef.parse(str(data["dataset"])))
     size = input_size(data, version)
     if not wants_shards(data, version, size, record.gpus):

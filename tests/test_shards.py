@@ -24,6 +24,7 @@ from core.predict_template import load_image, resize_and_crop
 from tests.fixtures_images import make_class_tree
 from tests.fixtures_s3 import S3Server, s3_server  # noqa: F401 - s3_server: the fixture
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 20_000
 """Small shards so a few dozen tiny images make several per split."""
 
@@ -201,3 +202,62 @@ def test_large_jpegs_decode_at_reduced_scale_within_a_grey_level(tmp_path: Path)
     drafted = np.asarray(resize_and_crop(load_image(tmp_path / "big.jpg", pp), pp), np.float32)
     assert full.shape == drafted.shape == (224, 224, 3)
     assert np.abs(full - drafted).mean() < 1.5 and np.abs(full - drafted).max() <= 16
+
+
+class _CrashAfter:
+    """A sink that interrupts training after `n` epoch events (as a killed worker would, between epochs)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def emit(self, type: str, data: dict) -> None:
+        if type == "epoch":
+            self.seen += 1
+            if self.seen >= self.n:
+                raise KeyboardInterrupt
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_resumed_run_on_shards_reproduces_an_uninterrupted_one(folder: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.train import train
+
+    monkeypatch.setenv("DATASET_SHARD_DIR", str(tmp_path / "cache"))
+    _prepared(folder, tmp_path / "form", encoding="raw")
+    overrides = ["data.name=imagefolder", f"data.prepared={tmp_path / 'form'}", "data.cache_max_mb=1",
+                 "model.name=simple_cnn", "train.epochs=3", "train.batch_size=8", "export.enabled=false",
+                 "track.tensorboard=false"]
+    cfg = config_from_dict({}, overrides)
+    whole = train(cfg, tmp_path / "whole")
+    assert whole["data_path"] == "shards"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", sink=_CrashAfter(2))
+    resumed = train(cfg, tmp_path / "cut", resume=True)
+    assert resumed["test"]["confusion_matrix"] == whole["test"]["confusion_matrix"]
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+@pytest.mark.slow  # two torchrun ranks: ~40 s here
+def test_two_gloo_ranks_train_from_shards(folder: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    _prepared(folder, tmp_path / "form", encoding="raw")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATASET_SHARD_DIR": str(tmp_path / "cache")}
+    sets = ["data.name=imagefolder", f"data.prepared={tmp_path / 'form'}", "data.cache_max_mb=1",
+            "data.color_mode=RGB", "data.image_size=96", "train.epochs=2", "train.batch_size=8",
+            "export.enabled=false"]
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "core.train",
+                           str(ROOT / "configs" / "digits.yaml"), "--out", str(tmp_path / "ddp"),
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["data_path"] == "shards" and report["epochs_completed"] == 2
+    assert sum(report["data"]["counts"].values()) == 42  # every image, split as the form says

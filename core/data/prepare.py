@@ -40,7 +40,16 @@ from core.data.defaults import (
     SHARD_INDEX,
     SHARD_TARGET_BYTES,
 )
-from core.data.shards import ENCODINGS, PreparedIndex, ShardInfo, SplitShards, encode_sample, member_ext, sample_key
+from core.data.shards import (
+    ENCODINGS,
+    PreparedIndex,
+    ShardInfo,
+    SplitShards,
+    encode_sample,
+    member_ext,
+    open_fs,
+    sample_key,
+)
 from core.errors import DataError
 
 Progress = Callable[[int, int, float], None]
@@ -72,11 +81,9 @@ def local_source(source: str) -> Iterator[str]:
     if "://" not in source or source.startswith("file://"):
         yield source.removeprefix("file://")
         return
-    import fsspec
-
     with tempfile.TemporaryDirectory(prefix="prepare-source-") as tmp:
         try:
-            fs, root = fsspec.core.url_to_fs(source)
+            fs, root = open_fs(source)
             if root.lower().endswith(".zip"):
                 dest = os.path.join(tmp, "data.zip")
                 fs.get_file(root, dest)
@@ -154,8 +161,6 @@ def prepare(source: str, out_url: str, *, size: int | None = None, color_mode: s
             max_image_pixels: int | None = None, progress: Progress | None = None,
             shard_bytes: int = SHARD_TARGET_BYTES) -> PreparedIndex:
     """Decode SOURCE once into shards at OUT_URL and return the written index (see the module docstring)."""
-    import fsspec
-
     from core.config import DataConfig
     from core.data.shard_cache import cache_budget_bytes
 
@@ -173,7 +178,7 @@ def prepare(source: str, out_url: str, *, size: int | None = None, color_mode: s
 
         to_stored = EvalGeometry.from_preprocess(geometry)
         try:
-            fs, root = fsspec.core.url_to_fs(out_url)
+            fs, root = open_fs(out_url)
             root = root.rstrip("/")
             fs.makedirs(root, exist_ok=True)
         except Exception as err:  # noqa: BLE001

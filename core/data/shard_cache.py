@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 from core.data.defaults import (
     DATASET_CACHE_GB_DEFAULT,
@@ -27,7 +28,7 @@ from core.data.defaults import (
     SHARD_DIR_ENV,
     VAR_DIR,
 )
-from core.data.shards import ShardInfo
+from core.data.shards import ShardInfo, open_fs
 from core.errors import DataError
 
 _CHUNK = 4 << 20
@@ -60,6 +61,7 @@ class ShardCache:
         self.folder = Path(folder) if folder is not None else shard_cache_dir()
         self.budget = cache_budget_bytes() if budget_bytes is None else int(budget_bytes)
         self._lock = threading.Lock()
+        self._filesystems: dict[str, tuple[Any, str]] = {}
         self.fetched: list[str] = []
         """Names of the shards this process downloaded (tests and the report read it)."""
         self.refetched: list[str] = []
@@ -84,7 +86,7 @@ class ShardCache:
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             tmp = self.folder / f".{shard.sha256}.{uuid.uuid4().hex[:8]}.part"
             try:
-                digest, size = self._download(f"{base_url.rstrip('/')}/{shard.name}", tmp)
+                digest, size = self._download(base_url, shard.name, tmp)
                 if digest == shard.sha256 and size == shard.bytes:
                     with self._lock:
                         self._make_room(shard.bytes, keep=target)
@@ -99,12 +101,19 @@ class ShardCache:
         raise DataError(f"shard {shard.name} of the prepared dataset {base_url} is corrupt or truncated ({problem}; "
                         f"fetched {FETCH_ATTEMPTS} times); prepare the dataset again")
 
-    def _download(self, url: str, dest: Path) -> tuple[str, int]:
-        import fsspec
+    def _fs(self, base_url: str) -> tuple[Any, str]:
+        """One filesystem per form for this cache's life (open_fs: not fsspec's shared instance cache)."""
+        with self._lock:
+            if base_url not in self._filesystems:
+                self._filesystems[base_url] = open_fs(base_url)
+            return self._filesystems[base_url]
 
+    def _download(self, base_url: str, name: str, dest: Path) -> tuple[str, int]:
+        url = f"{base_url.rstrip('/')}/{name}"
         digest, size = hashlib.sha256(), 0
         try:
-            with fsspec.open(url, "rb") as src, dest.open("wb") as out:
+            fs, root = self._fs(base_url)
+            with fs.open(f"{root.rstrip('/')}/{name}", "rb") as src, dest.open("wb") as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)

@@ -121,13 +121,20 @@ def form_key(input_size: int, color_mode: str) -> str:
     return f"{int(input_size)}-{color_mode}"
 
 
-def read_index(url: str) -> PreparedIndex:
-    """The index.json of the form at `url` (a folder URL or path); DataError when missing or unreadable."""
+def open_fs(url: str) -> tuple[Any, str]:
+    """(filesystem, path) of a URL or local path, as a fresh instance: fsspec's instance cache ignores the
+    environment, where S3 endpoints and credentials come from (worker/datasets/sources.py does the same)."""
     import fsspec
 
+    return fsspec.core.url_to_fs(url, skip_instance_cache=True)
+
+
+def read_index(url: str) -> PreparedIndex:
+    """The index.json of the form at `url` (a folder URL or path); DataError when missing or unreadable."""
     where = f"{url.rstrip('/')}/{SHARD_INDEX}"
     try:
-        with fsspec.open(where, "rb") as fh:
+        fs, path = open_fs(where)
+        with fs.open(path, "rb") as fh:
             return PreparedIndex.from_json(fh.read(), where)
     except FileNotFoundError:
         raise DataError(f"no prepared dataset at {url} ({SHARD_INDEX} not found; prepare it with "

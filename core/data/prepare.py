@@ -57,6 +57,9 @@ Progress = Callable[[int, int, float], None]
 
 ENCODING_CHOICES = ("auto", *ENCODINGS)
 
+PREPARE_CHUNK = 256
+"""Images decoded per batch of thread work; progress is reported after each."""
+
 
 def stored_geometry(preprocess: dict[str, Any]) -> dict[str, Any]:
     """The S×S geometry shards store for a bundle's eval `preprocess` (core/data/shards.py's docstring)."""
@@ -116,7 +119,7 @@ class _ShardWriter:
         self.target_bytes = target_bytes
         self.shards: list[ShardInfo] = []
         self._tar: Any = None
-        self._count = self._first = 0
+        self._count = self._first = self._size = 0
         self._path: Path | None = None
         self.bytes = 0
 
@@ -195,10 +198,12 @@ def prepare(source: str, out_url: str, *, size: int | None = None, color_mode: s
                     return encode_sample(to_stored(img), enc, JPEG_QUALITY)
 
                 writer = _ShardWriter(fs, root, name, enc, Path(work), shard_bytes)
-                for position, (i, data) in enumerate(zip(order, pool.map(encoded, order.tolist()))):
-                    writer.write(position, int(ds.labels[i]), data)
-                    done += 1
-                    if progress is not None and position % 256 == 255:
+                for start in range(0, len(order), PREPARE_CHUNK):  # bounded: never a future per image of a big set
+                    chunk = order[start:start + PREPARE_CHUNK].tolist()
+                    for position, (i, data) in enumerate(zip(chunk, pool.map(encoded, chunk)), start):
+                        writer.write(position, int(ds.labels[i]), data)
+                    done += len(chunk)
+                    if progress is not None:
                         progress(done, n_total, done / max(time.perf_counter() - t0, 1e-9))
                 writer.close()
                 total_bytes += writer.bytes

@@ -185,7 +185,7 @@ class Attempt:
         data = dict(cfg.get("data") or {})
         path = data.get("path")
         data = datasets.use_prepared(self.conn, self.store, data, self.record, note=self.note)  # issue 20: shards
-        if data.get("path") and datasets.needs_fetch(str(path)):  # an uploaded zip, or a registered in-place URL (synced once)
+        if data.get("path") and datasets.needs_fetch(str(path)):  # an upload, or an in-place URL (synced once)
             self.note(f"fetching dataset {path}")
             data["path"] = str(datasets.fetch(self.store, str(path), (self.record.get("dataset") or {}).get("hash"),
                                               what=data.get("dataset") or ""))

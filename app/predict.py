@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from core import runfolder as rf
-from core.predict_template import classify, preprocess_image
+from core.predict_template import classify, draft_for, preprocess_image
 
 
 @dataclasses.dataclass
@@ -41,13 +41,17 @@ class ImageRejected(ValueError):
     """An image that cannot be classified (unreadable, too many pixels); the message says why."""
 
 
-def open_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
-    """Decode uploaded bytes (size checked before decoding: a decompression bomb is refused, not decoded)."""
+def open_image(data: bytes, *, max_pixels: int | None = None, preprocess: dict[str, Any] | None = None
+               ) -> Image.Image:
+    """Decode uploaded bytes (size checked before decoding: a decompression bomb is refused, not decoded); with the
+    model's `preprocess`, a large JPEG decodes at a reduced scale (draft_for: only what the model's input needs)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             if max_pixels and w * h > max_pixels:
                 raise ImageRejected(f"{w}×{h} pixels is more than the limit of {max_pixels:,}")
+            if preprocess is not None:
+                draft_for(img, preprocess)
             img.load()
             return img
     except ImageRejected:

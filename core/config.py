@@ -52,6 +52,9 @@ class DataConfig(_Section):
     dataset: str | None = Field(default=None, min_length=1)
     """A registered dataset, `NAME` (its latest version) or `NAME:VERSION` (README "Datasets"): submission pins it to
     NAME:VERSION and fills `path`; sets `name: imagefolder` (whatever the preset had)."""
+    prepared: str | None = Field(default=None, min_length=1)
+    """imagefolder: the URL of a prepared form (core/data/shards.py) to read instead of scanning `path`; the worker
+    sets it when the job's registered dataset has one for its input size (README "Datasets")."""
     image_size: int | None = Field(default=None, ge=4, le=1024)
     """Model input side in pixels; None = the dataset's native size (digits 8 → 32 is set by the preset)."""
     split: list[float] = Field(default_factory=lambda: [0.7, 0.2, 0.1])
@@ -63,7 +66,8 @@ class DataConfig(_Section):
     """RGB converts every image to 3 channels; L keeps one channel."""
     download: bool = False
     """cifar: download into `path` when the files are missing (needs internet)."""
-    num_workers: int = Field(default=0, ge=0, le=64)
+    num_workers: int | Literal["auto"] = Field(default="auto")
+    """DataLoader processes per rank on the PIL path; auto: min(CPUs per rank - 1, 4) (core/data/workers.py)."""
     pin_memory: bool = False
     cache: CacheMode = "auto"
     """Tensor cache (decode once, augment batches as tensors): auto = on when the dataset fits in memory."""
@@ -81,6 +85,13 @@ class DataConfig(_Section):
 
     _cache_on_off = field_validator("cache", mode="before")(_on_off)
     _feature_views_auto = field_validator("feature_views", mode="before")(lambda v: None if v == "auto" else v)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_in_range(cls, v: int | str) -> int | str:
+        if v != "auto" and not 0 <= int(v) <= 64:
+            raise ValueError(f"must be 'auto' or a whole number from 0 to 64, got {v}")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -204,10 +215,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:
-        if self.data.name == "imagefolder" and not self.data.path and not self.data.dataset:
+        if self.data.name == "imagefolder" and not (self.data.path or self.data.dataset or self.data.prepared):
             raise _KeyError("data.path", self.data.path,
                             "required when data.name is 'imagefolder' (a folder or .zip of class folders), unless "
-                            "data.dataset names a registered dataset")
+                            "data.dataset names a registered dataset or data.prepared a prepared form")
         if self.model.freeze == "backbone" and not self.model.pretrained:
             raise _KeyError("model.freeze", self.model.freeze,
                             "'backbone' needs model.pretrained: true (a frozen random backbone learns nothing)")

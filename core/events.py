@@ -2,12 +2,14 @@
 
 Event types (each an `emit(type, data)` call, `data` a JSON-able dict):
 - `start`:  {"epochs", "world_size", "classes", "counts", "config", "device", "amp", "resumed_from",
-            "steps_per_epoch", "data_path" ("dataloader" | "tensor_cache" | "feature_cache"),
+            "steps_per_epoch", "data_path" ("dataloader" | "tensor_cache" | "feature_cache" | "shards"),
             "feature_cache" (report.json's block when on, else {"off": why})}
 - `step`:   {"epoch", "step", "global_step", "steps_per_epoch", "loss", "lr", "images_per_sec"}
 - `epoch`:  {"epoch" (1-based), "epochs", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr",
              "seconds", "images_per_sec", "best_val_acc"}
-- `phase`:  {"phase": "data" | "embed" | "train" | "test" | "export" | "done" | "early_stop"}
+- `phase`:  {"phase": "prepare" | "data" | "embed" | "train" | "test" | "export" | "done" | "early_stop"}
+- `prepare`: {"done", "total", "images_per_sec"}: a worker preparing the job's dataset into shards before launching
+            it (worker/datasets/prepared.py), every 256 images and at the end
 - `embed`:  {"done", "total", "views", "images_per_sec"}: the feature cache's embedding pass (core.features), at most
             once a second and at the end; `total` counts this rank's images (views × train shard + val shard)
 - `report`: the final report.json content (without per-sample predictions)

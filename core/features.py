@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Subset
 from core.config import EPOCHS_PER_VIEW, FEATURE_VIEWS_MAX
 from core.data.fast import EpochBatches, epoch_generator, train_partition
 from core.data.loaders import FeatureCacheStats, LoaderKind, Loaders
+from core.data.workers import num_workers
 from core.errors import ConfigError
 from core.models import get_head, set_train_mode, unwrap_model
 from core.runtime import Runtime
@@ -248,13 +249,13 @@ def train_views(cfg: Any, bundle: Any, loaders: Loaders, info: Any, views: int, 
     rank's fixed partition with the PIL train transform, its randomness seeded per view."""
     eval_bs = cfg.train.eval_batch(device.type)
     seeds = [cfg.train.seed * 1_000_003 + 104_729 * (v + 1) + info.rank for v in range(views)]
-    if loaders.kind is LoaderKind.TENSOR_CACHE:
+    if loaders.kind in (LoaderKind.TENSOR_CACHE, LoaderKind.SHARDS):
         for seed in seeds:
             yield loaders.train.ordered_pass(seed)
         return
     idx = train_partition(len(bundle.train), info.rank, info.world_size, cfg.train.seed)
     subset = Subset(bundle.train, idx)
-    workers = cfg.data.num_workers
+    workers = num_workers(cfg)
     for seed in seeds:
         torch.manual_seed(seed)  # the PIL transforms draw from torch's RNG in this process (num_workers 0)
         yield DataLoader(subset, batch_size=eval_bs, shuffle=False, num_workers=workers,

@@ -90,8 +90,29 @@ def preprocess_image(img: Image.Image, pp: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def draft_for(img: Image.Image, pp: dict[str, Any]) -> Image.Image:
+    """Ask a not yet decoded JPEG to decode at a reduced DCT scale (1/2, 1/4, 1/8) that still leaves every side at
+    least as large as step 2 needs: a 4000x3000 photo for a 224 px model decodes at 500x375, an eighth of the pixels,
+    and the result differs from a full decode by about one grey level. Other formats are left as they are."""
+    if img.format != "JPEG":
+        return img
+    height, width = (int(v) for v in pp["input_size"])
+    shorter = pp.get("resize_shorter")
+    if shorter:  # both sides at least their size after "shorter side to resize_shorter" (rounded up)
+        w, h = img.size
+        short = max(1, min(w, h))
+        need = (-(-w * int(shorter) // short), -(-h * int(shorter) // short))
+    else:
+        need = (width, height)
+    img.draft(None, need)
+    return img
+
+
+def load_image(path: str | Path, pp: dict[str, Any] | None = None) -> Image.Image:
+    """The decoded image; with `pp` (preprocess.json) a large JPEG decodes at a reduced scale (draft_for)."""
     with Image.open(path) as img:
+        if pp is not None:
+            draft_for(img, pp)
         img.load()
         return img
 
@@ -160,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.images:
         try:
-            pending.append((name, preprocess_image(load_image(name), pp)))
+            pending.append((name, preprocess_image(load_image(name, pp), pp)))
         except Exception as err:  # noqa: BLE001 - one unreadable file should not hide the others' results
             print(f"error: {name}: {err}", file=sys.stderr)
             failed += 1

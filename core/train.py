@@ -33,6 +33,7 @@ from core.checkpoint import checkpoint_epoch, resume_from, save_checkpoint, trun
 from core.config import Config, load_config, load_yaml, save_config
 from core.data.fast import make_fast_loaders, use_cache
 from core.data.loaders import Loaders, make_dataloaders
+from core.data.shard_loader import make_shard_loaders, use_shards
 from core.distributed import DistInfo
 from core.errors import CoreError, DataError, TrainingError, exit_code
 from core.evaluate import evaluate_split
@@ -46,8 +47,11 @@ from core.runtime import Runtime, StopFlag, TrainState, seed_everything
 
 # --------------------------------------------------------------------------------------------------------- loaders
 def make_loaders(cfg: Config, bundle: Any, info: DistInfo, device: torch.device) -> Loaders:
-    """The one place that picks a loader builder: the tensor cache when `data.cache` allows it (docs/benchmarks.md),
-    else DataLoader. The feature cache needs the model, so it comes later (cache_features)."""
+    """The one place that picks a loader builder: a prepared form's shards when the job reads one (README "Datasets"),
+    the tensor cache when `data.cache` allows it (docs/benchmarks.md), else DataLoader. The feature cache needs the
+    model, so it comes later (cache_features)."""
+    if use_shards(cfg, bundle):
+        return make_shard_loaders(cfg, bundle, info, device)
     if use_cache(cfg, bundle, info.world_size):
         return make_fast_loaders(cfg, bundle, info, device)
     return make_dataloaders(cfg, bundle, info, device)

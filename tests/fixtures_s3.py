@@ -27,7 +27,9 @@ from tests.fixtures_redis import free_port, stop
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 """moto accepts any credentials; these keep botocore from looking for real ones."""
 
-_REQUEST_LINE = re.compile(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/[0-9.]+" (\d+)')
+_ANSI = r"(?:\x1b\[[0-9;]*m)*"
+_REQUEST_LINE = re.compile(rf'"{_ANSI}(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/[0-9.]+{_ANSI}" (\d+)')
+"""A request line of the server's log; werkzeug colours some statuses (a ranged GET's 206) with ANSI escapes."""
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ def test_add_folder_and_zip_then_list_show_rm(redis_conn: Any, job_env: dict[str
     out = cli(["add", "shapes", str(folder), "--prepare"], job_env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "shapes:1" and "3 classes, 36 images" in out.stdout
-    assert "first job" in out.stdout  # --prepare: for now on first use
+    assert "prepared shapes:1" in out.stdout  # --prepare: shards now (tests/test_shards_worker.py)
     again = datasets.register(redis_conn, "shapes", str(folder))
     assert not again.created and again.version.version == 1  # same content: no new version
 

@@ -182,10 +182,12 @@ class Attempt:
         return Prepared(run_dir, config_path, self.record.gpus, resume)
 
     def fetch_data(self, data: dict[str, Any]) -> dict[str, Any]:
-        """The config's `data` section with the dataset on this machine: an uploaded zip or a registered in-place URL
-        is fetched (synced once) into this machine's cache, and `path` points there."""
+        """The config's `data` section with the dataset on this machine: a job beyond the tensor cache reads a prepared
+        form's shards (`datasets.use_prepared`, prepared once for all workers); otherwise an uploaded zip or a
+        registered in-place URL is fetched (synced once) into this machine's cache, and `path` points there."""
         path = data.get("path")
-        if path and datasets.needs_fetch(str(path)):
+        data = datasets.use_prepared(self.conn, self.store, data, self.record, note=self.note)  # shards, when read
+        if data.get("path") and datasets.needs_fetch(str(path)):
             self.note(f"fetching dataset {path}")
             data["path"] = str(datasets.fetch(self.store, str(path), (self.record.get("dataset") or {}).get("hash"),
                                               what=data.get("dataset") or ""))

@@ -52,9 +52,33 @@ def cmd_add(args: argparse.Namespace) -> int:
         for bad in (v.report.get("skipped_files") or [])[:20]:
             print(f"skipped: {bad['file']}: {bad['reason']}")
     if args.prepare:
-        print("note: preparation happens when the first job uses the dataset")
+        _prepare(v, args.size)
     print(v.ref)
     return 0
+
+
+def _prepare(v: Any, size: int | None) -> None:
+    """`dataset add --prepare`: the form a job of the default preset would use (worker/datasets/prepared.py)."""
+
+    from worker.artifacts import ArtifactStore
+    from worker.datasets.prepared import ensure_prepared, input_size, local_copy
+
+    store = ArtifactStore()
+    side = size or input_size({}, v)
+
+    def progress(done: int, total: int, rate: float) -> None:
+        print(f"\rpreparing: {done}/{total} images, {rate:.0f}/s", end="", file=sys.stderr, flush=True)
+
+    from core.errors import DataError
+
+    try:
+        form = ensure_prepared(_conn(), store, v, size=side, color_mode="RGB",
+                               local_source=lambda: local_copy(store, v), progress=progress)
+    except DataError as err:
+        raise DatasetError(f"registered {v.ref}, but preparing it failed: {err}") from None
+    print(file=sys.stderr)
+    print(f"prepared {v.ref} {form['key']}: {form['encoding']} shards, {form['bytes_per_image']:.0f} bytes/image, "
+          f"{form['url']}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -131,7 +155,10 @@ def add_dataset_commands(sub: Any) -> None:
     s.add_argument("name", help="lower-case letters, digits, . _ - (1-64 characters)")
     s.add_argument("source", help="a local folder or .zip (uploaded), or a URL read where it is: s3://bucket/prefix, "
                                   "gs://..., https://host/data.zip, file:///shared/path")
-    s.add_argument("--prepare", action="store_true", help="prepare shards now (for now: on first use)")
+    s.add_argument("--prepare", action="store_true",
+                   help="prepare shards now (otherwise the first job that needs them prepares them)")
+    s.add_argument("--size", type=int, default=None,
+                   help="with --prepare: the input side to prepare for (default: as a job's: 224 for photos)")
     s.set_defaults(func=_refusing(cmd_add))
     s = dsub.add_parser("list", help="every registered dataset with its latest version")
     s.add_argument("--json", action="store_true")

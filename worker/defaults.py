@@ -139,6 +139,14 @@ DATASET_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 """What a registered dataset's name may be: lower-case letters, digits, `.`, `_`, `-`; 1-64 characters, starting with
 a letter or digit (no `:`, which separates NAME:VERSION, and nothing a key or a URL would need escaped)."""
 
+PREPARED_PREFIX = "prepared"
+"""Artifact-store folder of registered datasets' prepared forms: <content hash>/<form key>/ (index.json and the tar
+shards); next to `datasets/` (the uploads), keyed by the same content hash (worker/datasets/prepared.py)."""
+
+PREPARE_LOCK_SECONDS = 120
+"""Seconds a preparer's Redis lock lives without renewal (renewed at each progress report): a dead preparer's lock
+expires and a waiting worker takes over."""
+
 DATASET_SAMPLE_PER_CLASS = 8
 """Images per class (per split folder of a pre-split tree) that registering an in-place source downloads to check
 that they decode; counts come from the listing, so the rest is never read at registration."""

@@ -238,6 +238,11 @@ def dataset_prepared(name: str, version: int) -> str:
     return _dataset_key(name, str(int(version)), "prepared")
 
 
+def dataset_prepare_lock(name: str, version: int, form: str) -> str:
+    """STRING (a redis-py Lock, with expiry): held by the one worker preparing form `form` (e.g. 224-RGB)."""
+    return _dataset_key(name, str(int(version)), "prepare-lock", form)
+
+
 def gc_claim(scope: str) -> str:
     """STRING with a TTL of GC_INTERVAL: the retention policy ran for this scope (a store id, or a store id and a
     machine) and runs again when it expires (worker/retention.py)."""

@@ -26,7 +26,7 @@ from worker.defaults import (
     REPO_ROOT,
     TERMINATE_GRACE,
 )
-from worker.paths import extraction_cache_dir
+from worker.paths import extraction_cache_dir, shard_cache_dir
 from worker.procutil import terminate_tree
 from worker.streaming import ENV_JOB_ID
 from worker.warmstart import READY_LINE
@@ -103,10 +103,11 @@ def train_env(*, job_id: str, redis_url: str, devices: list[int] | None, nproc: 
     stops this node within a minute), and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, when not set already, name the
     interface holding that address, so the ranks talk over the address the other machines reach. Datasets are extracted
     into this machine's extraction cache (DATA_CACHE_DIR, unless set: `worker.paths.extraction_cache_dir`)."""
-    from core.data.defaults import CACHE_DIR_ENV
+    from core.data.defaults import CACHE_DIR_ENV, SHARD_DIR_ENV
 
     env = dict(os.environ)
     env.setdefault(CACHE_DIR_ENV, str(extraction_cache_dir()))
+    env.setdefault(SHARD_DIR_ENV, str(shard_cache_dir()))  # prepared shards (issue 20)
     if advertise_addr:
         env.setdefault("CORE_DIST_TIMEOUT", str(MULTINODE_PG_TIMEOUT))  # the worker's own environment may raise it
         iface = interface_of(advertise_addr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.data.defaults import EXTRACTION_CACHE
+from core.data.defaults import EXTRACTION_CACHE, SHARD_CACHE
 from worker.defaults import REPO_ROOT, VAR_DIR
 
 
@@ -46,3 +46,9 @@ def extraction_cache_dir() -> Path:
     hands it to them as DATA_CACHE_DIR. Core's own default place (EXTRACTION_CACHE) under this worker's var folder,
     so it follows TRAINER_VAR_DIR like every other cache of the worker."""
     return var_dir() / EXTRACTION_CACHE
+
+
+def shard_cache_dir() -> Path:
+    """Where this machine's training processes keep prepared shards (core/data/shard_cache.py, `<sha256>.tar`, within
+    DATASET_CACHE_GB): handed to them as DATASET_SHARD_DIR, so it follows TRAINER_VAR_DIR too."""
+    return var_dir() / SHARD_CACHE

@@ -61,7 +61,7 @@ if source == SAMPLES:
         if data is None:
             st.warning(f"{name} is missing from the job's artifacts.")
             continue
-        images.append((name, predict.open_image(data), str(by_name[name]["label"])))
+        images.append((name, predict.open_image(data, preprocess=clf.preprocess), str(by_name[name]["label"])))
         raw.append((name.rsplit("/", 1)[-1], data))
 else:
     uploads = st.file_uploader("Images", type=["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"],
@@ -72,7 +72,8 @@ else:
                    "at once).")
     for up in (uploads or [])[:TRY_MAX_IMAGES]:
         try:
-            images.append((up.name, predict.open_image(up.getvalue(), max_pixels=max_pixels), None))
+            images.append((up.name, predict.open_image(up.getvalue(), max_pixels=max_pixels,
+                                                            preprocess=clf.preprocess), None))
             raw.append((up.name, up.getvalue()))
         except predict.ImageRejected as err:
             st.error(f"{up.name}: {err}")

@@ -201,6 +201,10 @@ def imagefolder_native_size(scan: FolderScan) -> int:
 
 
 def _load_imagefolder(cfg: Config) -> _Parts:
+    if cfg.data.prepared:  # issue 20: a prepared form (shards) instead of the folder
+        from core.data.shard_loader import prepared_parts
+
+        return _Parts(**prepared_parts(cfg))
     scan = scan_imagefolder(cfg.data.path, max_image_pixels=cfg.data.max_image_pixels, color_mode=cfg.data.color_mode)
     labels = np.asarray([r.label for r in scan.records], dtype=np.int64)
     splits_of = np.asarray([r.split or "" for r in scan.records])
@@ -298,6 +302,10 @@ def build_datasets(cfg: Config) -> DataBundle:
     else:
         stats = train_statistics(parts.sources["train"], parts.indices["train"], color_mode)
     preprocess["mean"], preprocess["std"] = stats
+    if cfg.data.augment != "strong":  # issue 20 "decode less": strong's RandomResizedCrop needs the full image
+        for source in parts.sources.values():
+            if isinstance(source, FileSource):
+                source.draft = preprocess
     train_tf = create_transform(preprocess, cfg.data.augment, train=True, hflip=cfg.data.hflip)
     eval_tf = create_transform(preprocess, "none", train=False)
     datasets = {

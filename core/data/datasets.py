@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from core.data.defaults import SCAN_THREADS
 from core.data.transforms import EvalGeometry, channels, to_color_mode
 from core.errors import DataError
+from core.predict_template import draft_for
 
 SPLITS = ("train", "val", "test")
 
@@ -63,6 +64,9 @@ class FileSource:
     def __init__(self, paths: Sequence[str], rels: Sequence[str]) -> None:
         self.paths = list(paths)
         self.rels = list(rels)
+        self.draft: dict[str, Any] | None = None
+        """preprocess geometry every use of these images ends at: large JPEGs then decode at a reduced DCT scale
+        (core.predict_template.draft_for). build_datasets sets it unless a train transform crops the original."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,6 +74,8 @@ class FileSource:
     def load(self, i: int) -> Image.Image:
         try:
             with Image.open(self.paths[i]) as img:
+                if self.draft is not None:
+                    draft_for(img, self.draft)
                 img.load()
                 return img
         except Exception as err:  # noqa: BLE001 — the file changed since the scan: say which one
@@ -194,6 +200,8 @@ class DataBundle:
         n_channels = self.in_chans
         if len(ds) == 0:
             return torch.zeros((0, n_channels, height, width), dtype=torch.uint8), labels
+        if hasattr(ds.source, "eval_uint8"):  # a prepared form's shards (core/data/shard_loader.py)
+            return torch.from_numpy(np.ascontiguousarray(ds.source.eval_uint8(ds.indices, self.preprocess))), labels
         if isinstance(ds.source, ArraySource) and ds.source.images.shape[1:3] == (height, width):
             fast = ds.source.as_uint8(ds.indices, self.preprocess["color_mode"])
             if fast is not None:

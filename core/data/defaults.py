@@ -73,3 +73,44 @@ IMBALANCE_WARNING_RATIO = 10.0
 
 FEW_IMAGES_WARNING = 10
 """inspect_dataset warns about classes with fewer than this many readable images."""
+
+# ----------------------------------------------------------------------------------------- prepared shards (issue 20)
+SHARD_FORMAT = "webdataset-1"
+"""The prepared form's format tag in its index.json: WebDataset tar shards (docs/benchmarks.md "Shard format")."""
+
+SHARD_INDEX = "index.json"
+"""File name of a prepared form's index (classes, per-sample labels/ids/splits, per-shard sha256); written last, so
+its presence means the form is complete."""
+
+SHARD_TARGET_BYTES = 64 * 2**20
+"""Bytes: a shard is closed once it holds this much (a fetch is one request per shard; the reader holds a few)."""
+
+SHUFFLE_WINDOW_SHARDS = 4
+"""Shards whose samples are shuffled together per epoch (with the shard order shuffled too); the reader holds about
+this many shards in memory, so a process's memory does not grow with the dataset."""
+
+JPEG_QUALITY = 90
+"""libjpeg quality of JPEG shards."""
+
+RAW_MAX_FRACTION_OF_CACHE = 0.5
+"""`encoding: auto` writes raw uint8 shards when they take at most this fraction of DATASET_CACHE_GB (a worker can
+then keep the whole form on disk with room for another), else JPEG shards (about 6x smaller, decoded per epoch)."""
+
+DATASET_CACHE_GB_ENV = "DATASET_CACHE_GB"
+"""Environment variable: a worker's local shard cache budget in GB (10**9 bytes)."""
+
+DATASET_CACHE_GB_DEFAULT = 20.0
+"""GB: the shard cache budget when DATASET_CACHE_GB is unset."""
+
+SHARD_CACHE = "cache/shards"
+"""Where fetched shards are kept (one file per sha256), relative to VAR_DIR; DATASET_SHARD_DIR overrides it."""
+
+SHARD_DIR_ENV = "DATASET_SHARD_DIR"
+"""Environment variable naming the shard cache folder (a worker hands its training processes its own)."""
+
+PREPARE_THREADS = 8
+"""Threads decoding images while preparing (Pillow releases the GIL while decoding and resizing)."""
+
+PREPARED_SPLIT_SEED = 0
+"""The seed of a prepared form's stratified split when the folder is not pre-split: the split is a property of the
+prepared form (every job on it trains and tests on the same images), not of each job's train.seed."""

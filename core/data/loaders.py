@@ -1,7 +1,8 @@
 """What the epoch loop iterates: `Loaders`, one typed record whichever path makes the batches.
 
-Three kinds exist (`LoaderKind`): the classic DataLoader over PIL transforms (`make_dataloaders`, here), the tensor
-cache (core.data.fast.make_fast_loaders: uint8 images on the device, batch augmentation) and the feature cache
+Four kinds exist (`LoaderKind`): the classic DataLoader over PIL transforms (`make_dataloaders`, here), the tensor
+cache (core.data.fast.make_fast_loaders: uint8 images on the device, batch augmentation), a prepared form's shards
+(core.data.shard_loader.make_shard_loaders: the same batches, streamed) and the feature cache
 (core.features.build_feature_loaders: a frozen backbone's features; it replaces train and val once the model exists).
 `core.train.make_loaders` is the one place that picks the builder for a config; a new kind is one more builder
 returning `Loaders` and one more branch there.
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from core.config import Config
+from core.data.workers import num_workers
 from core.distributed import DistInfo
 
 
@@ -30,6 +32,8 @@ class LoaderKind(str, Enum):
     DATALOADER = "dataloader"
     TENSOR_CACHE = "tensor_cache"
     FEATURE_CACHE = "feature_cache"
+    SHARDS = "shards"
+    """A prepared form's shards, streamed (core.data.shard_loader): uint8 batches augmented on the device."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class Loaders:
 def make_dataloaders(cfg: Config, bundle: Any, info: DistInfo, device: torch.device) -> Loaders:
     """DataLoaders for train (sharded, shuffled per epoch) and val/test (sharded without padding, gathered later)."""
     pin = cfg.data.pin_memory and device.type == "cuda"
-    workers = cfg.data.num_workers
+    workers = num_workers(cfg)  # data.num_workers, `auto` resolved
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin, "persistent_workers": workers > 0}
     if workers > 0:
         common["prefetch_factor"] = 4

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from core import runfolder
+from core.data.workers import num_workers
 from core.errors import CoreError, ExportError, RunDirError
 from core.export.card import model_card
 from core.export.deploy import choose_deploy, predict_script
@@ -139,7 +140,7 @@ def _export_files(run: Run, out: Path, log: Log) -> dict[str, Any]:
         int8["error"] = "disabled by export.int8: false"
 
     # ---- accuracy of the ONNX files on the whole test split (ONNX Runtime, one pass)
-    preds, labels, seconds = ort_predictions(sessions, bundle.test, cfg.data.num_workers)
+    preds, labels, seconds = ort_predictions(sessions, bundle.test, num_workers(cfg))
     fp32_acc = float((preds["fp32"] == labels).mean()) if len(labels) else float("nan")
     onnx_info["accuracy"] = fp32_acc
     onnx_info["pytorch_accuracy"] = run.report.get("test", {}).get("accuracy")

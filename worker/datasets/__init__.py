@@ -6,6 +6,7 @@ hash, the sampled health check, and the worker's `fetch` of a job's data).
 """
 from __future__ import annotations
 
+from worker.datasets.prepared import ensure_prepared, use_prepared
 from worker.datasets.registry import (
     DatasetRef,
     DatasetVersion,
@@ -29,6 +30,6 @@ from worker.datasets.registry import (
 from worker.datasets.sources import IN_PLACE, UPLOAD, fetch, needs_fetch
 
 __all__ = ["IN_PLACE", "UPLOAD", "DatasetRef", "DatasetVersion", "JobUse", "Registered", "add_prepared_form",
-           "dataset_versions", "describe", "fetch", "get_version", "job_field", "list_datasets", "needs_fetch",
-           "prepared_forms", "record_job", "register", "remove", "resolve_for_job", "scan_source", "summary",
-           "version_jobs"]
+           "dataset_versions", "describe", "ensure_prepared", "fetch", "get_version", "job_field", "list_datasets",
+           "needs_fetch", "prepared_forms", "record_job", "register", "remove", "resolve_for_job", "scan_source",
+           "summary", "use_prepared", "version_jobs"]

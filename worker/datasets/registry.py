@@ -31,6 +31,7 @@ from worker.datasets.sources import (
     scan_stored,
     scan_upload,
 )
+from worker.defaults import PREPARED_PREFIX
 from worker.errors import DatasetError, NoSuchDatasetError
 from worker.hashcodec import decode_reply
 from worker.states import ACTIVE_STATES
@@ -266,7 +267,9 @@ def remove(conn: redis.Redis, ref: str | DatasetRef, *, store: ArtifactStore | N
     conn.transaction(commit, *watched)
     if not conn.exists(keys.dataset_versions(ref.name)):
         conn.zrem(keys.datasets_index(), ref.name)
-    _delete_unreferenced(conn, [t.source for t in targets if t.kind == UPLOAD], store or ArtifactStore())
+    store = store or ArtifactStore()
+    _delete_unreferenced(conn, [t.source for t in targets if t.kind == UPLOAD], store)
+    _delete_unreferenced_forms(conn, [t.hash for t in targets], store)
     return targets
 
 
@@ -277,6 +280,13 @@ def _delete_unreferenced(conn: redis.Redis, sources: list[str], store: ArtifactS
     still = {v.source for name in list_datasets(conn) for v in _versions(conn, name).values()}
     for source in set(sources) - still:
         store.remove(source.removeprefix(DATASET_REF_PREFIX))
+
+
+def _delete_unreferenced_forms(conn: redis.Redis, hashes: list[str], store: ArtifactStore) -> None:
+    """Delete the prepared shards of content hashes that no remaining version of any dataset has (`dataset rm`)."""
+    still = {v.hash for name in list_datasets(conn) for v in _versions(conn, name).values()}
+    for digest in set(hashes) - still:
+        store.remove_folder(f"{PREPARED_PREFIX}/{digest}")
 
 
 # -------------------------------------------------------------------------------------------------- submission

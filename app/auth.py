@@ -139,6 +139,7 @@ def require_login() -> bool:
             _mark_signed_in(True)
             st.sidebar.button("Log out", on_click=_log_out)
         return True
+    _mark_signed_in(False)  # every run that shows the form (after a log-out too) closes the upload gate
     st.title("Sign in")
     with st.form("auth:form"):
         typed = st.text_input("Password", type="password")

@@ -72,7 +72,7 @@ def test_the_artifact_store_keeps_no_torn_file(small_disk: Path, tmp_path: Path)
 
 def test_a_dataset_upload_onto_a_full_store_registers_nothing(small_disk: Path, redis_conn: Any,
                                                               job_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**job_env, "ARTIFACTS_DIR": str(small_disk / "store")}
+    env = {**job_env, "ARTIFACTS_DIR": str(small_disk / "store"), "DISK_MIN_FREE_GB": "0"}  # the write itself fails
     big = make_imagefolder(tmp_path / "big", ("a", "b"), per_class=40, size=96)
     res = run_cli(["worker", "dataset", "add", "photos", str(big)], env)
     assert res.returncode == 2, res.stdout + res.stderr

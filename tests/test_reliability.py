@@ -170,7 +170,8 @@ def test_unwritable_full_store_and_a_raising_job_fail_with_the_reason(
         redis_conn: Any, job_env: dict[str, str], spawn: Any, tiny_store: Path, monkeypatch: pytest.MonkeyPatch,
         test_token: str) -> None:
     monkeypatch.setenv("ARTIFACTS_DIR", str(tiny_store))
-    env = {**job_env, "ARTIFACTS_DIR": str(tiny_store)}
+    monkeypatch.setenv("DISK_MIN_FREE_GB", "0")  # the store fills during the jobs, not before (the floor: test_storage)
+    env = {**job_env, "ARTIFACTS_DIR": str(tiny_store), "DISK_MIN_FREE_GB": "0"}
     # unwritable: the job's folder in the store cannot be created (a file is in the way)
     blocked = submit_job(DIGITS, ["train.epochs=1", *FAST], connection=redis_conn, allow_local_paths=True).job_id
     (tiny_store / "jobs").mkdir()

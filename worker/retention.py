@@ -21,6 +21,7 @@ from pathlib import Path
 
 import redis
 
+from core.runfolder import CHECKPOINTS, LAST_CHECKPOINT
 from worker import keys
 from worker.artifacts import ArtifactStore
 from worker.defaults import (
@@ -36,8 +37,6 @@ from worker.states import JobState
 from worker.storage import job_folders, stored_datasets
 
 DAY = 86400.0
-LAST_CHECKPOINT = "checkpoints/last.pt"
-"""The resume checkpoint, relative to a run folder (core.runfolder.LAST_CHECKPOINT's path)."""
 UPLOADS_KEEP = DAY
 """Dashboard uploads (var/uploads) older than this are removed (submission has copied them into the store)."""
 
@@ -68,7 +67,7 @@ def plan_store(conn: redis.Redis, store: ArtifactStore, now: float | None = None
             continue
         ended_days = _age_days(row["ended_at"], now)
         if row["state"] == JobState.FINISHED and ended_days > RETENTION_CHECKPOINT_DAYS:
-            for key, size, _ in store.listing(f"{run}/checkpoints"):
+            for key, size, _ in store.listing(f"{run}/{CHECKPOINTS}"):
                 if key == f"{run}/{LAST_CHECKPOINT}":
                     out.append(Removal("store", key, f"finished {ended_days:.1f} days ago (over "
                                        f"{RETENTION_CHECKPOINT_DAYS:g}); best.pt and export/ stay", size))

@@ -12,14 +12,12 @@ from typing import Any
 
 import redis
 
+from core.runfolder import CHECKPOINTS
 from worker import keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.diskspace import disk_places, min_free_bytes
 from worker.paths import cache_dir, dataset_cache_dir, extraction_cache_dir, runs_cache_dir, var_dir
 from worker.record import JobRecord
-
-CHECKPOINTS = "checkpoints/"
-"""Run-folder prefix of the checkpoints (core.runfolder's folder name, as a key prefix)."""
 
 
 def folder_bytes(path: Path) -> tuple[int, int]:
@@ -60,7 +58,7 @@ def job_folders(conn: redis.Redis, store: ArtifactStore) -> list[dict[str, Any]]
         row = by_job.setdefault(parts[1], {"job_id": parts[1], "bytes": 0, "checkpoint_bytes": 0, "modified": 0.0})
         row["bytes"] += size
         row["modified"] = max(row["modified"], modified)
-        if parts[3].startswith(CHECKPOINTS):
+        if parts[3].startswith(CHECKPOINTS + "/"):
             row["checkpoint_bytes"] += size
     records = JobRecord.fetch_many(conn, list(by_job), "state", "name", "ended_at")
     for job_id, row in by_job.items():

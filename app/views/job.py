@@ -275,7 +275,7 @@ def draw_results(job: str, s: dict[str, Any]) -> None:
     c[3].metric("Test loss", f"{test['loss']:.4f}" if test.get("loss") is not None else "–")
     c[4].metric("Test images", f"{test.get('n', 0):,}")
     ui.draw_downloads(job, files)
-    if s.get("state") == "finished" and NAMED_ARTIFACTS["onnx"] in files:
+    if s.get("state") == JobState.FINISHED and NAMED_ARTIFACTS["onnx"] in files:
         with st.popover("Register model", icon=":material/deployed_code:"):
             st.text_input("Model name", key="job:model:name", value=(s.get("name") or "model").split(" ")[0].lower(),
                           help="a new version of this model (lower-case letters, digits, . _ -)")

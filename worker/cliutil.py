@@ -1,7 +1,10 @@
 """Small helpers the `python -m worker` subcommand modules share: a checked connection, byte counts, JSON output."""
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -28,3 +31,17 @@ def timestamp(t: float | None) -> str:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def refusing(*errors: type[Exception]) -> Callable[[Callable[[argparse.Namespace], int]],
+                                                  Callable[[argparse.Namespace], int]]:
+    """Wrap a subcommand so that one of `errors` (a refusal: nothing was changed) is one line on stderr and exit 2."""
+    def wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return int(func(args) or 0)
+            except errors as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        return run
+    return wrap

@@ -7,45 +7,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from typing import Any
 
+from worker.cliutil import checked_connection, human_bytes, print_json, refusing, timestamp
 from worker.errors import ArtifactError, DatasetError
 
-
-def _conn() -> Any:
-    from worker.connection import check, connect
-
-    return check(connect())
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _ts(t: float | None) -> str:
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+_refusing = refusing(DatasetError, ArtifactError)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     from worker.datasets import register
 
-    done = register(_conn(), args.name, args.source)
+    done = register(checked_connection(), args.name, args.source)
     v = done.version
     if not done.created:
         print(f"unchanged: {v.ref} already holds this content ({v.source}, hash {v.hash[:12]}); no new version")
     else:
         sampled = v.report.get("sampled")
         how = f", {sampled['images']} sampled images decoded" if sampled else ""
-        print(f"registered {v.ref}: {len(v.classes)} classes, {v.num_images} images, {_size(v.bytes)}{how}; "
+        print(f"registered {v.ref}: {len(v.classes)} classes, {v.num_images} images, {human_bytes(v.bytes)}{how}; "
               f"{'read in place from' if v.kind == 'in_place' else 'uploaded to'} {v.source}")
         for warning in v.report.get("warnings") or []:
             print(f"warning: {warning}")
@@ -59,7 +39,6 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def _prepare(v: Any, size: int | None) -> None:
     """`dataset add --prepare`: the form a job of the default preset would use (worker/datasets/prepared.py)."""
-
     from worker.artifacts import ArtifactStore
     from worker.datasets.prepared import ensure_prepared, input_size, local_copy
 
@@ -72,7 +51,7 @@ def _prepare(v: Any, size: int | None) -> None:
     from core.errors import DataError
 
     try:
-        form = ensure_prepared(_conn(), store, v, size=side, color_mode="RGB",
+        form = ensure_prepared(checked_connection(), store, v, size=side, color_mode="RGB",
                                local_source=lambda: local_copy(store, v), progress=progress)
     except DataError as err:
         raise DatasetError(f"registered {v.ref}, but preparing it failed: {err}") from None
@@ -84,10 +63,10 @@ def _prepare(v: Any, size: int | None) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     from worker.datasets import list_datasets, summary
 
-    conn = _conn()
+    conn = checked_connection()
     rows = [summary(conn, name) for name in list_datasets(conn)]
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     if not rows:
         print("no registered dataset (python -m worker dataset add NAME SOURCE)")
@@ -95,25 +74,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'NAME':<24} {'LATEST':>6} {'VERSIONS':>8} {'CLASSES':>7} {'IMAGES':>8} {'SIZE':>9}  SOURCE")
     for r in rows:
         print(f"{r['name']:<24} {r['latest']:>6} {len(r['versions']):>8} {r['classes']:>7} {r['images']:>8} "
-              f"{_size(r['bytes']):>9}  {r['source']}")
+              f"{human_bytes(r['bytes']):>9}  {r['source']}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from worker.datasets import DatasetRef, dataset_versions, describe, get_version
 
-    conn = _conn()
+    conn = checked_connection()
     ref = DatasetRef.parse(args.ref)
     versions = [get_version(conn, ref)] if ref.version is not None else dataset_versions(conn, ref.name)
     shown = [describe(conn, v) for v in versions]
     if args.json:
-        _print_json(shown[0] if ref.version is not None else {"name": ref.name, "versions": shown})
+        print_json(shown[0] if ref.version is not None else {"name": ref.name, "versions": shown})
         return 0
     for d in shown:
         print(f"{d['ref']}  {'in place' if d['kind'] == 'in_place' else 'uploaded'}  {d['source']}")
         print(f"  hash      {d['hash']}")
-        print(f"  created   {_ts(d['created_at'])}  from {d['origin']}")
-        print(f"  images    {d['num_images']} in {len(d['classes'])} classes, {_size(d['bytes'])}")
+        print(f"  created   {timestamp(d['created_at'])}  from {d['origin']}")
+        print(f"  images    {d['num_images']} in {len(d['classes'])} classes, {human_bytes(d['bytes'])}")
         for name, n in d["counts"].items():
             splits = "  ".join(f"{s} {c.get(name, 0)}" for s, c in (d["counts_by_split"] or {}).items())
             print(f"    {name:<20} {n:>7}" + (f"   ({splits})" if splits else ""))
@@ -131,20 +110,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from worker.datasets import remove
 
-    for v in remove(_conn(), args.ref):
+    for v in remove(checked_connection(), args.ref):
         print(f"removed {v.ref}")
     return 0
-
-
-def _refusing(func: Any) -> Any:
-    """Run a command; a DatasetError (or an artifact-store error) is one line on stderr and exit 2."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args) or 0)
-        except (DatasetError, ArtifactError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return run
 
 
 def add_dataset_commands(sub: Any) -> None:

@@ -9,7 +9,7 @@ import secrets
 import time
 
 from worker.defaults import DATASET_NAME_PATTERN, KEY_PREFIX, MAX_GPUS_PER_JOB, PRIORITIES, QUEUE_PREFIX
-from worker.errors import DatasetError, NoSuchJobError
+from worker.errors import DatasetError, ModelError, NoSuchJobError
 
 JOB_ID_RE = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\Z")
 WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}\Z")
@@ -200,12 +200,17 @@ def sweep_journal(sweep_id: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- datasets
+def _check_name(name: str, what: str, error: type[Exception], example: str) -> str:
+    """`name` if it follows DATASET_NAME_PATTERN (datasets, models and aliases share the rule), else `error`."""
+    if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
+        raise error(f"invalid {what} {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a "
+                    f"letter or digit (e.g. {example})")
+    return name
+
+
 def check_dataset_name(name: str) -> str:
     """The name itself if it is a valid dataset name (DATASET_NAME_PATTERN), else DatasetError saying the rule."""
-    if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
-        raise DatasetError(f"invalid dataset name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', "
-                           "starting with a letter or digit (e.g. flowers-2024)")
-    return name
+    return _check_name(name, "dataset name", DatasetError, "flowers-2024")
 
 
 def _dataset_key(name: str, *parts: str) -> str:
@@ -252,12 +257,7 @@ def gc_claim(scope: str) -> str:
 # ----------------------------------------------------------------------------------------------------------- models
 def check_model_name(name: str, what: str = "model name") -> str:
     """The name itself if valid (the dataset name rule, DATASET_NAME_PATTERN: also for aliases), else ModelError."""
-    from worker.errors import ModelError
-
-    if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
-        raise ModelError(f"invalid {what} {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-', starting "
-                         "with a letter or digit (e.g. flowers-classifier)")
-    return name
+    return _check_name(name, what, ModelError, "flowers-classifier")
 
 
 def _model_key(name: str, *parts: str) -> str:

@@ -3,11 +3,12 @@ worker.models. A refusal prints one line naming what is wrong and exits 2, with 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from worker.cliutil import checked_connection, human_bytes, print_json, timestamp
+from worker.cliutil import checked_connection, human_bytes, print_json, refusing, timestamp
 from worker.errors import ArtifactError, ModelError
+
+_refusing = refusing(ModelError, ArtifactError)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -127,16 +128,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     dep = stop(checked_connection(), args.id)
     print(f"deployment {dep.id} stopped (its servers end within seconds)")
     return 0
-
-
-def _refusing(func: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args) or 0)
-        except (ModelError, ArtifactError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return run
 
 
 def add_model_commands(sub: Any) -> None:

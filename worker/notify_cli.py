@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from worker.cliutil import checked_connection, print_json, timestamp
+from worker.cliutil import checked_connection, print_json, refusing, timestamp
+from worker.notify import HookError
+
+_refusing = refusing(HookError)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -56,18 +58,6 @@ def cmd_log(args: argparse.Namespace) -> int:
         print(f"{timestamp(r['at'])}  {r['event']:<16} {r.get('id') or '':<24} try {r['attempt']}  "
               f"{'ok' if r['ok'] else 'failed'} {r['status'] or ''} {r['error'] or ''}")
     return 0
-
-
-def _refusing(func: Any) -> Any:
-    from worker.notify import HookError
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args) or 0)
-        except HookError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return run
 
 
 def add_notify_commands(sub: Any) -> None:

@@ -66,6 +66,8 @@ def model_card(run: Run, export: dict[str, Any]) -> str:
         (f"- Dataset: {cfg.data.name}{f' ({cfg.data.path})' if cfg.data.path else ''}; split train/val/test "
         f"{counts.get('train', '?')}/{counts.get('val', '?')}/{counts.get('test', '?')} images "
         f"(fractions {cfg.data.split}, seed {cfg.train.seed})."),
+        *([(f"- Registered dataset: `{cfg.data.dataset}` (content hash "
+             f"`{(cfg.track.tags or {}).get('dataset_hash', '?')}`).")] if cfg.data.dataset else []),
         f"- Skipped unreadable files: {len(report.get('skipped_files', []))}.", "",
         "## Training", "",
         (f"- Model `{cfg.model.name}` (pretrained: {cfg.model.pretrained}, freeze: {cfg.model.freeze}), "

@@ -77,10 +77,26 @@ class LoadedModel:
         return [[{"label": self.labels[int(j)], "prob": float(p[j])} for j in row] for p, row in zip(probs, order)]
 
 
+def session_options() -> Any:
+    """ONNX Runtime's options for a served model: its intra-op threads sleep between runs instead of spinning.
+
+    Spinning (ORT's default) keeps every core busy-waiting after each run; in a server those cores are the ones the
+    HTTP side needs to parse the next requests, and on a shared machine they are other programs' too. Measured on
+    2 loaded cores with ResNet-18 at 16 px (FP32, batch 1): 23.7 ms per run spinning, 11.8 ms not (docs/benchmarks.md
+    "Serving")."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def load(version: ModelVersion, store: ArtifactStore, *, use_gpu: bool = False) -> LoadedModel:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(store.read_key(version.key(version.deploy)), providers=providers(use_gpu))
+    session = ort.InferenceSession(store.read_key(version.key(version.deploy)), sess_options=session_options(),
+                                   providers=providers(use_gpu))
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
     channels = 1 if version.preprocess.get("color_mode") == "L" else 3
     h, w = version.preprocess["input_size"]

@@ -17,6 +17,7 @@ from tests.bench import (
     inference,
     memory,
     multinode,
+    serving,
     streaming,
     submit,
     sweep,
@@ -28,7 +29,7 @@ from tests.bench.harness import Row, Section, guard, log, machine, na, table, wr
 from tests.bench.processes import redis_server, worker_available
 
 SECTIONS: tuple[Section, ...] = tuple(m.SECTION for m in (
-    training, streaming, submit, multinode, dashboard, sweep, viewers, inference, digits, transfer, memory, gpu))
+    training, streaming, submit, multinode, dashboard, sweep, viewers, inference, digits, transfer, memory, serving, gpu))
 """Every family in the order of the table (its row numbers)."""
 
 

@@ -13,8 +13,8 @@ The model: ResNet-18 with the small-image stem at 16×16 RGB, trained one epoch 
 batching matters for it: its compute per sample (~10 ms on this CPU) dwarfs the server's per-request cost, and ONNX
 Runtime runs a batch of 32 in about half the time per sample of 32 single runs (its last stages see 2×2 and 4×4
 feature maps: matrix products far too thin at batch 1); while a request stays small (768 floats, ~15 KB of JSON), so
-JSON does not dominate. The INT8 file the export would otherwise recommend gains less from batching (≈1.3× per
-sample), and a tiny model (simple_cnn) is the other extreme: the request's JSON costs more than the model.
+JSON does not dominate. The INT8 file the export would otherwise recommend gains less from batching (1.0–1.5× per
+sample here), and a tiny model (simple_cnn) is the other extreme: the request's JSON costs more than the model.
 
 Beside throughput, the servers' own CPU per request (user + system of the process tree over each ab run): on a shared
 machine the requests/s follow the CPU share the scheduler gives the server, the CPU per request follows the work.

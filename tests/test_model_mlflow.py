@@ -90,6 +90,8 @@ def test_versions_and_aliases_appear_in_mlflow(mlflow_url: str, redis_conn: Any,
     m2 = shown("digits:2", env)["mlflow"]
     assert m2["run_id"] == job_run and m2["version"] == m1["version"] + 1
     assert client.get_model_version("digits", str(m2["version"])).run_id == job_run
+    text = model(["show", "digits:2"], env)
+    assert f"mlflow {m2['uri']} at {mlflow_url}" in text.stdout
 
     # aliases follow: set, moved, deleted
     assert model(["alias", "digits", "production", "1"], env).returncode == 0

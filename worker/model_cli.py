@@ -73,6 +73,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  dataset {v['dataset'] or '-'}  serves {v['deploy']}: {v['deploy_reason']}")
         print("  metrics " + ", ".join(f"{k} {val:.4g}" for k, val in v["metrics"].items() if val is not None))
         print("  files " + ", ".join(f"{f} ({human_bytes(n)})" for f, n in v["files"].items()))
+        if v.get("mlflow"):
+            print(f"  mlflow {v['mlflow']['uri']} at {v['mlflow']['tracking_uri']}")
     return 0
 
 

@@ -25,6 +25,10 @@ Rows (and the target each is held to):
    a running job's page, the jobs page and the workers page, side by side with N = 0: ≤ 0.6 (1 % of a core).
 10. transfer: a frozen-backbone Lite0 job on 400 photo-like images, feature cache vs the current path, whole
    `python -m core.train` time at 3 and 10 epochs (≥ 4× at 10) and the val accuracy of both.
+11. serving (tests/bench/serving.py): one ONNX model served by `python -m worker serve` with and without batching and
+   by `mlflow models serve`, throughput and p50/p99 at 1, 8 and 32 ab clients: batching ≥ 3× MLflow and ≥ 2× no
+   batching at 32 clients; p50 at 1 client within 2 ms of ONNX Runtime in-process; an alias moved under load answered
+   by the new version within 2 s, no request failed.
 On a CUDA machine GPU rows are added (SimpleCNN and ResNet-18 at 32 px, bf16, channels_last, tensor cache on the GPU vs
 the classic pipeline). Rows whose prerequisites are missing say "n/a" and why; no number is ever estimated.
 """

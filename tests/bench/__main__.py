@@ -17,6 +17,7 @@ from tests.bench import (
     inference,
     memory,
     multinode,
+    serving,
     shards,
     streaming,
     submit,
@@ -30,7 +31,7 @@ from tests.bench.processes import redis_server, worker_available
 
 SECTIONS: tuple[Section, ...] = tuple(m.SECTION for m in (
     training, streaming, submit, multinode, dashboard, sweep, viewers, inference, digits, transfer, memory, shards,
-    gpu))
+    serving, gpu))
 """Every family in the order of the table (its row numbers)."""
 
 

@@ -22,6 +22,7 @@ from worker import keys, notify
 from worker.artifacts import ArtifactStore
 from worker.errors import ArtifactError, ModelError, NoSuchModelError
 from worker.hashcodec import decode_reply
+from worker.models import mlflow_mirror
 from worker.record import JobRecord
 from worker.states import JobState
 
@@ -186,6 +187,10 @@ def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore 
     except (OSError, ArtifactError) as err:
         store.remove_folder(version.folder)
         raise ModelError(f"cannot copy job {job_id}'s files into the artifact store {store.url}: {err}") from None
+    target = mlflow_mirror.target_for(store, job_id)
+    if target is not None:
+        mirrored = mlflow_mirror.mirror_version(version, store, target)
+        version.mlflow = dataclasses.asdict(mirrored) if mirrored else None
     with conn.pipeline() as pipe:
         pipe.hset(keys.model_versions(name), str(number), json.dumps(dataclasses.asdict(version)))
         pipe.zadd(keys.models_index(), {name: version.created_at}, nx=True)
@@ -197,11 +202,15 @@ def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore 
 
 
 def set_alias(conn: redis.Redis, name: str, alias: str, version: int) -> int | None:
-    """Point `alias` at `version` of `name`; returns the version it pointed at before (None when new)."""
+    """Point `alias` at `version` of `name` (and in MLflow, when the version was mirrored there); returns the version
+    it pointed at before (None when new)."""
     keys.check_model_name(alias, "alias")
     target = resolve(conn, ModelRef(name, int(version)))
     before = conn.hget(keys.model_aliases(name), alias)
     conn.hset(keys.model_aliases(name), alias, target.version)
+    mirrored = mlflow_mirror.MlflowRecord.from_dict(target.mlflow)
+    if mirrored:
+        mlflow_mirror.mirror_alias(mirrored, alias)
     previous = int(before) if before is not None else None
     if previous != target.version:
         notify.emit(conn, "alias.moved", {"model": name, "alias": alias, "version": target.version,
@@ -210,8 +219,11 @@ def set_alias(conn: redis.Redis, name: str, alias: str, version: int) -> int | N
 
 
 def remove_alias(conn: redis.Redis, name: str, alias: str) -> None:
-    resolve(conn, ModelRef(name, alias=alias))
+    target = resolve(conn, ModelRef(name, alias=alias))
     conn.hdel(keys.model_aliases(name), alias)
+    mirrored = mlflow_mirror.MlflowRecord.from_dict(target.mlflow)
+    if mirrored:
+        mlflow_mirror.delete_alias(mirrored, alias)
 
 
 def remove(conn: redis.Redis, ref: str, *, store: ArtifactStore | None = None,

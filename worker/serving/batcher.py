@@ -33,14 +33,17 @@ class DynamicBatcher:
         self.pool = pool
         """Where batches run: one thread shared by every batcher of a server (one model run at a time)."""
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
+        """Requests in arrival order; None is retire()'s wake-up call."""
+        self._wakeups = 0
+        """Wake-up calls (None) in the queue."""
         self._carry: _Request | None = None
         self._task: asyncio.Task[None] | None = None
         self._retired = False
 
     def depth(self) -> int:
         """Requests waiting for a batch."""
-        return self._queue.qsize() + (self._carry is not None)
+        return self._queue.qsize() - self._wakeups + (self._carry is not None)
 
     async def run(self, x: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -51,28 +54,40 @@ class DynamicBatcher:
         return await future
 
     def retire(self) -> None:
-        """Serve what is queued, then stop (a newer batcher takes new requests)."""
+        """Serve what is queued, then stop (a newer batcher takes new requests).
+
+        The loop is woken with None rather than cancelled: a request that took this batcher just before the swap may
+        still queue here after retire(), and a cancelled loop that had not yet ended would leave it waiting forever
+        (run() restarts only a loop that is done). The loop ends only on an empty queue; a later request restarts it."""
         self._retired = True
-        if self._task is not None and self._queue.empty() and self._carry is None:
-            self._task.cancel()
+        self._wakeups += 1
+        self._queue.put_nowait(None)
 
     async def _next(self, timeout: float | None) -> _Request | None:
+        """The next request; None on a timeout, an empty queue (timeout 0) or retire()'s wake-up call."""
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
         if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            return self._queue.get_nowait() if not self._queue.empty() else None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+            item = await self._queue.get()
+        elif timeout <= 0:
+            if self._queue.empty():
+                return None
+            item = self._queue.get_nowait()
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
+        if item is None:
+            self._wakeups -= 1
+        return item
 
     async def _gather(self) -> list[_Request]:
         loop = asyncio.get_running_loop()
         first = await self._next(None)
-        assert first is not None
+        if first is None:  # retire() woke us: _serve decides whether to stop
+            return []
         items, n = [first], len(first.x)
         deadline = loop.time() + self.max_delay
         while n < self.max_batch:

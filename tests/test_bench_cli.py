@@ -27,7 +27,7 @@ def test_help_names_every_section() -> None:
         assert option in res.stdout
     assert "comma-separatedsections:" + ",".join(s.name for s in SECTIONS) in flat
     assert {"training", "streaming", "submit", "multinode", "dashboard", "sweep", "viewers", "inference", "digits",
-            "transfer", "memory", "shards", "gpu"} == {s.name for s in SECTIONS}
+            "transfer", "memory", "shards", "serving", "gpu"} == {s.name for s in SECTIONS}
 
 
 def test_only_memory_prints_the_table_and_writes_json_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -25,7 +25,10 @@ Rows (and the target each is held to):
    a running job's page, the jobs page and the workers page, side by side with N = 0: ≤ 0.6 (1 % of a core).
 10. transfer: a frozen-backbone Lite0 job on 400 photo-like images, feature cache vs the current path, whole
    `python -m core.train` time at 3 and 10 epochs (≥ 4× at 10) and the val accuracy of both.
-11. serving (tests/bench/serving.py): one ONNX model served by `python -m worker serve` with and without batching and
+11. shards (tests/bench/shards.py): a dataset beyond the tensor cache read from prepared shards vs the tensor cache
+   (whole-epoch images/s ≥ 0.95), the data path alone per core (≥ 2,000 img/s) beside the PIL DataLoader, peak RSS
+   of training at 8× vs 1× data.cache_max_mb (≤ 1.10), prepare images/s and bytes per image (raw and JPEG).
+12. serving (tests/bench/serving.py): one ONNX model served by `python -m worker serve` with and without batching and
    by `mlflow models serve`, throughput and p50/p99 at 1, 8 and 32 ab clients: batching ≥ 3× MLflow and ≥ 2× no
    batching at 32 clients; p50 at 1 client within 2 ms of ONNX Runtime in-process; an alias moved under load answered
    by the new version within 2 s, no request failed.

@@ -59,6 +59,15 @@ TOKEN_VAR = "TRAINER_TEST_TOKEN"
 """Environment variable marking every process a test started (inherited by workers, guards, ranks)."""
 
 
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits run folder trained and exported by `python -m core.train` once per session (tests/fixtures_runs.py):
+    what the model registry, serving and deployment tests register."""
+    from tests.fixtures_runs import digits_run_exported
+
+    return digits_run_exported(tmp_path_factory)[0]
+
+
 @pytest.fixture
 def test_token() -> str:
     return secrets.token_hex(8)

@@ -5,16 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.fixtures_app import open_page, seed_finished_job, texts
-from tests.fixtures_runs import digits_run_exported
 from worker import api
-
-
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run_exported(tmp_path_factory)[0]
 
 
 def test_register_from_the_job_page_then_alias_and_deploy_on_the_models_page(redis_conn: Any, job_env: dict[str, str],

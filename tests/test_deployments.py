@@ -9,17 +9,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.fixtures_app import open_page, seed_finished_job
-from tests.fixtures_runs import digits_run_exported
 from tests.fixtures_worker import run_cli, wait_for
 from tests.test_serving import call, ready
-
-
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run_exported(tmp_path_factory)[0]
 
 
 def deployments(env: dict[str, str]) -> list[dict[str, Any]]:

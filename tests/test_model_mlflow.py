@@ -15,31 +15,15 @@ import pytest
 
 from tests.conftest import free_port
 from tests.fixtures_app import seed_finished_job
-from tests.fixtures_runs import digits_run_exported
-from tests.fixtures_worker import run_cli
+from tests.test_model_registry import model, shown
 from tests.test_tracking import mlflow_server
 from worker.artifacts import ArtifactStore
-
-
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run_exported(tmp_path_factory)[0]
 
 
 @pytest.fixture(scope="module")
 def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with mlflow_server(tmp_path_factory.mktemp("mlflow_registry"), free_port()) as url:
         yield url
-
-
-def model(args: list[str], env: dict[str, str]) -> Any:
-    return run_cli(["worker", "model", *args], env)
-
-
-def shown(ref: str, env: dict[str, str]) -> Any:
-    res = model(["show", ref, "--json"], env)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
 
 
 def test_an_unreachable_mlflow_server_never_fails_registration(redis_conn: Any, job_env: dict[str, str],

@@ -6,18 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.fixtures_app import seed_finished_job, seed_running_job
-from tests.fixtures_runs import digits_run_exported
 from tests.fixtures_worker import run_cli
 from worker import api
 from worker.artifacts import ArtifactStore
-
-
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run_exported(tmp_path_factory)[0]
 
 
 def model(args: list[str], env: dict[str, str]) -> Any:

@@ -8,11 +8,8 @@ is served within seconds with no request failing.
 """
 from __future__ import annotations
 
-import io
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,19 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from core.predict_template import classify, create_session, preprocess_image
 from tests.conftest import free_port
 from tests.fixtures_app import seed_finished_job
-from tests.fixtures_runs import digits_run_exported
 from tests.fixtures_worker import run_cli, wait_for
-
-
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run_exported(tmp_path_factory)[0]
 
 
 def call(url: str, body: bytes | None = None, *, headers: dict[str, str] | None = None,
@@ -155,7 +145,7 @@ def test_the_protocol_classify_and_bad_requests(redis_conn: Any, job_env: dict[s
                      b"Content-Length: 900000000\r\n\r\n{")
         assert b" 413 " in sock.recv(4096).split(b"\r\n", 1)[0] + b" "
     assert proc.poll() is None and call(base + "/v2/health/ready")[0] == 200
-    status, text = call(base + "/metrics")
+    _, text = call(base + "/metrics")
     assert status == 200 and 'inference_requests_total{route="infer",status="400"} 6.0' in text
     assert "inference_batch_size_count" in text and "inference_queue_depth" in text
 
@@ -210,7 +200,7 @@ def test_batching_and_an_alias_moved_under_load(redis_conn: Any, job_env: dict[s
     assert not failed, failed[:3]
     assert first_v2 - moved_at < 5.0  # the CLI's own start-up (~1-2 s here) is inside this window
     assert all(v == "2" for t, _, v in results if t > first_v2 + 1.0)
-    status, text = call(base + "/metrics")
+    _, text = call(base + "/metrics")
     count = float(text.split("inference_batch_size_count ")[1].split()[0])
     total = float(text.split("inference_batch_size_sum ")[1].split()[0])
     assert total == len(results) and count < total  # 8 clients, 20 ms window: batches of several requests

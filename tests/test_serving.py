@@ -165,6 +165,7 @@ def test_a_server_off_loopback_needs_its_token(redis_conn: Any, job_env: dict[st
     assert call(base + "/v2/models/digits", headers={"Authorization": f"Bearer {token}"})[0] == 200
 
 
+@pytest.mark.slow  # a minute of load; `python -m tests.bench --only serving` measures the same move under ab
 def test_batching_and_an_alias_moved_under_load(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                                exported_run: Path) -> None:
     registered(redis_conn, job_env, exported_run)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.fixtures_app import TEST_WORKER, seed_running_job, submit_digits
-from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 from tests.fixtures_worker import DIGITS, make_imagefolder, run_cli
+from tests.test_full_disk import small_disk  # noqa: F401 - a fixture
 from worker import keys
 from worker.artifacts import ArtifactStore
 from worker.queues import discard_rq_job
@@ -114,7 +114,7 @@ def test_the_embedded_redis_has_a_ceiling_and_evicts_nothing(redis_conn: Any) ->
 
 
 def test_a_worker_on_a_full_disk_takes_no_job_until_space_is_freed(redis_conn: Any, job_env: dict[str, str],
-                                                                   spawn: Any, small_disk: Path) -> None:
+                                                                   spawn: Any, small_disk: Path) -> None:  # noqa: F811
     """The worker's var/ on a 256 KiB tmpfs (tests/test_full_disk.py), filled: it advertises `low disk` and leaves
     the job queued; once the filler is deleted it takes the job and finishes it."""
     from tests.fixtures_worker import wait_for

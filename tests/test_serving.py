@@ -146,7 +146,7 @@ def test_the_protocol_classify_and_bad_requests(redis_conn: Any, job_env: dict[s
                      b"Content-Length: 900000000\r\n\r\n{")
         assert b" 413 " in sock.recv(4096).split(b"\r\n", 1)[0] + b" "
     assert proc.poll() is None and call(base + "/v2/health/ready")[0] == 200
-    _, text = call(base + "/metrics")
+    status, text = call(base + "/metrics")
     assert status == 200 and 'inference_requests_total{route="infer",status="400"} 6.0' in text
     assert "inference_batch_size_count" in text and "inference_queue_depth" in text
 

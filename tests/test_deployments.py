@@ -11,7 +11,7 @@ from typing import Any
 
 from tests.fixtures_app import open_page, seed_finished_job
 from tests.fixtures_worker import run_cli, wait_for
-from tests.test_serving import call, ready
+from tests.test_serving import call, multipart, ready
 
 
 def deployments(env: dict[str, str]) -> list[dict[str, Any]]:
@@ -46,11 +46,15 @@ def test_deploy_survive_a_dead_worker_and_undeploy(redis_conn: Any, job_env: dic
     res = run_cli(["worker", "model", "rm", "digits:1"], job_env)
     assert res.returncode == 2 and f"served by deployment {dep_id}" in res.stderr
 
-    at = open_page("try", {"job": job_id})  # Try it: the job's test samples, here and through the deployment
-    here = [t.value for t in at.markdown if t.value.startswith("Prediction:")]
+    at = open_page("try", {"job": job_id})  # Try it: the job's test samples, through the deployment
+    shown = [s["image"] for s in json.loads((exported_run / "report.json").read_text())["samples"]]
     at.radio(key="try:runner").set_value(next(o for o in at.radio(key="try:runner").options if dep_id in o)).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert here and [t.value for t in at.markdown if t.value.startswith("Prediction:")] == here
+    via_page = [t.value for t in at.markdown if t.value.startswith("Prediction:")]
+    body_files, headers = multipart([(Path(n).name, (exported_run / n).read_bytes()) for n in shown[:len(via_page)]])
+    _, direct = call(live["url"] + "/v2/models/digits/classify", body_files, headers={**headers, **auth})
+    assert via_page and via_page == [f"Prediction: **{r['top'][0]['label']}** ({r['top'][0]['prob']:.1%})"
+                                     for r in direct]  # the deployment's answers (it may serve the INT8 file)
 
     spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "host-b"], job_env,
                  name="host-b")

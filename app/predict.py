@@ -4,7 +4,6 @@ serves), with the preprocessing of the exported `predict.py` (core/predict_templ
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from typing import Any
 
@@ -12,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from core import runfolder as rf
-from core.predict_template import classify, draft_for, preprocess_image
+from core.images import ImageRejected, open_image
+from core.predict_template import classify, preprocess_image
 
 
 @dataclasses.dataclass
@@ -35,29 +35,6 @@ def load_classifier(job_id: str, *, store: Any = None) -> Classifier:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     return Classifier(session=session, labels=labels, preprocess=pp,
                       input_name=pp.get("input_name") or session.get_inputs()[0].name)
-
-
-class ImageRejected(ValueError):
-    """An image that cannot be classified (unreadable, too many pixels); the message says why."""
-
-
-def open_image(data: bytes, *, max_pixels: int | None = None, preprocess: dict[str, Any] | None = None
-               ) -> Image.Image:
-    """Decode uploaded bytes (size checked before decoding: a decompression bomb is refused, not decoded); with the
-    model's `preprocess`, a large JPEG decodes at a reduced scale (draft_for: only what the model's input needs)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if max_pixels and w * h > max_pixels:
-                raise ImageRejected(f"{w}×{h} pixels is more than the limit of {max_pixels:,}")
-            if preprocess is not None:
-                draft_for(img, preprocess)
-            img.load()
-            return img
-    except ImageRejected:
-        raise
-    except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad files; the user needs the reason
-        raise ImageRejected(f"not a readable image ({type(err).__name__}: {err})") from None
 
 
 def top_k(clf: Classifier, images: list[Image.Image], k: int = 5) -> list[list[dict[str, Any]]]:

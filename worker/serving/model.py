@@ -6,13 +6,12 @@ TensorRT, where present) execution providers when the machine has them, else the
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from core.images import ImageRejected, open_image
 from core.predict_template import preprocess_image, softmax
 from worker.artifacts import ArtifactStore
 from worker.models import ModelVersion
@@ -59,18 +58,13 @@ class LoadedModel:
                            f"{', '.join(map(str, self.input_shape))}] (preprocess.json: input_size, color_mode)")
 
     def image_tensor(self, data: bytes, filename: str, max_pixels: int) -> np.ndarray:
-        """One uploaded image as the model's C×H×W input (predict.py's preprocessing); BadInput when unusable."""
+        """One uploaded image as the model's C×H×W input (predict.py's preprocessing, decoded as Try it decodes:
+        core.images.open_image); BadInput naming the file when unusable."""
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise BadInput(f"{filename}: {w}×{h} pixels is more than the limit of {max_pixels:,}")
-                img.load()
-                return preprocess_image(img, self.version.preprocess)
-        except BadInput:
-            raise
-        except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad files; the client needs the reason
-            raise BadInput(f"{filename}: not a readable image ({type(err).__name__})") from None
+            img = open_image(data, max_pixels=max_pixels, preprocess=self.version.preprocess)
+        except ImageRejected as err:
+            raise BadInput(f"{filename}: {err}") from None
+        return preprocess_image(img, self.version.preprocess)
 
     def top_k(self, logits: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         probs = softmax(logits)

@@ -134,7 +134,12 @@ def create_session(model_path: str | Path) -> Any:
 
 def classify(session: Any, batch: np.ndarray, labels: list[str], top_k: int, input_name: str) -> list[list[dict]]:
     """Top-k {"label", "prob"} lists, one per row of a float32 N×C×H×W batch."""
-    probs = softmax(session.run(None, {input_name: batch})[0].astype(np.float64))
+    return top_labels(session.run(None, {input_name: batch})[0], labels, top_k)
+
+
+def top_labels(logits: np.ndarray, labels: list[str], top_k: int) -> list[list[dict]]:
+    """Top-k {"label", "prob"} lists, one per row of an N×K logits array (most likely first)."""
+    probs = softmax(logits.astype(np.float64))
     k = max(1, min(top_k, probs.shape[1]))
     out = []
     for row in probs:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from core.images import ImageRejected, open_image
-from core.predict_template import preprocess_image, softmax
+from core.predict_template import preprocess_image, top_labels
 from worker.artifacts import ArtifactStore
 from worker.models import ModelVersion
 
@@ -67,9 +67,7 @@ class LoadedModel:
         return preprocess_image(img, self.version.preprocess)
 
     def top_k(self, logits: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
-        probs = softmax(logits)
-        order = np.argsort(-probs, axis=1)[:, :k]
-        return [[{"label": self.labels[int(j)], "prob": float(p[j])} for j in row] for p, row in zip(probs, order)]
+        return top_labels(logits, self.labels, k)
 
 
 def session_options() -> Any:

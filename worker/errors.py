@@ -61,3 +61,12 @@ class ModelError(WorkerError):
 
 class NoSuchModelError(ModelError):
     """No registered model, version or alias has this name; the message lists what exists."""
+
+
+class PermissionDeniedError(WorkerError):
+    """The acting user's role (or ownership, or per-user limit) does not allow this; nothing was changed. CLI exit 3.
+    The message names the user, the role and what would allow it."""
+
+
+class UserError(WorkerError):
+    """A user-management request was refused (bad name or role, no such user, unknown token); CLI exit 2."""

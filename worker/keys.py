@@ -314,3 +314,19 @@ def deployment(dep_id: str) -> str:
 def deployment_hosts(dep_id: str) -> str:
     """HASH replica index → JSON {worker, state, url, pid, version_ref, error, since}: who serves each replica."""
     return _key("deployment", dep_id, "hosts")
+
+
+# ------------------------------------------------------------------------------------------------- users and audit
+def users() -> str:
+    """HASH user name → JSON of worker/users.py `User` (role, e-mail, limits, token hash, created_at)."""
+    return _key("users")
+
+
+def user_tokens() -> str:
+    """HASH sha256 of a user's token → user name: how a CLI or dashboard token finds its user (tokens are not kept)."""
+    return _key("user-tokens")
+
+
+def audit() -> str:
+    """STREAM of the audit log (field `entry`: JSON of worker/audit.py `AuditEntry`), capped at AUDIT_MAXLEN."""
+    return _key("audit")

@@ -72,3 +72,10 @@ def test_audit_log_records_and_exports_json_lines(redis_conn):
     assert audit.export_jsonl(redis_conn, out, actor="ada") == 1
     line = json.loads(out.getvalue())
     assert line["action"] == "job.submit" and line["source"] == "dashboard"
+
+
+def test_a_call_without_an_actor_gets_no_power_once_users_exist(redis_conn):
+    assert users.acting(redis_conn, None) is users.OPERATOR_ACTOR
+    users.add_user(redis_conn, "ada", "admin")
+    with pytest.raises(PermissionDeniedError, match="no acting user"):
+        users.acting(redis_conn, None)

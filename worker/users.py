@@ -324,3 +324,13 @@ def cli_actor(conn: redis.Redis) -> Actor:
     raise PermissionDeniedError(f"this service has users: say who you are with {TOKEN_ENV}=... or "
                                 "`python -m worker login TOKEN` (an admin makes a user: python -m worker user add NAME "
                                 "--role submitter)")
+
+
+def acting(conn: redis.Redis, actor: Actor | None) -> Actor:
+    """The actor a change is made by: `actor` itself, or with none given the admin `operator` while no user exists.
+    With users and no actor, PermissionDeniedError: a caller that forgot to say who acts never gets admin power."""
+    if actor is not None:
+        return actor
+    if not any_users(conn):
+        return OPERATOR_ACTOR
+    raise PermissionDeniedError("this service has users: the request must say who makes it (no acting user given)")

@@ -49,6 +49,15 @@ UPLOAD_MAX_MB_ENV = "DASHBOARD_MAX_UPLOAD_MB"
 UPLOAD_MAX_MB = 500
 """Default largest dataset zip, in MB (Streamlit keeps an upload in memory; bigger sets: `python -m worker submit`)."""
 
+DOWNLOAD_CHUNK_BYTES = 1024**2
+"""Bytes the download route (app/downloads.py) reads and sends at a time: what the server holds per download."""
+
+DOWNLOAD_GRANT_SECONDS = 3600.0
+"""Seconds a download link drawn on a page stays valid (a page redrawn with half of it left gets a fresh link)."""
+
+DOWNLOAD_GRANTS_MAX = 10_000
+"""Most download links a server process remembers; the oldest is forgotten first."""
+
 IMAGE_UPLOAD_MAX_MB = 20
 """Largest single image the Try it page accepts, in MB."""
 

@@ -71,8 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.worker import TrainerWorker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from worker.memlimit import describe_limit, job_memory_limit
+
     try:
         resources = detect(args.gpus, cpu=args.cpu, slots=args.slots)
+        memory_limit = job_memory_limit()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -87,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            advertise_addr=addr)
     what = (f"GPU(s) {', '.join(str(g['index']) + ' ' + str(g['name']) for g in resources['gpus'])}"
             if resources["kind"] == "gpu" else f"CPU only, {resources['slots']} slot(s)")
-    print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}; address {addr}", flush=True)
+    print(f"worker {worker.name}: {what}; Redis {redact(url)}; artifacts {store.url}; address {addr}; memory bound "
+          f"{describe_limit(memory_limit)}", flush=True)
     worker.work(burst=args.burst, logging_level="INFO")
     return 0
 

@@ -215,5 +215,6 @@ def open_artifact(job_id: str, name: str, *, store: ArtifactStore | None = None)
 
 
 def read_artifact(job_id: str, name: str, *, store: ArtifactStore | None = None) -> bytes:
-    """The bytes of one artifact (what a download button serves)."""
+    """The bytes of one artifact, whole in memory: for small files (report, labels, images, the model Try it loads).
+    Downloads stream `open_artifact` instead (app/downloads.py)."""
     return (store or ArtifactStore()).read_bytes(job_id, name)

@@ -40,6 +40,7 @@ from worker.defaults import (
 )
 from worker.errors import ArtifactError, JobFailed
 from worker.launcher import Launched, Rendezvous, train_command, train_env
+from worker.memlimit import MemoryExceeded, MemoryWatch
 from worker.nodes import NodeState
 from worker.outcome import AttemptResult, Outcome, last_words
 from worker.record import JobRecord, claim_for_requeue, mark_final, mark_started
@@ -84,12 +85,13 @@ class Prepared:
 @dataclasses.dataclass(frozen=True)
 class CommandEnd:
     """How the training command ended: what stopped it (None: it exited by itself), its exit code, how long it ran,
-    and the pruner's reason when a sweep's pruner stopped it."""
+    the pruner's reason when a sweep's pruner stopped it, and the memory it held when its memory bound did."""
 
     stopped_by: Outcome | None
     exit_code: int | None
     seconds: float
     prune_reason: str | None = None
+    memory: MemoryExceeded | None = None
 
 
 class Attempt:
@@ -252,7 +254,8 @@ class Attempt:
             syncer = threading.Thread(target=self._syncer, args=(stop_sync,), daemon=True, name="artifact-sync")
             syncer.start()
         timeout = self.record.timeout
-        outcome, prune_reason, rc = None, None, None
+        memory = MemoryWatch(proc.pid, self.ctx.memory_limit)
+        outcome, prune_reason, over, rc = None, None, None, None
         try:
             while (rc := proc.poll()) is None:
                 outcome = Outcome.SHUTDOWN if self.ctx.shutdown.is_set() else self.poll_flags()
@@ -260,12 +263,14 @@ class Attempt:
                     outcome = Outcome.PRUNE
                 if outcome is None and timeout and time.monotonic() - started > float(timeout):
                     outcome = Outcome.TIMEOUT
+                if outcome is None and (over := memory.poll()) is not None:
+                    outcome = Outcome.MEMORY
                 if outcome is not None:
                     self.note({Outcome.CANCEL: "cancel requested", Outcome.LOST: "the job was taken over or deleted",
                                Outcome.TIMEOUT: f"time limit of {float(timeout or 0):g} s exceeded",
-                               Outcome.SHUTDOWN: "worker shutting down", Outcome.PRUNE: str(prune_reason)}[outcome]
-                              + ": stopping every rank")
-                    rc = proc.stop(TERMINATE_GRACE)
+                               Outcome.SHUTDOWN: "worker shutting down", Outcome.PRUNE: str(prune_reason),
+                               Outcome.MEMORY: over.message() if over else ""}[outcome] + ": stopping every rank")
+                    rc = proc.stop(0.0 if outcome is Outcome.MEMORY else TERMINATE_GRACE)  # memory: no grace to grow
                     break
                 time.sleep(CANCEL_POLL_INTERVAL)
         except BaseException as exc:  # cold shutdown (second Ctrl-C) or a bug: never leave ranks behind
@@ -285,7 +290,7 @@ class Attempt:
         seconds = round(time.monotonic() - started, 1)
         if outcome is None and rc not in (0, None):
             outcome = self.after_failed_exit(rc)
-        return CommandEnd(outcome, rc, seconds, prune_reason)
+        return CommandEnd(outcome, rc, seconds, prune_reason, over)
 
     def conclude(self, end: CommandEnd) -> AttemptResult:
         """The final state from how the command ended, said in the log and the run folder, then recorded."""
@@ -306,6 +311,9 @@ class Attempt:
             state, fields["error_kind"] = JobState.FAILED, "Timeout"
             limit = float(self.record.timeout or 0)
             fields["error"] = msg = f"timed out: the job exceeded its time limit of {limit:g} s"
+        elif end.stopped_by is Outcome.MEMORY and end.memory is not None:
+            state, fields["error_kind"], fields["error"] = JobState.FAILED, "OutOfMemory", end.memory.message()
+            msg = f"failed after {seconds:g} s: {fields['error']}"
         elif rc == 0:
             state, fields["error"], msg = JobState.FINISHED, None, f"finished in {seconds:g} s"
             fields.update(self._fields_from_report())
@@ -326,7 +334,7 @@ class Attempt:
     def finish(self, state: JobState, why: Outcome | None = None, **fields: Any) -> AttemptResult:
         """Record the final state with `fields` (error, error_kind, exit_code, ...), the artifacts and, unless it
         finished, the log's tail. A job taken over meanwhile keeps the state it has (the result says which)."""
-        self.on_stage(NodeState(state), exit_code=fields.get("exit_code"))
+        self.on_stage(NodeState(state), exit_code=fields.get("exit_code"), error=fields.get("error"))
         said = {k: fields.get(k) for k in ("error", "error_kind", "exit_code")}
         if not self.primary:
             return AttemptResult(self.job_id, state, why, **said, primary=False)

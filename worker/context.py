@@ -14,6 +14,7 @@ import redis
 from worker.artifacts import ArtifactStore
 from worker.connection import connection_url
 from worker.launcher import WarmTrainer
+from worker.memlimit import job_memory_limit
 
 
 @dataclasses.dataclass
@@ -32,6 +33,8 @@ class WorkerContext:
     """The pre-started one-rank trainer (None: every run starts cold)."""
     advertise_addr: str = "127.0.0.1"
     """The address other machines reach this worker at (node 0 of a multi-node job hosts the rendezvous there)."""
+    memory_limit: int | None = dataclasses.field(default_factory=job_memory_limit)
+    """Bytes a job's process tree may hold (JOB_MEMORY_LIMIT_GB, worker/memlimit.py); None: no bound."""
 
 
 def rq_job_context() -> WorkerContext:

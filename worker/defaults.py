@@ -172,6 +172,19 @@ USER_MAX_GPUS_ENV = "USER_MAX_GPUS"
 """Environment variable: the most GPUs (or CPU ranks) a user's queued and running jobs may ask for together, for users
 without an explicit limit (unset or empty: no limit; admins are never limited)."""
 
+JOB_MEMORY_FRACTION = 0.9
+"""Default memory bound of a job's process tree, as a fraction of the machine's RAM (a worker runs one job at a time;
+the rest is for the worker, Redis and the system). Several workers on one machine: set JOB_MEMORY_LIMIT_GB to each
+one's share."""
+
+JOB_MEMORY_LIMIT_ENV = "JOB_MEMORY_LIMIT_GB"
+"""Environment variable of the worker: a job's memory bound in GiB (fractional allowed; 0 = none), overriding
+JOB_MEMORY_FRACTION (read only by worker.memlimit.job_memory_limit)."""
+
+JOB_OOM_SCORE_ADJ = 500
+"""`oom_score_adj` of a job's processes (set by the guard): if a spike outruns the memory watch and the kernel's
+OOM killer must pick a process, it picks the job's, not the worker, Redis or the dashboard."""
+
 MAX_SWEEP_TRIALS = 1000
 """Most trials one sweep may ask for (each is a job record, a stream and an Optuna trial in Redis)."""
 

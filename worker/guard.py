@@ -7,6 +7,8 @@ The worker starts the guard in a session of its own; the guard starts CMD (torch
 - On SIGTERM (cancel, time limit, worker shutdown) it forwards SIGTERM to every descendant and SIGKILLs the ones
   still alive after the grace period.
 - When CMD exits, it kills any leftover descendant and exits with CMD's exit code.
+- It raises its own `oom_score_adj` (inherited by CMD): if memory runs out faster than the worker's memory watch
+  (worker/memlimit.py) looks, the kernel kills the job, not the worker, Redis or the dashboard.
 
 It imports neither torch nor Redis, so it starts in a fraction of a second.
 """
@@ -18,10 +20,11 @@ import subprocess
 import sys
 import time
 
-from worker.defaults import GUARD_POLL_INTERVAL, TERMINATE_GRACE
+from worker.defaults import GUARD_POLL_INTERVAL, JOB_OOM_SCORE_ADJ, TERMINATE_GRACE
 from worker.procutil import (
     descendants,
     kill_tree,
+    raise_oom_score,
     set_child_subreaper,
     set_parent_death_signal,
     signal_all,
@@ -77,6 +80,7 @@ class Guard:
             return 137
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.on_term)
+        raise_oom_score(JOB_OOM_SCORE_ADJ)
         self.child = subprocess.Popen(self.cmd)
         me = os.getpid()
         while True:

@@ -19,6 +19,8 @@ class Outcome(TextEnum):
     SHUTDOWN = "shutdown"
     PRUNE = "prune"
     TIMEOUT = "timeout"
+    MEMORY = "memory"
+    """Its processes held more than the job's memory bound (worker/memlimit.py)."""
     SKIPPED = "skipped"
     """Not this attempt's to run: cancelled while queued, deleted, already running elsewhere."""
 

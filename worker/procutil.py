@@ -50,6 +50,18 @@ def set_process_name(name: str) -> None:
         pass
 
 
+def raise_oom_score(value: int) -> None:
+    """Make this process (and what it starts) the kernel OOM killer's first choice, up to `value` (-1000..1000);
+    raising it needs no privilege. Never lowers it; a no-op where /proc is missing."""
+    try:
+        with open("/proc/self/oom_score_adj", "r+", encoding="ascii") as f:
+            if int(f.read().strip() or 0) < value:
+                f.seek(0)
+                f.write(str(value))
+    except (OSError, ValueError):
+        pass
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     """All live descendants of `pid` (empty when it is gone)."""
     try:

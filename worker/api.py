@@ -18,7 +18,7 @@ from typing import IO, Any
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import datasets, deployments, jobs, keys, models  # the dataset and model registries, deployments
+from worker import datasets, deployments, jobs, keys, models, notify  # registries, deployments, webhooks
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
@@ -42,6 +42,7 @@ from worker.errors import (
     RedisUnavailableError,
     SubmissionError,
 )
+from worker.notify import HookError
 from worker.paths import var_dir
 from worker.nodes import NodeState, job_nodes
 from worker.presence import is_alive, list_workers
@@ -91,6 +92,8 @@ __all__ = [
     "datasets",
     # the model registry (worker/models: register, set_alias, resolve, ...) and managed deployments (create, stop, ...)
     "models", "deployments", "ModelError",
+    # webhooks (worker/notify.py: add_hook, list_hooks, remove_hook, delivery_log, EVENTS) and their refusal
+    "notify", "HookError",
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
     "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",

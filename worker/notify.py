@@ -84,13 +84,21 @@ class Hook:
 
 # ----------------------------------------------------------------------------------------------------- hooks
 def add_hook(conn: redis.Redis, url: str, events: list[str] | None = None, secret: str | None = None) -> Hook:
+    """A new hook (HookError naming what is wrong, nothing saved). `events` None: every event; [] is refused."""
+    url = url.strip()
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise HookError(f"invalid hook URL {url!r}: the port is not a number from 1 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise HookError(f"invalid hook URL {url!r}: give an http:// or https:// URL")
-    chosen = list(events or EVENTS)
+    chosen = list(EVENTS) if events is None else list(events)
     unknown = [e for e in chosen if e not in EVENTS]
     if unknown:
         raise HookError(f"unknown event(s) {', '.join(unknown)}; choose from {', '.join(EVENTS)}")
+    if not chosen:
+        raise HookError(f"choose at least one event ({', '.join(EVENTS)})")
     hook = Hook(secrets.token_hex(4), url, chosen, secret or None, time.time())
     conn.hset(keys.hooks(), hook.id, json.dumps(dataclasses.asdict(hook)))
     return hook

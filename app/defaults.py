@@ -10,6 +10,12 @@ JOBS_REFRESH_SECONDS = 4.0
 WORKERS_REFRESH_SECONDS = 3.0
 """Seconds between redraws of the workers table (heartbeats are every 2 s)."""
 
+SETTINGS_REFRESH_SECONDS = 5.0
+"""Seconds between redraws of the Settings page's webhooks and their delivery logs."""
+
+HOOK_LOG_SHOWN = 20
+"""Delivery attempts shown per webhook on the Settings page (the newest; `notify log` shows more)."""
+
 REDIS_RECONNECT_SECONDS = 3.0
 """Seconds between reconnection attempts while the Redis-down banner is shown."""
 

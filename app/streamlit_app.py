@@ -31,6 +31,7 @@ PAGES = [
     st.Page("views/models.py", title="Models", icon=":material/deployed_code:", url_path="models"),
     st.Page("views/workers.py", title="Workers", icon=":material/memory:", url_path="workers"),
     st.Page("views/try_it.py", title="Try it", icon=":material/image_search:", url_path="try"),
+    st.Page("views/settings.py", title="Settings", icon=":material/settings:", url_path="settings"),
 ]
 
 refusal = exposure_refusal(st.get_option("server.address"))

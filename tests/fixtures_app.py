@@ -18,7 +18,7 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 PAGES = {
     "new": "views/new_job.py", "jobs": "views/jobs.py", "job": "views/job.py", "compare": "views/compare.py",
     "workers": "views/workers.py", "try": "views/try_it.py", "sweeps": "views/sweeps.py",
-    "datasets": "views/datasets.py", "models": "views/models.py",
+    "datasets": "views/datasets.py", "models": "views/models.py", "settings": "views/settings.py",
 }
 TEST_WORKER = "test-worker"
 

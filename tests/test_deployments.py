@@ -9,6 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.fixtures_app import open_page, seed_finished_job
 from tests.fixtures_worker import run_cli, wait_for
 from tests.test_serving import call, multipart, ready
@@ -80,3 +82,110 @@ def test_bad_deploys_are_refused(redis_conn: Any, job_env: dict[str, str]) -> No
         res = run_cli(["worker", *args], job_env)
         assert res.returncode == 2 and message in res.stderr, res.stderr
     assert deployments(job_env) == []
+
+
+def _deploy_ready(job_env: dict[str, str], spawn: Any, worker: Any, ref: str) -> tuple[str, str, dict[str, Any]]:
+    """(deployment id, its token, its `deployments` row once ready)."""
+    res = run_cli(["worker", "deploy", ref], job_env)
+    assert res.returncode == 0, res.stderr
+    dep_id = res.stdout.split()[-1]
+    token = next(line.split()[-1] for line in res.stdout.splitlines() if line.startswith("bearer token"))
+    live = wait_for(lambda: [d for d in deployments(job_env) if d["id"] == dep_id and d["state"] == "ready"], 120,
+                    "the deployment to be ready", explain=lambda: spawn.output(worker)[-3000:])[0]
+    return dep_id, token, live
+
+
+def _zero_infer(exported_run: Path) -> bytes:
+    pp = json.loads((exported_run / "export/preprocess.json").read_text())
+    c = 1 if pp["color_mode"] == "L" else 3
+    return json.dumps({"inputs": [{"name": pp["input_name"], "shape": [1, c, *pp["input_size"]], "datatype": "FP32",
+                                   "data": [0.0] * (c * pp["input_size"][0] * pp["input_size"][1])}]}).encode()
+
+
+@pytest.mark.slow
+def test_tokens_rotate_and_revoke_while_the_server_runs(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                        exported_run: Path) -> None:
+    import time
+
+    from worker import api, keys
+
+    job_id = seed_finished_job(redis_conn, exported_run)
+    assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "host-a"], job_env,
+                          name="host-a")
+    dep_id, first, live = _deploy_ready(job_env, spawn, worker, "digits")
+    infer, body = live["url"] + "/v2/models/digits/infer", _zero_infer(exported_run)
+
+    def status(token: str) -> int:
+        return call(infer, body, headers={"Authorization": f"Bearer {token}"})[0]
+    assert status(first) == 200
+    stored = b"".join(str(redis_conn.dump(k)).encode() for k in redis_conn.keys(f"*{dep_id}*"))
+    assert first.encode() not in stored  # Redis keeps a digest of the users' token, never the token
+
+    res = run_cli(["worker", "deploy-token", dep_id, "--rotate"], job_env)
+    assert res.returncode == 0, res.stderr
+    rotated_at, second = time.monotonic(), res.stdout.split()[-1]
+    assert status(second) == 200  # the new token works on its first request
+    wait_for(lambda: status(first) == 401, 5, "the old token to stop working")
+    assert time.monotonic() - rotated_at < 1.5
+    assert all(status(second) == 200 for _ in range(20))  # and keeps working, on the same server process
+    (same,) = [d for d in deployments(job_env) if d["id"] == dep_id]
+    assert same["url"] == live["url"] and same["replica_hosts"][0]["pid"] == live["replica_hosts"][0]["pid"]
+    assert second.encode() not in b"".join(str(redis_conn.dump(k)).encode() for k in redis_conn.keys(f"*{dep_id}*"))
+
+    assert run_cli(["worker", "deploy-token", dep_id, "--revoke"], job_env).returncode == 0
+    wait_for(lambda: status(second) == 401, 1.5, "the revoked token to stop working")
+    picture = (exported_run / json.loads((exported_run / "report.json").read_text())["samples"][0]["image"])
+    try:
+        api.deployments.classify(redis_conn, dep_id, [("x.png", picture.read_bytes())], 1)
+        raise AssertionError("Try it still reached a revoked deployment")
+    except api.ModelError as err:
+        assert "revoked" in str(err) and "--rotate" in str(err)
+    res = run_cli(["worker", "deploy-token", dep_id, "--rotate"], job_env)
+    third = res.stdout.split()[-1]
+    assert status(third) == 200 and status(second) == 401
+    assert api.deployments.classify(redis_conn, dep_id, [("x.png", picture.read_bytes())], 1)[0]["top"]
+    assert keys.deployment_tokens(dep_id).encode() in redis_conn.keys(f"*{dep_id}*")
+
+    for args, message in ((["deploy-token", "d-00000000", "--rotate"], "no deployment 'd-00000000'"),
+                          (["deploy-token", dep_id], "one of the arguments --rotate --revoke is required")):
+        res = run_cli(["worker", *args], job_env)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_stopped_and_failed_deployments_leave_and_expire(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                         exported_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import api, keys
+
+    for k, v in (("DEPLOYMENT_RETENTION_S", "8"), ("DEPLOYMENT_FAILED_GRACE_S", "2")):
+        job_env[k] = v
+        monkeypatch.setenv(k, v)
+    job_id = seed_finished_job(redis_conn, exported_run)
+    for _ in range(2):
+        assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
+    broken = api.models.resolve(redis_conn, "digits:2")
+    Path(api.ArtifactStore().path(broken.key(broken.deploy))).write_bytes(b"not an ONNX file")
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "host-a"], job_env,
+                          name="host-a")
+
+    def records(dep_id: str) -> list[bytes]:
+        return redis_conn.keys(f"*{dep_id}*")
+    dep_id, _, live = _deploy_ready(job_env, spawn, worker, "digits:1")
+    assert run_cli(["worker", "undeploy", dep_id], job_env).returncode == 0
+    (stopped,) = api.deployments.listing(redis_conn)  # still shown, as stopped, for the retention
+    assert stopped["state"] == "stopped" and stopped["ended_at"] > 0
+    assert dep_id.encode() not in redis_conn.smembers(keys.deployments_active())  # no worker looks at it again
+    wait_for(lambda: not ready(live["url"]), 30, "the server to end")
+    wait_for(lambda: deployments(job_env) == [] and not records(dep_id), 30, "the stopped deployment to expire")
+
+    res = run_cli(["worker", "deploy", "digits:2"], job_env)
+    failing = res.stdout.split()[-1]
+    failed = wait_for(lambda: [d for d in deployments(job_env) if d["state"] == "failed"], 120,
+                      "the deployment of a broken file to fail", explain=lambda: spawn.output(worker)[-3000:])[0]
+    assert failed["id"] == failing and "exited 3 times" in failed["error"]
+    wait_for(lambda: failing.encode() not in redis_conn.smembers(keys.deployments_active()), 30,
+             "the failed deployment to be retired after its grace period")
+    assert [d["id"] for d in api.deployments.listing(redis_conn)] == [failing]  # shown until the retention ends
+    wait_for(lambda: deployments(job_env) == [] and not records(failing), 30, "the failed deployment to expire")
+    assert run_cli(["worker", "model", "rm", "digits:2"], job_env).returncode == 0

@@ -22,10 +22,22 @@ from typing import IO, Any
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import accounts, audit, datasets, deployments, jobs, keys, models, users  # registries, deployments, people
+from worker import (  # registries, deployments, people, webhooks
+    accounts,
+    audit,
+    datasets,
+    deployments,
+    jobs,
+    keys,
+    models,
+    notify,
+    users,
+)
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
+from worker.dataset_view import suggest_dataset_name
+from worker.dataset_view import thumbnails as dataset_thumbnails
 from worker.defaults import (
     LIST_LIMIT,
     MAX_GPUS_PER_JOB,
@@ -34,7 +46,6 @@ from worker.defaults import (
     REPO_ROOT,
     STATUS_WAIT_CANCEL,
 )
-from worker.dataset_view import suggest_dataset_name, thumbnails as dataset_thumbnails
 from worker.errors import (
     ArtifactError,
     DatasetError,
@@ -48,8 +59,9 @@ from worker.errors import (
     SubmissionError,
     UserError,
 )
-from worker.paths import var_dir
 from worker.nodes import NodeState, job_nodes
+from worker.notify import HookError
+from worker.paths import var_dir
 from worker.presence import is_alive, list_workers
 from worker.queues import discard_rq_job
 from worker.record import JobRecord
@@ -97,6 +109,8 @@ __all__ = [
     "datasets",
     # the model registry (worker/models: register, set_alias, resolve, ...) and managed deployments (create, stop, ...)
     "models", "deployments", "ModelError",
+    # webhooks (worker/notify.py: add_hook, list_hooks, remove_hook, delivery_log, EVENTS) and their refusal
+    "notify", "HookError",
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
     # people: users (roles, tokens, Actor), their management as an actor (worker/accounts.py: add, change_role,

@@ -302,13 +302,23 @@ def notify_events() -> str:
 
 # ------------------------------------------------------------------------------------------------------ deployments
 def deployments() -> str:
-    """ZSET deployment id → creation time: every deployment (stopped ones too, until removed)."""
+    """ZSET deployment id → creation time: every deployment listed (stopped ones until their record expires)."""
     return _key("deployments")
 
 
+def deployments_active() -> str:
+    """SET of the deployment ids the workers tend (neither stopped nor failed past the grace period)."""
+    return _key("deployments", "active")
+
+
 def deployment(dep_id: str) -> str:
-    """STRING: JSON of one deployment (worker/deployments.py `Deployment`: ref, replicas, batching, token, state)."""
+    """STRING: JSON of one deployment (worker/deployments.py `Deployment`: ref, replicas, batching, state)."""
     return _key("deployment", dep_id)
+
+
+def deployment_tokens(dep_id: str) -> str:
+    """HASH `user` → SHA-256 hex of the users' bearer token, `internal` → the dashboard's token ("" when revoked)."""
+    return _key("deployment", dep_id, "tokens")
 
 
 def deployment_hosts(dep_id: str) -> str:

@@ -103,18 +103,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(checked_connection(), args.ref, ServeOptions(
         host=args.host, port=args.port, max_batch=1 if args.no_batching else args.max_batch,
-        max_delay_ms=args.max_delay_ms, use_gpu=args.gpu))
+        max_delay_ms=args.max_delay_ms, use_gpu=args.gpu, deployment=args.deployment))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from worker.deployments import create
 
     conn = checked_connection()
-    dep = create(conn, args.ref, replicas=args.replicas, gpus=args.gpus, max_batch=args.max_batch,
-                 max_delay_ms=args.max_delay_ms, actor=acting_user(conn))
+    dep, token = create(conn, args.ref, replicas=args.replicas, gpus=args.gpus, max_batch=args.max_batch,
+                        max_delay_ms=args.max_delay_ms, actor=acting_user(conn))
     print(f"deployment {dep.id} of {dep.ref}: {dep.replicas} replica(s), starting on the workers "
           "(python -m worker deployments shows their URLs)")
-    print(f"bearer token (shown once; clients send Authorization: Bearer TOKEN): {dep.token}")
+    print(f"bearer token (shown once; clients send Authorization: Bearer TOKEN): {token}")
     print(dep.id)
     return 0
 
@@ -133,6 +133,20 @@ def cmd_deployments(args: argparse.Namespace) -> int:
         where = ", ".join(f"{h.get('url') or '-'} on {h['worker']} ({h.get('state')})" for h in d["replica_hosts"])
         print(f"{d['id']}  {d['ref']:<24} {d['state']:<9} {d['owner']:<12} {where or 'no worker yet'}"
               + (f"  error: {d['error']}" if d["error"] else ""))
+    return 0
+
+
+def cmd_deploy_token(args: argparse.Namespace) -> int:
+    from worker.deployments import revoke_token, rotate_token
+
+    conn = checked_connection()
+    if args.revoke:
+        revoke_token(conn, args.id, actor=acting_user(conn))
+        print(f"deployment {args.id}: every token revoked (requests get 401 within a second; "
+              f"python -m worker deploy-token {args.id} --rotate issues a new one)")
+        return 0
+    token = rotate_token(conn, args.id, actor=acting_user(conn))
+    print(f"deployment {args.id}: new bearer token (shown once; the old one stops working within a second): {token}")
     return 0
 
 
@@ -181,6 +195,8 @@ def add_model_commands(sub: Any) -> None:
                         "while the model is busy)")
     s.add_argument("--no-batching", action="store_true", help="one request per model run")
     s.add_argument("--gpu", action="store_true", help="use CUDA/TensorRT execution providers when present")
+    s.add_argument("--deployment", metavar="ID", help="accept this managed deployment's tokens, read live from Redis "
+                                                      "(how the workers start their servers)")
     s.set_defaults(func=_refusing(cmd_serve))
     s = sub.add_parser("deploy", help="serve a model on the workers (managed; prints the deployment id last)")
     s.add_argument("ref", metavar="MODEL_REF", help="NAME, NAME:VERSION or NAME@ALIAS (followed as it moves)")
@@ -193,6 +209,12 @@ def add_model_commands(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     add_mine(s)
     s.set_defaults(func=_refusing(cmd_deployments))
+    s = sub.add_parser("deploy-token", help="a deployment's bearer token: --rotate (prints the new one) or --revoke")
+    s.add_argument("id")
+    how = s.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rotate", action="store_true", help="issue a new token; the old one stops working")
+    how.add_argument("--revoke", action="store_true", help="no token works until the next --rotate")
+    s.set_defaults(func=_refusing(cmd_deploy_token))
     s = sub.add_parser("undeploy", help="stop a deployment")
     s.add_argument("id")
     s.set_defaults(func=_refusing(cmd_undeploy))

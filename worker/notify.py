@@ -85,15 +85,23 @@ class Hook:
 # ----------------------------------------------------------------------------------------------------- hooks
 def add_hook(conn: redis.Redis, url: str, events: list[str] | None = None, secret: str | None = None, *,
              actor: users.Actor | None = None) -> Hook:
-    """A new webhook (admins only: a hook sees every job's events)."""
+    """A new webhook (admins only: a hook sees every job's events); HookError naming what is wrong, nothing saved.
+    `events` None: every event; [] is refused."""
     actor = audit.authorize(conn, actor, users.Action.ADMIN, "add webhooks")
+    url = url.strip()
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise HookError(f"invalid hook URL {url!r}: the port is not a number from 1 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise HookError(f"invalid hook URL {url!r}: give an http:// or https:// URL")
-    chosen = list(events or EVENTS)
+    chosen = list(EVENTS) if events is None else list(events)
     unknown = [e for e in chosen if e not in EVENTS]
     if unknown:
         raise HookError(f"unknown event(s) {', '.join(unknown)}; choose from {', '.join(EVENTS)}")
+    if not chosen:
+        raise HookError(f"choose at least one event ({', '.join(EVENTS)})")
     hook = Hook(secrets.token_hex(4), url, chosen, secret or None, time.time())
     conn.hset(keys.hooks(), hook.id, json.dumps(dataclasses.asdict(hook)))
     # the host only: a hook URL often carries its own secret (Slack's do)

@@ -24,7 +24,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import deployments, gang, keys, notify, retention
+from worker import deploy_host, gang, keys, notify, retention
 from worker.artifacts import ArtifactStore
 from worker.context import WorkerContext
 from worker.defaults import (
@@ -217,7 +217,7 @@ class TrainerWorker(SimpleWorker):
             self._deliverer = notify.Deliverer(self.connection, self.name)
             self._deliverer.start()
         if self._deploy_thread is None or not self._deploy_thread.is_alive():
-            host = deployments.Host(self.connection, self.name, deployments.serve_address(self.ctx.advertise_addr))
+            host = deploy_host.Host(self.connection, self.name, deploy_host.serve_address(self.ctx.advertise_addr))
             self._deploy_thread = threading.Thread(target=host.loop, args=(self._hb_stop,), name="deployments",
                                                    daemon=True)
             self._deploy_thread.start()

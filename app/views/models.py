@@ -32,8 +32,9 @@ def move_alias(name: str) -> None:
 def deploy(name: str) -> None:
     target = st.session_state.get("models:deploy:ref") or name
     try:
-        dep = deployments.create(conn, target, replicas=int(st.session_state.get("models:deploy:replicas") or 1))
-        st.session_state["models:token"] = (dep.id, dep.token)
+        dep, token = deployments.create(conn, target,
+                                        replicas=int(st.session_state.get("models:deploy:replicas") or 1))
+        st.session_state["models:token"] = (dep.id, token)
         ui.flash(f"deployment {dep.id} of {target} is starting on the workers")
     except ModelError as err:
         ui.flash(str(err), "error")

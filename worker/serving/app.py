@@ -10,12 +10,12 @@ Routes (README "Models and deployments"):
 - `GET /metrics`: Prometheus text (requests, errors, latency, batch sizes, queue depth).
 
 A bad request gets a 4xx with `{"error": reason}` and never takes the server down. With a token, every route but the
-health probes needs `Authorization: Bearer TOKEN`. The model is held by a `ModelHolder`, which can swap in another
-version (an alias that moved) while requests run: each request keeps the model it started with.
+health probes needs `Authorization: Bearer TOKEN` (worker/serving/tokens.py: a fixed one, or a deployment's). The
+model is held by a `ModelHolder`, which can swap in another version (an alias that moved) while requests run: each
+request keeps the model it started with.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +33,7 @@ from starlette.routing import Route
 from worker.serving.batcher import DynamicBatcher
 from worker.serving.limits import Limits
 from worker.serving.model import BadInput, LoadedModel
+from worker.serving.tokens import Authorizer
 
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 """Routes answered without a token (load balancers and probes)."""
@@ -87,7 +88,8 @@ def _tensor(spec: Any, model: LoadedModel, limits: Limits) -> np.ndarray:
     return x
 
 
-def create_app(holder: ModelHolder, *, token: str | None, limits: Limits) -> Starlette:
+def create_app(holder: ModelHolder, *, auth: Authorizer | None, limits: Limits) -> Starlette:
+    """The server's routes; `auth` None: no token asked (a loopback `serve` without one)."""
     registry = CollectorRegistry()
     requests = Counter("inference_requests", "Requests by route and status", ["route", "status"],
                        registry=registry)
@@ -102,9 +104,8 @@ def create_app(holder: ModelHolder, *, token: str | None, limits: Limits) -> Sta
     def measured(route: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
         async def run(request: Request) -> Response:
             started = time.perf_counter()
-            if token and request.url.path not in OPEN_PATHS:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            if auth is not None and request.url.path not in OPEN_PATHS:
+                if not await auth.allows(request.headers.get("authorization", "")):
                     requests.labels(route, "401").inc()
                     return _error(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
             length = int(request.headers.get("content-length") or 0)

@@ -25,12 +25,11 @@ from worker.models import ModelRef, parse_ref, resolve
 from worker.serving import model as loader
 from worker.serving.app import ModelHolder, create_app
 from worker.serving.limits import Limits
+from worker.serving.tokens import TOKEN_ENV, Authorizer, FixedToken, LiveTokens
 
 ALIAS_POLL_SECONDS = 0.5
 """How often a server that follows an alias reads it (a move is served within this plus the new version's load)."""
 
-TOKEN_ENV = "SERVE_TOKEN"
-"""Environment variable holding the bearer token of a server that listens off loopback."""
 
 
 @dataclasses.dataclass
@@ -41,6 +40,8 @@ class ServeOptions:
     max_delay_ms: float = 0.0
     use_gpu: bool = False
     token: str | None = None
+    deployment: str | None = None
+    """A managed deployment's id: its tokens (read from Redis, rotated and revoked live) replace `token`."""
 
 
 def required_token(host: str, given: str | None) -> tuple[str | None, bool]:
@@ -49,6 +50,15 @@ def required_token(host: str, given: str | None) -> tuple[str | None, bool]:
     if token or is_loopback(host):
         return token, False
     return secrets.token_urlsafe(24), True
+
+
+def authorizer(conn: redis.Redis, options: ServeOptions) -> Authorizer | None:
+    """A deployment's live tokens, the fixed token, or None (a loopback server without a token)."""
+    if options.deployment:
+        from worker.deployments import accepted_digests
+
+        return LiveTokens(functools.partial(accepted_digests, conn, options.deployment))
+    return FixedToken(options.token) if options.token else None
 
 
 async def follow_alias(conn: redis.Redis, ref: ModelRef, holder: ModelHolder, store: ArtifactStore,
@@ -76,7 +86,7 @@ def build(conn: redis.Redis, ref_text: str, options: ServeOptions, store: Artifa
     version = resolve(conn, ref)
     holder = ModelHolder(loader.load(version, store, use_gpu=options.use_gpu), max_batch=options.max_batch,
                          max_delay=options.max_delay_ms / 1000.0)
-    app = create_app(holder, token=options.token, limits=Limits())
+    app = create_app(holder, auth=authorizer(conn, options), limits=Limits())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -93,7 +103,7 @@ def build(conn: redis.Redis, ref_text: str, options: ServeOptions, store: Artifa
 def serve(conn: redis.Redis, ref_text: str, options: ServeOptions) -> int:
     import uvicorn
 
-    options.token, made = required_token(options.host, options.token)
+    options.token, made = (None, False) if options.deployment else required_token(options.host, options.token)
     app, holder = build(conn, ref_text, options)
     url = f"http://{options.host}:{options.port}"
     print(f"serving {holder.model.version.ref} ({holder.model.version.deploy}) as model {holder.model.name!r} at "

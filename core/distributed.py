@@ -90,6 +90,14 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's parameters and buffers, in place (one broadcast per tensor of the state dict)."""
+    if not info.enabled:
+        return
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     if not info.enabled:
         return obj

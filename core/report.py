@@ -39,10 +39,14 @@ def test_and_report(rt: Runtime, state: TrainState, loaders: Loaders, bundle: An
     """Test the best checkpoint (last.pt when no epoch improved); rank 0 writes predictions, samples and
     report.json, sends the `report` event and returns the report (other ranks: {})."""
     distributed.barrier(rt.info)
-    best_path = out / runfolder.BEST_CHECKPOINT
-    best = runfolder.load_checkpoint(best_path if best_path.exists() else out / runfolder.LAST_CHECKPOINT)
     model = state.model
-    model.load_state_dict(best["model"])
+    best: dict[str, Any] = {}
+    if rt.info.is_primary:  # only rank 0 writes the run folder: a rank on another machine has no checkpoint to read
+        best_path = out / runfolder.BEST_CHECKPOINT
+        best = runfolder.load_checkpoint(best_path if best_path.exists() else out / runfolder.LAST_CHECKPOINT)
+        model.load_state_dict(best["model"])
+    distributed.broadcast_module(model, rt.info)
+    best = {**best, **distributed.broadcast_object({k: v for k, v in best.items() if k != "model"}, rt.info)}
     if on_best is not None:
         on_best(model, best)
     classes = list(bundle.classes)

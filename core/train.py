@@ -134,8 +134,10 @@ def train_one_epoch(rt: Runtime, state: TrainState, loader: Any, epoch: int) -> 
     if not math.isfinite(totals[0]):
         raise TrainingError(f"loss became non-finite during epoch {epoch}; lower optim.lr or enable train.grad_clip")
     n = max(totals[2], 1.0)
+    # `samples`: images trained this epoch on all ranks together, the epoch's sample accounting (a resumed epoch
+    # restarts from its beginning, so it counts each of its samples once, never a killed attempt's part as well)
     return {"train_loss": totals[0] / n, "train_acc": totals[1] / n, "seconds": seconds,
-            "images_per_sec": totals[2] / max(seconds, 1e-9)}
+            "images_per_sec": totals[2] / max(seconds, 1e-9), "samples": int(totals[2])}
 
 
 class _NoProgress:

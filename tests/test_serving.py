@@ -165,7 +165,8 @@ def binary_body(x: np.ndarray, name: str, *, binary_output: bool = True, size: i
 def test_the_binary_tensor_data_extension(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                           exported_run: Path) -> None:
     ref = registered(redis_conn, job_env, exported_run)
-    _, base = start_server(spawn, job_env, ref)
+    proc, base = start_server(spawn, job_env, ref)
+    assert "HTTP httptools, loop uvloop" in spawn.output(proc)  # requirements.txt's, named, not h11's fallback
     pp = json.loads((exported_run / "export/preprocess.json").read_text())
     x = np.stack([preprocess_image(Image.open(p), pp) for p in samples(exported_run, 4)])
     url = base + "/v2/models/digits/infer"

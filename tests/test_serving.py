@@ -151,6 +151,55 @@ def test_the_protocol_classify_and_bad_requests(redis_conn: Any, job_env: dict[s
     assert "inference_batch_size_count" in text and "inference_queue_depth" in text
 
 
+def binary_body(x: np.ndarray, name: str, *, binary_output: bool = True, size: int | None = None) -> tuple[
+        bytes, dict[str, str]]:
+    """An infer request in the binary tensor data extension, as tritonclient.http sends one by default (its JSON part
+    names the byte count, the raw little-endian FP32 follows; no outputs listed, so binary_data_output)."""
+    raw = x.astype("<f4").tobytes()
+    head = json.dumps({"id": "b1", "inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
+                                                "parameters": {"binary_data_size": len(raw) if size is None else size}}],
+                       "parameters": {"binary_data_output": binary_output}}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def test_the_binary_tensor_data_extension(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                          exported_run: Path) -> None:
+    ref = registered(redis_conn, job_env, exported_run)
+    proc, base = start_server(spawn, job_env, ref)
+    assert "HTTP httptools, loop uvloop" in spawn.output(proc)  # requirements.txt's, named, not h11's fallback
+    pp = json.loads((exported_run / "export/preprocess.json").read_text())
+    x = np.stack([preprocess_image(Image.open(p), pp) for p in samples(exported_run, 4)])
+    url = base + "/v2/models/digits/infer"
+    assert "binary_tensor_data" in call(base + "/v2")[1]["extensions"]
+    _, as_json = call(url, infer_body(x, pp["input_name"]))
+    expected = np.asarray(as_json["outputs"][0]["data"], np.float32).reshape(as_json["outputs"][0]["shape"])
+
+    body, headers = binary_body(x, pp["input_name"])
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60) as resp:
+        raw, split = resp.read(), int(resp.headers["Inference-Header-Content-Length"])
+    head = json.loads(raw[:split])
+    out = head["outputs"][0]
+    assert head["id"] == "b1" and out["parameters"]["binary_data_size"] == len(raw) - split == expected.nbytes
+    assert np.array_equal(np.frombuffer(raw[split:], "<f4").reshape(out["shape"]), expected)
+
+    body, headers = binary_body(x, pp["input_name"], binary_output=False)  # binary in, JSON out
+    status, out = call(url, body, headers=headers)
+    assert status == 200 and np.array_equal(np.asarray(out["outputs"][0]["data"], np.float32).reshape(x.shape[0], -1),
+                                            expected)
+    bad = [
+        (binary_body(x, pp["input_name"], size=12), "needs"),
+        (binary_body(x[:, :, :4, :4], pp["input_name"]), "does not match the model's"),
+        ((body, {**headers, "Inference-Header-Content-Length": "99999999"}), "Inference-Header-Content-Length"),
+        ((body, {**headers, "Inference-Header-Content-Length": "5"}), "not JSON"),
+        ((infer_body(x, pp["input_name"]) + b"xx", {"Inference-Header-Content-Length": str(len(infer_body(
+            x, pp["input_name"])))}), "no binary_data_size"),
+    ]
+    for (payload, hdrs), message in bad:
+        status, err = call(url, payload, headers=hdrs)
+        assert status == 400 and message in err["error"], (message, status, err)
+    assert call(base + "/v2/health/ready")[0] == 200
+
+
 def test_a_server_off_loopback_needs_its_token(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                               exported_run: Path) -> None:
     ref = registered(redis_conn, job_env, exported_run)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -132,19 +133,20 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
-def _ab(url: str, body: Path, clients: int, seconds: float, tmp: Path, pid: int) -> dict[str, float]:
+def _ab(url: str, body: Body, clients: int, seconds: float, tmp: Path, pid: int) -> dict[str, float]:
     """One ab run: requests/s, p50/p99 (ms, from its CSV of percentiles), complete and failed requests, and the
     server's CPU milliseconds per request (what load on a shared machine does not change much)."""
     csv = tmp / "ab.csv"
     cpu_before = _cpu_seconds(pid)
+    headers = [arg for name, value in body.headers.items() for arg in ("-H", f"{name}: {value}")]
     proc = subprocess.run(["ab", "-q", "-k", "-c", str(clients), "-t", f"{seconds:g}", "-n", "200000", "-s", "60",
-                           "-e", str(csv), "-p", str(body), "-T", "application/json", url],
+                           "-e", str(csv), "-p", str(body.path), "-T", body.content_type, *headers, url],
                           capture_output=True, text=True, timeout=seconds + 120, check=False)
     out = proc.stdout
     cpu = _cpu_seconds(pid) - cpu_before
 
     def field(name: str) -> float:
-        m = re.search(rf"^{name}:\s+([\d.]+)", out, re.M)
+        m = re.search(rf"^{name}:\s+([\d.]+)", out, re.MULTILINE)
         return float(m.group(1)) if m else 0.0
 
     if proc.returncode != 0 or "Requests per second" not in out:
@@ -181,7 +183,7 @@ async def _alias_move(url: str, body: bytes, move: Any, new_version: str, client
                     data = await resp.json(content_type=None)
                     results.append((time.perf_counter(), resp.status,
                                     data.get("model_version") if isinstance(data, dict) else None))
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 results.append((time.perf_counter(), 0, None))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -207,8 +209,8 @@ def _batch_stats(base: str) -> tuple[float, float]:
     """(samples, model runs) so far from the server's /metrics (inference_batch_size's sum and count)."""
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    total = re.search(r"^inference_batch_size_sum ([\d.e+]+)", text, re.M)
-    runs = re.search(r"^inference_batch_size_count ([\d.e+]+)", text, re.M)
+    total = re.search(r"^inference_batch_size_sum ([\d.e+]+)", text, re.MULTILINE)
+    runs = re.search(r"^inference_batch_size_count ([\d.e+]+)", text, re.MULTILINE)
     return (float(total.group(1)) if total else 0.0), (float(runs.group(1)) if runs else 0.0)
 
 
@@ -263,19 +265,44 @@ def bench_serving(quick: bool, redis_url: str) -> list[Row]:
                                 list(zip(moves, [str(v.version) for v in (v2, v1, v2)])))
 
 
-def _bodies(tmp: Path, x: np.ndarray) -> dict[str, Path]:
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """A request body ab posts, with its content type and extra headers."""
+    path: Path
+    content_type: str = "application/json"
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _bodies(tmp: Path, x: np.ndarray) -> dict[str, Body]:
+    """The same sample as (a)/(b)'s v2 JSON, MLflow's JSON, and v2 with the binary tensor data extension (what
+    tritonclient.http sends by default: the JSON part, then the raw FP32, answered in binary)."""
+    from worker.serving.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH
+
     v2 = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     mlflow_body = {"inputs": x.tolist()}  # MLflow's tensor input: the array nested as its shape
-    paths = {"v2": tmp / "v2.json", "mlflow": tmp / "mlflow.json"}
-    paths["v2"].write_text(json.dumps(v2))
-    paths["mlflow"].write_text(json.dumps(mlflow_body))
-    return paths
+    raw = x.astype("<f4").tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    bodies = {"v2": Body(tmp / "v2.json"), "mlflow": Body(tmp / "mlflow.json"),
+              "binary": Body(tmp / "v2.bin", BINARY_CONTENT_TYPE, {HEADER_LENGTH: str(len(head))})}
+    bodies["v2"].path.write_text(json.dumps(v2))
+    bodies["mlflow"].path.write_text(json.dumps(mlflow_body))
+    bodies["binary"].path.write_bytes(head + raw)
+    return bodies
 
 
-def _check_answers(urls: dict[str, str], bodies: dict[str, Path], expected: np.ndarray) -> None:
+def _check_answers(urls: dict[str, str], bodies: dict[str, Body], expected: np.ndarray) -> None:
     """Every server answers the body with the in-process logits (else the comparison compares nothing)."""
+    binary = bodies["binary"]
+    req = urllib.request.Request(urls["a"], data=binary.path.read_bytes(),
+                                 headers={"Content-Type": binary.content_type, **binary.headers})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        raw, split = resp.read(), int(resp.headers[next(iter(binary.headers))])
+    if not np.allclose(np.frombuffer(raw[split:], "<f4"), expected.ravel(), atol=1e-3):
+        raise RuntimeError(f"{LABELS['a']} answers the binary request with {np.frombuffer(raw[split:], '<f4')[:4]}")
     for s, url in urls.items():
-        body = bodies["mlflow" if s == "c" else "v2"].read_bytes()
+        body = bodies["mlflow" if s == "c" else "v2"].path.read_bytes()
         req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             data = json.loads(resp.read())
@@ -298,6 +325,25 @@ def _json_decode_ms(body: bytes, runs: int = 50) -> float:
     return statistics.median(times)
 
 
+def _batching_ceiling(model: Any, x: np.ndarray, quick: bool) -> Row:
+    """ONNX Runtime's CPU per sample at batch 1 over batch 32, in-process on the served file: the most (a) can gain
+    over (b) when the cores are the limit (then requests/s follow CPU per request, and batching divides only the
+    model's share of it). CPU time (process_time, every ORT thread) rather than wall time, as load moves the latter."""
+    big = np.repeat(x, 32, axis=0)
+    per_sample = {}
+    for batch in (x, big):
+        model.infer(batch)
+        cpu = []
+        for _ in range((3 if quick else 9) * (32 if len(batch) == 1 else 1)):
+            t = time.process_time()
+            model.infer(batch)
+            cpu.append((time.process_time() - t) * 1000 / len(batch))
+        per_sample[len(batch)] = statistics.median(cpu)
+    return Row("ORT CPU per sample, batch 1 / batch 32 (in-process: the ceiling of (a) vs (b))",
+               per_sample[1] / per_sample[32], None, "×",
+               note=f"{per_sample[1]:.2f} vs {per_sample[32]:.2f} ms CPU per sample")
+
+
 def _measure(tmp: Path, ports: dict[str, int], pids: dict[str, int], in_process: Any, seconds: float, reps: int,
              quick: bool, moves: list[tuple[Any, str]]) -> list[Row]:
     rng = np.random.default_rng(0)
@@ -317,6 +363,9 @@ def _measure(tmp: Path, ports: dict[str, int], pids: dict[str, int], in_process:
                     local += _in_process_p50(in_process, x, 100 if quick else 300)
                 before = _batch_stats(urls[s].split("/v2/")[0]) if s == "a" else (0.0, 0.0)
                 r = _ab(urls[s], bodies["mlflow" if s == "c" else "v2"], c, seconds, tmp, pids[s])
+                if c == 1 and s == "a":  # the same sample in the binary extension: no JSON numbers to decode
+                    runs.setdefault(("a-binary", 1), []).append(_ab(urls[s], bodies["binary"], c, seconds, tmp,
+                                                                    pids[s]))
                 if s == "a":
                     after = _batch_stats(urls[s].split("/v2/")[0])
                     r["batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
@@ -330,11 +379,13 @@ def _measure(tmp: Path, ports: dict[str, int], pids: dict[str, int], in_process:
         med[(s, c)] = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_ms", "batch")
                        if k in rs[0]}
         med[(s, c)]["failed"] = sum(r["failed"] for r in rs)
+        med[(s, c)]["spread"] = f"{min(r['rps'] for r in rs):.0f}–{max(r['rps'] for r in rs):.0f}"
     for s in SERVERS:
         for c in CLIENTS:
             m = med[(s, c)]
             rows.append(Row(f"{LABELS[s]}, {c} client{'s' if c > 1 else ''}", m["rps"], None, "req/s",
-                            note=f"p50 {m['p50']:.1f} ms, p99 {m['p99']:.1f} ms, {m['failed']:.0f} failed, "
+                            note=f"runs {m['spread']} req/s; p50 {m['p50']:.1f} ms, p99 {m['p99']:.1f} ms, "
+                                 f"{m['failed']:.0f} failed, "
                                  f"server CPU {m['cpu_ms']:.2f} ms/request"
                                  + (f", mean batch {m['batch']:.1f}" if "batch" in m else "")))
     a32, b32, c32 = (med[(s, 32)]["rps"] for s in SERVERS)
@@ -345,15 +396,21 @@ def _measure(tmp: Path, ports: dict[str, int], pids: dict[str, int], in_process:
     cpu = {s: med[(s, 32)]["cpu_ms"] for s in SERVERS}
     rows.append(Row("server CPU per request, (b) / (a), 32 clients", cpu["b"] / cpu["a"], None, "×",
                     note=f"(a) {cpu['a']:.2f}, (b) {cpu['b']:.2f}, (c) {cpu['c']:.2f} ms/request"))
-    rows.append(Row("JSON decode of one infer request (768 floats)", _json_decode_ms(bodies["v2"].read_bytes()),
-                    None, "ms", higher_is_better=False, note=f"{bodies['v2'].stat().st_size / 1024:.0f} KB body"))
+    rows.append(_batching_ceiling(in_process, x, quick))
+    rows.append(Row("JSON decode of one infer request (768 floats)", _json_decode_ms(bodies["v2"].path.read_bytes()),
+                    None, "ms", higher_is_better=False, note=f"{bodies['v2'].path.stat().st_size / 1024:.0f} KB body"))
     local_p50 = statistics.median(local)
-    a1 = med[("a", 1)]["p50"]
-    rows.append(Row("(a) p50 at 1 client minus in-process ORT p50 (batch 1)", a1 - local_p50, 2.0, "ms",
-                    higher_is_better=False, note=f"{a1:.2f} ms vs {local_p50:.2f} ms in-process"))
+    for key, name in (("a", "(a) p50 at 1 client minus in-process ORT p50 (batch 1)"),
+                      ("a-binary", "(a) p50 at 1 client, binary tensor data, minus in-process ORT p50")):
+        p50s = [r["p50"] for r in runs[(key, 1)]]
+        a1 = statistics.median(p50s)
+        rows.append(Row(name, a1 - local_p50, 2.0, "ms", higher_is_better=False,
+                        note=f"{a1:.2f} ms (runs {min(p50s):.2f}–{max(p50s):.2f}) vs {local_p50:.2f} ms in-process"
+                             + (", ab posting the v2 JSON" if key == "a" else
+                                ", ab posting the binary extension (tritonclient's default), answered in binary")))
     tooks, total, failed = [], 0, 0
     for move, version in moves:
-        took, n, bad = asyncio.run(_alias_move(urls["a"], bodies["v2"].read_bytes(), move, version, 8, 1.0, 0.5, 15.0))
+        took, n, bad = asyncio.run(_alias_move(urls["a"], bodies["v2"].path.read_bytes(), move, version, 8, 1.0, 0.5, 15.0))
         log(f"serving: alias moved to version {version}: first answer from it after {took} s; {bad} of {n} failed")
         tooks.append(float("inf") if took is None else took)
         total, failed = total + n, failed + bad
@@ -369,5 +426,6 @@ SECTION = Section("serving", "serving rows", bench_serving, (
     Row("(a) vs (c) throughput, 32 clients", None, 3.0, "×"),
     Row("(a) vs (b) throughput, 32 clients", None, 2.0, "×"),
     Row("(a) p50 at 1 client minus in-process ORT p50 (batch 1)", None, 2.0, "ms", higher_is_better=False),
+    Row("(a) p50 at 1 client, binary tensor data, minus in-process ORT p50", None, 2.0, "ms", higher_is_better=False),
     Row("alias move → first answer from the new version (8 clients)", None, 2.0, "s", higher_is_better=False),
     Row("failed requests during the alias moves", None, 0, "requests", higher_is_better=False)), redis=True)

@@ -4,7 +4,8 @@ Routes (README "Models and deployments"):
 - `GET /v2/health/live`, `GET /v2/health/ready` (open, for probes); `GET /v2` (server metadata);
 - `GET /v2/models/NAME[/versions/V]` (inputs, outputs, datatypes, shapes), `GET /v2/models/NAME/ready`;
 - `POST /v2/models/NAME[/versions/V]/infer`: JSON `{"inputs": [{"name", "shape", "datatype": "FP32", "data"}]}`, the
-  preprocessed batch (preprocess.json's size and normalisation), answering the logits;
+  preprocessed batch (preprocess.json's size and normalisation), answering the logits; or the same with the binary
+  tensor data extension (protocol.py);
 - `POST /v2/models/NAME/classify`: multipart field `files` (one or more images), optional `top_k`; answers
   predict.py's JSON: `[{"file", "top": [{"label", "prob"}]}]`;
 - `GET /metrics`: Prometheus text (requests, errors, latency, batch sizes, queue depth).
@@ -16,7 +17,6 @@ request keeps the model it started with.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from worker.serving import protocol
 from worker.serving.batcher import DynamicBatcher
 from worker.serving.limits import Limits
 from worker.serving.model import BadInput, LoadedModel
@@ -62,30 +63,6 @@ class ModelHolder:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def _tensor(spec: Any, model: LoadedModel, limits: Limits) -> np.ndarray:
-    """The request's input tensor as float32 N×C×H×W, or BadInput naming what is wrong."""
-    if not isinstance(spec, dict):
-        raise BadInput("each entry of 'inputs' must be an object with name, shape, datatype and data")
-    if spec.get("datatype") != "FP32":
-        raise BadInput(f"datatype {spec.get('datatype')!r} is not supported; send FP32")
-    shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) != 4:
-        raise BadInput(f"shape must be [N, C, H, W] of whole numbers, got {shape!r}")
-    if shape[0] < 1 or shape[0] > limits.max_rows:
-        raise BadInput(f"a request carries 1 to {limits.max_rows} samples, got {shape[0]}")
-    try:
-        x = np.asarray(spec.get("data"), dtype=np.float32)
-    except (TypeError, ValueError):
-        raise BadInput("data must be numbers (a flat list, or nested as the shape)") from None
-    if x.size != int(np.prod(shape)):
-        raise BadInput(f"data has {x.size} values; shape {shape} needs {int(np.prod(shape))}")
-    x = x.reshape(shape)
-    model.check_input(x)
-    if not np.isfinite(x).all():
-        raise BadInput("data holds NaN or infinity")
-    return x
 
 
 def create_app(holder: ModelHolder, *, auth: Authorizer | None, limits: Limits) -> Starlette:
@@ -140,7 +117,8 @@ def create_app(holder: ModelHolder, *, auth: Authorizer | None, limits: Limits) 
         return JSONResponse({"ready": True})
 
     async def server_meta(request: Request) -> Response:
-        return JSONResponse({"name": "image-classifier", "version": "2", "extensions": ["classify", "metrics"]})
+        return JSONResponse({"name": "image-classifier", "version": "2",
+                             "extensions": ["binary_tensor_data", "classify", "metrics"]})
 
     async def metadata(request: Request) -> Response:
         model = model_for(request)
@@ -158,19 +136,10 @@ def create_app(holder: ModelHolder, *, auth: Authorizer | None, limits: Limits) 
 
     async def infer(request: Request) -> Response:
         model, batcher = model_for(request), holder.batcher
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadInput("the body is not JSON (the Open Inference Protocol's JSON request)") from None
-        inputs = body.get("inputs") if isinstance(body, dict) else None
-        if not isinstance(inputs, list) or len(inputs) != 1:
-            raise BadInput(f"'inputs' must be a list of one tensor (the model's input {model.input_name!r})")
-        x = _tensor(inputs[0], model, limits)
-        logits = await batcher.run(x)
-        return JSONResponse({
-            "model_name": model.name, "model_version": str(model.version.version), "id": body.get("id"),
-            "outputs": [{"name": model.output_name, "datatype": "FP32", "shape": list(logits.shape),
-                         "data": logits.astype(np.float32).ravel().tolist()}]})
+        decoded = protocol.decode(await request.body(), request.headers.get(protocol.HEADER_LENGTH), model, limits)
+        logits = await batcher.run(decoded.x)
+        body, headers = protocol.encode(decoded, model, logits)
+        return Response(body, headers=headers)
 
     async def classify(request: Request) -> Response:
         model, batcher = model_for(request), holder.batcher

@@ -189,3 +189,63 @@ def test_stopped_and_failed_deployments_leave_and_expire(redis_conn: Any, job_en
     assert [d["id"] for d in api.deployments.listing(redis_conn)] == [failing]  # shown until the retention ends
     wait_for(lambda: deployments(job_env) == [] and not records(failing), 30, "the failed deployment to expire")
     assert run_cli(["worker", "model", "rm", "digits:2"], job_env).returncode == 0
+
+
+def test_a_gpu_replica_waits_for_a_worker_with_a_free_gpu(redis_conn: Any, job_env: dict[str, str], spawn: Any,
+                                                          exported_run: Path) -> None:
+    """On CPU-only workers a `--gpus 1` deployment stays starting, saying why, while a CPU one beside it is served."""
+    job_id = seed_finished_job(redis_conn, exported_run)
+    assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
+    res = run_cli(["worker", "deploy", "digits", "--gpus", "99"], job_env)
+    assert res.returncode == 2 and "gpus: must be 0 to" in res.stderr, res.stderr
+    res = run_cli(["worker", "deploy", "digits", "--gpus", "1"], job_env)
+    assert res.returncode == 0, res.stderr
+    gpu_dep = res.stdout.split()[-1]
+    (waiting,) = deployments(job_env)
+    assert waiting["waiting"] == "no worker is running (python -m worker run)"
+    worker = spawn.python(["worker", "run", "--cpu", "--slots", "1", "--no-prewarm", "--name", "cpu-host"], job_env,
+                          name="cpu-host")
+    cpu_dep, _, _ = _deploy_ready(job_env, spawn, worker, "digits")  # the worker tends: it serves what it can
+    (gpu,) = [d for d in deployments(job_env) if d["id"] == gpu_dep]
+    assert gpu["state"] == "starting" and gpu["replica_hosts"] == [] and gpu["gpus"] == 1
+    assert gpu["waiting"] == "needs a worker with 1 free GPU(s); no live worker has 1 GPU(s) (GPUs: cpu-host: 0)"
+    listed = run_cli(["worker", "deployments"], job_env).stdout
+    assert f"{gpu_dep}  digits" in listed and "waiting: needs a worker with 1 free GPU(s)" in listed
+    assert cpu_dep in listed
+
+
+def test_gpu_replicas_take_the_gpus_training_leaves(redis_conn: Any, job_env: dict[str, str], exported_run: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's placement, with its GPU inventory given (no GPU here): a replica asking for a GPU starts only when
+    one is free of the training job, on that GPU (CUDA_VISIBLE_DEVICES, `serve --gpu`); the next one waits."""
+    import psutil
+
+    from worker import api, deploy_host
+
+    monkeypatch.setenv("WORKER_SERVE_SLOTS", "4")
+    job_id = seed_finished_job(redis_conn, exported_run)
+    assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
+    first, _ = api.deployments.create(redis_conn, "digits", gpus=1)
+    training = {0, 1}
+    host = deploy_host.Host(redis_conn, "gpu-host", "127.0.0.1", gpus=[0, 1], training_gpus=lambda: set(training))
+    try:
+        host.tend()
+        assert not host.servers and api.deployments.hosts(redis_conn, first.id) == {}  # both GPUs train
+        training = {0}
+        host.tend()
+        (server,) = host.servers.values()
+        assert server.gpus == [1]
+        proc = psutil.Process(server.proc.pid)
+        assert proc.environ()["CUDA_VISIBLE_DEVICES"] == "1" and "--gpu" in proc.cmdline()
+        second, _ = api.deployments.create(redis_conn, "digits", gpus=1)
+        host.tend()
+        assert len(host.servers) == 1 and api.deployments.hosts(redis_conn, second.id) == {}  # no GPU left
+
+        def first_ready() -> bool:
+            host.tend()
+            return api.deployments.hosts(redis_conn, first.id)[0]["state"] == "ready"
+        wait_for(first_ready, 120, "the GPU replica to answer (ONNX Runtime falls back to the CPU here)",
+                 interval=0.5)
+    finally:
+        host.close()
+    assert server.proc.poll() is not None

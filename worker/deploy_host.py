@@ -2,7 +2,9 @@
 
 `Host.tend` runs every TEND_INTERVAL in the worker's deployment thread. It looks at the live deployments (and at its
 own servers, so a stopped deployment's end here): a replica with no live host is claimed (a transaction, so two
-workers never both take it) when this worker has a free serving slot, its server started as a child process
+workers never both take it) when this worker has a free serving slot and, for a replica asking for G GPUs (`deploy
+--gpus G`), G of its GPUs used neither by its training job nor by its other replicas (taken from the end of its
+device list, while a job takes the first ones); its server started as a child process
 (`python -m worker serve REF --deployment ID`), watched until it answers ready, restarted when it exits, failed after
 MAX_RESTARTS exits in a row, and ended when the deployment is stopped or the worker leaves.
 """
@@ -19,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +75,19 @@ class _Server:
     url: str
     started: float
     log: Path
+    gpus: list[int] = dataclasses.field(default_factory=list)
+    """The GPUs it was given (CUDA_VISIBLE_DEVICES)."""
     ready: bool = False
 
 
 class Host:
     """One worker's side of the deployments: the servers it runs (`tend` is called from its housekeeping)."""
 
-    def __init__(self, conn: redis.Redis, worker: str, addr: str) -> None:
+    def __init__(self, conn: redis.Redis, worker: str, addr: str, *, gpus: list[int] | None = None,
+                 training_gpus: Callable[[], set[int]] = set) -> None:
+        """`gpus`: the worker's GPU indices; `training_gpus()`: those its running job uses now."""
         self.conn, self.worker, self.addr = conn, worker, addr
+        self.gpus, self.training_gpus = list(gpus or []), training_gpus
         self.servers: dict[tuple[str, int], _Server] = {}
         self.failures: dict[tuple[str, int], int] = {}
         self.slots = int(os.environ.get(SERVE_SLOTS_ENV, "").strip() or SERVE_SLOTS)
@@ -123,8 +131,19 @@ class Host:
             return
         if len(self.servers) >= self.slots:
             return
+        devices = self._free_gpus(dep.gpus)
+        if devices is None:
+            return  # `deployments` says why it waits (worker/deployments.py `waiting_reason`)
         if self._claim(dep, replica, host):
-            self._start(dep, replica)
+            self._start(dep, replica, devices)
+
+    def _free_gpus(self, wanted: int) -> list[int] | None:
+        """`wanted` GPUs free of training and of this worker's other replicas ([] for a CPU replica), or None."""
+        if not wanted:
+            return []
+        taken = self.training_gpus() | {g for s in self.servers.values() for g in s.gpus}
+        free = [g for g in self.gpus if g not in taken]
+        return free[-wanted:] if len(free) >= wanted else None
 
     def _claim(self, dep: Deployment, replica: int, seen: dict[str, Any] | None) -> bool:
         """Take the replica if its record is still what we saw (two workers never both take it)."""
@@ -143,19 +162,20 @@ class Host:
             except redis.exceptions.WatchError:
                 return False
 
-    def _start(self, dep: Deployment, replica: int) -> None:
+    def _start(self, dep: Deployment, replica: int, gpus: list[int]) -> None:
         port = free_port(self.addr)
         cmd = [sys.executable, "-m", "worker", "serve", dep.ref, "--host", self.addr, "--port", str(port),
                "--max-batch", str(dep.max_batch), "--max-delay-ms", str(dep.max_delay_ms), "--deployment", dep.id]
-        if dep.gpus:
-            cmd.append("--gpu")
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # the deployment's tokens, not the worker's
+        if gpus:
+            cmd.append("--gpu")  # ONNX Runtime's TensorRT and CUDA providers where present (worker/serving/model.py)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         log_path = var_dir() / "deployments" / f"{dep.id}-{replica}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     preexec_fn=own_session_preexec)  # noqa: PLW1509 - a fresh child, no threads
-        self.servers[(dep.id, replica)] = _Server(proc, f"http://{self.addr}:{port}", time.time(), log_path)
+        self.servers[(dep.id, replica)] = _Server(proc, f"http://{self.addr}:{port}", time.time(), log_path, gpus)
         log.info("worker %s: starting deployment %s replica %d (%s) at %s", self.worker, dep.id, replica, dep.ref,
                  self.servers[(dep.id, replica)].url)
 
@@ -181,7 +201,11 @@ class Host:
                 self._record(dep, replica, state=FAILED, url="", error=dep.error)
             else:
                 self._record(dep, replica, state=STARTING, url="", error=err.strip()[-300:])
-                self._start(dep, replica)
+                devices = self._free_gpus(dep.gpus)
+                if devices is None:  # the job took its GPUs meanwhile: free the replica for any worker to claim
+                    self.conn.hdel(keys.deployment_hosts(dep.id), str(replica))
+                    return
+                self._start(dep, replica, devices)
             return
         if not server.ready:
             if _answers(server.url):

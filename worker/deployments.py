@@ -34,9 +34,11 @@ from typing import Any
 import redis
 
 from worker import audit, keys, notify, users
+from worker.defaults import MAX_GPUS_PER_JOB
 from worker.errors import ModelError
 from worker.hashcodec import decode_reply
 from worker.models import resolve
+from worker.presence import list_workers
 from worker.serving.tokens import digest
 
 STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
@@ -80,10 +82,11 @@ class Deployment:
     ended_at: float = 0.0
     """When it stopped or failed (0: it has not)."""
 
-    def public(self, hosts: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """What `deployments --json` prints, with each replica's worker and URL (no token: Redis has none to show)."""
+    def public(self, hosts: dict[int, dict[str, Any]], waiting: str = "") -> dict[str, Any]:
+        """What `deployments --json` prints, with each replica's worker and URL (no token: Redis has none to show)
+        and, while a replica has no host, why (`waiting`)."""
         urls = [h["url"] for _, h in sorted(hosts.items()) if h.get("url")]
-        return {**dataclasses.asdict(self),
+        return {**dataclasses.asdict(self), "waiting": waiting,
                 "url": urls[0] if urls else "", "worker": next((h["worker"] for h in hosts.values()), ""),
                 "replica_hosts": [{"replica": i, **h} for i, h in sorted(hosts.items())]}
 
@@ -155,15 +158,33 @@ def get(conn: redis.Redis, dep_id: str) -> Deployment:
 def listing(conn: redis.Redis, owner: str | None = None) -> list[dict[str, Any]]:
     """Every deployment whose records have not expired (only `owner`'s if given), oldest first (expired ones leave the
     index here)."""
-    out = []
+    out, workers = [], None
     for dep_id in (decode_reply(i) for i in conn.zrange(keys.deployments(), 0, -1)):
         dep = load(conn, dep_id)
         if dep is None:
             conn.zrem(keys.deployments(), dep_id)
             continue
-        if owner is None or dep.owner == owner:
-            out.append(dep.public(hosts(conn, dep_id)))
+        if owner is not None and dep.owner != owner:
+            continue
+        placed = hosts(conn, dep_id)
+        unplaced = dep.state == STARTING and sum(1 for h in placed.values() if h.get("worker")) < dep.replicas
+        if unplaced and workers is None:
+            workers = list_workers(conn)
+        out.append(dep.public(placed, waiting_reason(dep, workers or []) if unplaced else ""))
     return out
+
+
+def waiting_reason(dep: Deployment, workers: list[dict[str, Any]]) -> str:
+    """Why a replica of `dep` has no host yet, from the live workers' advertisements."""
+    if not workers:
+        return "no worker is running (python -m worker run)"
+    if dep.gpus:
+        have = ", ".join(f"{w['name']}: {len(w.get('gpus') or [])}" for w in workers)
+        if not any(len(w.get("gpus") or []) >= dep.gpus for w in workers):
+            return f"needs a worker with {dep.gpus} free GPU(s); no live worker has {dep.gpus} GPU(s) (GPUs: {have})"
+        return (f"needs {dep.gpus} GPU(s) on one worker free of its training job and other replicas; none is free "
+                f"now (GPUs: {have})")
+    return f"needs a worker with a free serving slot ({len(workers)} worker(s) alive; WORKER_SERVE_SLOTS per worker)"
 
 
 def in_use(conn: redis.Redis) -> dict[str, str]:
@@ -188,9 +209,11 @@ def create(conn: redis.Redis, ref: str, *, replicas: int = 1, gpus: int = 0, max
     resolve(conn, ref)  # refuses an unknown model, version or alias now, not on a worker
     if not 1 <= replicas <= 16:
         raise DeploymentError(f"replicas: must be 1 to 16, got {replicas}")
+    if not 0 <= gpus <= MAX_GPUS_PER_JOB:
+        raise DeploymentError(f"gpus: must be 0 to {MAX_GPUS_PER_JOB} per replica, got {gpus}")
     if not 1 <= max_batch <= 1024:
         raise DeploymentError(f"max-batch: must be 1 to 1024, got {max_batch}")
-    dep = Deployment(id="d-" + secrets.token_hex(4), ref=ref, replicas=replicas, gpus=max(0, gpus),
+    dep = Deployment(id="d-" + secrets.token_hex(4), ref=ref, replicas=replicas, gpus=gpus,
                      max_batch=max_batch, max_delay_ms=max(0.0, max_delay_ms), state=STARTING,
                      created_at=time.time(), owner=actor.name)
     token = _issue(conn, dep.id)
@@ -270,16 +293,19 @@ def settle(conn: redis.Redis, dep: Deployment) -> None:
     new = READY if READY in states else FAILED if states and all(s == FAILED for s in states) and \
         len(states) >= dep.replicas else STARTING
 
+    changed = []
+
     def settled(d: Deployment) -> bool:
+        changed.clear()  # (called again when the transaction is retried)
         if d.state in (STOPPED, new):
             return False
         d.state, d.ended_at = new, time.time() if new == FAILED else 0.0
+        changed.append(new)
         return True
-    before = dep.state
-    now = _update(conn, dep.id, settled)
+    now = _update(conn, dep.id, settled) if new != dep.state else dep  # (a transaction only for a change)
     if now is None:
         return
-    if now.state == FAILED and before != FAILED:
+    if changed == [FAILED]:  # this worker's transaction failed it: announced once
         notify.emit(conn, "deployment.failed", {"id": now.id, "model": now.ref, "state": FAILED,
                                                 "error": now.error, "url": notify.dashboard_link("models")})
     if now.state == FAILED and time.time() - now.ended_at > _seconds(FAILED_GRACE_ENV, FAILED_GRACE):

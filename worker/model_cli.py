@@ -132,6 +132,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
     for d in rows:
         where = ", ".join(f"{h.get('url') or '-'} on {h['worker']} ({h.get('state')})" for h in d["replica_hosts"])
         print(f"{d['id']}  {d['ref']:<24} {d['state']:<9} {d['owner']:<12} {where or 'no worker yet'}"
+              + (f"  waiting: {d['waiting']}" if d["waiting"] else "")
               + (f"  error: {d['error']}" if d["error"] else ""))
     return 0
 
@@ -201,7 +202,8 @@ def add_model_commands(sub: Any) -> None:
     s = sub.add_parser("deploy", help="serve a model on the workers (managed; prints the deployment id last)")
     s.add_argument("ref", metavar="MODEL_REF", help="NAME, NAME:VERSION or NAME@ALIAS (followed as it moves)")
     s.add_argument("--replicas", type=int, default=1)
-    s.add_argument("--gpus", type=int, default=0, help="use the hosting worker's GPU (CUDA/TensorRT) when >0")
+    s.add_argument("--gpus", type=int, default=0, help="GPUs per replica: hosted only by a worker with that many "
+                                                       "GPUs free of its training job; CUDA/TensorRT providers there")
     s.add_argument("--max-batch", type=int, default=32)
     s.add_argument("--max-delay-ms", type=float, default=0.0)
     s.set_defaults(func=_refusing(cmd_deploy))

@@ -217,7 +217,8 @@ class TrainerWorker(SimpleWorker):
             self._deliverer = notify.Deliverer(self.connection, self.name)
             self._deliverer.start()
         if self._deploy_thread is None or not self._deploy_thread.is_alive():
-            host = deploy_host.Host(self.connection, self.name, deploy_host.serve_address(self.ctx.advertise_addr))
+            host = deploy_host.Host(self.connection, self.name, deploy_host.serve_address(self.ctx.advertise_addr),
+                                    gpus=self.ctx.devices or [], training_gpus=self._training_gpus)
             self._deploy_thread = threading.Thread(target=host.loop, args=(self._hb_stop,), name="deployments",
                                                    daemon=True)
             self._deploy_thread.start()
@@ -226,6 +227,15 @@ class TrainerWorker(SimpleWorker):
             self._last_gc_check = now
             self._gc_thread = threading.Thread(target=self._daily_gc, name="retention", daemon=True)
             self._gc_thread.start()
+
+    def _training_gpus(self) -> set[int]:
+        """The GPUs the running job uses, which no deployment replica may take: a job of N GPUs runs on the first N
+        devices (worker/attempt.py `launch`)."""
+        job, devices = self.ctx.current_job, self.ctx.devices or []
+        if not job or not devices:
+            return set()
+        record = JobRecord.find(self.connection, job, "gpus")
+        return set(devices[:record.gpus] if record is not None else devices)
 
     def _daily_gc(self) -> None:
         try:

@@ -12,7 +12,7 @@ import streamlit as st
 from app import ui
 from app.connection import require_redis
 from app.tables import fmt_bytes, fmt_time
-from worker.api import ModelError, deployments, models
+from worker.api import MAX_GPUS_PER_JOB, ModelError, deployments, models
 
 conn = require_redis()
 st.title("Models")
@@ -33,7 +33,8 @@ def deploy(name: str) -> None:
     target = st.session_state.get("models:deploy:ref") or name
     try:
         dep, token = deployments.create(conn, target,
-                                        replicas=int(st.session_state.get("models:deploy:replicas") or 1))
+                                        replicas=int(st.session_state.get("models:deploy:replicas") or 1),
+                                        gpus=int(st.session_state.get("models:deploy:gpus") or 0))
         st.session_state["models:token"] = (dep.id, token)
         ui.flash(f"deployment {dep.id} of {target} is starting on the workers")
     except ModelError as err:
@@ -86,6 +87,7 @@ st.dataframe(versions_frame(versions, aliases), hide_index=True, key="models:ver
 left, right = st.columns(2)
 with left:
     st.markdown("**Aliases**")
+    st.markdown("  \n".join(f"`{a}` → version {v}" for a, v in sorted(aliases.items())) or "None yet.")
     with st.form("models:alias"):
         st.text_input("Alias", value="production", key="models:alias:name")
         st.selectbox("Version", [v.version for v in reversed(versions)], key="models:alias:version")
@@ -97,6 +99,8 @@ with right:
         st.selectbox("What to serve", refs, key="models:deploy:ref",
                      help="NAME: the latest version now; NAME@ALIAS: follows the alias as it moves")
         st.number_input("Replicas", min_value=1, max_value=16, value=1, key="models:deploy:replicas")
+        st.number_input("GPUs per replica", min_value=0, max_value=MAX_GPUS_PER_JOB, value=0, key="models:deploy:gpus",
+                        help="0: CPU. Otherwise hosted only by a worker with that many GPUs free of its training job")
         st.form_submit_button("Deploy", on_click=deploy, args=(name,), type="primary")
 
 token = st.session_state.pop("models:token", None)
@@ -113,5 +117,7 @@ for d in mine:
     cols[1].markdown(d["ref"])
     cols[2].markdown(d["state"])
     cols[3].markdown(" · ".join(f"{h.get('url') or '-'} on {h['worker']}" for h in d["replica_hosts"]) or "–")
+    if d["waiting"]:
+        cols[3].caption(f"Waiting: {d['waiting']}")
     if d["state"] != deployments.STOPPED:
         cols[4].button("Undeploy", key=f"models:undeploy:{d['id']}", on_click=undeploy, args=(d["id"],))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,12 @@ def providers(use_gpu: bool) -> list[str]:
     import onnxruntime as ort
 
     have = set(ort.get_available_providers())
-    return [p for p in ACCELERATED if use_gpu and p in have] + ["CPUExecutionProvider"]
+    chosen = [p for p in ACCELERATED if use_gpu and p in have]
+    if use_gpu and not chosen:  # said in the server's log (a deployment's: var/deployments/ID-REPLICA.log)
+        print(f"warning: --gpu, but this ONNX Runtime ({ort.__version__}) has neither the CUDA nor the TensorRT "
+              "execution provider (the onnxruntime-gpu package has them): serving on the CPU", file=sys.stderr,
+              flush=True)
+    return [*chosen, "CPUExecutionProvider"]
 
 
 @dataclasses.dataclass

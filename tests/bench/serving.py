@@ -162,11 +162,12 @@ IN_PROCESS_PAUSE = 0.002
 
 
 def _in_process_p50(model: Any, x: np.ndarray, runs: int) -> list[float]:
-    """ms of each in-process run, one at a time with a short pause between them.
+    """ms of each in-process run, one at a time with a short pause between them, as the server's inference thread
+    sleeps between a client's requests.
 
-    Without the pause the loop is a CPU hog, which Linux's scheduler treats differently from the server's inference
-    thread, which sleeps between requests: at load average 10-15 on 2 cores a back-to-back loop measured 17-24 ms per
-    run while the server answered in 10 ms, a negative "overhead" that compares the scheduler, not the server."""
+    Only a quiet machine makes the gap rows meaningful: at load average 10-15 on 2 cores these runs measured 17-24 ms
+    (7.4 ms quiet), with or without the pause, while the server answered in 9-22 ms: a negative "overhead" that
+    compares the scheduler's treatment of two processes, not the server's work."""
     model.infer(x)
     times = []
     for _ in range(runs):

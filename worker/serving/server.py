@@ -112,8 +112,8 @@ def http_stack() -> tuple[str, str]:
     pure-Python h11 and asyncio's own loop, which serve the same requests more slowly.
 
     Named rather than left to uvicorn's "auto", so that the choice is this module's and the start-up line says which
-    ran. Measured side by side under ab on 2 shared cores (ResNet-18 at 16 px): the server's CPU per request 0.2-0.7 ms
-    lower with httptools and uvloop (e.g. 7.9 against 8.6 ms without batching at 32 clients); the latencies moved
+    ran. Measured side by side under ab on 2 shared cores (ResNet-18 at 16 px): the server's CPU per request 0-0.7 ms
+    lower with httptools and uvloop (7.9 against 8.6 ms without batching at 32 clients); the latencies moved
     with the machine's load (6-13) more than with the parser (docs/benchmarks.md "Serving")."""
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"

@@ -1,5 +1,6 @@
-"""`python -m worker serve`: a real server process, real HTTP clients (plain HTTP: the Open Inference Protocol's JSON),
-on a model version registered from a job that core trained and exported.
+"""`python -m worker serve`: a real server process, real HTTP clients (plain HTTP: the Open Inference Protocol's JSON,
+and its binary tensor data extension as tritonclient sends it), on a model version registered from a job that core
+trained and exported.
 
 What a client would notice: the v2 routes answer as the protocol says and agree with ONNX Runtime in-process;
 classify agrees with the bundle's predict.py; every kind of bad request gets a 4xx naming the problem and the server

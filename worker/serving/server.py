@@ -122,10 +122,9 @@ def http_stack() -> tuple[str, str]:
     pure-Python h11 and asyncio's own loop, which serve the same requests more slowly.
 
     Named rather than left to uvicorn's "auto", so that the choice is this module's and the start-up line says which
-    ran. Measured side by side with one keep-alive HTTP/1.1 client (http.client, ResNet-18 at 16 px, a model run of
-    7-8 ms): p50 about 10 ms for both on a quiet machine, but at load average 6-10 on 2 cores 9 ms with httptools and
-    28-44 ms with h11; with ab (HTTP/1.0, a new connection per request) the two were within the noise
-    (docs/benchmarks.md "Serving")."""
+    ran. Measured side by side under ab on 2 shared cores (ResNet-18 at 16 px): the server's CPU per request 0-0.7 ms
+    lower with httptools and uvloop (7.9 against 8.6 ms without batching at 32 clients); the latencies moved
+    with the machine's load (6-13) more than with the parser (docs/benchmarks.md "Serving")."""
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     return http, loop

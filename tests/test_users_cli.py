@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures_worker import DIGITS, make_imagefolder, run_cli
-from worker import accounts, api, keys, users
+from worker import accounts, api, audit, keys, users
 from worker.errors import PermissionDeniedError, UserError
 
 
@@ -177,6 +177,24 @@ def test_per_user_limits_at_submission(redis_conn: Any, people: People, monkeypa
     api.cancel_sweep(redis_conn, sweep, actor=people.actor("cat"))
 
 
+def test_retry_and_delete_are_the_owners_or_an_admins(redis_conn: Any, people: People) -> None:
+    bob, cat, ada = people.actor("bob"), people.actor("cat"), people.actor("ada")
+    job = api.submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True, actor=cat).job_id
+    api.cancel_job(redis_conn, job, actor=cat)
+    for call in (api.retry_job, api.delete_job):
+        with pytest.raises(PermissionDeniedError, match="belongs to cat"):
+            call(redis_conn, job, actor=bob)
+    with pytest.raises(PermissionDeniedError, match="no acting user"):  # a caller that forgot to say who acts
+        api.delete_job(redis_conn, job)
+    again = api.retry_job(redis_conn, job, actor=ada)
+    assert api.job_status(redis_conn, again)["owner"] == "ada"  # a retry belongs to who retried it
+    api.delete_job(redis_conn, job, actor=cat)
+    assert [j["id"] for j in api.list_jobs(redis_conn)] == [again]
+    log = [(e.actor, e.action, e.target) for e in audit.entries(redis_conn)]
+    assert ("ada", "job.retry", job) in log and ("cat", "job.delete", job) in log
+    assert ("ada", "job.submit", again) in log
+
+
 def test_user_management_through_the_cli(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINER_TOKEN", raising=False)
@@ -263,8 +281,8 @@ def test_sweeps_datasets_hooks_and_gc_follow_the_rules(redis_conn: Any, people: 
 
     log = audit_lines(ada)
     seen = {(e["actor"], e["action"], e["target"]) for e in log}
-    assert {("bob", "sweep.create", sweep), ("bob", "dataset.register", "shapes:1"), ("bob", "dataset.remove", "shapes"),
-            ("ada", "hook.add", hook)} <= seen
+    assert {("bob", "sweep.create", sweep), ("bob", "dataset.register", "shapes:1"),
+            ("bob", "dataset.remove", "shapes"), ("ada", "hook.add", hook)} <= seen
     assert {"storage.gc"} <= {e["action"] for e in log}
     assert "secret-part" not in json.dumps(log)  # a hook URL's own secret stays out of the log
     assert not [e for e in log if e["action"] == "job.submit"]  # trials are not logged one by one: the sweep is

@@ -294,10 +294,9 @@ def test_models_and_deployments_have_owners(redis_conn: Any, job_env: dict[str, 
     from tests.fixtures_app import seed_finished_job
 
     job = seed_finished_job(redis_conn, exported_run)  # made before users: the operator's
-    crew = People(job_env, tmp_path)
-    crew.add("ada", "admin")
-    crew.add("bob", "submitter", as_="ada")
-    crew.add("cat", "submitter", as_="ada")
+    crew = People(redis_conn, job_env, tmp_path)
+    for name, role in (("ada", "admin"), ("bob", "submitter"), ("cat", "submitter")):
+        crew.made(name, role)
     ada, bob, cat = (crew.env[n] for n in ("ada", "bob", "cat"))
     assert api.job_status(redis_conn, job)["owner"] == "operator"
     refused(["model", "register", job, "--name", "digits"], {**crew.base}, 3, "TRAINER_TOKEN")

@@ -177,6 +177,28 @@ def test_per_user_limits_at_submission(redis_conn: Any, people: People, monkeypa
     api.cancel_sweep(redis_conn, sweep, actor=people.actor("cat"))
 
 
+def test_concurrent_submissions_cannot_all_pass_one_count(redis_conn: Any, people: People) -> None:
+    """Eight submissions of one user at once, with room for three: exactly three are enqueued (the count and the
+    enqueue run under the user's submission lock), the others are refused naming the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    accounts.change_limits(redis_conn, "bob", users.UserLimits(max_active_jobs=3), actor=people.actor("ada"))
+    bob = people.actor("bob")
+
+    def one(_: int) -> str:  # a redis-py client is thread-safe: each call takes its own pooled connection
+        try:
+            api.submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True, actor=bob)
+            return "ok"
+        except PermissionDeniedError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert results.count("ok") == 3, results
+    assert all("at most 3 job(s)" in r for r in results if r != "ok"), results
+    assert len(api.list_jobs(redis_conn, owner="bob")) == 3
+
+
 def test_retry_and_delete_are_the_owners_or_an_admins(redis_conn: Any, people: People) -> None:
     bob, cat, ada = people.actor("bob"), people.actor("cat"), people.actor("ada")
     job = api.submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True, actor=cat).job_id

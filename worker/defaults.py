@@ -172,6 +172,12 @@ USER_MAX_GPUS_ENV = "USER_MAX_GPUS"
 """Environment variable: the most GPUs (or CPU ranks) a user's queued and running jobs may ask for together, for users
 without an explicit limit (unset or empty: no limit; admins are never limited)."""
 
+USER_SUBMIT_LOCK_TTL = 30.0
+"""Seconds a user's submission lock (keys.user_submit_lock) lives at most (a submission that died holding it)."""
+
+USER_SUBMIT_LOCK_WAIT = 20.0
+"""Seconds a submission waits for the same user's other submission to finish counting and enqueuing."""
+
 MAX_SWEEP_TRIALS = 1000
 """Most trials one sweep may ask for (each is a job record, a stream and an Optuna trial in Redis)."""
 

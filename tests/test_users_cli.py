@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures_worker import DIGITS, make_imagefolder, run_cli
-from worker import accounts, api, keys, users
+from worker import accounts, api, audit, keys, users
 from worker.errors import PermissionDeniedError, UserError
 
 
@@ -177,6 +177,46 @@ def test_per_user_limits_at_submission(redis_conn: Any, people: People, monkeypa
     api.cancel_sweep(redis_conn, sweep, actor=people.actor("cat"))
 
 
+def test_concurrent_submissions_cannot_all_pass_one_count(redis_conn: Any, people: People) -> None:
+    """Eight submissions of one user at once, with room for three: exactly three are enqueued (the count and the
+    enqueue run under the user's submission lock), the others are refused naming the limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    accounts.change_limits(redis_conn, "bob", users.UserLimits(max_active_jobs=3), actor=people.actor("ada"))
+    bob = people.actor("bob")
+
+    def one(_: int) -> str:  # a redis-py client is thread-safe: each call takes its own pooled connection
+        try:
+            api.submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True, actor=bob)
+            return "ok"
+        except PermissionDeniedError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert results.count("ok") == 3, results
+    assert all("at most 3 job(s)" in r for r in results if r != "ok"), results
+    assert len(api.list_jobs(redis_conn, owner="bob")) == 3
+
+
+def test_retry_and_delete_are_the_owners_or_an_admins(redis_conn: Any, people: People) -> None:
+    bob, cat, ada = people.actor("bob"), people.actor("cat"), people.actor("ada")
+    job = api.submit_job(DIGITS, ["train.epochs=1"], connection=redis_conn, allow_local_paths=True, actor=cat).job_id
+    api.cancel_job(redis_conn, job, actor=cat)
+    for call in (api.retry_job, api.delete_job):
+        with pytest.raises(PermissionDeniedError, match="belongs to cat"):
+            call(redis_conn, job, actor=bob)
+    with pytest.raises(PermissionDeniedError, match="no acting user"):  # a caller that forgot to say who acts
+        api.delete_job(redis_conn, job)
+    again = api.retry_job(redis_conn, job, actor=ada)
+    assert api.job_status(redis_conn, again)["owner"] == "ada"  # a retry belongs to who retried it
+    api.delete_job(redis_conn, job, actor=cat)
+    assert [j["id"] for j in api.list_jobs(redis_conn)] == [again]
+    log = [(e.actor, e.action, e.target) for e in audit.entries(redis_conn)]
+    assert ("ada", "job.retry", job) in log and ("cat", "job.delete", job) in log
+    assert ("ada", "job.submit", again) in log
+
+
 def test_user_management_through_the_cli(redis_conn: Any, job_env: dict[str, str], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRAINER_TOKEN", raising=False)
@@ -263,8 +303,8 @@ def test_sweeps_datasets_hooks_and_gc_follow_the_rules(redis_conn: Any, people: 
 
     log = audit_lines(ada)
     seen = {(e["actor"], e["action"], e["target"]) for e in log}
-    assert {("bob", "sweep.create", sweep), ("bob", "dataset.register", "shapes:1"), ("bob", "dataset.remove", "shapes"),
-            ("ada", "hook.add", hook)} <= seen
+    assert {("bob", "sweep.create", sweep), ("bob", "dataset.register", "shapes:1"),
+            ("bob", "dataset.remove", "shapes"), ("ada", "hook.add", hook)} <= seen
     assert {"storage.gc"} <= {e["action"] for e in log}
     assert "secret-part" not in json.dumps(log)  # a hook URL's own secret stays out of the log
     assert not [e for e in log if e["action"] == "job.submit"]  # trials are not logged one by one: the sweep is
@@ -276,10 +316,9 @@ def test_models_and_deployments_have_owners(redis_conn: Any, job_env: dict[str, 
     from tests.fixtures_app import seed_finished_job
 
     job = seed_finished_job(redis_conn, exported_run)  # made before users: the operator's
-    crew = People(job_env, tmp_path)
-    crew.add("ada", "admin")
-    crew.add("bob", "submitter", as_="ada")
-    crew.add("cat", "submitter", as_="ada")
+    crew = People(redis_conn, job_env, tmp_path)
+    for name, role in (("ada", "admin"), ("bob", "submitter"), ("cat", "submitter")):
+        crew.made(name, role)
     ada, bob, cat = (crew.env[n] for n in ("ada", "bob", "cat"))
     assert api.job_status(redis_conn, job)["owner"] == "operator"
     refused(["model", "register", job, "--name", "digits"], {**crew.base}, 3, "TRAINER_TOKEN")

@@ -187,9 +187,11 @@ def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = N
     if record.state not in FINAL_STATES:
         raise InvalidJobStateError(f"job {job_id} is {record.state}; only a finished, failed or cancelled job can "
                                    "be retried")
-    return submit_job(record.config, connection=conn, gpus=record.gpus, nodes=record.num_nodes,
-                      priority=record.priority, store=store, allow_local_paths=True, timeout=record.timeout,
-                      name=record.get("name"), extra={"retried_from": job_id}, actor=actor).job_id
+    new = submit_job(record.config, connection=conn, gpus=record.gpus, nodes=record.num_nodes,
+                     priority=record.priority, store=store, allow_local_paths=True, timeout=record.timeout,
+                     name=record.get("name"), extra={"retried_from": job_id}, actor=actor).job_id
+    audit.record(conn, actor, audit.AuditAction.JOB_RETRY, job_id, owner=record.get("owner", users.OPERATOR), new=new)
+    return new
 
 
 def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None,

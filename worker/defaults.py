@@ -185,6 +185,12 @@ JOB_OOM_SCORE_ADJ = 500
 """`oom_score_adj` of a job's processes (set by the guard): if a spike outruns the memory watch and the kernel's
 OOM killer must pick a process, it picks the job's, not the worker, Redis or the dashboard."""
 
+USER_SUBMIT_LOCK_TTL = 30.0
+"""Seconds a user's submission lock (keys.user_submit_lock) lives at most (a submission that died holding it)."""
+
+USER_SUBMIT_LOCK_WAIT = 20.0
+"""Seconds a submission waits for the same user's other submission to finish counting and enqueuing."""
+
 MAX_SWEEP_TRIALS = 1000
 """Most trials one sweep may ask for (each is a job record, a stream and an Optuna trial in Redis)."""
 

@@ -337,6 +337,12 @@ def user_tokens() -> str:
     return _key("user-tokens")
 
 
+def user_submit_lock(name: str) -> str:
+    """STRING (redis-py Lock, USER_SUBMIT_LOCK_TTL): held while one submission of a user with limits counts their
+    active jobs and enqueues, so concurrent submissions cannot all pass the same count (worker/submit.py)."""
+    return _key("user", name, "submit-lock")
+
+
 def audit() -> str:
     """STREAM of the audit log (field `entry`: JSON of worker/audit.py `AuditEntry`), capped at AUDIT_MAXLEN."""
     return _key("audit")

@@ -8,10 +8,12 @@ are often started after the jobs (`honcho start`, tests, autoscaling).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,15 @@ import redis
 from worker import audit, datasets, gang, keys, users
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
-from worker.defaults import JOB_TIME_LIMIT_ENV, JOB_TIME_LIMIT_HOURS, MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
+from worker.defaults import (
+    JOB_TIME_LIMIT_ENV,
+    JOB_TIME_LIMIT_HOURS,
+    MAX_GPUS_PER_JOB,
+    MAX_NODES_PER_JOB,
+    PRIORITIES,
+    USER_SUBMIT_LOCK_TTL,
+    USER_SUBMIT_LOCK_WAIT,
+)
 from worker.diskspace import low_disk
 from worker.errors import ArtifactError, PermissionDeniedError, SubmissionError
 from worker.hashcodec import decode_reply
@@ -202,6 +212,28 @@ def check_limits(conn: redis.Redis, actor: users.Actor, *, jobs: int, gpus: int,
             f"this asks for {gpus} more. Ask for fewer, or wait for a job to end ({change} --max-gpus G)")
 
 
+@contextlib.contextmanager
+def limits_held(conn: redis.Redis, actor: users.Actor, *, jobs: int, gpus: int, priority: str) -> Iterator[None]:
+    """`check_limits`, still true when the block (the enqueue) ends: for a user with jobs or GPUs to count, the count
+    and the block run under the user's submission lock, so concurrent submissions cannot all pass the same count."""
+    limits = None if actor.is_system else users.effective_limits(actor)
+    if limits is None or (limits.max_active_jobs is None and limits.max_gpus is None):
+        check_limits(conn, actor, jobs=jobs, gpus=gpus, priority=priority)
+        yield
+        return
+    lock = conn.lock(keys.user_submit_lock(actor.name), timeout=USER_SUBMIT_LOCK_TTL,
+                     blocking_timeout=USER_SUBMIT_LOCK_WAIT)
+    if not lock.acquire():
+        raise SubmissionError(f"another submission of {actor.name}'s has been counting their jobs for "
+                              f"{USER_SUBMIT_LOCK_WAIT:.0f} s; nothing was enqueued: try again")
+    try:
+        check_limits(conn, actor, jobs=jobs, gpus=gpus, priority=priority)
+        yield
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):  # expired meanwhile: nothing left to release
+            lock.release()
+
+
 @dataclasses.dataclass(frozen=True)
 class Checked:
     """A request that passed submission's own checks (`check_request`): a job's, or a sweep's base config, so both
@@ -341,7 +373,10 @@ def submit_job(
         "owner": actor.name,
         **(extra or {}),
     }
-    with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
+    with (
+        limits_held(connection, actor, jobs=1, gpus=ranks, priority=priority),  # still true when the job lands
+        connection.pipeline() as pipe,  # MULTI/EXEC: the status hash, the index and the RQ job land together
+    ):
         pipe.multi()  # explicitly: RQ's enqueue joins a transaction only when it is already open
         JobRecord.create(pipe, fields)
         pipe.zadd(keys.jobs_index(), {job_id: now})

@@ -19,7 +19,6 @@ from core.data.fast import (
     classic_augment,
     crop_flip,
     draw_classic_params,
-    jitter_,
     make_fast_loaders,
 )
 
@@ -64,16 +63,24 @@ def test_centred_unflipped_crop_without_jitter_is_identity() -> None:
 
 
 @pytest.mark.parametrize("brightness_first", [True, False])
-def test_jitter_matches_torchvision(brightness_first: bool) -> None:
-    x = _images(n=8).float() / 255
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jitter_matches_torchvision(brightness_first: bool, channels: int) -> None:
+    x = _images(n=8, c=channels)
+    x[:, :, :4] = 255  # bright patches: the brightness clamp at 1 matters for b > 1
     b = torch.linspace(0.8, 1.2, 8)
     c = torch.linspace(1.2, 0.8, 8)
-    got = jitter_(x.clone(), b, c, brightness_first=brightness_first)
+    params = {"oy": torch.zeros(8, dtype=torch.long), "ox": torch.zeros(8, dtype=torch.long),
+              "flip": torch.zeros(8, dtype=torch.bool), "brightness": b, "contrast": c}
+    got = classic_augment(x, torch.Generator(), pad=0, hflip=False, params=params, brightness_first=brightness_first)
     for i in range(len(x)):
-        ref = x[i]
+        ref = x[i].float() / 255
         for op in ("b", "c") if brightness_first else ("c", "b"):
             ref = TF.adjust_brightness(ref, float(b[i])) if op == "b" else TF.adjust_contrast(ref, float(c[i]))
         assert torch.allclose(got[i], ref, atol=2e-3), i  # torchvision's grey uses 0.2989 for red, PIL 0.299
+    mean, std = torch.tensor([0.4, 0.5, 0.6][:channels]).view(1, -1, 1, 1), torch.tensor([0.2, 0.25, 0.3][:channels])
+    normalised = classic_augment(x, torch.Generator(), pad=0, hflip=False, params=params,
+                                 brightness_first=brightness_first, normalize=(mean, std.view(1, -1, 1, 1)))
+    assert torch.allclose(normalised, (got - mean) / std.view(1, -1, 1, 1), atol=1e-5)
 
 
 def test_augmentation_is_random_and_in_range() -> None:

@@ -27,7 +27,14 @@ import torch
 from PIL import Image
 
 from core.data.defaults import IMAGENET_MEAN, IMAGENET_STD, SHUFFLE_WINDOW_SHARDS
-from core.data.fast import EpochBatches, classic_augment, draw_classic_params, epoch_generator
+from core.data.fast import (
+    EpochBatches,
+    apply_table,
+    classic_augment,
+    draw_classic_params,
+    epoch_generator,
+    normalise_table,
+)
 from core.data.loaders import LoaderKind, Loaders
 from core.data.shard_cache import ShardCache
 from core.data.shards import LoadedShard, PreparedIndex, SplitShards, read_index
@@ -151,6 +158,7 @@ class ShardBatchLoader(EpochBatches):
         self.input_size = [int(v) for v in input_size]
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.table = normalise_table(self.mean, self.std, device)
         self.pad = max(1, self.input_size[-1] // 8)
         self.epoch = 0
         n = len(reader.split)
@@ -208,11 +216,11 @@ class ShardBatchLoader(EpochBatches):
             x_u8 = center_crop(x_u8.to(self.device, non_blocking=True), self.input_size)
             if augment:
                 sl = slice(i * self.batch_size, i * self.batch_size + len(batches[i]))
-                x = classic_augment(x_u8.contiguous(), gen, pad=self.pad, hflip=self.hflip,
-                                    params={k: v[sl] for k, v in params.items()}, brightness_first=brightness_first[i])
-                yield x.sub_(self.mean).div_(self.std), y
+                yield classic_augment(x_u8, gen, pad=self.pad, hflip=self.hflip,
+                                      params={k: v[sl] for k, v in params.items()},
+                                      brightness_first=brightness_first[i], normalize=(self.mean, self.std)), y
             else:
-                yield x_u8.float().mul_(1 / 255).sub_(self.mean).div_(self.std), y
+                yield apply_table(x_u8, self.table), y
 
     def _prefetched(self, batches: list[np.ndarray]) -> Iterator[torch.Tensor]:
         """uint8 batches assembled by a background thread while another makes the coming shards local."""

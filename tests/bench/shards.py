@@ -81,10 +81,10 @@ def bench_data_path(raw_url: Path, photos: Path, quick: bool) -> list[Row]:
     cores = os.cpu_count() or 1
     info, device = distributed.DistInfo(), torch.device("cpu")
     cfg_s = _cfg(prepared=str(raw_url), cache_max_mb=1)
-    shards = make_loaders(cfg_s, build_datasets(cfg_s), info, device)["train"]
+    shards = make_loaders(cfg_s, build_datasets(cfg_s), info, device).train
     assert isinstance(shards, ShardBatchLoader), type(shards)
     cfg_p = _cfg(path=str(photos), cache="off")
-    pil = make_loaders(cfg_p, build_datasets(cfg_p), info, device)["train"]
+    pil = make_loaders(cfg_p, build_datasets(cfg_p), info, device).train
     workers = num_workers(cfg_p)
     epochs = 2 if quick else 4
 
@@ -142,11 +142,11 @@ def bench_epoch_ratio(photos: Path, work: Path, quick: bool) -> Row:
                       ("shards", _cfg(prepared=str(form), cache_max_mb=1))):
         bundle = build_datasets(cfg)
         loaders = make_loaders(cfg, bundle, info, device)
-        assert loaders["kind"] == name, loaders["kind"]
+        assert loaders.kind.value == name, loaders.kind
         torch.manual_seed(0)
         model = create_model("simple_cnn", len(bundle.classes), in_chans=3, image_size=RATIO_SIZE)
         opt = create_optimizer(cfg, model)
-        state = TrainState(model, opt, create_scheduler(cfg, opt, len(loaders["train"]) * 100), nn.CrossEntropyLoss())
+        state = TrainState(model, opt, create_scheduler(cfg, opt, len(loaders.train) * 100), nn.CrossEntropyLoss())
         sides[name] = (cfg, loaders, Runtime.create(cfg, device, info), state, [0])
 
     def epoch(name: str) -> float:
@@ -154,8 +154,8 @@ def bench_epoch_ratio(photos: Path, work: Path, quick: bool) -> Row:
         n[0] += 1
         set_epoch(loaders, cfg, n[0], info)
         t = time.perf_counter()
-        train_one_epoch(rt, state, loaders["train"], n[0])
-        return len(loaders["train"]) * cfg.train.batch_size / (time.perf_counter() - t)
+        train_one_epoch(rt, state, loaders.train, n[0])
+        return len(loaders.train) * cfg.train.batch_size / (time.perf_counter() - t)
 
     for name in sides:
         epoch(name)  # warm: shards in the local cache, first-call costs paid

@@ -190,7 +190,7 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
             # model.onnx through its download button, a link the server streams (app/downloads.py) into a new tab,
             # which downloads it: the very file of the job's export
             downloads: list[Any] = []
-            page.context.on("page", lambda tab: tab.on("download", downloads.append))
+            page.context.on("page", lambda tab: tab.on("download", lambda d: downloads.append(d)))
             page.get_by_test_id("stLinkButton").filter(has_text="model.onnx").get_by_role("link").click()
             deadline = time.monotonic() + 60
             while not downloads and time.monotonic() < deadline:

@@ -192,6 +192,13 @@ SWEEP_LOCK_WAIT = 10.0
 SWEEP_SCAN_INTERVAL = 5.0
 """Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
 
+DOWNLOAD_CACHE_GB = 40.0
+"""GB (10**9 bytes): budget of a machine's cache of downloaded datasets (zips fetched from a remote store, in-place
+sources synced from a URL); least recently used entries no running job holds go first (worker/caches.py)."""
+
+DOWNLOAD_CACHE_GB_ENV = "DOWNLOAD_CACHE_GB"
+"""Environment variable overriding DOWNLOAD_CACHE_GB."""
+
 DISK_MIN_FREE_GB = 2.0
 """Free disk floor in GiB on var/ and a local artifact store: below it submission and dataset uploads are refused,
 workers take no job, and `worker doctor`'s disk check fails. Env DISK_MIN_FREE_GB overrides."""

@@ -64,6 +64,10 @@ is 1 s, so a gang is seen within about a second)."""
 RENDEZVOUS_TIMEOUT = 60
 """Seconds every node of a multi-node job waits for the others: node 0's address, torchrun's static rendezvous."""
 
+BOUND_STATIC = "bound-static"
+"""torchrun rendezvous backend of a multi-node job's nodes: torchrun's static one with node 0's store listening on the
+rendezvous address only (worker/torchrun.py registers it; worker/launcher.py asks for it)."""
+
 MULTINODE_PG_TIMEOUT = 45
 """Seconds a collective of a multi-node job may wait for a peer (the process group's timeout, CORE_DIST_TIMEOUT):
 a lost node stops the others within a minute instead of PyTorch's 30 minutes."""

@@ -53,9 +53,10 @@ def wait_http(url: str, timeout: float, proc: Any, spawn: Any) -> None:
 
 
 def start_dashboard(env: dict[str, str], spawn: Any) -> tuple[str, Any]:
-    """`streamlit run` on a free port, answering: (its base URL, its process)."""
+    """`streamlit run app/asgi.py` (what `python -m app` serves: the download route too) on a free port, answering:
+    (its base URL, its process)."""
     port = free_port()
-    web = spawn([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless=true",
+    web = spawn([sys.executable, "-m", "streamlit", "run", "app/asgi.py", "--server.headless=true",
                  f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
                  "--server.fileWatcherType=none"], env, name="streamlit")
     base = f"http://127.0.0.1:{port}"

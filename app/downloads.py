@@ -129,5 +129,17 @@ async def download(request: Request) -> Response:
     return StreamingResponse(_chunks(fh), media_type="application/octet-stream", headers=headers)
 
 
-ROUTES = [Route(DOWNLOAD_PREFIX + "/{job}/{name:path}", download, methods=["GET"])]
-"""What app/asgi.py mounts next to Streamlit's own routes."""
+_MOUNTED: list[bool] = []
+"""Non-empty once app/asgi.py took the route (this process serves it)."""
+
+
+def routes() -> list[Route]:
+    """What app/asgi.py mounts next to Streamlit's own routes."""
+    _MOUNTED.append(True)
+    return [Route(DOWNLOAD_PREFIX + "/{job}/{name:path}", download, methods=["GET"])]
+
+
+def streamed() -> bool:
+    """Whether this server has the download route: `python -m app` (app/asgi.py) does; a plain `streamlit run
+    app/streamlit_app.py` and AppTest do not, and the pages then fall back to Streamlit's download button."""
+    return bool(_MOUNTED)

@@ -1,6 +1,7 @@
 """Small widgets more than one page draws: the job picker, flash messages, cached report reads."""
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -8,7 +9,7 @@ import redis
 import streamlit as st
 
 from app.connection import artifact_store
-from app.downloads import download_url
+from app import downloads
 from app.defaults import JOB_PICKER_LIMIT
 from app.tables import job_label
 from core import runfolder as rf
@@ -97,15 +98,23 @@ def artifact_names(job_id: str, version: float | None) -> list[str]:
         return []
 
 
+def read_artifact(job: str, short: str) -> bytes:
+    return api.read_artifact(job, short, store=artifact_store())
+
+
 def draw_downloads(job: str, files: list[str], key: str = "job") -> None:
     """Download buttons for a job's models (disabled for what it did not produce); the Job and Sweeps pages."""
     st.markdown("**Downloads**")
     cols = st.columns(4)
     for col, (short, label) in zip(cols, (("onnx", rf.ONNX), ("int8", rf.INT8_ONNX), ("pt", rf.STATE_DICT),
                                           ("bundle", rf.BUNDLE))):
-        if NAMED_ARTIFACTS[short] in files:
-            col.link_button(label, download_url(job, short), icon=":material/download:",  # streamed: app/downloads.py
+        if NAMED_ARTIFACTS[short] in files and downloads.streamed():  # a link the server streams (app/downloads.py)
+            col.link_button(label, downloads.download_url(job, short), icon=":material/download:",
                             key=f"{key}:download:{short}")
+        elif NAMED_ARTIFACTS[short] in files:  # no route (not `python -m app`): Streamlit's button, file in memory
+            col.download_button(label, data=functools.partial(read_artifact, job, short), file_name=f"{job}-{label}",
+                                mime="application/zip" if label.endswith(".zip") else "application/octet-stream",
+                                on_click="ignore", icon=":material/download:", key=f"{key}:download:{short}")
         else:
             col.button(label, disabled=True, key=f"{key}:download:{short}", icon=":material/download:",
                        help="this job did not produce it (export off, or the export failed)")

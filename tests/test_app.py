@@ -382,9 +382,8 @@ def test_finished_job_page_shows_results_and_downloads(app_env: Any, finished_ru
     assert metrics["Test accuracy"] == f"{report['test']['accuracy']:.4f}"
     assert metrics["State"].endswith("finished")
     assert "INT8 test accuracy" in metrics and "ONNX parity: max |Δlogit|" in metrics
-    downloads = {d.proto.label: d.proto.url for d in at.get("link_button")}  # streamed by app/downloads.py
-    assert set(downloads) == {"model.onnx", "model.int8.onnx", "model.pt", "bundle.zip"}
-    assert downloads["model.onnx"].startswith(f"/download/{job}/onnx?grant=")
+    downloads = {d.label for d in at.get("download_button")}  # AppTest has no download route: Streamlit's button
+    assert downloads == {"model.onnx", "model.int8.onnx", "model.pt", "bundle.zip"}
     charts = at.get("plotly_chart")
     assert len(charts) == 5  # four live charts + the confusion matrix
     tb = f"tensorboard --logdir {ArtifactStore().local_run_dir(job) / 'tb'}"  # the one command to view its curves

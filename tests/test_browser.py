@@ -53,9 +53,10 @@ def wait_http(url: str, timeout: float, proc: Any, spawn: Any) -> None:
 
 
 def start_dashboard(env: dict[str, str], spawn: Any) -> tuple[str, Any]:
-    """`streamlit run` on a free port, answering: (its base URL, its process)."""
+    """`streamlit run app/asgi.py` (what `python -m app` serves: the download route too) on a free port, answering:
+    (its base URL, its process)."""
     port = free_port()
-    web = spawn([sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless=true",
+    web = spawn([sys.executable, "-m", "streamlit", "run", "app/asgi.py", "--server.headless=true",
                  f"--server.port={port}", "--server.address=127.0.0.1", "--browser.gatherUsageStats=false",
                  "--server.fileWatcherType=none"], env, name="streamlit")
     base = f"http://127.0.0.1:{port}"
@@ -187,17 +188,12 @@ def test_submit_watch_download_and_classify_in_a_real_browser(stack: dict[str, A
                 page.get_by_role("tab", name=tab).evaluate("e => e.scrollIntoView({block: 'start'})")
                 shot(page, f"3c-job-{tab.lower()}")
 
-            # model.onnx through its download button, a link the server streams (app/downloads.py) into a new tab,
-            # which downloads it: the very file of the job's export
-            downloads: list[Any] = []
-            page.context.on("page", lambda tab: tab.on("download", downloads.append))
-            page.get_by_test_id("stLinkButton").filter(has_text="model.onnx").get_by_role("link").click()
-            deadline = time.monotonic() + 60
-            while not downloads and time.monotonic() < deadline:
-                page.wait_for_timeout(100)  # the sync API delivers events while it waits
-            assert downloads, "clicking model.onnx started no download"
+            # model.onnx through its download button, a link the server streams (app/downloads.py) into a new tab;
+            # Chromium reports the download on this page: the very file of the job's export
+            with page.expect_download() as info:
+                page.get_by_test_id("stLinkButton").filter(has_text="model.onnx").get_by_role("link").click()
             saved = tmp_path / "model.onnx"
-            downloads[0].save_as(saved)
+            info.value.save_as(saved)
             assert saved.read_bytes() == api.read_artifact(job_id, "onnx")
             classify_digits_with(saved, job_id)
 

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.conftest import processes_with_token
 from tests.fixtures_worker import DIGITS, explain_job, run_cli, wait_for
 from tests.test_worker_jobs import rank_processes
 from worker import api, gang, keys
@@ -139,8 +140,19 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
                    *[a for s in ["train.epochs=1", *FAST] for a in ("--set", s)]], env)
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.split()[-1]
-    wait_for(lambda: finished(redis_conn, job_id), 180, "the 2-node job",
-             explain=explain_job(redis_conn, job_id, spawn))
+    seen: set[tuple[str, int]] = set()
+
+    def store_listening() -> bool:  # node 0's rendezvous store, while the job runs
+        seen.update(listening_sockets(test_token))
+        rdzv = api.job_status(redis_conn, job_id).get("rendezvous") or {}
+        return bool(rdzv) and ("127.0.0.1", int(rdzv["port"])) in seen
+    wait_for(store_listening, 120, "node 0's rendezvous store to listen", explain=explain_job(redis_conn, job_id, spawn))
+
+    def ended() -> bool:
+        seen.update(listening_sockets(test_token))
+        return finished(redis_conn, job_id)
+    wait_for(ended, 180, "the 2-node job", explain=explain_job(redis_conn, job_id, spawn))
+    assert not {s for s in seen if s[0] not in ("127.0.0.1", "::1")}, f"listening beyond WORKER_ADDR: {seen}"
     st = api.job_status(redis_conn, job_id)
     assert st["state"] == "finished", explain_job(redis_conn, job_id, spawn)()
     report = json.loads(api.read_artifact(job_id, "report"))
@@ -157,6 +169,17 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
     status_json = json.loads(run_cli(["worker", "status", job_id, "--json"], env).stdout)
     assert len(status_json["nodes"]) == 2
     assert rank_processes(test_token) == []
+
+
+def listening_sockets(token: str) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket a process of this test listens on (workers, torchrun, ranks)."""
+    out = set()
+    for proc in processes_with_token(token):
+        try:
+            out |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    return out
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -297,3 +320,31 @@ def test_dashboard_nodes_field_waiting_gang_nodes_table_and_reservations(redis_c
     at = open_page("job", {"job": job_id})
     nodes = at.dataframe[0].value
     assert not at.exception and list(nodes["node"]) == ["0", "1"] and list(nodes["worker"]) == ["w-a", "w-b"]
+
+
+def test_bound_static_rendezvous_listens_on_the_rendezvous_address_only() -> None:
+    """worker/torchrun.py's `bound-static` is torchrun's static rendezvous whose store listens on its address only
+    (torch's own listens on `::`); this pins the shape of the torch class it builds on (`_store`, the fields, the
+    creator's parsing) so a torch upgrade that changes it fails here, not in a 2-node job."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from worker.multinode import free_port
+    from worker.torchrun import BOUND_STATIC, create_bound_handler
+
+    port = free_port("127.0.0.1")
+    params = RendezvousParameters(BOUND_STATIC, f"127.0.0.1:{port}", "run-1", 1, 1, rank="0", timeout="30")
+    handler = create_bound_handler(params)
+    assert (handler.get_backend(), handler.rank, handler.world_size, handler.master_port) == (BOUND_STATIC, 0, 1, port)
+    info = handler.next_rendezvous()
+    info.store.set("k", "v")
+    assert info.store.get("k") == b"v" and (info.rank, info.world_size) == (0, 1)
+    mine = {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+    assert ("127.0.0.1", port) in mine and not {a for a, p in mine if p == port} - {"127.0.0.1"}
+
+    # one machine, several ranks (worker/launcher.py): port 0, the kernel's pick is what the ranks are told
+    local = create_bound_handler(RendezvousParameters(BOUND_STATIC, "127.0.0.1:0", "local", 1, 1, rank="0"))
+    picked = local.next_rendezvous().bootstrap_store_info.master_port
+    mine = {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN}
+    assert picked > 0 and ("127.0.0.1", picked) in mine and not {a for a, p in mine if p == picked} - {"127.0.0.1"}

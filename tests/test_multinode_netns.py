@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fixtures_worker import DIGITS, wait_for
+from tests.test_multinode import listening_sockets
 from tests.test_worker_jobs import rank_processes
 
 FAST = ["train.epochs=1", "export.enabled=false", "train.log_every=2", "data.image_size=8"]
@@ -120,8 +121,18 @@ def test_two_node_job_across_two_network_namespaces(two_hosts: tuple[str, str], 
         out = _cli(ns_a, ["worker", "status", job_id, "--json"], env)
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
-    st = wait_for(lambda: (s := status()).get("final") and s, 240, "the job to end", interval=2.0,
+    seen: set[tuple[str, int]] = set()  # every listening socket of the job's processes in either namespace
+
+    def ended() -> dict[str, Any] | None:
+        seen.update(listening_sockets(test_token))
+        return (s := status()).get("final") and s
+
+    st = wait_for(ended, 240, "the job to end", interval=2.0,
                   explain=lambda: explain() + "\n" + _cli(ns_a, ["worker", "logs", job_id], env).stdout[-4000:])
+    rdzv = st["rendezvous"]
+    assert (rdzv["addr"], rdzv["port"]) in seen, seen  # node 0's store, seen while it ran ...
+    wildcard = {s for s in seen if s[0] in ("0.0.0.0", "::")}
+    assert not wildcard, f"listening on every interface: {wildcard}"  # ... on its veth address only
     assert st["state"] == "finished", st.get("error")
     assert st["world_size"] == "2" and sorted(st["gang"]) == ["host-a", "host-b"]
     assert st["rendezvous"]["addr"] in (ADDR_A, ADDR_B) and st["rendezvous"]["addr"] != "127.0.0.1"

@@ -44,7 +44,8 @@ def rank_processes(token: str) -> list[psutil.Process]:
     for proc in processes_with_token(token):
         cmd, name = _cmdline_and_name(proc)
         busy_warm = "worker.warmstart" in cmd and name == BUSY_NAME
-        if ("core.train" in cmd or "torch.distributed.run" in cmd or busy_warm) and "worker.guard" not in cmd:
+        launcher = "torch.distributed.run" in cmd or "worker.torchrun" in cmd  # torchrun, or ours (multi-node)
+        if ("core.train" in cmd or launcher or busy_warm) and "worker.guard" not in cmd:
             out.append(proc)
     return out
 

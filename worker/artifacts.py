@@ -192,12 +192,16 @@ class ArtifactStore:
             if not local.is_file():
                 raise ArtifactError(f"dataset {ref} is missing from the artifact store {self.url}")
             return local
+        from core.data.cache_budget import touch
+        from worker.caches import make_download_room
+
         local = dataset_cache_dir() / name
-        if local.is_file():
+        if local.is_file() and touch(local):  # the LRU clock of the download cache
             return local
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_suffix(f".part{os.getpid()}")
         try:
+            make_download_room(int(self.fs.size(self.path(key)) or 0), keep=local)  # DOWNLOAD_CACHE_GB
             self.fs.get_file(self.path(key), str(tmp))
         except (OSError, FileNotFoundError) as err:
             tmp.unlink(missing_ok=True)

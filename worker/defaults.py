@@ -64,6 +64,10 @@ is 1 s, so a gang is seen within about a second)."""
 RENDEZVOUS_TIMEOUT = 60
 """Seconds every node of a multi-node job waits for the others: node 0's address, torchrun's static rendezvous."""
 
+BOUND_STATIC = "bound-static"
+"""torchrun rendezvous backend of a multi-node job's nodes: torchrun's static one with node 0's store listening on the
+rendezvous address only (worker/torchrun.py registers it; worker/launcher.py asks for it)."""
+
 MULTINODE_PG_TIMEOUT = 45
 """Seconds a collective of a multi-node job may wait for a peer (the process group's timeout, CORE_DIST_TIMEOUT):
 a lost node stops the others within a minute instead of PyTorch's 30 minutes."""
@@ -205,6 +209,13 @@ SWEEP_LOCK_WAIT = 10.0
 
 SWEEP_SCAN_INTERVAL = 5.0
 """Seconds between a worker's scans of the active sweeps (heals a sweep whose advancing process died)."""
+
+DOWNLOAD_CACHE_GB = 40.0
+"""GB (10**9 bytes): budget of a machine's cache of downloaded datasets (zips fetched from a remote store, in-place
+sources synced from a URL); least recently used entries no running job holds go first (worker/caches.py)."""
+
+DOWNLOAD_CACHE_GB_ENV = "DOWNLOAD_CACHE_GB"
+"""Environment variable overriding DOWNLOAD_CACHE_GB."""
 
 DISK_MIN_FREE_GB = 2.0
 """Free disk floor in GiB on var/ and a local artifact store: below it submission and dataset uploads are refused,

@@ -1,6 +1,7 @@
 """Starting and stopping one training run: the command line, its environment, its output, its process tree.
 
-N > 1 ranks run under `torchrun --standalone --nproc_per_node=N` (gloo on CPU, NCCL on GPUs: core picks);
+N > 1 ranks run under torchrun (`python -m worker.torchrun`, its store on 127.0.0.1 only; gloo on CPU, NCCL on GPUs:
+core picks);
 one rank runs `python -m core.train` directly, which reaches its first metric a few seconds sooner.
 Either way the command runs under `worker.guard` in a new session (see guard.py for why).
 
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.defaults import (
+    BOUND_STATIC,
     MULTINODE_PG_TIMEOUT,
     RENDEZVOUS_TIMEOUT,
     REPO_ROOT,
@@ -64,18 +66,23 @@ class TrainCommand:
 
     def argv(self) -> list[str]:
         """The command line (without the guard). With `rendezvous`: torchrun's static rendezvous at node 0's address
-        (node ranks handed out by the gang), its store timeout RENDEZVOUS_TIMEOUT."""
+        (node ranks handed out by the gang), its store timeout RENDEZVOUS_TIMEOUT, its store listening on that address
+        only (worker/torchrun.py: `bound-static`)."""
         args = ["-m", "core.train", *self.train_args]
         if self.rendezvous is not None:
             r = self.rendezvous
-            return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={r.nnodes}",
-                    f"--nproc-per-node={self.nproc}", f"--node-rank={r.node_rank}", f"--master-addr={r.addr}",
-                    f"--master-port={r.port}", f"--rdzv-id={r.run_id}", f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT}",
+            endpoint = f"[{r.addr}]:{r.port}" if ":" in r.addr else f"{r.addr}:{r.port}"
+            return [sys.executable, "-m", "worker.torchrun", f"--nnodes={r.nnodes}",
+                    f"--nproc-per-node={self.nproc}", f"--rdzv-backend={BOUND_STATIC}", f"--rdzv-endpoint={endpoint}",
+                    f"--rdzv-id={r.run_id}", f"--rdzv-conf=rank={r.node_rank},timeout={RENDEZVOUS_TIMEOUT}",
                     "--max-restarts=0", *args]
         if self.one_rank:
             return [sys.executable, *args]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-                *args]
+        # one machine, several ranks: the same rendezvous at 127.0.0.1, port picked by the kernel (a store on loopback
+        # only; torchrun's --standalone store would listen on every interface)
+        return [sys.executable, "-m", "worker.torchrun", "--nnodes=1", f"--nproc-per-node={self.nproc}",
+                f"--rdzv-backend={BOUND_STATIC}", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=local",
+                "--rdzv-conf=rank=0", "--max-restarts=0", *args]
 
 
 def train_command(config_path: Path, run_dir: Path, *, nproc: int, resume: bool,

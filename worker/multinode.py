@@ -2,8 +2,9 @@
 
 The gang (worker/gang.py) made the attempt `running` and ordered its workers: the i-th is node rank i. Node 0 picks
 a free port on its advertised address and publishes `addr:port` in the job's `rendezvous` field; every node then
-runs `torchrun --nnodes N --nproc-per-node G --node-rank i --master-addr ADDR --master-port PORT` (static
-rendezvous, id `<job>-a<attempt>`), so global rank 0 is on node 0 and streams the events as a one-node job does.
+runs torchrun (`python -m worker.torchrun --nnodes N --nproc-per-node G --rdzv-backend bound-static --rdzv-endpoint
+ADDR:PORT --rdzv-conf rank=i,...`: the static rendezvous, its store bound to ADDR only, id `<job>-a<attempt>`), so
+global rank 0 is on node 0 and streams the events as a one-node job does.
 
 Ownership: node 0's worker is the job's `worker` and records the final state; the other nodes record only their own
 entry in `trainer:job:<id>:nodes`. Only node 0 writes (and uploads) the run folder; every node downloads it to

@@ -7,7 +7,9 @@ What it removes (each rule's age is a constant in worker/defaults.py):
 - the run folder of a job whose record is gone (deleted while its files could not be removed, or by hand);
 - a stored dataset zip that no registered version and no job refers to, older than RETENTION_ORPHAN_DAYS;
 - on this machine: the local copy of a remote store's run folder whose job was deleted, or ended more than
-  RETENTION_LOCAL_RUN_DAYS ago (the store keeps it; a download fetches it again); dashboard uploads older than a day.
+  RETENTION_LOCAL_RUN_DAYS ago (the store keeps it; a download fetches it again); dashboard uploads older than a day;
+  the least recently used entries of a dataset cache over its byte budget (worker/caches.py), none a running job
+  holds (they are also trimmed each time a new entry is added).
 
 Nothing of a queued, running or recovering job is ever touched. A run over the store takes a Redis lock, so two
 workers sharing it do not both sweep it; the machine-local part runs on every machine.
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import redis
 
+from core.data.cache_budget import over_budget, remove_entry
 from core.runfolder import CHECKPOINTS, LAST_CHECKPOINT
 from worker import audit, keys, users
 from worker.artifacts import ArtifactStore
+from worker.caches import budgeted_caches
 from worker.defaults import (
     GC_INTERVAL,
     RETENTION_CHECKPOINT_DAYS,
@@ -46,7 +50,8 @@ class Removal:
     """One thing the policy removes: where, why, how many bytes."""
 
     what: str
-    """`store` (the artifact store, shared) or `local` (this machine)."""
+    """`store` (the artifact store, shared), `local` (this machine) or `cache` (an entry of one of this machine's
+    dataset caches, removed only when no job holds it)."""
     target: str
     reason: str
     bytes: int
@@ -105,6 +110,11 @@ def plan_local(conn: redis.Redis, store: ArtifactStore, now: float | None = None
         for path in uploads.iterdir():
             if path.is_file() and now - path.stat().st_mtime > UPLOADS_KEEP:
                 out.append(Removal("local", str(path), "a dashboard upload over a day old", path.stat().st_size))
+    for cache in budgeted_caches():
+        budget = cache.budget()
+        for entry in over_budget(cache.entries(), budget=budget):
+            out.append(Removal("cache", str(entry.path), f"least recently used of the {cache.what}, over its budget "
+                               f"of {budget / 1e9:g} GB ({cache.budget_env})", entry.bytes))
     return out
 
 
@@ -113,7 +123,10 @@ def apply(store: ArtifactStore, removals: list[Removal]) -> list[Removal]:
     done = []
     for item in removals:
         try:
-            if item.what == "store":
+            if item.what == "cache":
+                if not remove_entry(Path(item.target)):
+                    continue  # a job took it meanwhile
+            elif item.what == "store":
                 if item.target.endswith("/"):
                     store.delete_job(item.target.split("/")[1])
                 else:

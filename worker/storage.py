@@ -12,11 +12,13 @@ from typing import Any
 
 import redis
 
+from core.errors import DataError
 from core.runfolder import CHECKPOINTS
 from worker import keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.diskspace import disk_places, min_free_bytes
-from worker.paths import cache_dir, dataset_cache_dir, extraction_cache_dir, runs_cache_dir, var_dir
+from worker.caches import budgeted_caches
+from worker.paths import cache_dir, runs_cache_dir, var_dir
 from worker.record import JobRecord
 
 
@@ -32,14 +34,21 @@ def folder_bytes(path: Path) -> tuple[int, int]:
 
 
 def local_caches() -> list[dict[str, Any]]:
-    """This machine's caches: extracted datasets, fetched/synced datasets, run folders of remote stores, uploads."""
+    """This machine's caches: the dataset caches with their byte budgets (worker/caches.py: `budget` in bytes and the
+    variable setting it), run folders of remote stores and dashboard uploads (kept by age: no budget)."""
     rows = []
-    for what, path in (("extracted datasets", extraction_cache_dir()), ("dataset cache", dataset_cache_dir()),
-                       ("run folders (remote store's local copies)", runs_cache_dir()),
-                       ("dashboard uploads", var_dir() / "uploads")):
+    places = [(c.what, c.path, c) for c in budgeted_caches()]
+    places += [("run folders (remote store's local copies)", runs_cache_dir(), None),
+               ("dashboard uploads", var_dir() / "uploads", None)]
+    for what, path, cache in places:
         size, files = folder_bytes(path)
         entries = sum(1 for _ in path.iterdir()) if path.is_dir() else 0
-        rows.append({"cache": what, "path": str(path), "bytes": size, "files": files, "entries": entries})
+        try:
+            budget = cache.budget() if cache is not None else None
+        except DataError:  # a wrong value is the job's error (and the worker's); here it shows as no budget
+            budget = None
+        rows.append({"cache": what, "path": str(path), "bytes": size, "files": files, "entries": entries,
+                     "budget": budget, "budget_env": cache.budget_env if cache is not None else None})
     other_size, _ = folder_bytes(cache_dir())
     known = sum(r["bytes"] for r in rows if str(r["path"]).startswith(str(cache_dir())))
     if other_size > known:

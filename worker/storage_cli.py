@@ -38,7 +38,8 @@ def cmd_storage(args: argparse.Namespace) -> int:
     print(f"\nmodels: {len(report['models'])}")
     print("\ncaches on this machine:")
     for cache in report["caches"]:
-        print(f"  {cache['cache']:<42} {human_bytes(cache['bytes']):>9}  {cache['path']}")
+        budget = f"of {human_bytes(cache['budget'])} ({cache['budget_env']})" if cache.get("budget") else ""
+        print(f"  {cache['cache']:<42} {human_bytes(cache['bytes']):>9} {budget:<28} {cache['path']}")
     mem = report["redis"]
     cap = human_bytes(mem["maxmemory"]) if mem["maxmemory"] else "no limit"
     print(f"\nredis: {human_bytes(mem['used_memory'])} used, maxmemory {cap} ({mem['maxmemory_policy']}), "

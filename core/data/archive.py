@@ -5,8 +5,11 @@ Why extract rather than read from the zip: training opens each image once per ep
 
 Where: ``$DATA_CACHE_DIR/<sha256 of the zip, 16 hex>/`` (default: defaults.EXTRACTION_CACHE under the repository's
 ``var/``).
-Nothing else is written. The same zip is extracted once: a finished extraction is marked by a ``.complete`` file and
-reused; extraction happens in a temporary sibling folder renamed into place, so concurrent ranks never see half a tree.
+Nothing else is written. The same zip is extracted once: a finished extraction is marked by a ``.complete`` file
+(holding its byte count) and reused; extraction happens in a temporary sibling folder renamed into place, so
+concurrent ranks never see half a tree. The cache keeps to EXTRACT_CACHE_GB (core/data/cache_budget.py): before a
+zip is extracted, the least recently used extractions are removed to make room, except those a running training
+process holds (`extract_zip(..., hold=True)`: a shared lock for the process's life).
 
 What is refused (DataError naming the entry): absolute paths, drive letters, ``..`` components, symlinks, encrypted
 entries, more than ZIP_MAX_FILES entries, more than ZIP_MAX_TOTAL_BYTES uncompressed (declared sizes are checked
@@ -25,8 +28,11 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from core.data import cache_budget
 from core.data.defaults import (
     CACHE_DIR_ENV,
+    EXTRACT_CACHE_GB_DEFAULT,
+    EXTRACT_CACHE_GB_ENV,
     EXTRACTION_CACHE,
     IMAGE_EXTENSIONS,
     REPO_ROOT,
@@ -97,8 +103,36 @@ def remove_extraction(zip_path: Path) -> None:
         pass
 
 
-def extract_zip(zip_path: Path) -> Path:
-    """Extract the image entries of `zip_path` into the cache (once per content) and return that folder."""
+def extraction_bytes(folder: Path) -> int:
+    """Bytes of an extraction: the count its marker holds, else (an older or unfinished one) a walk."""
+    try:
+        return int((folder / _COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return cache_budget.folder_bytes(folder)
+
+
+def extraction_entries() -> list[cache_budget.CacheEntry]:
+    """The extraction cache's entries (for its budget and `python -m worker storage`)."""
+    return cache_budget.entries(cache_dir(), extraction_bytes)
+
+
+def extraction_budget() -> int:
+    """EXTRACT_CACHE_GB in bytes (DataError when it is not a positive number)."""
+    return cache_budget.budget_bytes(EXTRACT_CACHE_GB_ENV, EXTRACT_CACHE_GB_DEFAULT)
+
+
+def extract_zip(zip_path: Path, *, hold: bool = False) -> Path:
+    """Extract the image entries of `zip_path` into the cache (once per content) and return that folder. With `hold`
+    this process holds it until it ends (a training process: no eviction removes it under the job)."""
+    for _ in range(3):  # an eviction may remove the folder between its extraction and our hold: extract it again
+        target = _extract_zip(zip_path)
+        if not hold or cache_budget.hold(target):
+            return target
+    raise DataError(f"zip {str(zip_path)!r}: its extraction in {str(cache_dir())!r} keeps being removed (is "
+                    f"{EXTRACT_CACHE_GB_ENV} smaller than the jobs running at once need?)")
+
+
+def _extract_zip(zip_path: Path) -> Path:
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -114,14 +148,17 @@ def extract_zip(zip_path: Path) -> Path:
             raise DataError(f"zip {str(zip_path)!r} expands to {declared} bytes, more than the limit of "
                             f"{ZIP_MAX_TOTAL_BYTES} bytes")
         target = extraction_folder(zip_path)
-        if (target / _COMPLETE_MARKER).is_file():
+        if (target / _COMPLETE_MARKER).is_file() and cache_budget.touch(target):  # the LRU clock
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        wanted = [i for i in infos if _wanted(i.filename)]
+        cache_budget.make_room(extraction_entries(), budget=extraction_budget(),
+                               need=sum(i.file_size for i in wanted), keep=target)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            _extract_members(zf, [i for i in infos if _wanted(i.filename)], tmp, zip_path)
+            written = _extract_members(zf, wanted, tmp, zip_path)
             _make_folders(infos, tmp)
-            (tmp / _COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
+            (tmp / _COMPLETE_MARKER).write_text(f"{written}\n", encoding="utf-8")
             if target.exists():  # a stale half-extraction, or another process finished first
                 if (target / _COMPLETE_MARKER).is_file():
                     return target
@@ -152,11 +189,11 @@ def _make_folders(infos: list[zipfile.ZipInfo], dest: Path) -> None:
             out.mkdir(parents=True, exist_ok=True)
 
 
-def _extract_members(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, zip_path: Path) -> None:
+def _extract_members(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, zip_path: Path) -> int:
     """Copy entries by hand (not ZipFile.extract) so names are checked by us and actual bytes are counted.
 
     A damaged entry (bad CRC, broken deflate stream) is not extracted; it is recorded in ZIP_ERRORS_FILE so the image
-    scan lists it in skipped_files like any other unreadable image.
+    scan lists it in skipped_files like any other unreadable image. Returns the bytes written.
     """
     dest.mkdir(parents=True)
     root = dest.resolve()
@@ -182,6 +219,7 @@ def _extract_members(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Pa
             raise DataError(f"could not extract {info.filename!r} from zip {str(zip_path)!r} into {str(dest)!r}: "
                             f"{err}") from None
     (dest / ZIP_ERRORS_FILE).write_text(json.dumps(damaged), encoding="utf-8")
+    return written
 
 
 def zip_errors(extracted: Path) -> list[dict[str, str]]:

@@ -205,7 +205,8 @@ def _load_imagefolder(cfg: Config) -> _Parts:
         from core.data.shard_loader import prepared_parts
 
         return _Parts(**prepared_parts(cfg))
-    scan = scan_imagefolder(cfg.data.path, max_image_pixels=cfg.data.max_image_pixels, color_mode=cfg.data.color_mode)
+    scan = scan_imagefolder(cfg.data.path, max_image_pixels=cfg.data.max_image_pixels, color_mode=cfg.data.color_mode,
+                            hold=True)  # this process trains from it: no cache eviction may remove it meanwhile
     labels = np.asarray([r.label for r in scan.records], dtype=np.int64)
     splits_of = np.asarray([r.split or "" for r in scan.records])
     s, seed = cfg.data.split, cfg.train.seed

@@ -34,6 +34,13 @@ EXTRACTION_CACHE = "cache/extracted"
 REPO_ROOT/var/cache/extracted; a worker hands its training processes the same folder under its own var folder
 (`worker.paths.extraction_cache_dir`, which follows TRAINER_VAR_DIR) as DATA_CACHE_DIR."""
 
+EXTRACT_CACHE_GB_ENV = "EXTRACT_CACHE_GB"
+"""Environment variable: the extraction cache's budget in GB (10**9 bytes); least recently used extractions that no
+running job holds are removed to stay within it (core/data/cache_budget.py)."""
+
+EXTRACT_CACHE_GB_DEFAULT = 40.0
+"""GB: the extraction cache's budget when EXTRACT_CACHE_GB is unset (ten extractions of the largest zip allowed)."""
+
 CIFAR_DEFAULT_ROOT = "data"
 """Folder holding cifar-10-batches-py/ or cifar-100-python/ when data.path is unset."""
 

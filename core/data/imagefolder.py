@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from core.data import cache_budget
 from core.data.archive import extract_zip, is_ignored_part, is_image_name, zip_errors
 from core.data.defaults import MAX_CLASSES, SCAN_THREADS, SPLIT_FOLDER_NAMES
 from core.data.transforms import to_color_mode
@@ -129,17 +130,23 @@ def probe_image(path: str, max_image_pixels: int, color_mode: str) -> tuple[tupl
         return f"unreadable image ({type(err).__name__}: {err})"
 
 
-def _resolve(path: str | Path) -> tuple[Path, list[dict[str, str]]]:
-    """The folder to scan (extracting a zip into the cache) and entries already known to be damaged."""
+def _resolve(path: str | Path, hold: bool = False) -> tuple[Path, list[dict[str, str]]]:
+    """The folder to scan (extracting a zip into the cache) and entries already known to be damaged. With `hold`
+    this process holds what it reads (the extraction, or the folder, which may be an entry of a worker's download
+    cache) until it ends, so no cache eviction removes it meanwhile (core/data/cache_budget.py)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data.path {str(path)!r} does not exist; imagefolder needs a folder or a .zip of class folders")
     if p.is_dir():
+        if hold:
+            cache_budget.hold(p)
         return p, []
     if p.suffix.lower() != ".zip":
         raise DataError(f"data.path {str(path)!r} is a file but not a .zip; imagefolder needs a folder or a .zip "
                         "of class folders")
-    extracted = extract_zip(p)
+    if hold:
+        cache_budget.hold(p)  # a downloaded zip stays until its extraction is held too
+    extracted = extract_zip(p, hold=hold)
     return extracted, zip_errors(extracted)
 
 
@@ -181,10 +188,12 @@ def too_many_classes(n: int, source: str) -> str | None:
             "(core.data.defaults.MAX_CLASSES)")
 
 
-def scan_imagefolder(path: str | Path, *, max_image_pixels: int, color_mode: str = "RGB") -> FolderScan:
-    """Find classes and validate every image once; raises DataError for datasets that cannot be trained on."""
+def scan_imagefolder(path: str | Path, *, max_image_pixels: int, color_mode: str = "RGB",
+                     hold: bool = False) -> FolderScan:
+    """Find classes and validate every image once; raises DataError for datasets that cannot be trained on. `hold`:
+    a training process keeps what it reads from the caches' evictions (see `_resolve`)."""
     source = str(path)
-    base, skipped = _resolve(path)
+    base, skipped = _resolve(path, hold)
     root = _find_root(base)
     layout, loose = _class_folders(root, source)
     classes = sorted({name for folders in layout.values() for name in folders})

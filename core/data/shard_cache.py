@@ -4,8 +4,9 @@
   processes the folder under its own var/). One file per shard, named by its sha256: two datasets (or two
   versions) with the same shard share it, and a file there is always a verified one.
 - Budget: $DATASET_CACHE_GB (GB, 10**9 bytes; default defaults.DATASET_CACHE_GB_DEFAULT). Before a shard is added,
-  the least recently used shards (file mtime, touched on every use) are deleted until it fits. A budget smaller than
-  one shard is a DataError naming both numbers.
+  the least recently used shards (file mtime, touched on every use) are deleted until it fits
+  (core/data/cache_budget.py, the LRU of every cache). A budget smaller than one shard is a DataError naming both
+  numbers.
 - Verification: a shard is downloaded to a temporary file while its sha256 is computed; a mismatch (corrupt or
   truncated in the store, or cut off in transit) is fetched once more, then the job fails naming the shard.
 - Several processes (the ranks of a job, jobs of one worker) share the folder: a shard appears by an atomic rename,
@@ -20,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from core.data.cache_budget import CacheEntry, budget_bytes, entries, make_room, touch
 from core.data.defaults import (
     DATASET_CACHE_GB_DEFAULT,
     DATASET_CACHE_GB_ENV,
@@ -38,16 +40,12 @@ FETCH_ATTEMPTS = 2
 
 def cache_budget_bytes() -> int:
     """DATASET_CACHE_GB in bytes; DataError when it is not a positive number."""
-    raw = os.environ.get(DATASET_CACHE_GB_ENV, "").strip()
-    if not raw:
-        return int(DATASET_CACHE_GB_DEFAULT * 1e9)
-    try:
-        gb = float(raw)
-    except ValueError:
-        gb = -1.0
-    if not gb > 0:
-        raise DataError(f"{DATASET_CACHE_GB_ENV}={raw!r} is not a positive number of GB")
-    return int(gb * 1e9)
+    return budget_bytes(DATASET_CACHE_GB_ENV, DATASET_CACHE_GB_DEFAULT)
+
+
+def shard_entries(folder: Path) -> list[CacheEntry]:
+    """The shards in a shard cache folder, as cache entries."""
+    return [e for e in entries(folder) if e.path.suffix == ".tar"]
 
 
 def shard_cache_dir() -> Path:
@@ -77,11 +75,8 @@ class ShardCache:
                             f"bytes) is smaller than one shard ({shard.name}: {shard.bytes} bytes); raise "
                             f"{DATASET_CACHE_GB_ENV}")
         target = self.path(shard)
-        try:
-            os.utime(target)  # the LRU clock: a used shard is the most recent
+        if touch(target):  # the LRU clock: a used shard is the most recent
             return target
-        except FileNotFoundError:
-            pass
         self.folder.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             tmp = self.folder / f".{shard.sha256}.{uuid.uuid4().hex[:8]}.part"
@@ -89,7 +84,7 @@ class ShardCache:
                 digest, size = self._download(base_url, shard.name, tmp)
                 if digest == shard.sha256 and size == shard.bytes:
                     with self._lock:
-                        self._make_room(shard.bytes, keep=target)
+                        make_room(shard_entries(self.folder), budget=self.budget, need=shard.bytes, keep=target)
                         os.replace(tmp, target)
                         self.fetched.append(shard.name)
                     return target
@@ -123,23 +118,6 @@ class ShardCache:
         except Exception as err:  # noqa: BLE001 — fsspec back-ends (s3fs, http) raise their own
             raise DataError(f"cannot fetch shard {url} into {dest.parent}: {type(err).__name__}: {err}") from None
         return digest.hexdigest(), size
-
-    def _make_room(self, need: int, keep: Path) -> None:
-        """Delete least recently used shards until `need` more bytes fit in the budget."""
-        entries = []
-        for p in self.folder.glob("*.tar"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            if p != keep:
-                entries.append((st.st_mtime_ns, st.st_size, p))
-        total = sum(size for _, size, _ in entries)
-        for _, size, p in sorted(entries, key=lambda e: e[0]):
-            if total + need <= self.budget:
-                break
-            p.unlink(missing_ok=True)
-            total -= size
 
     def used_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("*.tar")) if self.folder.is_dir() else 0

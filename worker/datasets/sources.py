@@ -27,11 +27,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from core.data.cache_budget import touch
 from core.data.defaults import FEW_IMAGES_WARNING, IMBALANCE_WARNING_RATIO, SPLIT_FOLDER_NAMES
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.defaults import DATASET_SAMPLE_PER_CLASS, DATASET_SAMPLE_THREADS
 from worker.diskspace import low_disk
 from worker.errors import ArtifactError, DatasetError
+from worker.caches import make_download_room
 from worker.paths import dataset_cache_dir
 
 UPLOAD = "upload"
@@ -394,10 +396,12 @@ def fetch(store: ArtifactStore, data_path: str, expected_hash: str | None, *, wh
     cache = dataset_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / (f"{digest}.zip" if listing.zip_info else digest)
-    if target.exists():
+    if target.exists() and touch(target):  # the LRU clock of the download cache
         return target
     tmp = cache / f"{target.name}.part{os.getpid()}"
     _remove(tmp)  # left by a process of this pid that died mid-sync
+    need = listing.zip_info[0] if listing.zip_info else sum(size for size, _tag in listing.files.values())
+    make_download_room(need, keep=target)  # DOWNLOAD_CACHE_GB
     try:
         if listing.zip_info:
             fs, root = _connect(data_path)

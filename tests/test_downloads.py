@@ -98,7 +98,8 @@ def test_a_big_download_is_streamed_and_only_to_a_signed_in_session(
                          # folder: the server's own check answers 400 before the route's
                          f"/download/20200101-000000-abcdef/onnx?grant={grant}"):  # another job
                 status, size, text = get(base, path)
-                assert size < 1000 and (status, "not valid" in text) in ((403, True), (400, False)), (path, status, text)
+                refused = (status, "not valid" in text) in ((403, True), (400, False))
+                assert size < 1000 and refused, (path, status, text)
 
             page.get_by_role("button", name="Log out").click()
             page.get_by_role("heading", name="Sign in").wait_for()

@@ -146,7 +146,8 @@ def test_two_node_job_on_two_workers(redis_conn: Any, job_env: dict[str, str], s
         seen.update(listening_sockets(test_token))
         rdzv = api.job_status(redis_conn, job_id).get("rendezvous") or {}
         return bool(rdzv) and ("127.0.0.1", int(rdzv["port"])) in seen
-    wait_for(store_listening, 120, "node 0's rendezvous store to listen", explain=explain_job(redis_conn, job_id, spawn))
+    wait_for(store_listening, 120, "node 0's rendezvous store to listen",
+             explain=explain_job(redis_conn, job_id, spawn))
 
     def ended() -> bool:
         seen.update(listening_sockets(test_token))
@@ -176,7 +177,8 @@ def listening_sockets(token: str) -> set[tuple[str, int]]:
     out = set()
     for proc in processes_with_token(token):
         try:
-            out |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+            out |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN}
         except psutil.Error:
             continue
     return out

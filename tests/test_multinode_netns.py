@@ -23,7 +23,6 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.fixtures_worker import DIGITS, wait_for
-from tests.test_multinode import listening_sockets
 from tests.test_worker_jobs import rank_processes
 
 FAST = ["train.epochs=1", "export.enabled=false", "train.log_every=2", "data.image_size=8"]
@@ -76,6 +75,25 @@ def _cli(ns: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedP
     return subprocess.run(_in(ns, args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
+def _listening(ns: str) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening in namespace `ns` (psutil reads only its own namespace's
+    tables, so this reads the kernel's, from inside `ns`)."""
+    import ipaddress
+
+    res = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/tcp", "/proc/net/tcp6"], capture_output=True,
+                         text=True, timeout=30, check=True)
+    out = set()
+    for line in res.stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[3] != "0A":  # 0A: LISTEN (the header line has "st" there)
+            continue
+        addr_hex, port_hex = fields[1].split(":")
+        raw = bytes.fromhex(addr_hex)
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # the kernel prints 32-bit words host-order
+        out.add((str(ipaddress.ip_address(raw)), int(port_hex, 16)))
+    return out
+
+
 def _rx_bytes(ns: str, dev: str) -> int:
     stats = json.loads(_ip("-n", ns, "-s", "-j", "link", "show", dev).stdout)
     return int(stats[0]["stats64"]["rx"]["bytes"])
@@ -121,10 +139,10 @@ def test_two_node_job_across_two_network_namespaces(two_hosts: tuple[str, str], 
         out = _cli(ns_a, ["worker", "status", job_id, "--json"], env)
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
-    seen: set[tuple[str, int]] = set()  # every listening socket of the job's processes in either namespace
+    seen: set[tuple[str, int]] = set()  # every listening socket in either namespace (Redis, the job's processes)
 
     def ended() -> dict[str, Any] | None:
-        seen.update(listening_sockets(test_token))
+        seen.update(_listening(ns_a) | _listening(ns_b))
         return (s := status()).get("final") and s
 
     st = wait_for(ended, 240, "the job to end", interval=2.0,

@@ -2,11 +2,11 @@
 used first, never an entry a running job holds): one table, which `python -m worker storage` shows, `python -m
 worker gc` trims to budget, and the worker's dataset fetches make room in.
 
-| cache | folder | budget |
+| cache | folder | budget (GB) |
 |---|---|---|
-| extracted datasets | `var/cache/extracted/<sha256, 16 hex>/` | `EXTRACT_CACHE_GB` (core's, default 40) |
-| dataset cache (downloads) | `var/cache/datasets/` (zips from a remote store, synced in-place sources) | `DOWNLOAD_CACHE_GB` (default 40) |
-| prepared shards | `var/cache/shards/<sha256>.tar` | `DATASET_CACHE_GB` (core's, default 20) |
+| extracted datasets | `var/cache/extracted/<sha256, 16 hex>/` | `EXTRACT_CACHE_GB` (core's, 40) |
+| dataset cache | `var/cache/datasets/` (zips from a remote store, synced in-place sources) | `DOWNLOAD_CACHE_GB` (40) |
+| prepared shards | `var/cache/shards/<sha256>.tar` | `DATASET_CACHE_GB` (core's, 20) |
 
 Run folders of a remote store's jobs and dashboard uploads are not caches of datasets: the retention policy
 (worker/retention.py) removes them by age.

@@ -8,8 +8,8 @@ from typing import Any
 import redis
 import streamlit as st
 
-from app.connection import artifact_store
 from app import downloads
+from app.connection import artifact_store
 from app.defaults import JOB_PICKER_LIMIT
 from app.tables import job_label
 from core import runfolder as rf

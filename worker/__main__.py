@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 import time
-from datetime import datetime
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from worker.cliutil import acting_user, add_mine, owner_filter

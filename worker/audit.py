@@ -17,8 +17,8 @@ from typing import IO, Any
 import redis
 
 from worker import keys
-from worker.hashcodec import decode_reply
 from worker.errors import PermissionDeniedError
+from worker.hashcodec import decode_reply
 from worker.users import Action, Actor, acting
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,12 @@ from pathlib import Path
 
 from core.data import archive
 from core.data.cache_budget import CacheEntry, budget_bytes, entries, make_room
-from core.data.defaults import DATASET_CACHE_GB_DEFAULT, DATASET_CACHE_GB_ENV, EXTRACT_CACHE_GB_DEFAULT, \
-    EXTRACT_CACHE_GB_ENV
+from core.data.defaults import (
+    DATASET_CACHE_GB_DEFAULT,
+    DATASET_CACHE_GB_ENV,
+    EXTRACT_CACHE_GB_DEFAULT,
+    EXTRACT_CACHE_GB_ENV,
+)
 from core.data.shard_cache import shard_entries
 from worker.defaults import DOWNLOAD_CACHE_GB, DOWNLOAD_CACHE_GB_ENV
 from worker.paths import dataset_cache_dir, extraction_cache_dir, shard_cache_dir

@@ -16,8 +16,8 @@ from core.errors import DataError
 from core.runfolder import CHECKPOINTS
 from worker import keys
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
-from worker.diskspace import disk_places, min_free_bytes
 from worker.caches import budgeted_caches
+from worker.diskspace import disk_places, min_free_bytes
 from worker.paths import cache_dir, runs_cache_dir, var_dir
 from worker.record import JobRecord
 

@@ -30,10 +30,10 @@ from urllib.parse import unquote, urlsplit
 from core.data.cache_budget import touch
 from core.data.defaults import FEW_IMAGES_WARNING, IMBALANCE_WARNING_RATIO, SPLIT_FOLDER_NAMES
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
+from worker.caches import make_download_room
 from worker.defaults import DATASET_SAMPLE_PER_CLASS, DATASET_SAMPLE_THREADS
 from worker.diskspace import low_disk
 from worker.errors import ArtifactError, DatasetError
-from worker.caches import make_download_room
 from worker.paths import dataset_cache_dir
 
 UPLOAD = "upload"

@@ -12,9 +12,9 @@ from worker.errors import NoSuchSweepError
 from worker.hashcodec import decode_reply
 from worker.record import JobRecord
 from worker.states import JobState
-from worker.users import OPERATOR
 from worker.sweeps.record import ENDED_TRIALS, SweepState, TrialCount, job_states, read_sweep, trial_jobs
 from worker.sweeps.study import load_study
+from worker.users import OPERATOR
 
 GUARANTEED = ("best_trial", "best_value", "best_job", "best_params", "error", "ended_at")
 """Keys `sweep_status` always has (None until they apply)."""

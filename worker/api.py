@@ -18,7 +18,7 @@ from typing import IO, Any
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import audit, datasets, deployments, jobs, keys, models, users  # registries, deployments, people
+from worker import audit, datasets, deployments, jobs, keys, models, signin, users  # registries, deployments, people
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
@@ -42,6 +42,7 @@ from worker.errors import (
     PermissionDeniedError,
     RedisUnavailableError,
     SubmissionError,
+    UserError,
 )
 from worker.paths import var_dir
 from worker.nodes import NodeState, job_nodes
@@ -95,7 +96,7 @@ __all__ = [
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
     # people: users (roles, tokens, Actor) and the audit log (worker/users.py, worker/audit.py)
-    "users", "audit", "PermissionDeniedError",
+    "users", "audit", "signin", "PermissionDeniedError", "UserError",
     "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",
     "default_time_limit",
 ]

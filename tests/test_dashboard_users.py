@@ -1,0 +1,207 @@
+"""The dashboard's people (README "Users and roles", "Dashboard access"): with users registered, every session signs in
+with a user name and token (also on loopback), wrong tries are throttled in Redis (a new session does not start over)
+and written to the audit log, admins get the Users and Audit pages, OIDC needs an allow-list (app/auth.py). The real
+entry file through AppTest against a real Redis; `python -m app` as a process."""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from tests.fixtures_app import APP, open_page, texts, wait_until
+from tests.fixtures_worker import run_cli
+from worker import audit, signin, users
+
+LOGIN_VARS = ("DASHBOARD_PASSWORD", "DASHBOARD_ADDRESS", "DASHBOARD_ALLOW_OPEN", "DASHBOARD_ALLOWED_EMAILS",
+              "DASHBOARD_ALLOWED_DOMAINS", "DASHBOARD_ALLOWED_GROUPS", "DASHBOARD_DEFAULT_ROLE")
+
+
+@pytest.fixture
+def app_env(redis_conn: Any, job_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    for var in LOGIN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return redis_conn
+
+
+def sign_in(name: str, token: str, at: Any = None) -> Any:
+    """An AppTest session of the entry page that typed `name` and `token` into the sign-in form."""
+    from streamlit.testing.v1 import AppTest
+
+    if at is None:
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert [t.value for t in at.title] == ["Sign in"], texts(at)
+    fields = {t.label: t for t in at.text_input}
+    fields["User name"].input(name)
+    fields["Token"].input(token)
+    return at.button[0].click().run()
+
+
+def signed_in_as(at: Any) -> str:
+    return " ".join(str(c.value) for c in at.sidebar.caption)
+
+
+def test_no_users_keeps_todays_dashboard(app_env: Any) -> None:
+    """Nobody is asked; the session is the admin `operator`, who may add the first user (it must be an admin, and the
+    session then goes on as that user and sees its token once)."""
+    at = open_page("jobs")
+    assert not at.exception and at.title[0].value == "Jobs"
+    at.switch_page("views/users.py").run()
+    assert not at.exception and at.title[0].value == "Users"
+    at.text_input(key="users:add:name").input("vic")
+    at.selectbox(key="users:add:role").select("viewer")
+    at.button[0].click().run()
+    assert "the first user must be an admin" in texts(at) and not users.any_users(app_env)
+    at.text_input(key="users:add:name").input("ada")
+    at.selectbox(key="users:add:role").select("admin")
+    at.button[0].click().run()
+    assert not at.exception
+    token = at.code[0].value
+    assert users.by_token(app_env, token).name == "ada"
+    assert "Signed in as **ada** (admin)" in signed_in_as(at)
+    assert [(e.actor, e.action, e.target) for e in audit.entries(app_env)][:2] == [
+        ("operator", "user.add", "ada"), ("ada", "session.sign_in", "ada")]
+
+
+def test_users_sign_in_with_a_token_and_get_their_role(app_env: Any) -> None:
+    _, ada = users.add_user(app_env, "ada", "admin")
+    _, vic = users.add_user(app_env, "vic", "viewer")
+    at = sign_in("ada", vic)  # a real token, of someone else
+    assert "Wrong user name or token." in texts(at) and [t.value for t in at.title] == ["Sign in"]
+    at = sign_in("ada", ada, at)
+    assert not at.exception and at.title[0].value == "New job"
+    assert "Signed in as **ada** (admin)" in signed_in_as(at)
+    at.switch_page("views/audit.py").run()
+    assert not at.exception and at.title[0].value == "Audit"
+    table = at.dataframe[0].value
+    assert list(table["action"])[:2] == ["session.sign_in", "session.sign_in_failed"]  # newest first
+    assert list(table["from"])[1] == "dashboard 127.0.0.1"
+
+    at = sign_in("vic", vic)
+    assert "Signed in as **vic** (viewer)" in signed_in_as(at)
+    with pytest.raises(Exception):  # noqa: B017,PT011 - the page is not in a viewer's navigation at all
+        at.switch_page("views/users.py").run()
+
+
+def test_a_rotated_token_or_removed_user_loses_the_session(app_env: Any) -> None:
+    users.add_user(app_env, "ada", "admin")
+    _, bob = users.add_user(app_env, "bob", "submitter")
+    at = sign_in("bob", bob)
+    assert at.title[0].value == "New job"
+    users.rotate_token(app_env, "bob")
+    at.run()
+    assert [t.value for t in at.title] == ["Sign in"] and "sign in again" in texts(at)
+
+
+def test_wrong_tries_are_throttled_across_sessions_and_logged(app_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After FREE_TRIES wrong tries, the next try is not even checked until the delay has passed, also from a new
+    session (the counter is in Redis, per address); then the right token works again."""
+    monkeypatch.setattr(signin, "FIRST_DELAY", 6.0)
+    _, ada = users.add_user(app_env, "ada", "admin")
+    at = None
+    for i in range(signin.FREE_TRIES):
+        at = sign_in("ada", f"wrong-{i}", at)
+        assert "Wrong user name or token." in texts(at)
+    assert "wait 6 s" in texts(at)
+    at = sign_in("ada", ada, at)  # right, but not checked yet
+    assert "Too many wrong tries" in texts(at) and [t.value for t in at.title] == ["Sign in"]
+    fresh = sign_in("ada", ada)  # a new session from the same address waits too
+    assert "Too many wrong tries" in texts(fresh)
+    subjects = signin.subjects("127.0.0.1", None)
+    wait_until(lambda: signin.wait_left(app_env, subjects) == 0, 20, "the delay to pass")
+    fresh = sign_in("ada", ada, fresh)
+    assert not fresh.exception and fresh.title[0].value == "New job"
+    failed = [e for e in audit.entries(app_env) if e.action == audit.AuditAction.SIGN_IN_FAILED.value]
+    assert len(failed) == signin.FREE_TRIES + 2 and {e.address for e in failed} == {"127.0.0.1"}
+    assert [e.detail.get("reason") for e in failed[-2:]] == ["throttled", "throttled"]
+
+
+def test_delays_grow_and_are_capped() -> None:
+    delays = [signin.delay_after(n) for n in range(1, 16)]
+    assert delays[:signin.FREE_TRIES - 1] == [0.0] * (signin.FREE_TRIES - 1)
+    assert delays[signin.FREE_TRIES - 1:signin.FREE_TRIES + 2] == [2.0, 4.0, 8.0]
+    assert max(delays) == signin.MAX_DELAY
+
+
+def test_the_shared_password_is_throttled_and_logs_out(app_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DASHBOARD_PASSWORD", "correct horse")
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at.text_input[0].input("nope")
+    at = at.button[0].click().run()
+    assert "Wrong password." in texts(at)
+    at.text_input[0].input("correct horse")
+    at = at.button[0].click().run()
+    assert at.title[0].value == "New job"
+    at.sidebar.button(key="auth:logout").click().run()
+    assert [t.value for t in at.title] == ["Sign in"]
+    assert [e.action for e in audit.entries(app_env)] == ["session.sign_in_failed", "session.sign_in",
+                                                          "session.sign_out"]
+
+
+def test_audit_download_is_json_lines(app_env: Any) -> None:
+    _, ada = users.add_user(app_env, "ada", "admin")
+    at = sign_in("ada", ada)
+    at.switch_page("views/audit.py").run()
+    out = io.StringIO()
+    assert audit.export_jsonl(app_env, out) == 1
+    assert json.loads(out.getvalue())["action"] == "session.sign_in"
+    assert at.get("download_button")  # the page offers the same export
+
+
+# --------------------------------------------------------------------------------------------------------- OIDC
+def test_oidc_needs_an_allow_list(app_env: Any, job_env: dict[str, str], tmp_path: Any,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single sign-on that would admit every account of the provider is refused, saying how to fix it; with an
+    allow-list the entry page offers the provider's "Log in". A bad DASHBOARD_DEFAULT_ROLE stops `python -m app`."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from app import auth
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('[auth]\nredirect_uri = "http://localhost:8501/oauth2callback"\ncookie_secret = "x"\n'
+                       'client_id = "c"\nclient_secret = "s"\n'
+                       'server_metadata_url = "https://accounts.example.org/.well-known/openid-configuration"\n')
+    before = st.get_option("secrets.files")
+    st.config.set_option("secrets.files", [str(secrets)])
+    st.secrets._reset()
+    try:
+        assert auth.oidc_configured()
+        refusal = auth.access_refusal()
+        assert refusal and "no allow-list" in refusal
+        for fix in ("DASHBOARD_ALLOWED_EMAILS=", "DASHBOARD_ALLOWED_DOMAINS=", "DASHBOARD_ALLOWED_GROUPS=", "[access]"):
+            assert fix in refusal, fix
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        assert not at.title and "no allow-list" in at.error[0].value
+        monkeypatch.setenv("DASHBOARD_ALLOWED_DOMAINS", "example.org")
+        assert auth.access_refusal() is None
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        assert not at.exception and [t.value for t in at.title] == ["Sign in"] and at.button[0].label == "Log in"
+    finally:
+        st.config.set_option("secrets.files", before)
+        st.secrets._reset()
+    env = {k: v for k, v in job_env.items() if k not in LOGIN_VARS}
+    res = run_cli(["app"], {**env, "DASHBOARD_DEFAULT_ROLE": "root"}, timeout=60)
+    assert res.returncode == 2 and "DASHBOARD_DEFAULT_ROLE: unknown role 'root'" in res.stderr
+
+
+def test_the_allow_list_decides_who_gets_in_and_with_what_role(app_env: Any) -> None:
+    from app.auth import AllowList, oidc_actor
+
+    allowed = AllowList(emails=frozenset({"guest@gmail.com"}), domains=frozenset({"example.org"}),
+                        groups=frozenset({"ml-team"}))
+    viewer = users.Role.VIEWER
+    claims = {"email": "eve@evil.example", "email_verified": True}
+    assert oidc_actor(app_env, claims, allowed, viewer) is None
+    assert oidc_actor(app_env, {**claims, "groups": ["ml-team"]}, allowed, viewer) is not None
+    assert oidc_actor(app_env, {"email": "x@sub.example.org"}, allowed, viewer) is None  # exact domains only
+    assert oidc_actor(app_env, {"email": "ada@example.org", "email_verified": False}, allowed, viewer) is None
+    no_users = oidc_actor(app_env, {"email": "ada@example.org"}, allowed, viewer)
+    assert no_users.name == users.OPERATOR and no_users.is_admin  # no user registered: the rules are off
+    users.add_user(app_env, "ada", "admin", email="Ada@Example.org")
+    assert oidc_actor(app_env, {"email": "ada@example.org"}, allowed, viewer).name == "ada"
+    guest = oidc_actor(app_env, {"email": "Guest@gmail.com"}, allowed, viewer, "10.1.2.3")
+    assert (guest.name, guest.role, guest.address) == ("guest@gmail.com", viewer, "10.1.2.3")

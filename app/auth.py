@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import redis
 import streamlit as st
 
-from app.connection import try_redis, redis_down
+from app.connection import redis_down, try_redis
 from app.defaults import (
     ADDRESS_ENV,
     ALLOW_OPEN_ENV,

@@ -12,6 +12,7 @@ from typing import Any
 import streamlit as st
 
 from app import ui
+from app.auth import guarded
 from app.charts import counts_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import DATASET_THUMB_CLASSES, DATASET_THUMBS_PER_CLASS, DATASET_THUMBS_SECONDS
@@ -43,6 +44,7 @@ def version_thumbnails(ref: str, content_hash: str) -> dict[str, list[bytes]]:
 
 
 # ------------------------------------------------------------------------------------------------- registering
+@guarded
 def register() -> None:
     """The Register button's callback: the registry checks the source; its reason is shown, nothing registered."""
     name = (st.session_state.get("datasets:new:name") or "").strip()
@@ -93,6 +95,7 @@ def register_form(current: str | None, expanded: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- removing
+@guarded
 def remove(ref: str) -> None:
     st.session_state["datasets:confirm"] = None
     try:

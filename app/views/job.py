@@ -13,6 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from app import ui
+from app.auth import guarded
 from app.charts import confusion_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import CONFUSION_HEATMAP_MAX_CLASSES, GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
@@ -79,6 +80,7 @@ def series_for(job: str) -> SharedSeries:
 
 
 # --------------------------------------------------------------------------------------------------- header
+@guarded
 def cancel(job: str) -> None:
     try:
         state = api.cancel_job(conn, job, wait=0)
@@ -87,6 +89,7 @@ def cancel(job: str) -> None:
         ui.flash(str(err), "error")
 
 
+@guarded
 def retry(job: str) -> None:
     try:
         new = api.retry_job(conn, job, store=artifact_store())
@@ -97,6 +100,7 @@ def retry(job: str) -> None:
     st.session_state["job:goto"] = (ui.PAGE_JOB, {"job": new})
 
 
+@guarded
 def register_model(job: str) -> None:
     """The Register button: a new version of the named model from this job (worker.api.models.register)."""
     name = (st.session_state.get("job:model:name") or "").strip()
@@ -107,6 +111,7 @@ def register_model(job: str) -> None:
         ui.flash(str(err), "error")
 
 
+@guarded
 def clone(job: str) -> None:
     st.session_state["job:goto"] = (ui.PAGE_NEW, {"clone": job})
 
@@ -345,4 +350,4 @@ def draw_export(report: dict[str, Any]) -> None:
 if status["final"]:
     ended(job_id, status)
 else:
-    st.fragment(run_every=JOB_REFRESH_SECONDS)(live)(job_id)
+    st.fragment(run_every=JOB_REFRESH_SECONDS)(guarded(live))(job_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import ui
+from app.auth import guarded
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
 from app.tables import any_active, job_label, jobs_frame, state_counts, state_label
@@ -39,6 +40,7 @@ def done(message: str, kind: str = "success") -> None:
     st.session_state["jobs:table_gen"] = st.session_state.get("jobs:table_gen", 0) + 1  # clears the row selection
 
 
+@guarded
 def on_rows_selected() -> None:
     """Rows picked in the table fill the "Selected jobs" box (positions map to the ids drawn last)."""
     table = st.session_state.get(f"jobs:table:{st.session_state.get('jobs:table_gen', 0)}")
@@ -50,6 +52,7 @@ def on_rows_selected() -> None:
     st.session_state["jobs:picked"] = [shown[r] for r in rows if r < len(shown)]
 
 
+@guarded
 def cancel_picked() -> None:
     msgs = []
     for job in picked():
@@ -60,6 +63,7 @@ def cancel_picked() -> None:
     done("Cancel: " + "; ".join(msgs))
 
 
+@guarded
 def retry_picked() -> None:
     msgs, kind = [], "success"
     for job in picked():
@@ -71,6 +75,7 @@ def retry_picked() -> None:
     done("Retry: " + "; ".join(msgs), kind)
 
 
+@guarded
 def open_picked(page: str, param: str) -> None:
     jobs = picked()
     if len(jobs) != 1:
@@ -79,10 +84,12 @@ def open_picked(page: str, param: str) -> None:
     st.session_state["jobs:goto"] = (page, {param: jobs[0]})
 
 
+@guarded
 def ask_delete() -> None:
     st.session_state["jobs:confirm_delete"] = picked()
 
 
+@guarded
 def delete_confirmed() -> None:
     jobs = st.session_state.pop("jobs:confirm_delete", [])
     msgs, kind = [], "success"
@@ -96,10 +103,12 @@ def delete_confirmed() -> None:
     done("; ".join(msgs), kind)
 
 
+@guarded
 def keep() -> None:
     st.session_state.pop("jobs:confirm_delete", None)
 
 
+@guarded
 def compare_picked() -> None:
     st.session_state["jobs:goto"] = (ui.PAGE_COMPARE, {"jobs": ",".join(picked())})
 
@@ -182,4 +191,4 @@ def jobs_table() -> None:
 
 first = api.list_jobs(conn, limit=JOBS_PAGE_LIMIT)
 st.session_state["jobs:prefetched"] = first
-st.fragment(run_every=JOBS_REFRESH_SECONDS if any_active(first) else None)(jobs_table)()
+st.fragment(run_every=JOBS_REFRESH_SECONDS if any_active(first) else None)(guarded(jobs_table))()

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from app import ui
+from app.auth import guarded
 from app.connection import require_redis
 from app.tables import fmt_bytes, fmt_time
 from worker.api import ModelError, deployments, models
@@ -19,6 +20,7 @@ st.title("Models")
 ui.show_flash()
 
 
+@guarded
 def move_alias(name: str) -> None:
     alias = (st.session_state.get("models:alias:name") or "").strip()
     version = st.session_state.get("models:alias:version")
@@ -29,6 +31,7 @@ def move_alias(name: str) -> None:
         ui.flash(str(err), "error")
 
 
+@guarded
 def deploy(name: str) -> None:
     target = st.session_state.get("models:deploy:ref") or name
     try:
@@ -39,6 +42,7 @@ def deploy(name: str) -> None:
         ui.flash(str(err), "error")
 
 
+@guarded
 def undeploy(dep_id: str) -> None:
     try:
         deployments.stop(conn, dep_id)

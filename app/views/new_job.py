@@ -12,6 +12,7 @@ from typing import Any
 import streamlit as st
 
 from app import forms, ui
+from app.auth import guarded
 from app.charts import counts_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis, try_redis
 from app.register import register_saved
@@ -232,6 +233,7 @@ def dataset_missing(dataset: str, checked: CheckedUpload | None, registered: str
     return None
 
 
+@guarded
 def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None,
            registered: str | None) -> None:
     """The form's callback: submit_job validates everything before it writes; its message lands on the fields.
@@ -319,6 +321,7 @@ def sweep_space(prefix: str) -> dict[str, Any]:
     return space
 
 
+@guarded
 def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None,
                 registered: str | None) -> None:
     """The form's callback in Sweep mode: create_sweep validates the space and the config before it writes."""

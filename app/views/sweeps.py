@@ -11,6 +11,7 @@ from typing import Any
 import streamlit as st
 
 from app import ui
+from app.auth import guarded
 from app.charts import importances_figure, objective_figure
 from app.connection import require_redis
 from app.defaults import SWEEPS_REFRESH_SECONDS
@@ -39,6 +40,7 @@ def parallel_figure(sweep_id: str) -> Any:
         return None
 
 
+@guarded
 def cancel(sweep_id: str) -> None:
     ui.flash(f"Sweep {sweep_id}: {api.cancel_sweep(conn, sweep_id)}")
 
@@ -135,4 +137,4 @@ chosen = st.selectbox("Sweep", ids, index=ids.index(wanted) if wanted in ids els
 if chosen != st.query_params.get("sweep"):
     st.query_params["sweep"] = chosen
 running = any(s["id"] == chosen and s["state"] == api.SweepState.RUNNING.value for s in sweeps)
-st.fragment(run_every=SWEEPS_REFRESH_SECONDS if running else None)(draw_sweep)(chosen)
+st.fragment(run_every=SWEEPS_REFRESH_SECONDS if running else None)(guarded(draw_sweep))(chosen)

@@ -5,6 +5,7 @@ from urllib.parse import urlsplit
 
 import streamlit as st
 
+from app.auth import guarded
 from app.connection import REDIS_ERRORS, require_redis
 from app.defaults import WORKERS_REFRESH_SECONDS
 from app.tables import workers_frame
@@ -38,7 +39,7 @@ def workers_table() -> None:
     st.caption(f"Refreshes every {WORKERS_REFRESH_SECONDS:g} s.")
 
 
-st.fragment(run_every=WORKERS_REFRESH_SECONDS)(workers_table)()
+st.fragment(run_every=WORKERS_REFRESH_SECONDS)(guarded(workers_table))()
 
 st.subheader("Add a worker")
 url = redis_url()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures_app import APP, open_page, texts, wait_until
+from tests.test_dashboard_access import start_dashboard, web_env  # noqa: F401 - web_env: a fixture
 from tests.fixtures_worker import run_cli
 from worker import audit, signin, users
 
@@ -80,7 +81,7 @@ def test_users_sign_in_with_a_token_and_get_their_role(app_env: Any) -> None:
 
     at = sign_in("vic", vic)
     assert "Signed in as **vic** (viewer)" in signed_in_as(at)
-    with pytest.raises(Exception):  # noqa: B017,PT011 - the page is not in a viewer's navigation at all
+    with pytest.raises(ValueError, match="Could not find a navigation page"):  # not in a viewer's navigation
         at.switch_page("views/users.py").run()
 
 
@@ -205,3 +206,98 @@ def test_the_allow_list_decides_who_gets_in_and_with_what_role(app_env: Any) -> 
     assert oidc_actor(app_env, {"email": "ada@example.org"}, allowed, viewer).name == "ada"
     guest = oidc_actor(app_env, {"email": "Guest@gmail.com"}, allowed, viewer, "10.1.2.3")
     assert (guest.name, guest.role, guest.address) == ("guest@gmail.com", viewer, "10.1.2.3")
+
+
+# ------------------------------------------------------------------------------------------------------- log-out
+@pytest.mark.browser
+def test_log_out_ends_the_sessions_power(web_env: dict[str, str], spawn: Any, redis_conn: Any) -> None:
+    """What a browser sends after its log-out on behalf of the signed-in page does nothing: a "Cancel" click held
+    back and replayed after the log-out cancels nothing, and the live fragment's rerun replayed then draws nothing
+    (a real server, a real Chromium; the frames are the browser's own, captured on its websocket). Streamlit itself
+    still runs the stored fragment when asked: without `auth.guarded` the job's charts and log are drawn again."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    from tests.fixtures_app import submit_digits
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, settle
+    from worker import api
+
+    require_chromium()
+    _, ada = users.add_user(redis_conn, "ada", "admin")
+    job = submit_digits(redis_conn)  # queued (no worker): its page has Cancel and a live fragment
+    _, base = start_dashboard(spawn, web_env)
+    held: dict[str, bytes] = {}
+    fragment_deltas: list[str] = []
+    finished: list[int] = []
+    servers: list[Any] = []
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+        servers.append(server)
+
+        def to_server(frame: bytes | str) -> None:
+            if isinstance(frame, bytes):
+                msg = BackMsg()
+                msg.ParseFromString(frame)
+                rerun = msg.rerun_script if msg.WhichOneof("type") == "rerun_script" else None
+                if rerun is not None and rerun.fragment_id:
+                    held["fragment"] = frame
+                if rerun is not None and any(w.id.endswith("job:cancel") and w.trigger_value
+                                             for w in rerun.widget_states.widgets):
+                    held["cancel"] = frame  # the click never reaches the server now
+                    return
+            server.send(frame)
+
+        def to_page(frame: bytes | str) -> None:
+            if isinstance(frame, bytes):
+                msg = ForwardMsg()
+                msg.ParseFromString(frame)
+                kind = msg.WhichOneof("type")
+                if kind == "delta" and msg.delta.fragment_id:
+                    if msg.delta.WhichOneof("type") == "new_element":  # (its empty container is no content)
+                        fragment_deltas.append(msg.delta.fragment_id)
+                elif kind == "script_finished":
+                    finished.append(1)
+            ws.send(frame)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.route_web_socket(re.compile(r"/_stcore/stream"), route)
+
+            def until(predicate: Any, what: str) -> None:  # Playwright delivers frames only while it is called
+                wait_until(lambda: predicate() or page.wait_for_timeout(100), 30, what, interval=0.05)
+
+            page.goto(f"{base}/job?job={job}")
+            page.get_by_label("User name", exact=True).fill("ada")
+            page.get_by_label("Token", exact=True).fill(ada)
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_role("button", name="Log out").wait_for()
+            page.get_by_test_id("stSidebarNav").get_by_text("Job", exact=True).click()  # the newest job: ours
+            page.get_by_role("button", name="Cancel").wait_for()
+            until(lambda: "fragment" in held and fragment_deltas, "the live fragment to rerun")
+            settle(page)
+            page.get_by_role("button", name="Cancel").click()
+            until(lambda: "cancel" in held, "the Cancel click")
+            page.get_by_role("button", name="Log out").click()
+            page.get_by_role("heading", name="Sign in").wait_for()
+            settle(page)
+            fragment_id = BackMsg.FromString(held["fragment"]).rerun_script.fragment_id
+            fragment_deltas.clear()
+            for frame in (held["cancel"], held["fragment"]):  # what the signed-in page would have sent
+                before = len(finished)
+                servers[-1].send(frame)
+                until(lambda: len(finished) > before, "the server to answer the replayed frame")
+        finally:
+            browser.close()
+    assert api.job_status(redis_conn, job)["state"] == "queued"  # the Cancel click did nothing
+    assert fragment_id not in fragment_deltas  # the live fragment ran (Streamlit still had it) and drew nothing
+    assert [e.action for e in audit.entries(redis_conn)] == ["session.sign_in", "session.sign_out"]

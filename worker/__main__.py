@@ -1,5 +1,6 @@
 """`python -m worker redis | run | submit | status | cancel | logs | list | workers | doctor | sweep | sweep-status |
-sweep-cancel | sweeps | sweep-dashboard | dataset` (README "Jobs and workers", docs/sweeps.md, README "Datasets").
+sweep-cancel | sweeps | sweep-dashboard | dataset | ...` (README "Jobs and workers", docs/sweeps.md, README "Datasets",
+README "Users and roles": changing commands act as `users.cli_actor`; PermissionDeniedError exits 3).
 
 Thin wrappers over the package's functions; every error a user can cause prints one line, not a traceback.
 """
@@ -16,8 +17,17 @@ from datetime import datetime
 from collections.abc import Callable
 from typing import Any
 
+from worker.cliutil import acting_user, add_mine, owner_filter
 from worker.defaults import PRIORITIES, STATUS_WAIT_CANCEL
-from worker.errors import InsecureRedisError, NoSuchJobError, NoSuchSweepError, SubmissionError, WorkerError
+from worker.errors import (
+    InsecureRedisError,
+    NoSuchJobError,
+    NoSuchSweepError,
+    PermissionDeniedError,
+    SubmissionError,
+    UserError,
+    WorkerError,
+)
 
 
 def _ts(t: float | None) -> str:
@@ -85,8 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from worker.submit import submit_job
 
-    submitted = submit_job(args.config, args.overrides, connection=_conn(), gpus=args.gpus, nodes=args.nodes,
-                           priority=args.priority, allow_local_paths=True, timeout=args.timeout)
+    conn = _conn()
+    submitted = submit_job(args.config, args.overrides, connection=conn, gpus=args.gpus, nodes=args.nodes,
+                           priority=args.priority, allow_local_paths=True, timeout=args.timeout,
+                           actor=acting_user(conn))
     if submitted.waiting:
         print(f"note: {submitted.waiting}")
     print(f"submitted job {submitted.job_id}")
@@ -100,6 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if _printed_json(args, st):
         return 0
     print(f"job        {st.get('id', args.job)}  ({st.get('name') or ''})")
+    print(f"owner      {st['owner']}")
     print(f"state      {st['state']}" + (f"  [{st['waiting']}]" if st.get("waiting") else ""))
     epochs = st.get("epochs") or "?"
     print(f"progress   {st['progress'] * 100:.0f}%  epoch {st['epoch']}/{epochs}"
@@ -126,7 +139,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from worker.api import cancel_job
 
-    state = cancel_job(_conn(), args.job, wait=0.0 if args.no_wait else STATUS_WAIT_CANCEL)
+    conn = _conn()
+    state = cancel_job(conn, args.job, wait=0.0 if args.no_wait else STATUS_WAIT_CANCEL, actor=acting_user(conn))
     print(f"job {args.job}: {state}")
     return 0
 
@@ -156,15 +170,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from worker.api import list_jobs
 
-    jobs = list_jobs(_conn(), {args.state} if args.state else None)
+    conn = _conn()
+    jobs = list_jobs(conn, {args.state} if args.state else None, owner=owner_filter(args, conn))
     if _printed_json(args, jobs):
         return 0
-    print(f"{'JOB':<23} {'STATE':<10} {'PROG':>5} {'EPOCH':>7} {'VAL ACC':>7} {'GPUS':>4}  {'SUBMITTED':<19}  NAME")
+    print(f"{'JOB':<23} {'STATE':<10} {'PROG':>5} {'EPOCH':>7} {'VAL ACC':>7} {'GPUS':>4}  {'SUBMITTED':<19}  "
+          f"{'OWNER':<12} NAME")
     for j in jobs:
         acc = f"{j['best_val_acc']:.4f}" if j.get("best_val_acc") is not None else "-"
         epochs = j.get("epochs") or "?"
         print(f"{j['id']:<23} {j['state']:<10} {j['progress'] * 100:>4.0f}% {j['epoch']:>3}/{epochs:<3} "
-              f"{acc:>7} {j.get('gpus') or 1:>4}  {_ts(j.get('submitted_at')):<19}  {j.get('name') or ''}")
+              f"{acc:>7} {j.get('gpus') or 1:>4}  {_ts(j.get('submitted_at')):<19}  {j['owner']:<12} "
+              f"{j.get('name') or ''}")
     return 0
 
 
@@ -188,10 +205,11 @@ def cmd_workers(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from worker.sweeps import create_sweep
 
-    sweep_id = create_sweep(args.config, args.space, connection=_conn(), trials=args.trials, parallel=args.parallel,
+    conn = _conn()
+    sweep_id = create_sweep(args.config, args.space, connection=conn, trials=args.trials, parallel=args.parallel,
                             metric=args.metric, direction=args.direction, sampler=args.sampler, pruner=args.pruner,
                             name=args.name, overrides=args.overrides, gpus=args.gpus, priority=args.priority,
-                            allow_local_paths=True, seed=args.seed)
+                            allow_local_paths=True, seed=args.seed, actor=acting_user(conn))
     print(f"created sweep {sweep_id}")
     return 0
 
@@ -207,7 +225,7 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
     if _printed_json(args, st):
         return 0
     c = st["counts"]
-    print(f"sweep      {st['id']}  ({st.get('name') or ''})")
+    print(f"sweep      {st['id']}  ({st.get('name') or ''})  owner {st['owner']}")
     print(f"state      {st['state']}  {st['ended']}/{st['trials']} trials ended, parallel {st['parallel']}")
     print("trials     " + "  ".join(f"{k} {c[k]}" for k in c))
     print(f"objective  {st['direction']} {st['metric']}  sampler {st['sampler']}  pruner {st['pruner']}")
@@ -228,22 +246,24 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 def cmd_sweep_cancel(args: argparse.Namespace) -> int:
     from worker.sweeps import cancel_sweep
 
-    print(f"sweep {args.sweep}: {cancel_sweep(_conn(), args.sweep)}")
+    conn = _conn()
+    print(f"sweep {args.sweep}: {cancel_sweep(conn, args.sweep, actor=acting_user(conn))}")
     return 0
 
 
 def cmd_sweeps(args: argparse.Namespace) -> int:
     from worker.sweeps import list_sweeps, shown_counts
 
-    sweeps = list_sweeps(_conn())
+    conn = _conn()
+    sweeps = list_sweeps(conn, owner=owner_filter(args, conn))
     if _printed_json(args, sweeps):
         return 0
     print(f"{'SWEEP':<23} {'STATE':<10} {'ENDED':>7} {'DONE':>4} {'PRUN':>4} {'FAIL':>4} {'RUN':>4} {'QUEU':>4} "
-          f"{'BEST':>8}  NAME")
+          f"{'BEST':>8}  {'OWNER':<12} NAME")
     for s in sweeps:
         counts = " ".join(f"{n:>4}" for n in shown_counts(s["counts"]).values())
         print(f"{s['id']:<23} {s['state']:<10} {s['ended']:>3}/{s['trials']:<3} {counts} "
-              f"{_value(s.get('best_value')):>8}  {s.get('name') or ''}")
+              f"{_value(s.get('best_value')):>8}  {s['owner']:<12} {s.get('name') or ''}")
     return 0
 
 
@@ -326,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--lines", type=int, default=200)
     s = _command(sub, "list", cmd_list, "jobs, newest first", with_json=True)
     s.add_argument("--state", default=None, help="only jobs in this state")
+    add_mine(s)
     _command(sub, "workers", cmd_workers, "live workers", with_json=True)
 
     s = _command(sub, "sweep", cmd_sweep, "hyper-parameter search: every trial is a job; prints the sweep id")
@@ -343,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="sampler seed (default: random)")
     _command(sub, "sweep-status", cmd_sweep_status, "a sweep's state, best trial and trials", "sweep", with_json=True)
     _command(sub, "sweep-cancel", cmd_sweep_cancel, "cancel a sweep and every queued or running trial", "sweep")
-    _command(sub, "sweeps", cmd_sweeps, "sweeps, newest first", with_json=True)
+    add_mine(_command(sub, "sweeps", cmd_sweeps, "sweeps, newest first", with_json=True))
     s = _command(sub, "sweep-dashboard", cmd_sweep_dashboard,
                  "open a sweep's study in optuna-dashboard (pip install optuna-dashboard)", "sweep")
     s.add_argument("--host", default="127.0.0.1")
@@ -363,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.notify_cli import add_notify_commands  # notify add|list|rm|log
 
     add_notify_commands(sub)
+    from worker.user_cli import add_user_commands  # login, whoami, user add|list|role|limits|token|rm, audit
+
+    add_user_commands(sub)
     return p
 
 
@@ -387,10 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _reader_gone()
+    except PermissionDeniedError as err:  # README "Users and roles": nothing was changed
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except WorkerError as err:
         print(f"error: {err}", file=sys.stderr)
         refused = args.command in ("submit", "sweep") or isinstance(err, (SubmissionError, NoSuchJobError,
-                                                                           NoSuchSweepError, InsecureRedisError))
+                                                                           NoSuchSweepError, InsecureRedisError,
+                                                                           UserError))
         return 2 if refused else 1
     except KeyboardInterrupt:
         return 130

@@ -1,11 +1,15 @@
 """Everything the dashboard and the CLI need, as plain functions over an explicit Redis connection.
 
-    submit_job(config, overrides, connection=..., gpus=, priority=, dataset_path=)  -> Submitted(job_id, waiting)
-    list_jobs(conn, states=None)            job_status(conn, job_id)        cancel_job(conn, job_id)
-    retry_job(conn, job_id)                 delete_job(conn, job_id)        list_workers(conn)
+    submit_job(config, overrides, connection=..., gpus=, priority=, dataset_path=, actor=) -> Submitted(job_id, ...)
+    list_jobs(conn, states=None, owner=)    job_status(conn, job_id)        cancel_job(conn, job_id, actor=)
+    retry_job(conn, job_id, actor=)         delete_job(conn, job_id, actor=) list_workers(conn)
     events_since(conn, job_id, last_id)     logs_tail(conn, job_id, n)      logs_since(conn, job_id, last_id)
     chart_events_since(conn, job_id, last_id)                               epoch_events(conn, job_id)
     artifact_files(job_id)                  open_artifact(job_id, name)     read_artifact(job_id, name)
+
+People (README "Users and roles"): every function that changes something takes `actor: users.Actor | None` (None:
+the operator, only while no user exists), checks it with `audit.authorize` and logs what it did with `audit.record`;
+what it makes records the actor as its `owner`; listings take `owner: str | None` (None: everyone's).
 
 Artifacts are addressed by (job id, name), and a name must be one the job's own listing returned, so no path a user
 typed ever reaches the filesystem. Key layout and schemas: docs/redis.md. The dashboard (app/) imports the worker
@@ -18,7 +22,17 @@ from typing import IO, Any
 import redis
 
 from core.events import EPOCH_METRICS
-from worker import audit, datasets, deployments, jobs, keys, models, signin, users  # registries, deployments, people
+from worker import (  # registries, deployments, people
+    accounts,
+    audit,
+    datasets,
+    deployments,
+    jobs,
+    keys,
+    models,
+    signin,
+    users,
+)
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
 from worker.chartstream import chart_events_since, epoch_events
 from worker.connection import check, connect, redact, redis_url
@@ -95,8 +109,10 @@ __all__ = [
     "models", "deployments", "ModelError",
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
-    # people: users (roles, tokens, Actor) and the audit log (worker/users.py, worker/audit.py)
-    "users", "audit", "signin", "PermissionDeniedError", "UserError",
+    # people: users (roles, tokens, Actor), their management as an actor (worker/accounts.py: add, change_role,
+    # change_limits, new_token, remove, listing, sign_in), the audit log (worker/users.py, worker/audit.py) and the
+    # sign-in throttle (worker/signin.py)
+    "users", "accounts", "audit", "signin", "PermissionDeniedError", "UserError",
     "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",
     "default_time_limit",
 ]
@@ -117,16 +133,17 @@ def job_status(conn: redis.Redis, job_id: str) -> dict[str, Any]:
 
 
 def list_jobs(
-    conn: redis.Redis, states: set[str] | None = None, *, limit: int = LIST_LIMIT, with_config: bool = False
+    conn: redis.Redis, states: set[str] | None = None, *, limit: int = LIST_LIMIT, with_config: bool = False,
+    owner: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Jobs, newest first, optionally only those in `states`."""
+    """Jobs, newest first, optionally only those in `states` and only `owner`'s (None: everyone's)."""
     ids = [i.decode() for i in conn.zrevrange(keys.jobs_index(), 0, max(0, limit - 1))]
     out = []
     for record in JobRecord.fetch_many(conn, ids).values():
         if record is None:
             continue
         st = record.status()
-        if states and st["state"] not in states:
+        if (states and st["state"] not in states) or (owner is not None and st["owner"] != owner):
             continue
         if not with_config:
             for k in SUMMARY_EXCLUDE:
@@ -135,10 +152,22 @@ def list_jobs(
     return out
 
 
-def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0) -> str:
+def _authorized(conn: redis.Redis, job_id: str, actor: users.Actor | None, verb: str) -> tuple[users.Actor, JobRecord]:
+    """The job's record, once `actor` may `verb` it (its owner, or an admin); PermissionDeniedError otherwise."""
+    record = JobRecord.fetch(conn, job_id, "owner", "attempt", "num_nodes")
+    owner = record.get("owner", users.OPERATOR)
+    return audit.authorize(conn, actor, users.Action.MANAGE, f"{verb} job {job_id}", owner=owner), record
+
+
+def cancel_job(conn: redis.Redis, job_id: str, *, wait: float = 0.0, actor: users.Actor | None = None) -> str:
     """Cancel a queued, recovering or running job; returns the state it is in afterwards (worker.jobs.cancel_job).
-    A sweep's trial that the cancel itself ended (no worker ends it) is told to its sweep now, or at the next scan."""
-    return jobs.cancel_job(conn, job_id, wait=wait, ended=_tell_its_sweep)
+    A sweep's trial that the cancel itself ended (no worker ends it) is told to its sweep now, or at the next scan.
+    `actor`: the job's owner or an admin (PermissionDeniedError otherwise, nothing changed)."""
+    actor, record = _authorized(conn, job_id, actor, "cancel")
+    state = jobs.cancel_job(conn, job_id, wait=wait, ended=_tell_its_sweep)
+    audit.record(conn, actor, audit.AuditAction.JOB_CANCEL, job_id, owner=record.get("owner", users.OPERATOR),
+                 state=state)
+    return state
 
 
 def _tell_its_sweep(record: JobRecord) -> None:
@@ -146,24 +175,29 @@ def _tell_its_sweep(record: JobRecord) -> None:
         trial_ended(record.conn, record.get("sweep"), wait=0)
 
 
-def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None) -> str:
-    """Submit a finished, failed or cancelled job again (same config, GPUs, priority, stored dataset): new job id."""
+def retry_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None,
+              actor: users.Actor | None = None) -> str:
+    """Submit a finished, failed or cancelled job again (same config, GPUs, priority, stored dataset): new job id,
+    owned by `actor` (who must own the old job, or be an admin) and within their limits."""
+    actor, _ = _authorized(conn, job_id, actor, "retry")
     record = JobRecord.fetch(conn, job_id)
     if record.state not in FINAL_STATES:
         raise InvalidJobStateError(f"job {job_id} is {record.state}; only a finished, failed or cancelled job can "
                                    "be retried")
-    return submit_job(record.config, connection=conn, gpus=record.gpus, nodes=record.num_nodes,
-                      priority=record.priority, store=store, allow_local_paths=True, timeout=record.timeout,
-                      name=record.get("name"), extra={"retried_from": job_id}).job_id
+    new = submit_job(record.config, connection=conn, gpus=record.gpus, nodes=record.num_nodes,
+                     priority=record.priority, store=store, allow_local_paths=True, timeout=record.timeout,
+                     name=record.get("name"), extra={"retried_from": job_id}, actor=actor).job_id
+    audit.record(conn, actor, audit.AuditAction.JOB_RETRY, job_id, owner=record.get("owner", users.OPERATOR), new=new)
+    return new
 
 
 def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = None,
-               wait: float = STATUS_WAIT_CANCEL) -> None:
+               wait: float = STATUS_WAIT_CANCEL, actor: users.Actor | None = None) -> None:
     """Remove a job everywhere: its keys, its RQ records and its artifacts. A job still running is cancelled first
-    (InvalidJobStateError when it does not stop within `wait` seconds)."""
-    record = JobRecord.fetch(conn, job_id, "attempt", "num_nodes")
+    (InvalidJobStateError when it does not stop within `wait` seconds). `actor`: its owner or an admin."""
+    actor, record = _authorized(conn, job_id, actor, "delete")
     if record.state not in FINAL_STATES:
-        state = cancel_job(conn, job_id, wait=wait)
+        state = cancel_job(conn, job_id, wait=wait, actor=actor)
         if state not in FINAL_STATES:
             raise InvalidJobStateError(f"job {job_id} is still {state}; try again once it has stopped")
     nodes = record.num_nodes
@@ -179,6 +213,7 @@ def delete_job(conn: redis.Redis, job_id: str, *, store: ArtifactStore | None = 
         pipe.zrem(keys.gangs(), job_id)
         pipe.execute()
     (store or ArtifactStore()).delete_job(job_id)
+    audit.record(conn, actor, audit.AuditAction.JOB_DELETE, job_id, owner=record.get("owner", users.OPERATOR))
 
 
 def artifact_files(job_id: str, *, store: ArtifactStore | None = None) -> list[str]:

@@ -18,7 +18,8 @@ import redis
 
 from worker import keys
 from worker.hashcodec import decode_reply
-from worker.users import Actor
+from worker.errors import PermissionDeniedError
+from worker.users import Action, Actor, acting
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,19 @@ def record(conn: redis.Redis, actor: Actor, action: AuditAction, target: str = "
         log.warning("audit log not written (%s): %s", err, entry)
 
 
+def authorize(conn: redis.Redis, actor: Actor | None, action: Action, what: str, owner: str | None = None) -> Actor:
+    """The convention every changing function follows (README "Users and roles"): the actor it runs as
+    (`users.acting`), checked for `action` on a thing made by `owner`. A refusal is logged (`permission.denied`, with
+    `what`) and raised as PermissionDeniedError; nothing was changed."""
+    actor = acting(conn, actor)
+    try:
+        actor.require(action, what, owner=owner)
+    except PermissionDeniedError as err:
+        record(conn, actor, AuditAction.DENIED, what, reason=str(err))
+        raise
+    return actor
+
+
 def _entry(entry_id: Any, fields: dict[Any, Any]) -> AuditEntry:
     raw = fields.get(b"entry", fields.get("entry"))
     data = json.loads(decode_reply(raw)) if raw is not None else {}
@@ -94,33 +108,46 @@ def _entry(entry_id: Any, fields: dict[Any, Any]) -> AuditEntry:
 
 def entries(conn: redis.Redis, *, since: float | None = None, actor: str | None = None, limit: int | None = None,
             batch: int = 1000) -> Iterator[AuditEntry]:
-    """The log oldest first, from `since` (unix seconds), only `actor`'s entries if given, at most `limit` (the
-    newest `limit` when only a limit is given)."""
-    if limit is not None and since is None:
-        newest = conn.xrevrange(keys.audit(), count=limit) if actor is None else None
-        if newest is not None:
-            yield from (_entry(i, f) for i, f in reversed(newest))
-            return
+    """The log oldest first, from `since` (unix seconds), only `actor`'s entries if given; with `limit`, the newest
+    `limit` of those (what a tail of the log shows)."""
     start = f"{int(since * 1000)}-0" if since else "-"
-    sent = 0
+    if limit is not None:
+        yield from reversed(list(_newest(conn, start, actor, limit, batch)))
+        return
     while True:
         chunk = conn.xrange(keys.audit(), min=start, max="+", count=batch)
         for entry_id, fields in chunk:
             e = _entry(entry_id, fields)
             if actor is None or e.actor == actor:
                 yield e
-                sent += 1
-                if limit is not None and sent >= limit:
-                    return
         if len(chunk) < batch:
             return
         start = "(" + decode_reply(chunk[-1][0])
 
 
-def export_jsonl(conn: redis.Redis, out: IO[str], *, since: float | None = None, actor: str | None = None) -> int:
+def _newest(conn: redis.Redis, start: str, actor: str | None, limit: int, batch: int) -> Iterator[AuditEntry]:
+    """Newest first, down to `start`, at most `limit` entries (of `actor` only if given)."""
+    top, sent = "+", 0
+    while sent < limit:
+        count = batch if actor else min(batch, limit - sent)
+        chunk = conn.xrevrange(keys.audit(), max=top, min=start, count=count)
+        for entry_id, fields in chunk:
+            e = _entry(entry_id, fields)
+            if actor is None or e.actor == actor:
+                yield e
+                sent += 1
+                if sent >= limit:
+                    return
+        if len(chunk) < count:
+            return
+        top = "(" + decode_reply(chunk[-1][0])
+
+
+def export_jsonl(conn: redis.Redis, out: IO[str], *, since: float | None = None, actor: str | None = None,
+                 limit: int | None = None) -> int:
     """Write the log as JSON lines (one AuditEntry per line); how many were written."""
     n = 0
-    for e in entries(conn, since=since, actor=actor):
+    for e in entries(conn, since=since, actor=actor, limit=limit):
         out.write(json.dumps(dataclasses.asdict(e), default=str) + "\n")
         n += 1
     return n

@@ -45,3 +45,20 @@ def refusing(*errors: type[Exception]) -> Callable[[Callable[[argparse.Namespace
                 return 2
         return run
     return wrap
+
+
+def acting_user(conn: Any) -> Any:
+    """Who a changing command acts as (worker.users.cli_actor: the token's user; the operator while no user exists)."""
+    from worker.users import cli_actor
+
+    return cli_actor(conn)
+
+
+def owner_filter(args: argparse.Namespace, conn: Any) -> str | None:
+    """A listing's `owner` argument: with `--mine`, the CLI user's name; else None (everyone's)."""
+    return acting_user(conn).name if getattr(args, "mine", False) else None
+
+
+def add_mine(parser: argparse.ArgumentParser) -> None:
+    """The `--mine` flag of a listing command."""
+    parser.add_argument("--mine", action="store_true", help="only what I made (the user of TRAINER_TOKEN or login)")

@@ -9,7 +9,16 @@ import json
 import sys
 from typing import Any
 
-from worker.cliutil import checked_connection, human_bytes, print_json, refusing, timestamp
+from worker.cliutil import (
+    acting_user,
+    add_mine,
+    checked_connection,
+    human_bytes,
+    owner_filter,
+    print_json,
+    refusing,
+    timestamp,
+)
 from worker.errors import ArtifactError, DatasetError
 
 _refusing = refusing(DatasetError, ArtifactError)
@@ -18,7 +27,8 @@ _refusing = refusing(DatasetError, ArtifactError)
 def cmd_add(args: argparse.Namespace) -> int:
     from worker.datasets import register
 
-    done = register(checked_connection(), args.name, args.source)
+    conn = checked_connection()
+    done = register(conn, args.name, args.source, actor=acting_user(conn))
     v = done.version
     if not done.created:
         print(f"unchanged: {v.ref} already holds this content ({v.source}, hash {v.hash[:12]}); no new version")
@@ -64,17 +74,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     from worker.datasets import list_datasets, summary
 
     conn = checked_connection()
-    rows = [summary(conn, name) for name in list_datasets(conn)]
+    rows = [summary(conn, name) for name in list_datasets(conn, owner=owner_filter(args, conn))]
     if args.json:
         print_json(rows)
         return 0
     if not rows:
         print("no registered dataset (python -m worker dataset add NAME SOURCE)")
         return 0
-    print(f"{'NAME':<24} {'LATEST':>6} {'VERSIONS':>8} {'CLASSES':>7} {'IMAGES':>8} {'SIZE':>9}  SOURCE")
+    print(f"{'NAME':<24} {'LATEST':>6} {'VERSIONS':>8} {'CLASSES':>7} {'IMAGES':>8} {'SIZE':>9}  {'OWNER':<12} SOURCE")
     for r in rows:
         print(f"{r['name']:<24} {r['latest']:>6} {len(r['versions']):>8} {r['classes']:>7} {r['images']:>8} "
-              f"{human_bytes(r['bytes']):>9}  {r['source']}")
+              f"{human_bytes(r['bytes']):>9}  {','.join(r['owners']):<12} {r['source']}")
     return 0
 
 
@@ -91,7 +101,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for d in shown:
         print(f"{d['ref']}  {'in place' if d['kind'] == 'in_place' else 'uploaded'}  {d['source']}")
         print(f"  hash      {d['hash']}")
-        print(f"  created   {timestamp(d['created_at'])}  from {d['origin']}")
+        print(f"  created   {timestamp(d['created_at'])}  by {d['owner']}  from {d['origin']}")
         print(f"  images    {d['num_images']} in {len(d['classes'])} classes, {human_bytes(d['bytes'])}")
         for name, n in d["counts"].items():
             splits = "  ".join(f"{s} {c.get(name, 0)}" for s, c in (d["counts_by_split"] or {}).items())
@@ -110,7 +120,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from worker.datasets import remove
 
-    for v in remove(checked_connection(), args.ref):
+    conn = checked_connection()
+    for v in remove(conn, args.ref, actor=acting_user(conn)):
         print(f"removed {v.ref}")
     return 0
 
@@ -130,6 +141,7 @@ def add_dataset_commands(sub: Any) -> None:
     s.set_defaults(func=_refusing(cmd_add))
     s = dsub.add_parser("list", help="every registered dataset with its latest version")
     s.add_argument("--json", action="store_true")
+    add_mine(s)
     s.set_defaults(func=_refusing(cmd_list))
     s = dsub.add_parser("show", help="a dataset's versions (or one: NAME:VERSION), counts, health, jobs")
     s.add_argument("ref", metavar="NAME[:VERSION]")

@@ -164,6 +164,14 @@ its checkpoints kept). Env JOB_TIME_LIMIT_HOURS overrides; 0 means no limit."""
 JOB_TIME_LIMIT_ENV = "JOB_TIME_LIMIT_HOURS"
 """Environment variable overriding JOB_TIME_LIMIT_HOURS (read by worker.submit.default_time_limit)."""
 
+USER_MAX_ACTIVE_JOBS_ENV = "USER_MAX_ACTIVE_JOBS"
+"""Environment variable: the most jobs (queued or running) a user without an explicit limit may have at once (unset
+or empty: no limit; admins are never limited). Read by worker.users.effective_limits."""
+
+USER_MAX_GPUS_ENV = "USER_MAX_GPUS"
+"""Environment variable: the most GPUs (or CPU ranks) a user's queued and running jobs may ask for together, for users
+without an explicit limit (unset or empty: no limit; admins are never limited)."""
+
 MAX_SWEEP_TRIALS = 1000
 """Most trials one sweep may ask for (each is a job record, a stream and an Optuna trial in Redis)."""
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from worker import keys, notify
+from worker import audit, keys, notify, users
 from worker.defaults import REPO_ROOT
 from worker.errors import ModelError
 from worker.hashcodec import decode_reply
@@ -89,6 +89,8 @@ class Deployment:
     state: str
     created_at: float
     error: str = ""
+    owner: str = users.OPERATOR
+    """Who deployed it (deployments made before users: the operator)."""
 
     def public(self, hosts: dict[int, dict[str, Any]]) -> dict[str, Any]:
         """What `deployments --json` prints: everything but the token, with each replica's worker and URL."""
@@ -119,11 +121,12 @@ def get(conn: redis.Redis, dep_id: str) -> Deployment:
     return dep
 
 
-def listing(conn: redis.Redis) -> list[dict[str, Any]]:
+def listing(conn: redis.Redis, owner: str | None = None) -> list[dict[str, Any]]:
+    """Every deployment (only `owner`'s if given), oldest first, as `deployments --json` prints them."""
     out = []
     for dep_id in (decode_reply(i) for i in conn.zrange(keys.deployments(), 0, -1)):
         dep = _load(conn, dep_id)
-        if dep is not None:
+        if dep is not None and (owner is None or dep.owner == owner):
             out.append(dep.public(hosts(conn, dep_id)))
     return out
 
@@ -144,7 +147,8 @@ def in_use(conn: redis.Redis) -> dict[str, str]:
 
 
 def create(conn: redis.Redis, ref: str, *, replicas: int = 1, gpus: int = 0, max_batch: int = 32,
-           max_delay_ms: float = 0.0) -> Deployment:
+           max_delay_ms: float = 0.0, actor: users.Actor | None = None) -> Deployment:
+    actor = audit.authorize(conn, actor, users.Action.SUBMIT, "deploy models")  # the deployment's owner
     resolve(conn, ref)  # refuses an unknown model, version or alias now, not on a worker
     if not 1 <= replicas <= 16:
         raise DeploymentError(f"replicas: must be 1 to 16, got {replicas}")
@@ -152,16 +156,19 @@ def create(conn: redis.Redis, ref: str, *, replicas: int = 1, gpus: int = 0, max
         raise DeploymentError(f"max-batch: must be 1 to 1024, got {max_batch}")
     dep = Deployment(id="d-" + secrets.token_hex(4), ref=ref, replicas=replicas, gpus=max(0, gpus),
                      max_batch=max_batch, max_delay_ms=max(0.0, max_delay_ms), token=secrets.token_urlsafe(24),
-                     state=STARTING, created_at=time.time())
+                     state=STARTING, created_at=time.time(), owner=actor.name)
     _save(conn, dep)
     conn.zadd(keys.deployments(), {dep.id: dep.created_at})
+    audit.record(conn, actor, audit.AuditAction.DEPLOY, dep.id, ref=ref, replicas=replicas)
     return dep
 
 
-def stop(conn: redis.Redis, dep_id: str) -> Deployment:
+def stop(conn: redis.Redis, dep_id: str, *, actor: users.Actor | None = None) -> Deployment:
     dep = get(conn, dep_id)
+    actor = audit.authorize(conn, actor, users.Action.MANAGE, f"stop deployment {dep_id}", owner=dep.owner)
     dep.state = STOPPED
     _save(conn, dep)
+    audit.record(conn, actor, audit.AuditAction.UNDEPLOY, dep_id, owner=dep.owner)
     return dep
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from worker.cliutil import checked_connection, human_bytes, print_json, refusing, timestamp
+from worker.cliutil import (
+    acting_user,
+    add_mine,
+    checked_connection,
+    human_bytes,
+    owner_filter,
+    print_json,
+    refusing,
+    timestamp,
+)
 from worker.errors import ArtifactError, ModelError
 
 _refusing = refusing(ModelError, ArtifactError)
@@ -14,7 +23,8 @@ _refusing = refusing(ModelError, ArtifactError)
 def cmd_register(args: argparse.Namespace) -> int:
     from worker.models import register
 
-    version = register(checked_connection(), args.job, args.name)
+    conn = checked_connection()
+    version = register(conn, args.job, args.name, actor=acting_user(conn))
     print(f"registered {version.ref} from job {version.job_id} (serves {version.deploy}; test accuracy "
           f"{version.metrics.get('accuracy', float('nan')):.4f})")
     print(version.ref)
@@ -26,12 +36,12 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
     conn = checked_connection()
     if args.delete:
-        remove_alias(conn, args.name, args.alias)
+        remove_alias(conn, args.name, args.alias, actor=acting_user(conn))
         print(f"removed alias {args.name}@{args.alias}")
         return 0
     if args.version is None:
         raise ModelError("give the VERSION the alias should point at (or --delete)")
-    before = set_alias(conn, args.name, args.alias, args.version)
+    before = set_alias(conn, args.name, args.alias, args.version, actor=acting_user(conn))
     moved = f" (was {before})" if before is not None and before != args.version else ""
     print(f"{args.name}@{args.alias} → {args.version}{moved}")
     return 0
@@ -41,7 +51,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from worker.models import list_models, summary
 
     conn = checked_connection()
-    rows = [summary(conn, name) for name in list_models(conn)]
+    rows = [summary(conn, name) for name in list_models(conn, owner=owner_filter(args, conn))]
     if args.json:
         print_json(rows)
         return 0
@@ -51,7 +61,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         aliases = ", ".join(f"{a}→{v}" for a, v in sorted(r["aliases"].items())) or "-"
         acc = r["metrics"].get("accuracy")
         print(f"{r['name']:<24} latest {r['latest']:<4} versions {len(r['versions']):<3} aliases {aliases:<24} "
-              f"accuracy {'-' if acc is None else f'{acc:.4f}'}")
+              f"accuracy {'-' if acc is None else f'{acc:.4f}'}  owner {','.join(r['owners'])}")
     return 0
 
 
@@ -68,7 +78,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print_json(shown[0] if ref.version or ref.alias else shown)
         return 0
     for v in shown:
-        print(f"{v['ref']}  from job {v['job_id']} ({v['job_name']}), {timestamp(v['created_at'])}"
+        print(f"{v['ref']}  from job {v['job_id']} ({v['job_name']}), {timestamp(v['created_at'])} by {v['owner']}"
               + (f"  aliases: {', '.join(v['aliases'])}" if v["aliases"] else ""))
         print(f"  dataset {v['dataset'] or '-'}  serves {v['deploy']}: {v['deploy_reason']}")
         print("  metrics " + ", ".join(f"{k} {val:.4g}" for k, val in v["metrics"].items() if val is not None))
@@ -83,7 +93,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     from worker.models import remove
 
     conn = checked_connection()
-    for v in remove(conn, args.ref, in_use=in_use(conn)):
+    for v in remove(conn, args.ref, in_use=in_use(conn), actor=acting_user(conn)):
         print(f"removed {v.ref}")
     return 0
 
@@ -99,8 +109,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from worker.deployments import create
 
-    dep = create(checked_connection(), args.ref, replicas=args.replicas, gpus=args.gpus, max_batch=args.max_batch,
-                 max_delay_ms=args.max_delay_ms)
+    conn = checked_connection()
+    dep = create(conn, args.ref, replicas=args.replicas, gpus=args.gpus, max_batch=args.max_batch,
+                 max_delay_ms=args.max_delay_ms, actor=acting_user(conn))
     print(f"deployment {dep.id} of {dep.ref}: {dep.replicas} replica(s), starting on the workers "
           "(python -m worker deployments shows their URLs)")
     print(f"bearer token (shown once; clients send Authorization: Bearer TOKEN): {dep.token}")
@@ -111,7 +122,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_deployments(args: argparse.Namespace) -> int:
     from worker.deployments import listing
 
-    rows = listing(checked_connection())
+    conn = checked_connection()
+    rows = listing(conn, owner=owner_filter(args, conn))
     if args.json:
         print_json(rows)
         return 0
@@ -119,7 +131,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
         print("no deployments (python -m worker deploy MODEL_REF)")
     for d in rows:
         where = ", ".join(f"{h.get('url') or '-'} on {h['worker']} ({h.get('state')})" for h in d["replica_hosts"])
-        print(f"{d['id']}  {d['ref']:<24} {d['state']:<9} {where or 'no worker yet'}"
+        print(f"{d['id']}  {d['ref']:<24} {d['state']:<9} {d['owner']:<12} {where or 'no worker yet'}"
               + (f"  error: {d['error']}" if d["error"] else ""))
     return 0
 
@@ -127,7 +139,8 @@ def cmd_deployments(args: argparse.Namespace) -> int:
 def cmd_undeploy(args: argparse.Namespace) -> int:
     from worker.deployments import stop
 
-    dep = stop(checked_connection(), args.id)
+    conn = checked_connection()
+    dep = stop(conn, args.id, actor=acting_user(conn))
     print(f"deployment {dep.id} stopped (its servers end within seconds)")
     return 0
 
@@ -148,6 +161,7 @@ def add_model_commands(sub: Any) -> None:
     s.set_defaults(func=_refusing(cmd_alias))
     s = msub.add_parser("list", help="every registered model with its latest version and aliases")
     s.add_argument("--json", action="store_true")
+    add_mine(s)
     s.set_defaults(func=_refusing(cmd_list))
     s = msub.add_parser("show", help="a model's versions (or one: NAME:VERSION or NAME@ALIAS)")
     s.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]")
@@ -177,6 +191,7 @@ def add_model_commands(sub: Any) -> None:
     s.set_defaults(func=_refusing(cmd_deploy))
     s = sub.add_parser("deployments", help="every deployment: id, state, url, worker")
     s.add_argument("--json", action="store_true")
+    add_mine(s)
     s.set_defaults(func=_refusing(cmd_deployments))
     s = sub.add_parser("undeploy", help="stop a deployment")
     s.add_argument("id")

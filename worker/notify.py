@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from worker import keys
+from worker import audit, keys, users
 from worker.errors import WorkerError
 from worker.hashcodec import decode_reply
 
@@ -83,7 +83,10 @@ class Hook:
 
 
 # ----------------------------------------------------------------------------------------------------- hooks
-def add_hook(conn: redis.Redis, url: str, events: list[str] | None = None, secret: str | None = None) -> Hook:
+def add_hook(conn: redis.Redis, url: str, events: list[str] | None = None, secret: str | None = None, *,
+             actor: users.Actor | None = None) -> Hook:
+    """A new webhook (admins only: a hook sees every job's events)."""
+    actor = audit.authorize(conn, actor, users.Action.ADMIN, "add webhooks")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HookError(f"invalid hook URL {url!r}: give an http:// or https:// URL")
@@ -93,6 +96,8 @@ def add_hook(conn: redis.Redis, url: str, events: list[str] | None = None, secre
         raise HookError(f"unknown event(s) {', '.join(unknown)}; choose from {', '.join(EVENTS)}")
     hook = Hook(secrets.token_hex(4), url, chosen, secret or None, time.time())
     conn.hset(keys.hooks(), hook.id, json.dumps(dataclasses.asdict(hook)))
+    # the host only: a hook URL often carries its own secret (Slack's do)
+    audit.record(conn, actor, audit.AuditAction.HOOK_ADD, hook.id, host=parts.hostname, events=chosen)
     return hook
 
 
@@ -100,10 +105,12 @@ def list_hooks(conn: redis.Redis) -> list[Hook]:
     return sorted((Hook(**json.loads(decode_reply(v))) for v in conn.hvals(keys.hooks())), key=lambda h: h.created_at)
 
 
-def remove_hook(conn: redis.Redis, hook_id: str) -> None:
+def remove_hook(conn: redis.Redis, hook_id: str, *, actor: users.Actor | None = None) -> None:
+    actor = audit.authorize(conn, actor, users.Action.ADMIN, "remove webhooks")
     if not conn.hdel(keys.hooks(), hook_id):
         raise HookError(f"no hook {hook_id!r} (hooks: {', '.join(h.id for h in list_hooks(conn)) or 'none'})")
     conn.delete(keys.hook_log(hook_id))
+    audit.record(conn, actor, audit.AuditAction.HOOK_REMOVE, hook_id)
 
 
 def delivery_log(conn: redis.Redis, hook_id: str, count: int = 50) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from worker.cliutil import checked_connection, print_json, refusing, timestamp
+from worker.cliutil import acting_user, checked_connection, print_json, refusing, timestamp
 from worker.notify import HookError
 
 _refusing = refusing(HookError)
@@ -14,7 +14,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     from worker.notify import add_hook
 
     events = [e.strip() for e in args.events.split(",") if e.strip()] if args.events else None
-    hook = add_hook(checked_connection(), args.url, events, args.secret)
+    conn = checked_connection()
+    hook = add_hook(conn, args.url, events, args.secret, actor=acting_user(conn))
     print(f"hook {hook.id}: {hook.url} ({', '.join(hook.events)}){' signed' if hook.secret else ''}"
           f"{' (Slack format)' if hook.slack else ''}")
     print(hook.id)
@@ -42,7 +43,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from worker.notify import remove_hook
 
-    remove_hook(checked_connection(), args.id)
+    conn = checked_connection()
+    remove_hook(conn, args.id, actor=acting_user(conn))
     print(f"removed hook {args.id}")
     return 0
 

@@ -18,6 +18,7 @@ from worker import keys, notify
 from worker.errors import NoSuchJobError
 from worker.hashcodec import HashCodec, decode_reply
 from worker.states import JobState
+from worker.users import OPERATOR
 
 JOB_CODEC = HashCodec(
     ints=frozenset({"epoch", "epochs", "gpus", "num_nodes", "attempt", "recoveries", "exit_code", "resumed_from",
@@ -176,6 +177,7 @@ class JobRecord:
             st.setdefault(key, None)
         st["progress"] = float(st["progress"] or 0.0)
         st["epoch"] = int(st["epoch"] or 0)
+        st["owner"] = st.get("owner") or OPERATOR  # who submitted it; jobs made before users are the operator's
         start, end = st.get("started_at"), st.get("ended_at")
         st["duration"] = round((end or now) - start, 1) if start else None
         st["eta"] = None

@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from core.runfolder import CHECKPOINTS, LAST_CHECKPOINT
-from worker import keys
+from worker import audit, keys, users
 from worker.artifacts import ArtifactStore
 from worker.defaults import (
     GC_INTERVAL,
@@ -129,10 +129,17 @@ def apply(store: ArtifactStore, removals: list[Removal]) -> list[Removal]:
 
 
 def collect(conn: redis.Redis, store: ArtifactStore, *, dry_run: bool = False,
-            now: float | None = None) -> list[Removal]:
-    """The whole policy: the store's part and this machine's; with dry_run, only what it would remove."""
+            now: float | None = None, actor: users.Actor | None = None) -> list[Removal]:
+    """The whole policy: the store's part and this machine's; with dry_run, only what it would remove. Applying it is
+    an admin's (PermissionDeniedError otherwise); a dry run anyone may ask for."""
+    if not dry_run:
+        actor = audit.authorize(conn, actor, users.Action.ADMIN, "run the retention policy (gc)")
     plan = plan_store(conn, store, now) + plan_local(conn, store, now)
-    return plan if dry_run else apply(store, plan)
+    if dry_run:
+        return plan
+    done = apply(store, plan)
+    audit.record(conn, actor, audit.AuditAction.GC, store.url, removed=len(done), bytes=sum(r.bytes for r in done))
+    return done
 
 
 def claim(conn: redis.Redis, scope: str) -> bool:

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from worker.cliutil import checked_connection, human_bytes, print_json, timestamp
+from worker.cliutil import acting_user, checked_connection, human_bytes, print_json, timestamp
 
 
 def cmd_storage(args: argparse.Namespace) -> int:
@@ -50,7 +50,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from worker.artifacts import ArtifactStore
     from worker.retention import collect
 
-    removed = collect(checked_connection(), ArtifactStore(), dry_run=args.dry_run)
+    conn = checked_connection()
+    removed = collect(conn, ArtifactStore(), dry_run=args.dry_run, actor=None if args.dry_run else acting_user(conn))
     if args.json:
         print_json({"dry_run": args.dry_run, "removed": [dataclasses.asdict(r) for r in removed],
                     "bytes": sum(r.bytes for r in removed)})

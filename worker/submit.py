@@ -17,16 +17,17 @@ from typing import Any
 
 import redis
 
-from worker import datasets, gang, keys
+from worker import audit, datasets, gang, keys, users
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.connection import check
 from worker.defaults import JOB_TIME_LIMIT_ENV, JOB_TIME_LIMIT_HOURS, MAX_GPUS_PER_JOB, MAX_NODES_PER_JOB, PRIORITIES
 from worker.diskspace import low_disk
-from worker.errors import ArtifactError, SubmissionError
+from worker.errors import ArtifactError, PermissionDeniedError, SubmissionError
+from worker.hashcodec import decode_reply
 from worker.presence import list_workers, max_live_slots
 from worker.queues import enqueue_attempt
 from worker.record import JobRecord
-from worker.states import JobState
+from worker.states import ACTIVE_STATES, JobState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,42 @@ def resolve_dataset(
     return None, None
 
 
+def active_usage(conn: redis.Redis, owner: str) -> tuple[int, int]:
+    """(jobs, GPUs) of `owner`'s queued, running and recovering jobs (a job's GPUs: gpus × nodes). Reads every job's
+    owner and state in one round trip (jobs made before users belong to the operator)."""
+    ids = [decode_reply(i) for i in conn.zrange(keys.jobs_index(), 0, -1)]
+    jobs = devices = 0
+    for record in JobRecord.fetch_many(conn, ids, "owner", "gpus", "num_nodes").values():
+        if record is None or record.state not in ACTIVE_STATES or record.get("owner", users.OPERATOR) != owner:
+            continue
+        jobs += 1
+        devices += record.gpus * record.num_nodes
+    return jobs, devices
+
+
+def check_limits(conn: redis.Redis, actor: users.Actor, *, jobs: int, gpus: int, priority: str) -> None:
+    """The actor's per-user limits (users.effective_limits) for `jobs` more jobs of `gpus` GPUs in all at `priority`:
+    PermissionDeniedError naming the limit, the use now and who can change it; nothing is enqueued."""
+    if actor.is_system:
+        return
+    limits = users.effective_limits(actor)
+    change = f"an admin can change it: python -m worker user limits {actor.name}"
+    if priority == "high" and not limits.high_priority:
+        raise PermissionDeniedError(f"{actor.name} ({actor.role.value}) may not submit with priority high: only admins "
+                                    f"and users allowed high priority may ({change} --high-priority); use default")
+    if limits.max_active_jobs is None and limits.max_gpus is None:
+        return
+    active, used = active_usage(conn, actor.name)
+    if limits.max_active_jobs is not None and active + jobs > limits.max_active_jobs:
+        raise PermissionDeniedError(
+            f"{actor.name} may have at most {limits.max_active_jobs} job(s) queued or running at once and has {active}"
+            f"; this needs {jobs} more. Wait for one to end or cancel one ({change} --max-jobs N)")
+    if limits.max_gpus is not None and used + gpus > limits.max_gpus:
+        raise PermissionDeniedError(
+            f"{actor.name} may use at most {limits.max_gpus} GPU(s) in queued and running jobs and uses {used}; "
+            f"this asks for {gpus} more. Ask for fewer, or wait for a job to end ({change} --max-gpus G)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Checked:
     """A request that passed submission's own checks (`check_request`): a job's, or a sweep's base config, so both
@@ -237,6 +274,7 @@ def submit_job(
     timeout: float | None = None,
     name: str | None = None,
     extra: dict[str, Any] | None = None,
+    actor: users.Actor | None = None,
 ) -> Submitted:
     """Validate, upload the dataset if local, enqueue; returns the job id and whether it waits for a worker.
     SubmissionError: nothing was enqueued.
@@ -249,12 +287,16 @@ def submit_job(
     timeout: wall-clock seconds for the whole job (the worker fails it as timed out); default: none, or
         train.time_limit + 300 s when that is set (core enforces time_limit itself; this is the backstop).
     extra: more status fields, typed (a sweep's trial: `sweep`, `trial`, `params`; a retry: `retried_from`).
+    actor: who submits (README "Users and roles"); the job's `owner`. PermissionDeniedError (nothing enqueued) for a
+        viewer, or past the actor's per-user limits (jobs, GPUs, priority high).
     """
+    actor = audit.authorize(connection, actor, users.Action.SUBMIT, "submit jobs")
     checked = check_request(config, overrides, connection=connection, gpus=gpus, nodes=nodes, priority=priority,
                             dataset_path=dataset_path, timeout=timeout, name=name)
     cfg = checked.config
     store = store or ArtifactStore()
     ranks = gpus * nodes
+    check_limits(connection, actor, jobs=1, gpus=ranks, priority=priority)
     full = low_disk(store)  # before any upload, extraction or enqueue
     if full:
         raise SubmissionError(full)
@@ -296,6 +338,7 @@ def submit_job(
         "rq_job": keys.rq_job_id(job_id, 0),
         "waiting": checked.waiting,
         "artifacts": {"run": store.uri(store.run_key(job_id))},
+        "owner": actor.name,
         **(extra or {}),
     }
     with connection.pipeline() as pipe:  # MULTI/EXEC: the status hash, the index and the RQ job land together
@@ -309,4 +352,7 @@ def submit_job(
         else:  # a multi-node job waits for its gang (worker/gang.py), not in an RQ queue
             pipe.zadd(keys.gangs(), {job_id: gang.score(priority, now)})
         pipe.execute()
+    if not actor.is_system:
+        audit.record(connection, actor, audit.AuditAction.JOB_SUBMIT, job_id, name=checked.name, gpus=gpus,
+                     nodes=nodes, priority=priority, **{k: v for k, v in (extra or {}).items() if k == "retried_from"})
     return Submitted(job_id, checked.waiting)

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import redis
 
 from worker import keys
+from worker.defaults import USER_MAX_ACTIVE_JOBS_ENV, USER_MAX_GPUS_ENV
 from worker.errors import PermissionDeniedError, UserError
 from worker.hashcodec import decode_reply
 
@@ -135,9 +137,50 @@ class Actor:
     def is_admin(self) -> bool:
         return self.role is Role.ADMIN
 
+    @property
+    def is_system(self) -> bool:
+        """The product acting by itself or on a user's behalf (`on_behalf_of`): what it does was allowed when the user
+        asked for it, so it is neither limited nor logged again."""
+        return self.source == SYSTEM_SOURCE
 
+
+SYSTEM_SOURCE = "system"
 OPERATOR_ACTOR = Actor(OPERATOR, Role.ADMIN, source="cli")
-SYSTEM_ACTOR = Actor(SYSTEM, Role.ADMIN, source="system")
+SYSTEM_ACTOR = Actor(SYSTEM, Role.ADMIN, source=SYSTEM_SOURCE)
+
+
+def on_behalf_of(owner: str | None) -> Actor:
+    """The actor a sweep's driver submits trials as: the sweep's owner (the operator for sweeps made before users),
+    with a submitter's power only, not limited per trial (the sweep's `parallel` was checked against the owner's limits
+    when it was made) and not logged per trial (the sweep's creation is)."""
+    return Actor(owner or OPERATOR, Role.SUBMITTER, source=SYSTEM_SOURCE)
+
+
+def _env_limit(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserError(f"{name} must be a whole number of at least 0 (or unset: no limit), got {raw!r}")
+    return value
+
+
+def effective_limits(actor: Actor) -> UserLimits:
+    """The limits submission applies to `actor`: none for an admin (an admin could lift their own anyway); for anyone
+    else each limit of their own, or where they have none the service's default (env USER_MAX_ACTIVE_JOBS,
+    USER_MAX_GPUS; unset: no limit)."""
+    if actor.is_admin:
+        return UserLimits(high_priority=True)
+    own = actor.limits
+    return UserLimits(
+        max_active_jobs=(own.max_active_jobs if own.max_active_jobs is not None
+                         else _env_limit(USER_MAX_ACTIVE_JOBS_ENV)),
+        max_gpus=own.max_gpus if own.max_gpus is not None else _env_limit(USER_MAX_GPUS_ENV),
+        high_priority=own.high_priority)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,13 +357,14 @@ def cli_token() -> str | None:
 
 
 def cli_actor(conn: redis.Redis) -> Actor:
-    """Who the CLI acts as: the token's user; with no user registered, the admin `operator`. PermissionDeniedError
-    when users exist and no token is set, UserError for an unknown token."""
-    token = cli_token()
-    if token:
-        return by_token(conn, token).actor("cli")
+    """Who the CLI acts as: the token's user; with no user registered, the admin `operator` (a token left over from
+    another service is then ignored: nobody is asked). PermissionDeniedError when users exist and no token is set,
+    UserError for an unknown token. The audit log's `address` of a CLI actor is this machine's host name."""
     if not any_users(conn):
         return OPERATOR_ACTOR
+    token = cli_token()
+    if token:
+        return by_token(conn, token).actor("cli", address=socket.gethostname())
     raise PermissionDeniedError(f"this service has users: say who you are with {TOKEN_ENV}=... or "
                                 "`python -m worker login TOKEN` (an admin makes a user: python -m worker user add NAME "
                                 "--role submitter)")

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import audit, keys, users
 from worker.artifacts import DATASET_REF_PREFIX, ArtifactStore
 from worker.datasets.sources import (
     UPLOAD,
@@ -84,6 +84,8 @@ class DatasetVersion:
     created_at: float
     origin: str
     """What was given to `dataset add` (the local path of an upload)."""
+    owner: str = users.OPERATOR
+    """Who registered it (versions registered before users: the operator)."""
 
     @property
     def ref(self) -> str:
@@ -101,7 +103,8 @@ class DatasetVersion:
     @classmethod
     def from_json(cls, raw: bytes | str) -> DatasetVersion:
         data = json.loads(decode_reply(raw))
-        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "owner": values["owner"] or users.OPERATOR})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +131,12 @@ def _versions(conn: redis.Redis, name: str) -> dict[int, DatasetVersion]:
     return dict(sorted((int(decode_reply(k)), DatasetVersion.from_json(v)) for k, v in raw.items()))
 
 
-def list_datasets(conn: redis.Redis) -> list[str]:
-    """Names of every registered dataset, oldest first."""
-    return [decode_reply(n) for n in conn.zrange(keys.datasets_index(), 0, -1)]
+def list_datasets(conn: redis.Redis, owner: str | None = None) -> list[str]:
+    """Names of every registered dataset, oldest first; with `owner`, those with a version `owner` registered."""
+    names = [decode_reply(n) for n in conn.zrange(keys.datasets_index(), 0, -1)]
+    if owner is None:
+        return names
+    return [n for n in names if any(v.owner == owner for v in _versions(conn, n).values())]
 
 
 def dataset_versions(conn: redis.Redis, name: str) -> list[DatasetVersion]:
@@ -192,7 +198,8 @@ def summary(conn: redis.Redis, name: str) -> dict[str, Any]:
     latest = versions[-1]
     return {"name": name, "versions": [v.version for v in versions], "latest": latest.version,
             "source": latest.source, "kind": latest.kind, "hash": latest.hash, "classes": len(latest.classes),
-            "images": latest.num_images, "bytes": latest.bytes, "created_at": latest.created_at}
+            "images": latest.num_images, "bytes": latest.bytes, "created_at": latest.created_at,
+            "owner": latest.owner, "owners": sorted({v.owner for v in versions})}
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -213,9 +220,12 @@ def scan_source(source: str, store: ArtifactStore, *, color_mode: str = _DEFAULT
 
 
 def register(conn: redis.Redis, name: str, source: str, *, store: ArtifactStore | None = None,
-             color_mode: str = _DEFAULT_COLOR_MODE, max_image_pixels: int | None = None) -> Registered:
+             color_mode: str = _DEFAULT_COLOR_MODE, max_image_pixels: int | None = None,
+             actor: users.Actor | None = None) -> Registered:
     """Register a new version of `name` from `source` (sources.py says which kinds); DatasetError on a refusal, with
-    nothing registered. The same content from the same source again returns the existing version."""
+    nothing registered. The same content from the same source again returns the existing version. `actor`: who
+    registers (a submitter or admin; PermissionDeniedError for a viewer), the new version's `owner`."""
+    actor = audit.authorize(conn, actor, users.Action.SUBMIT, "register datasets")
     keys.check_dataset_name(name)
     scanned = scan_source(source, store or ArtifactStore(), color_mode=color_mode, max_image_pixels=max_image_pixels)
     report = scanned.report
@@ -232,7 +242,7 @@ def register(conn: redis.Redis, name: str, source: str, *, store: ArtifactStore 
             name=name, version=number, source=scanned.source, kind=scanned.kind, hash=scanned.hash,
             classes=list(report["classes"]), counts=dict(report["counts"]),
             counts_by_split=dict(report.get("counts_by_split") or {}), num_images=int(report["num_images"]),
-            bytes=scanned.bytes, report=report, created_at=time.time(), origin=scanned.origin)
+            bytes=scanned.bytes, report=report, created_at=time.time(), origin=scanned.origin, owner=actor.name)
         pipe.multi()
         pipe.hset(keys.dataset_versions(name), str(number), json.dumps(version.to_dict()))
         pipe.set(keys.dataset_seq(name), number)
@@ -240,15 +250,22 @@ def register(conn: redis.Redis, name: str, source: str, *, store: ArtifactStore 
         result["r"] = Registered(version, created=True)
 
     conn.transaction(commit, keys.dataset_versions(name), keys.dataset_seq(name))
-    return result["r"]
+    done = result["r"]
+    if done.created:
+        audit.record(conn, actor, audit.AuditAction.DATASET_REGISTER, done.version.ref, source=done.version.source,
+                     images=done.version.num_images)
+    return done
 
 
-def remove(conn: redis.Redis, ref: str | DatasetRef, *, store: ArtifactStore | None = None) -> list[DatasetVersion]:
+def remove(conn: redis.Redis, ref: str | DatasetRef, *, store: ArtifactStore | None = None,
+           actor: users.Actor | None = None) -> list[DatasetVersion]:
     """Remove one version (NAME:VERSION) or every version (NAME); returns what was removed. DatasetError while a
     queued, running or recovering job uses one of them (nothing removed). Uploaded zips no version refers to any
-    more are deleted from the artifact store."""
+    more are deleted from the artifact store. `actor`: the owner of every version removed, or an admin."""
     ref = ref if isinstance(ref, DatasetRef) else DatasetRef.parse(ref)
     targets = [get_version(conn, ref)] if ref.version is not None else dataset_versions(conn, ref.name)
+    for t in targets:
+        actor = audit.authorize(conn, actor, users.Action.MANAGE, f"remove dataset {t.ref}", owner=t.owner)
     uses = {t.version: version_jobs(conn, t.name, t.version) for t in targets}
     busy = [f"{t.ref} by job {j.id} ({j.state})" for t in targets for j in uses[t.version]
             if j.state in {str(s) for s in ACTIVE_STATES}]
@@ -270,6 +287,8 @@ def remove(conn: redis.Redis, ref: str | DatasetRef, *, store: ArtifactStore | N
     store = store or ArtifactStore()
     _delete_unreferenced(conn, [t.source for t in targets if t.kind == UPLOAD], store)
     _delete_unreferenced_forms(conn, [t.hash for t in targets], store)
+    audit.record(conn, actor, audit.AuditAction.DATASET_REMOVE, str(ref), versions=[t.version for t in targets],
+                 owners=sorted({t.owner for t in targets}))
     return targets
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from core import runfolder as runfiles
-from worker import keys, notify
+from worker import audit, keys, notify, users
 from worker.artifacts import ArtifactStore
 from worker.errors import ArtifactError, ModelError, NoSuchModelError
 from worker.hashcodec import decode_reply
@@ -81,6 +81,8 @@ class ModelVersion:
     created_at: float
     mlflow: dict[str, Any] | None = None
     """{"name", "version", "uri"} of the mirrored MLflow registry version, when MLflow tracking was on."""
+    owner: str = users.OPERATOR
+    """Who registered it (versions registered before users: the operator)."""
 
     @property
     def ref(self) -> str:
@@ -96,7 +98,8 @@ class ModelVersion:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelVersion:
         data = json.loads(decode_reply(raw))
-        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: data.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, "owner": values["owner"] or users.OPERATOR})
 
 
 def _versions(conn: redis.Redis, name: str) -> dict[int, ModelVersion]:
@@ -104,8 +107,12 @@ def _versions(conn: redis.Redis, name: str) -> dict[int, ModelVersion]:
     return {int(k): ModelVersion.from_json(v) for k, v in raw.items()}
 
 
-def list_models(conn: redis.Redis) -> list[str]:
-    return [decode_reply(n) for n in conn.zrange(keys.models_index(), 0, -1)]
+def list_models(conn: redis.Redis, owner: str | None = None) -> list[str]:
+    """Names of every registered model, oldest first; with `owner`, those with a version `owner` registered."""
+    names = [decode_reply(n) for n in conn.zrange(keys.models_index(), 0, -1)]
+    if owner is None:
+        return names
+    return [n for n in names if any(v.owner == owner for v in _versions(conn, n).values())]
 
 
 def model_versions(conn: redis.Redis, name: str) -> list[ModelVersion]:
@@ -145,8 +152,11 @@ def _read_json(store: ArtifactStore, job_id: str, name: str) -> Any:
                          "exported (export.enabled: true)") from None
 
 
-def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore | None = None) -> ModelVersion:
-    """Version N+1 of `name` from a finished, exported job: its files copied into the store, then the record."""
+def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore | None = None,
+             actor: users.Actor | None = None) -> ModelVersion:
+    """Version N+1 of `name` from a finished, exported job: its files copied into the store, then the record.
+    `actor`: a submitter or admin (any finished job may be registered: everyone sees every job), the version's owner."""
+    actor = audit.authorize(conn, actor, users.Action.SUBMIT, "register models")
     keys.check_model_name(name)
     store = store or ArtifactStore()
     record = JobRecord.find(conn, keys.check_job_id(job_id))
@@ -176,7 +186,7 @@ def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore 
         preprocess=_read_json(store, job_id, runfiles.exported(runfiles.PREPROCESS)),
         metrics={k: test[k] for k in ("accuracy", "macro_f1", "top5_accuracy") if k in test}
         | {"latency_ms_batch1": (export.get("onnx") or {}).get("latency_ms_batch1")},
-        created_at=time.time())
+        created_at=time.time(), owner=actor.name)
     try:
         for file in VERSION_FILES:
             if runfiles.exported(file) in present:
@@ -195,41 +205,60 @@ def register(conn: redis.Redis, job_id: str, name: str, *, store: ArtifactStore 
         pipe.hset(keys.model_versions(name), str(number), json.dumps(dataclasses.asdict(version)))
         pipe.zadd(keys.models_index(), {name: version.created_at}, nx=True)
         pipe.execute()
+    audit.record(conn, actor, audit.AuditAction.MODEL_REGISTER, version.ref, job=job_id)
     notify.emit(conn, "model.registered", {"model": name, "version": number, "id": job_id,
                                            "name": version.job_name, "metrics": version.metrics,
                                            "url": notify.dashboard_link("models", model=name)})
     return version
 
 
-def set_alias(conn: redis.Redis, name: str, alias: str, version: int) -> int | None:
+def _authorize_alias(conn: redis.Redis, actor: users.Actor | None, name: str, alias: str,
+                     versions: list[ModelVersion]) -> users.Actor:
+    """An alias is moved or removed by the owner of each version it leaves or reaches, or by an admin."""
+    for v in versions:
+        actor = audit.authorize(conn, actor, users.Action.MANAGE, f"move alias {name}@{alias} (version {v.version})",
+                                owner=v.owner)
+    return users.acting(conn, actor)
+
+
+def set_alias(conn: redis.Redis, name: str, alias: str, version: int, *,
+              actor: users.Actor | None = None) -> int | None:
     """Point `alias` at `version` of `name` (and in MLflow, when the version was mirrored there); returns the version
-    it pointed at before (None when new)."""
+    it pointed at before (None when new). `actor`: the owner of the version it points at and of the one it left,
+    or an admin."""
     keys.check_model_name(alias, "alias")
     target = resolve(conn, ModelRef(name, int(version)))
     before = conn.hget(keys.model_aliases(name), alias)
+    left = _versions(conn, name).get(int(before)) if before is not None else None
+    actor = _authorize_alias(conn, actor, name, alias, [target] + ([left] if left and left != target else []))
     conn.hset(keys.model_aliases(name), alias, target.version)
     mirrored = mlflow_mirror.MlflowRecord.from_dict(target.mlflow)
     if mirrored:
         mlflow_mirror.mirror_alias(mirrored, alias)
     previous = int(before) if before is not None else None
+    audit.record(conn, actor, audit.AuditAction.MODEL_ALIAS, f"{name}@{alias}", version=target.version,
+                 previous=previous)
     if previous != target.version:
         notify.emit(conn, "alias.moved", {"model": name, "alias": alias, "version": target.version,
                                           "previous": previous, "url": notify.dashboard_link("models", model=name)})
     return previous
 
 
-def remove_alias(conn: redis.Redis, name: str, alias: str) -> None:
+def remove_alias(conn: redis.Redis, name: str, alias: str, *, actor: users.Actor | None = None) -> None:
     target = resolve(conn, ModelRef(name, alias=alias))
+    actor = _authorize_alias(conn, actor, name, alias, [target])
     conn.hdel(keys.model_aliases(name), alias)
+    audit.record(conn, actor, audit.AuditAction.MODEL_ALIAS, f"{name}@{alias}", version=None, previous=target.version)
     mirrored = mlflow_mirror.MlflowRecord.from_dict(target.mlflow)
     if mirrored:
         mlflow_mirror.delete_alias(mirrored, alias)
 
 
 def remove(conn: redis.Redis, ref: str, *, store: ArtifactStore | None = None,
-           in_use: dict[str, str] | None = None) -> list[ModelVersion]:
+           in_use: dict[str, str] | None = None, actor: users.Actor | None = None) -> list[ModelVersion]:
     """Remove one version (NAME:VERSION) or every version (NAME), with their files and the aliases pointing at them.
-    `in_use`: version ref → what serves it (a deployment id); such a version is refused."""
+    `in_use`: version ref → what serves it (a deployment id); such a version is refused. `actor`: the owner of every
+    version removed, or an admin."""
     parsed = parse_ref(ref)
     if parsed.alias:
         raise ModelError(f"{ref}: remove a version (NAME:VERSION) or a whole model (NAME), not an alias "
@@ -238,6 +267,8 @@ def remove(conn: redis.Redis, ref: str, *, store: ArtifactStore | None = None,
     if not versions:
         raise NoSuchModelError(f"no model named {parsed.name!r}")
     targets = [resolve(conn, parsed)] if parsed.version else list(versions.values())
+    for t in targets:
+        actor = audit.authorize(conn, actor, users.Action.MANAGE, f"remove model {t.ref}", owner=t.owner)
     busy = {t.ref: (in_use or {})[t.ref] for t in targets if t.ref in (in_use or {})}
     if busy:
         raise ModelError("refused: " + "; ".join(f"{r} is served by deployment {d}" for r, d in busy.items())
@@ -255,6 +286,8 @@ def remove(conn: redis.Redis, ref: str, *, store: ArtifactStore | None = None,
         pipe.execute()
     for t in targets:
         store.remove_folder(t.folder)
+    audit.record(conn, actor, audit.AuditAction.MODEL_REMOVE, ref, versions=[t.version for t in targets],
+                 owners=sorted({t.owner for t in targets}))
     return targets
 
 
@@ -270,4 +303,5 @@ def summary(conn: redis.Redis, name: str) -> dict[str, Any]:
     latest = versions[-1] if versions else None
     return {"name": name, "versions": [v.version for v in versions], "latest": latest.version if latest else None,
             "aliases": aliases(conn, name), "metrics": latest.metrics if latest else {},
-            "job_id": latest.job_id if latest else None, "created_at": versions[0].created_at if versions else None}
+            "job_id": latest.job_id if latest else None, "created_at": versions[0].created_at if versions else None,
+            "owner": latest.owner if latest else None, "owners": sorted({v.owner for v in versions})}

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import audit, keys, users
 from worker.artifacts import ArtifactStore
 from worker.defaults import MAX_SWEEP_PARALLEL, MAX_SWEEP_TRIALS
 from worker.errors import SubmissionError
@@ -121,6 +121,7 @@ def create_sweep(
     allow_local_paths: bool = False,
     seed: int | None = None,
     store: ArtifactStore | None = None,
+    actor: users.Actor | None = None,
 ) -> str:
     """Validate everything, create the study, enqueue the first trials; returns the sweep id.
 
@@ -129,9 +130,12 @@ def create_sweep(
     would be), empty choices, low > high, trials or parallel < 1, a metric no epoch event carries; and whatever
     submission refuses (`check_request`: the priority, the base config, the GPUs; the dataset). The arguments
     mean what submit_job's do; a trial's job gets the sweep's gpus, priority and allow_local_paths.
+    actor: who makes it, the sweep's `owner` and its trials' (PermissionDeniedError for a viewer, or when `parallel`
+    trials of `gpus` each would pass the actor's per-user limits, or priority high is not theirs).
     """
-    from worker.submit import check_request, resolve_dataset
+    from worker.submit import check_limits, check_request, resolve_dataset
 
+    actor = audit.authorize(connection, actor, users.Action.SUBMIT, "create sweeps")
     settings = check_settings(trials=trials, parallel=parallel, metric=metric, direction=direction,
                               sampler=sampler, pruner=pruner)
     params = _params(space)
@@ -139,6 +143,7 @@ def create_sweep(
     checked = check_request(config, overrides, connection=connection, gpus=gpus, priority=priority,
                             dataset_path=dataset_path, name=name)
     base = checked.config
+    check_limits(connection, actor, jobs=settings.parallel, gpus=settings.parallel * gpus, priority=priority)
     store = store or ArtifactStore()
     _check_values(params, base, gpus, None)  # before any upload: a refusal writes nothing
     dataset, report = resolve_dataset(base, dataset_path=dataset_path, store=store,
@@ -170,6 +175,7 @@ def create_sweep(
         "dataset": dataset,
         "created_at": now,
         "updated_at": now,
+        "owner": actor.name,
     }
     create_study(connection, sweep_id, settings.direction)
     with connection.pipeline() as pipe:
@@ -177,5 +183,7 @@ def create_sweep(
         pipe.zadd(keys.sweeps_index(), {sweep_id: now})
         pipe.sadd(keys.active_sweeps(), sweep_id)
         pipe.execute()
+    audit.record(connection, actor, audit.AuditAction.SWEEP_CREATE, sweep_id, name=checked.name,
+                 trials=settings.trials, parallel=settings.parallel, gpus=gpus, priority=priority)
     advance(connection, sweep_id, store=store)
     return sweep_id

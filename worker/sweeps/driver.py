@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from worker import keys, notify
+from worker import audit, keys, notify, users
 from worker.artifacts import ArtifactStore
 from worker.defaults import SWEEP_LOCK_TTL, SWEEP_LOCK_WAIT
 from worker.errors import NoSuchSweepError, SubmissionError
@@ -78,7 +78,7 @@ def _submit_trial(conn: redis.Redis, rec: dict[str, Any], number: int, values: d
     return submit_job(apply_params(rec["config"], values), connection=conn, gpus=int(rec["gpus"] or 1),
                       priority=rec["priority"] or "default", store=store,
                       allow_local_paths=bool(rec.get("allow_local_paths")),
-                      name=f"{rec['name']} #{number}",
+                      name=f"{rec['name']} #{number}", actor=users.on_behalf_of(rec.get("owner")),
                       extra={"sweep": rec["id"], "trial": number, "params": values}).job_id
 
 
@@ -212,8 +212,11 @@ def heal_sweeps(conn: redis.Redis) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- cancel
-def cancel_sweep(conn: redis.Redis, sweep_id: str) -> str:
-    """Cancel the sweep and every queued and running trial; returns the sweep's state afterwards."""
+def cancel_sweep(conn: redis.Redis, sweep_id: str, *, actor: users.Actor | None = None) -> str:
+    """Cancel the sweep and every queued and running trial; returns the sweep's state afterwards. `actor`: the
+    sweep's owner or an admin (PermissionDeniedError otherwise, nothing changed)."""
+    owner = read_sweep(conn, sweep_id).get("owner") or users.OPERATOR
+    actor = audit.authorize(conn, actor, users.Action.MANAGE, f"cancel sweep {sweep_id}", owner=owner)
     token = _acquire(conn, sweep_id, SWEEP_LOCK_WAIT)
     try:
         rec = read_sweep(conn, sweep_id)
@@ -231,4 +234,5 @@ def cancel_sweep(conn: redis.Redis, sweep_id: str) -> str:
         if state is not None and state not in FINAL_STATES:
             cancel_job(conn, job_id)
     advance(conn, sweep_id)  # tells Optuna about the trials that were only queued (no worker ends those)
+    audit.record(conn, actor, audit.AuditAction.SWEEP_CANCEL, sweep_id, owner=owner)
     return SweepState.CANCELLED.value

@@ -12,6 +12,7 @@ from worker.errors import NoSuchSweepError
 from worker.hashcodec import decode_reply
 from worker.record import JobRecord
 from worker.states import JobState
+from worker.users import OPERATOR
 from worker.sweeps.record import ENDED_TRIALS, SweepState, TrialCount, job_states, read_sweep, trial_jobs
 from worker.sweeps.study import load_study
 
@@ -62,6 +63,7 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
     st = read_sweep(conn, sweep_id)
     for key in GUARANTEED:
         st.setdefault(key, None)
+    st["owner"] = st.get("owner") or OPERATOR  # sweeps made before users are the operator's
     if with_trials:
         rows = sweep_trials(conn, sweep_id)
         st["trials_table"] = rows
@@ -76,13 +78,15 @@ def sweep_status(conn: redis.Redis, sweep_id: str, *, with_trials: bool = True) 
     return st
 
 
-def list_sweeps(conn: redis.Redis, *, limit: int = LIST_LIMIT) -> list[dict[str, Any]]:
-    """Sweeps, newest first, with counts and progress (no config, space or trials table)."""
+def list_sweeps(conn: redis.Redis, *, limit: int = LIST_LIMIT, owner: str | None = None) -> list[dict[str, Any]]:
+    """Sweeps, newest first, with counts and progress (no config, space or trials table); only `owner`'s if given."""
     out = []
     for raw in conn.zrevrange(keys.sweeps_index(), 0, max(0, limit - 1)):
         try:
             st = sweep_status(conn, decode_reply(raw), with_trials=False)
         except NoSuchSweepError:
+            continue
+        if owner is not None and st["owner"] != owner:
             continue
         for k in ("config", "overrides", "dataset"):
             st.pop(k, None)

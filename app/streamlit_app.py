@@ -2,8 +2,9 @@
 
 It builds the navigation over the pages in app/views/ and runs the chosen one. A page that loses Redis halfway
 gets the Redis-down banner instead of a traceback. With users registered, a password or OIDC configured, nothing but
-the sign-in form is drawn until the session has signed in (app/auth.py); admins also get the Users and Audit pages. A server listening beyond loopback with no login (a
-`streamlit run --server.address 0.0.0.0` started by hand, past `python -m app`'s check) draws only the refusal.
+the sign-in form is drawn until the session has signed in (app/auth.py); admins also get the Users and Audit pages.
+A server listening beyond loopback with no login (a `streamlit run --server.address 0.0.0.0` started by hand, past
+`python -m app`'s check), or with single sign-on and no allow-list, draws only the refusal.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Users (admins only): who may use the service and how; add a user (the token is shown once), change a role, issue
-a new token, remove a user. The same rules as `python -m worker user ...` (worker/users.py: names, roles, the last
-admin kept), and every change is written to the audit log.
+a new token, remove a user. Everything goes through worker.api's `accounts` (what `python -m worker user ...` calls):
+the same checks (an admin acts; the first user must be an admin; the last admin is kept), every change in the audit
+log.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pandas as pd
 import streamlit as st
@@ -11,7 +14,7 @@ from app import ui
 from app.auth import current_actor, guarded, sign_in_as
 from app.connection import require_redis
 from app.tables import fmt_time
-from worker.api import PermissionDeniedError, UserError, audit, users
+from worker.api import PermissionDeniedError, UserError, accounts, users
 
 conn = require_redis()
 st.title("Users")
@@ -24,16 +27,9 @@ except PermissionDeniedError as err:
 ui.show_flash()
 
 
-def _admin() -> users.Actor:
-    """The acting admin, checked again when a button's callback runs (the role may have changed since)."""
-    who = current_actor()
-    who.require(users.Action.ADMIN, "manage users")
-    return who
-
-
-def _change(what: str, fn: object) -> None:
+def _change(what: str, fn: Callable[[], None]) -> None:
     try:
-        fn()  # type: ignore[operator]
+        fn()
     except (UserError, PermissionDeniedError) as err:
         ui.flash(f"{what}: {err}", "error")
 
@@ -41,15 +37,11 @@ def _change(what: str, fn: object) -> None:
 @guarded
 def add() -> None:
     def run() -> None:
-        who = _admin()
         name = (st.session_state.get("users:add:name") or "").strip()
         role = st.session_state.get("users:add:role") or users.Role.SUBMITTER.value
         email = (st.session_state.get("users:add:email") or "").strip() or None
         first = not users.any_users(conn)
-        if first and users.parse_role(role) is not users.Role.ADMIN:
-            raise UserError("the first user must be an admin: nobody could manage users otherwise")
-        user, token = users.add_user(conn, name, role, email=email)
-        audit.record(conn, who, audit.AuditAction.USER_ADD, user.name, role=user.role.value, email=user.email)
+        user, token = accounts.add(conn, name, role, email=email, actor=current_actor())
         st.session_state["users:token"] = (user.name, token)
         ui.flash(f"Added {user.name} ({user.role.value}).")
         if first:  # the rules are on from now: this session goes on as the new admin (and sees the token)
@@ -62,10 +54,7 @@ def add() -> None:
 @guarded
 def change_role(name: str) -> None:
     def run() -> None:
-        who = _admin()
-        role = st.session_state.get(f"users:role:{name}")
-        user = users.set_role(conn, name, role)
-        audit.record(conn, who, audit.AuditAction.USER_ROLE, name, role=user.role.value)
+        user = accounts.change_role(conn, name, st.session_state.get(f"users:role:{name}"), actor=current_actor())
         ui.flash(f"{name} is now {user.role.value}.")
     _change("Role not changed", run)
 
@@ -73,10 +62,7 @@ def change_role(name: str) -> None:
 @guarded
 def rotate(name: str) -> None:
     def run() -> None:
-        who = _admin()
-        token = users.rotate_token(conn, name)
-        audit.record(conn, who, audit.AuditAction.USER_TOKEN, name)
-        st.session_state["users:token"] = (name, token)
+        st.session_state["users:token"] = (name, accounts.new_token(conn, name, actor=current_actor()))
         ui.flash(f"New token for {name}: the old one no longer works.")
     _change("No new token", run)
 
@@ -86,9 +72,7 @@ def remove(name: str) -> None:
     st.session_state.pop("users:confirm", None)
 
     def run() -> None:
-        who = _admin()
-        users.remove_user(conn, name)
-        audit.record(conn, who, audit.AuditAction.USER_REMOVE, name)
+        accounts.remove(conn, name, actor=current_actor())
         ui.flash(f"Removed {name}: their token no longer works; what they made keeps their name.")
     _change("Not removed", run)
 
@@ -109,7 +93,7 @@ if shown:
                f"it, or `python -m worker login TOKEN`):", icon=":material/key:")
     st.code(shown[1], language=None)
 
-everyone = users.list_users(conn)
+everyone = accounts.listing(conn, actor=actor)
 if not everyone:
     st.info("No user is registered: nobody is asked who they are and everyone acts as the admin `operator`. The "
             "first user you add turns the rules on (make it an admin: from then on this dashboard asks for a user "

@@ -301,3 +301,64 @@ def test_log_out_ends_the_sessions_power(web_env: dict[str, str], spawn: Any, re
     assert api.job_status(redis_conn, job)["state"] == "queued"  # the Cancel click did nothing
     assert fragment_id not in fragment_deltas  # the live fragment ran (Streamlit still had it) and drew nothing
     assert [e.action for e in audit.entries(redis_conn)] == ["session.sign_in", "session.sign_out"]
+
+
+# ---------------------------------------------------------------------------------------------- roles on the pages
+def open_as(name: str, token: str, page: str, query: dict[str, str] | None = None) -> Any:
+    """An AppTest session signed in as `name`, showing `page` (a key of tests.fixtures_app.PAGES)."""
+    from tests.fixtures_app import PAGES
+
+    at = sign_in(name, token)
+    assert "Signed in as" in signed_in_as(at), texts(at)
+    at.query_params.update(query or {})
+    if PAGES[page] != PAGES["new"]:
+        at.switch_page(PAGES[page]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def buttons(at: Any) -> set[str]:
+    return {b.label for b in at.button}
+
+
+def test_pages_show_mine_first_and_only_the_buttons_a_role_may_use(app_env: Any) -> None:
+    from tests.fixtures_app import submit_digits
+    from worker import api
+
+    _, ada = users.add_user(app_env, "ada", "admin")
+    bob_user, bob = users.add_user(app_env, "bob", "submitter")
+    _, vic = users.add_user(app_env, "vic", "viewer")
+    ada_job = submit_digits(app_env, name="ada's", actor=users.get_user(app_env, "ada").actor())
+    bob_job = submit_digits(app_env, name="bob's", actor=bob_user.actor())
+
+    at = open_as("bob", bob, "jobs")
+    assert at.radio(key="jobs:owner").value == "Mine"
+    assert list(at.dataframe[0].value["name"]) == ["bob's"] and list(at.dataframe[0].value["owner"]) == ["bob"]
+    at.radio(key="jobs:owner").set_value("Everyone").run()
+    table = at.dataframe[0].value
+    assert list(table["name"]) == ["bob's", "ada's"] and list(table["owner"]) == ["bob", "ada"]
+    at.multiselect(key="jobs:picked").set_value([ada_job]).run()
+    assert at.button(key="jobs:cancel").disabled and at.button(key="jobs:delete").disabled  # not his
+    at.multiselect(key="jobs:picked").set_value([bob_job]).run()
+    at.button(key="jobs:cancel").click().run()
+    assert not at.exception and api.job_status(app_env, bob_job)["state"] == "cancelled"
+    cancel = [e for e in audit.entries(app_env) if e.action == "job.cancel"]
+    assert [(e.actor, e.target, e.source) for e in cancel] == [("bob", bob_job, "dashboard")]
+
+    at = open_as("bob", bob, "job", {"job": ada_job})  # another's job: no Cancel; his own: Cancel
+    assert "Cancel" not in buttons(at) and "Clone" in buttons(at)
+
+    at = open_as("vic", vic, "jobs")
+    at.radio(key="jobs:owner").set_value("Everyone").run()
+    assert len(at.dataframe[0].value) == 2
+    assert {"Cancel", "Retry", "Clone", "Delete…"}.isdisjoint(buttons(at))
+    at = open_as("vic", vic, "new")
+    assert "viewers see every job" in texts(at) and "Submit job" not in buttons(at)
+    at = open_as("vic", vic, "datasets")
+    assert "Register" not in buttons(at)
+
+    at = open_as("ada", ada, "job", {"job": bob_job})
+    assert "Retry" in buttons(at)  # an admin may act on anyone's job
+    at = open_as("ada", ada, "job", {"job": ada_job})
+    at.button(key="job:cancel").click().run()
+    assert api.job_status(app_env, ada_job)["state"] == "cancelled"

@@ -61,6 +61,8 @@ _ACTOR = "auth:actor"
 _GEN = "auth:gen"
 """Session state: the sign-in generation, bumped by every sign-in and log-out (`guarded` compares it)."""
 _NOTICE = "auth:notice"
+_GONE = ("Your sign-in no longer holds (the user was removed, its token rotated, or users were added): sign in "
+         "again.")
 
 _SIGNED_IN: dict[str, None] = {}
 """Ids of this server's sessions that have signed in (insertion-ordered; app/gate.py lets only them upload)."""
@@ -273,9 +275,26 @@ def guarded(fn: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not drawn_signed_in or _SIGN_IN not in st.session_state or st.session_state.get(_GEN, 0) != drawn_gen:
             return None
+        if not _still_signed_in():  # callbacks run before the page: the user may have been removed or demoted since
+            return None
         return fn(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+def _still_signed_in() -> bool:
+    """Re-check the session's sign-in against Redis now, refreshing its actor (role, limits); False (and the session
+    signed out) when it no longer holds, or when Redis cannot say."""
+    sign_in = st.session_state.get(_SIGN_IN)
+    conn, _ = try_redis()
+    if sign_in is None or conn is None:
+        return False
+    actor = _resolve(conn, sign_in, client_address())
+    if actor is None:
+        _end(_GONE)
+        return False
+    st.session_state[_ACTOR] = actor
+    return True
 
 
 def _start(conn: redis.Redis, sign_in: SignIn, actor: users.Actor, **detail: Any) -> None:
@@ -327,7 +346,11 @@ def _resolve(conn: redis.Redis, sign_in: SignIn, address: str) -> users.Actor | 
         if not hmac.compare_digest(user.token_sha256, sign_in.token_sha256):
             return None
         return user.actor("dashboard", address)
-    return None  # oidc is resolved from st.user on every run
+    if sign_in.method == "oidc" and st.user.get("is_logged_in"):
+        claims = st.user.to_dict()
+        if str(claims.get("email") or "").strip().lower() == sign_in.name:
+            return oidc_actor(conn, claims, allow_list(), default_role(), address)
+    return None
 
 
 def oidc_actor(conn: redis.Redis, claims: Mapping[str, Any], allowed: AllowList, role: users.Role,
@@ -372,8 +395,7 @@ def require_login() -> bool:
             st.session_state[_ACTOR] = actor
             _signed_in_chrome(actor, sign_in.method)
             return True
-        _end("Your sign-in no longer holds (the user was removed, its token rotated, or users were added): sign in "
-             "again.")
+        _end(_GONE)
     if users.any_users(conn):
         return _form(conn, address, token=True)
     password = shared_password()

@@ -95,6 +95,30 @@ def test_a_rotated_token_or_removed_user_loses_the_session(app_env: Any) -> None
     assert [t.value for t in at.title] == ["Sign in"] and "sign in again" in texts(at)
 
 
+def test_a_click_after_a_demotion_or_removal_acts_as_the_user_is_now(app_env: Any) -> None:
+    """Callbacks run before the page is drawn: each re-checks its user first, so a demoted submitter's Cancel is
+    refused and a removed user's click does nothing (the session goes back to the sign-in form)."""
+    from tests.fixtures_app import submit_digits
+    from worker import api
+
+    users.add_user(app_env, "ada", "admin")
+    bob_user, bob = users.add_user(app_env, "bob", "submitter")
+    job = submit_digits(app_env, actor=bob_user.actor())
+    at = open_as("bob", bob, "jobs")
+    at.multiselect(key="jobs:picked").set_value([job]).run()
+    users.set_role(app_env, "bob", "viewer")
+    at.button(key="jobs:cancel").click().run()
+    assert "needs the submitter role" in texts(at) and api.job_status(app_env, job)["state"] == "queued"
+
+    users.set_role(app_env, "bob", "submitter")
+    at = open_as("bob", bob, "jobs")
+    at.multiselect(key="jobs:picked").set_value([job]).run()
+    users.remove_user(app_env, "bob")
+    at.button(key="jobs:cancel").click().run()
+    assert [t.value for t in at.title] == ["Sign in"] and "sign in again" in texts(at)
+    assert api.job_status(app_env, job)["state"] == "queued"
+
+
 def test_wrong_tries_are_throttled_across_sessions_and_logged(app_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """After FREE_TRIES wrong tries, the next try is not even checked until the delay has passed, also from a new
     session (the counter is in Redis, per address); then the right token works again."""
@@ -226,8 +250,8 @@ def test_log_out_ends_the_sessions_power(web_env: dict[str, str], spawn: Any, re
     from worker import api
 
     require_chromium()
-    _, ada = users.add_user(redis_conn, "ada", "admin")
-    job = submit_digits(redis_conn)  # queued (no worker): its page has Cancel and a live fragment
+    admin, ada = users.add_user(redis_conn, "ada", "admin")
+    job = submit_digits(redis_conn, actor=admin.actor())  # queued (no worker): its page has Cancel and a live fragment
     _, base = start_dashboard(spawn, web_env)
     held: dict[str, bytes] = {}
     fragment_deltas: list[str] = []
@@ -300,7 +324,7 @@ def test_log_out_ends_the_sessions_power(web_env: dict[str, str], spawn: Any, re
             browser.close()
     assert api.job_status(redis_conn, job)["state"] == "queued"  # the Cancel click did nothing
     assert fragment_id not in fragment_deltas  # the live fragment ran (Streamlit still had it) and drew nothing
-    assert [e.action for e in audit.entries(redis_conn)] == ["session.sign_in", "session.sign_out"]
+    assert [e.action for e in audit.entries(redis_conn)] == ["job.submit", "session.sign_in", "session.sign_out"]
 
 
 # ---------------------------------------------------------------------------------------------- roles on the pages

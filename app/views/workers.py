@@ -5,6 +5,7 @@ from urllib.parse import urlsplit
 
 import streamlit as st
 
+from app import people
 from app.auth import guarded
 from app.connection import REDIS_ERRORS, require_redis
 from app.defaults import WORKERS_REFRESH_SECONDS
@@ -41,6 +42,8 @@ def workers_table() -> None:
 
 st.fragment(run_every=WORKERS_REFRESH_SECONDS)(guarded(workers_table))()
 
+if not people.is_admin():  # how to join a worker to this Redis and store is the operators' business
+    st.stop()
 st.subheader("Add a worker")
 url = redis_url()
 host = urlsplit(url).hostname or "127.0.0.1"

@@ -386,3 +386,27 @@ def test_pages_show_mine_first_and_only_the_buttons_a_role_may_use(app_env: Any)
     at = open_as("ada", ada, "job", {"job": ada_job})
     at.button(key="job:cancel").click().run()
     assert api.job_status(app_env, ada_job)["state"] == "cancelled"
+
+
+def test_datasets_show_their_owner_and_only_the_owner_removes(app_env: Any, tmp_path: Any) -> None:
+    from tests.test_app_datasets import shapes
+    from worker import api
+
+    ada_user, ada = users.add_user(app_env, "ada", "admin")
+    bob_user, bob = users.add_user(app_env, "bob", "submitter")
+    api.datasets.register(app_env, "adas", str(shapes(tmp_path, "a")), actor=ada_user.actor())
+    api.datasets.register(app_env, "bobs", str(shapes(tmp_path, "b")), actor=bob_user.actor())
+
+    at = open_as("bob", bob, "datasets")
+    listed = at.dataframe[0].value
+    assert list(listed["name"]) == ["bobs"] and list(listed["owner"]) == ["bob"]  # "Mine" first
+    assert "Remove bobs:1…" in buttons(at)
+    at.radio(key="datasets:owner").set_value("Everyone").run()
+    at.selectbox(key="datasets:name").select("adas").run()
+    assert not at.exception and "registered" in texts(at) and "by ada" in texts(at)
+    assert not any(label.startswith("Remove") for label in buttons(at))  # not his
+
+    at = open_as("ada", ada, "datasets")
+    at.radio(key="datasets:owner").set_value("Everyone").run()
+    at.selectbox(key="datasets:name").select("bobs").run()
+    assert "Remove bobs:1…" in buttons(at)  # an admin may

@@ -111,3 +111,21 @@ DATASET_ROOTS_ENV = "DASHBOARD_DATASET_ROOTS"
 """Environment variable: folders (separated by `:`) under which the dashboard may register a `file://` dataset.
 Unset: none, as no path a browser user types is read from the dashboard's disk (`python -m worker dataset add` has
 no such limit)."""
+
+ALLOWED_EMAILS_ENV = "DASHBOARD_ALLOWED_EMAILS"
+"""Environment variable: e-mail addresses (comma-separated) an OIDC sign-in admits (app/auth.py's allow-list)."""
+
+ALLOWED_DOMAINS_ENV = "DASHBOARD_ALLOWED_DOMAINS"
+"""Environment variable: e-mail domains (comma-separated, exact: no subdomains) an OIDC sign-in admits."""
+
+ALLOWED_GROUPS_ENV = "DASHBOARD_ALLOWED_GROUPS"
+"""Environment variable: groups (comma-separated; the identity token's `groups` claim) an OIDC sign-in admits."""
+
+DEFAULT_ROLE_ENV = "DASHBOARD_DEFAULT_ROLE"
+"""Environment variable: the role of an allowed OIDC person who is not a registered user."""
+
+DEFAULT_ROLE = "viewer"
+"""Default of DASHBOARD_DEFAULT_ROLE: an allowed stranger may look, not use the GPUs, until an admin registers them."""
+
+AUDIT_PAGE_LIMIT = 2000
+"""Newest audit-log entries the Audit page shows (the download holds every entry)."""

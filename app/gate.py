@@ -4,8 +4,9 @@
   dashboard, which needs no login. A request (page, assets, API or websocket) is served only when its `Host` is an IP
   address, `localhost`, or a name listed in `DASHBOARD_HOSTS` (comma-separated; `*.example.com` matches its
   subdomains). This is Jupyter's rule: a rebinding attack always arrives under the attacker's own name.
-- **No upload before sign-in**: when a login is configured, Streamlit's upload route is refused for a session that has
-  not signed in (`app.auth` records signed-in sessions), so nothing is read into memory for it.
+- **No upload before sign-in**: Streamlit's upload route is refused for a session that has not passed the sign-in
+  (`app.auth` records the sessions that have; with no login configured every session passes on its first run), so
+  nothing is read into memory for it.
 """
 from __future__ import annotations
 
@@ -74,10 +75,10 @@ class Gate:
             return await self._refuse(scope, send, 400, f"Host {host!r} is not allowed: open the dashboard by its "
                                       f"IP address or localhost, or add the name to {HOSTS_ENV}")
         if scope["type"] == "http" and scope.get("path", "").startswith(UPLOAD_PREFIX):
-            from app.auth import login_configured, session_signed_in
+            from app.auth import session_signed_in
 
             session_id = scope["path"][len(UPLOAD_PREFIX):].split("/", 1)[0]
-            if login_configured() and not session_signed_in(session_id):
+            if not session_signed_in(session_id):
                 return await self._refuse(scope, send, 403, "sign in before uploading")
         return await self.app(scope, receive, send)
 

@@ -14,7 +14,7 @@ import redis
 
 from app.defaults import DATASET_ROOTS_ENV
 from app.upload import save_upload
-from worker.api import ArtifactStore, DatasetError, datasets
+from worker.api import ArtifactStore, DatasetError, datasets, users
 
 
 def dataset_roots() -> list[Path]:
@@ -50,21 +50,26 @@ def check_name(name: str) -> str:
     return ref.name
 
 
-def register_saved(conn: redis.Redis, name: str, path: Path, *, store: ArtifactStore) -> datasets.Registered:
-    """Register a zip the dashboard saved itself (app/upload.py: New job's checked upload); DatasetError."""
+def register_saved(conn: redis.Redis, name: str, path: Path, *, store: ArtifactStore,
+                   actor: users.Actor) -> datasets.Registered:
+    """Register a zip the dashboard saved itself (app/upload.py: New job's checked upload); DatasetError, or
+    PermissionDeniedError for a viewer."""
     check_name(name)
-    return datasets.register(conn, name, str(path), store=store)
+    return datasets.register(conn, name, str(path), store=store, actor=actor)
 
 
-def register_upload(conn: redis.Redis, name: str, data: bytes, *, store: ArtifactStore) -> datasets.Registered:
-    """Register an uploaded zip's bytes (app/upload.py's cap and checks, then the registry's); UploadError or
-    DatasetError with the reason, nothing registered."""
+def register_upload(conn: redis.Redis, name: str, data: bytes, *, store: ArtifactStore,
+                    actor: users.Actor) -> datasets.Registered:
+    """Register an uploaded zip's bytes (app/upload.py's cap and checks, then the registry's); UploadError,
+    DatasetError or PermissionDeniedError with the reason, nothing registered."""
     check_name(name)  # refused before anything is saved
+    actor.require(users.Action.SUBMIT, "register datasets")  # (the registry checks again, and logs a refusal)
     _, path = save_upload(data)
-    return datasets.register(conn, name, str(path), store=store)
+    return datasets.register(conn, name, str(path), store=store, actor=actor)
 
 
-def register_url(conn: redis.Redis, name: str, url: str, *, store: ArtifactStore) -> datasets.Registered:
-    """Register a URL read in place; DatasetError with the registry's reason, nothing registered."""
+def register_url(conn: redis.Redis, name: str, url: str, *, store: ArtifactStore,
+                 actor: users.Actor) -> datasets.Registered:
+    """Register a URL read in place; DatasetError (or PermissionDeniedError) with the reason, nothing registered."""
     check_name(name)
-    return datasets.register(conn, name, check_url(url), store=store)
+    return datasets.register(conn, name, check_url(url), store=store, actor=actor)

@@ -89,7 +89,7 @@ def timing_text(job: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------- jobs table
 JOB_COLUMNS = ["id", "name", "status", "progress", "epoch", "best val acc", "duration / ETA", "resources", "worker",
-               "submitted"]
+               "owner", "submitted"]
 
 
 def rank_kind(job: dict[str, Any], live_kinds: set[str] | frozenset[str] = frozenset()) -> str | None:
@@ -125,6 +125,7 @@ def jobs_frame(jobs: list[dict[str, Any]], live_kinds: set[str] | frozenset[str]
         rows["duration / ETA"].append(timing_text(j))
         rows["resources"].append(resources_text(j, rank_kind(j, live_kinds)))
         rows["worker"].append(j.get("worker") or "")
+        rows["owner"].append(j.get("owner") or "")
         rows["submitted"].append(datetime.fromtimestamp(j["submitted_at"]) if j.get("submitted_at") else None)
     frame = pd.DataFrame(rows, columns=JOB_COLUMNS)
     frame["best val acc"] = pd.to_numeric(frame["best val acc"], errors="coerce")
@@ -383,7 +384,8 @@ def sweeps_frame(sweeps: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for s in sweeps:
         rows.append({
-            "sweep": s.get("id"), "name": s.get("name"), "status": state_label(s.get("state")),
+            "sweep": s.get("id"), "name": s.get("name"), "owner": s.get("owner") or "",
+            "status": state_label(s.get("state")),
             "progress": float(s.get("progress") or 0.0), "trials": f"{s.get('ended', 0)}/{s.get('trials')}",
             **{k.value: n for k, n in shown_counts(s.get("counts") or {}).items()}, "best": s.get("best_value"),
             "objective": f"{s.get('direction', '')[:3]} {s.get('metric', '')}",
@@ -431,19 +433,20 @@ def datasets_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([{
         "name": r["name"], "latest": f"{r['name']}:{r['latest']}", "versions": len(r["versions"]),
         "classes": r["classes"], "images": r["images"], "size": fmt_bytes(r["bytes"]),
-        "source": SOURCE_KIND_LABELS.get(r["kind"], r["kind"]),
+        "source": SOURCE_KIND_LABELS.get(r["kind"], r["kind"]), "owner": ", ".join(r.get("owners") or []),
         "created": pd.to_datetime(r["created_at"], unit="s") if r.get("created_at") else None,
-    } for r in rows], columns=["name", "latest", "versions", "classes", "images", "size", "source", "created"])
+    } for r in rows], columns=["name", "latest", "versions", "classes", "images", "size", "source", "owner",
+                               "created"])
 
 
 def versions_frame(versions: list[Any]) -> pd.DataFrame:
     """One dataset's versions (worker.datasets.DatasetVersion), newest first."""
     return pd.DataFrame([{
         "version": v.version, "classes": len(v.classes), "images": v.num_images, "size": fmt_bytes(v.bytes),
-        "source": SOURCE_KIND_LABELS.get(v.kind, v.kind), "hash": v.hash[:12],
+        "source": SOURCE_KIND_LABELS.get(v.kind, v.kind), "hash": v.hash[:12], "owner": v.owner,
         "created": pd.to_datetime(v.created_at, unit="s") if v.created_at else None,
     } for v in sorted(versions, key=lambda v: -v.version)],
-        columns=["version", "classes", "images", "size", "source", "hash", "created"])
+        columns=["version", "classes", "images", "size", "source", "hash", "owner", "created"])
 
 
 def class_counts_frame(counts: dict[str, int], by_split: dict[str, dict[str, int]] | None) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from worker import (  # registries, deployments, people, webhooks
     keys,
     models,
     notify,
+    signin,
     users,
 )
 from worker.artifacts import NAMED_ARTIFACTS, ArtifactStore, store_url
@@ -112,8 +113,9 @@ __all__ = [
     # webhooks (worker/notify.py: add_hook, list_hooks, remove_hook, delivery_log, EVENTS) and their refusal
     "notify", "HookError",
     # people: users (roles, tokens, Actor), their management as an actor (worker/accounts.py: add, change_role,
-    # change_limits, new_token, remove, listing, sign_in) and the audit log (worker/users.py, worker/audit.py)
-    "users", "accounts", "audit", "PermissionDeniedError", "UserError",
+    # change_limits, new_token, remove, listing, sign_in), the audit log (worker/users.py, worker/audit.py) and the
+    # sign-in throttle (worker/signin.py)
+    "users", "accounts", "audit", "signin", "PermissionDeniedError", "UserError",
     # what the Datasets page and New job need besides: its errors, thumbnails, a name from a file name, and the
     # submission checks that need no dataset (config, GPUs, nodes: run before an upload is registered)
     "DatasetError", "NoSuchDatasetError", "dataset_thumbnails", "suggest_dataset_name", "check_request",

@@ -151,3 +151,23 @@ def export_jsonl(conn: redis.Redis, out: IO[str], *, since: float | None = None,
         out.write(json.dumps(dataclasses.asdict(e), default=str) + "\n")
         n += 1
     return n
+
+
+def newest(conn: redis.Redis, *, limit: int, actor: str | None = None, actions: set[str] | None = None,
+           batch: int = 1000) -> list[AuditEntry]:
+    """At most `limit` entries, newest first, only `actor`'s and only `actions` if given (the dashboard's Audit
+    page: it reads backwards from the end, so a filter on a long log stops as soon as it has enough)."""
+    out: list[AuditEntry] = []
+    end = "+"
+    while len(out) < limit:
+        chunk = conn.xrevrange(keys.audit(), max=end, min="-", count=batch)
+        for entry_id, fields in chunk:
+            e = _entry(entry_id, fields)
+            if (actor is None or e.actor == actor) and (not actions or e.action in actions):
+                out.append(e)
+                if len(out) >= limit:
+                    break
+        if len(chunk) < batch:
+            break
+        end = "(" + decode_reply(chunk[-1][0])
+    return out

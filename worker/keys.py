@@ -346,3 +346,9 @@ def user_submit_lock(name: str) -> str:
 def audit() -> str:
     """STREAM of the audit log (field `entry`: JSON of worker/audit.py `AuditEntry`), capped at AUDIT_MAXLEN."""
     return _key("audit")
+
+
+def sign_in_failures(subject: str) -> str:
+    """HASH {failures, until} of wrong sign-in tries by one subject (`addr:IP` or `session:ID`; worker/signin.py),
+    expiring SIGN_IN_WINDOW seconds after the last failure."""
+    return _key("signin", subject)

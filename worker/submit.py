@@ -272,10 +272,13 @@ def check_request(
     dataset_path: str | Path | None = None,
     timeout: float | None = None,
     name: str | None = None,
+    actor: users.Actor | None = None,
 ) -> Checked:
     """The checks that need neither the dataset nor the artifact store, in the order a user hears of them: the
-    priority, the timeout, the config (with `dataset_path` as overrides), Redis, then the GPUs and nodes asked for
-    against the live workers. SubmissionError (or RedisUnavailableError) on the first that fails."""
+    priority, the timeout, the config (with `dataset_path` as overrides), Redis, the GPUs and nodes asked for against
+    the live workers, then (given an `actor`) their role and per-user limits. SubmissionError (RedisUnavailableError,
+    PermissionDeniedError) on the first that fails: the dashboard runs them before it registers an upload, so a refused
+    form leaves nothing behind."""
     if priority not in PRIORITIES:
         raise SubmissionError.on("priority", priority, f"unknown {priority!r}; choose from {', '.join(PRIORITIES)}")
     if timeout is not None and not timeout > 0:
@@ -289,6 +292,9 @@ def check_request(
     check(connection)
     waiting = check_gpus(connection, gpus)
     waiting = check_nodes(connection, nodes, gpus) or waiting
+    if actor is not None:  # (submit_job makes these two checks itself, with the actor it resolved)
+        actor = audit.authorize(connection, actor, users.Action.SUBMIT, "submit jobs")
+        check_limits(connection, actor, jobs=1, gpus=gpus * nodes, priority=priority)
     return Checked(cfg, overrides, name or f"{cfg['model']['name']} on {cfg['data']['name']}", waiting)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import streamlit as st
 
-from app import ui
+from app import people, ui
+from app.auth import current_actor, guarded
 from app.charts import counts_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import DATASET_THUMB_CLASSES, DATASET_THUMBS_PER_CLASS, DATASET_THUMBS_SECONDS
@@ -27,7 +28,7 @@ from app.tables import (
 )
 from app.upload import UploadError, max_upload_mb
 from worker import api
-from worker.api import ArtifactError, DatasetError, datasets
+from worker.api import ArtifactError, DatasetError, PermissionDeniedError, datasets
 
 conn = require_redis()
 st.title("Datasets")
@@ -43,6 +44,7 @@ def version_thumbnails(ref: str, content_hash: str) -> dict[str, list[bytes]]:
 
 
 # ------------------------------------------------------------------------------------------------- registering
+@guarded
 def register() -> None:
     """The Register button's callback: the registry checks the source; its reason is shown, nothing registered."""
     name = (st.session_state.get("datasets:new:name") or "").strip()
@@ -53,10 +55,11 @@ def register() -> None:
             upload = st.session_state.get("datasets:new:upload")
             if upload is None:
                 raise DatasetError("choose a .zip of class folders to upload first")
-            done = register_upload(conn, name, upload.getvalue(), store=store)
+            done = register_upload(conn, name, upload.getvalue(), store=store, actor=current_actor())
         else:
-            done = register_url(conn, name, st.session_state.get("datasets:new:url") or "", store=store)
-    except (DatasetError, UploadError, ArtifactError) as err:
+            done = register_url(conn, name, st.session_state.get("datasets:new:url") or "", store=store,
+                                actor=current_actor())
+    except (DatasetError, UploadError, ArtifactError, PermissionDeniedError) as err:
         st.session_state["datasets:new:error"] = str(err)
         return
     except REDIS_ERRORS as err:
@@ -93,11 +96,12 @@ def register_form(current: str | None, expanded: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- removing
+@guarded
 def remove(ref: str) -> None:
     st.session_state["datasets:confirm"] = None
     try:
-        removed = datasets.remove(conn, ref, store=artifact_store())
-    except (DatasetError, ArtifactError) as err:
+        removed = datasets.remove(conn, ref, store=artifact_store(), actor=current_actor())
+    except (DatasetError, ArtifactError, PermissionDeniedError) as err:
         ui.flash(f"Not removed: {err}", "error")
         return
     ui.flash(f"Removed {', '.join(v.ref for v in removed)}.")
@@ -105,6 +109,8 @@ def remove(ref: str) -> None:
 
 
 def remove_buttons(version: Any, jobs: list[Any]) -> None:
+    if not people.may_manage(version.owner):  # a viewer, or a submitter looking at someone else's version
+        return
     if st.session_state.get("datasets:confirm") != version.ref:
         st.button(f"Remove {version.ref}…", key="datasets:remove", icon=":material/delete:",
                   on_click=lambda: st.session_state.update({"datasets:confirm": version.ref}))
@@ -140,7 +146,7 @@ def draw_version(version: Any, described: dict[str, Any]) -> None:
     report = version.report or {}
     st.subheader(version.ref)
     st.caption(f"{SOURCE_KIND_LABELS.get(version.kind, version.kind)} · `{version.source}` · registered "
-               f"{fmt_time(version.created_at)}")
+               f"{fmt_time(version.created_at)} by {version.owner}")
     st.markdown(f"Content hash `{version.hash}`")
     sampled = report.get("sampled")
     c = st.columns(5)
@@ -199,7 +205,8 @@ def draw_version(version: Any, described: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- page
-names = datasets.list_datasets(conn)
+owner = people.owner_filter("datasets:owner")  # "Mine / Everyone" once users exist (None: everyone's)
+names = datasets.list_datasets(conn, owner=owner)
 rows = []
 for n in names:
     try:
@@ -207,10 +214,11 @@ for n in names:
     except DatasetError:  # removed between the two reads
         continue
 current = st.query_params.get("dataset")
-register_form(current if current in names else None, expanded=not rows)
+if people.may_submit():  # viewers register nothing
+    register_form(current if current in names else None, expanded=not rows)
 if not rows:
-    st.info("No registered datasets yet: register one above, or `python -m worker dataset add NAME SOURCE`.",
-            icon=":material/dataset:")
+    st.info("No registered datasets yet" + (" of yours (choose Everyone above)" if owner else "")
+            + ": register one above, or `python -m worker dataset add NAME SOURCE`.", icon=":material/dataset:")
     st.stop()
 
 st.dataframe(datasets_frame(rows), hide_index=True, key="datasets:list", column_config={

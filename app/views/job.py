@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from app import ui
+from app import people, ui
+from app.auth import current_actor, guarded
 from app.charts import confusion_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import CONFUSION_HEATMAP_MAX_CLASSES, GALLERY_MAX_IMAGES, JOB_REFRESH_SECONDS, LIVE_LOG_LINES
@@ -38,6 +39,7 @@ from worker.api import (
     InvalidJobStateError,
     JobState,
     NoSuchJobError,
+    PermissionDeniedError,
     SubmissionError,
 )
 
@@ -79,34 +81,38 @@ def series_for(job: str) -> SharedSeries:
 
 
 # --------------------------------------------------------------------------------------------------- header
+@guarded
 def cancel(job: str) -> None:
     try:
-        state = api.cancel_job(conn, job, wait=0)
+        state = api.cancel_job(conn, job, wait=0, actor=current_actor())
         ui.flash(f"Cancel requested: job {job} is {state}." if state != JobState.CANCELLED else f"Job {job} cancelled.")
-    except (NoSuchJobError, InvalidJobStateError) as err:
+    except (NoSuchJobError, InvalidJobStateError, PermissionDeniedError) as err:
         ui.flash(str(err), "error")
 
 
+@guarded
 def retry(job: str) -> None:
     try:
-        new = api.retry_job(conn, job, store=artifact_store())
-    except (NoSuchJobError, InvalidJobStateError, SubmissionError) as err:
+        new = api.retry_job(conn, job, store=artifact_store(), actor=current_actor())
+    except (NoSuchJobError, InvalidJobStateError, SubmissionError, PermissionDeniedError) as err:
         ui.flash(str(err), "error")
         return
     ui.flash(f"Job {job} submitted again as {new}.")
     st.session_state["job:goto"] = (ui.PAGE_JOB, {"job": new})
 
 
+@guarded
 def register_model(job: str) -> None:
     """The Register button: a new version of the named model from this job (worker.api.models.register)."""
     name = (st.session_state.get("job:model:name") or "").strip()
     try:
-        version = api.models.register(conn, job, name, store=artifact_store())
+        version = api.models.register(conn, job, name, store=artifact_store(), actor=current_actor())
         ui.flash(f"Registered [{version.ref}](/models?model={version.name}) from this job.")
-    except api.ModelError as err:
+    except (api.ModelError, PermissionDeniedError) as err:
         ui.flash(str(err), "error")
 
 
+@guarded
 def clone(job: str) -> None:
     st.session_state["job:goto"] = (ui.PAGE_NEW, {"clone": job})
 
@@ -117,7 +123,7 @@ st.caption(
     f"`{job_id}` · {cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('name', '?')} · "
     + resources_text(status, rank_kind(status, {w.get("kind") for w in api.list_workers(conn) if w.get("kind")}))
     + f" · priority {status.get('priority') or 'default'} · "
-    f"submitted {fmt_time(status.get('submitted_at'))}"
+    f"submitted {fmt_time(status.get('submitted_at'))} by {status.get('owner') or api.users.OPERATOR}"
     + (f" · retried from {status['retried_from']}" if status.get("retried_from") else "")
 )
 registered = status.get("dataset") or {}
@@ -127,12 +133,14 @@ if registered.get("version"):  # trained on a registered dataset version (worker
                  help="the exact version this job trained on; retry and clone reuse it")
     st.caption(f"Dataset content hash `{registered.get('hash')}`")
 buttons = st.columns([1, 1, 1, 1, 4])
-if not status["final"]:
+manage = people.may_manage(status.get("owner"))  # a viewer, or another submitter's job: no Cancel or Retry
+if manage and not status["final"]:
     buttons[0].button("Cancel", icon=":material/stop_circle:", on_click=cancel, args=(job_id,), key="job:cancel")
-else:
+elif manage:
     buttons[0].button("Retry", icon=":material/replay:", on_click=retry, args=(job_id,), key="job:retry")
-buttons[1].button("Clone", icon=":material/content_copy:", on_click=clone, args=(job_id,), key="job:clone",
-                  help="open New job pre-filled with this job's settings")
+if people.may_submit():
+    buttons[1].button("Clone", icon=":material/content_copy:", on_click=clone, args=(job_id,), key="job:clone",
+                      help="open New job pre-filled with this job's settings")
 buttons[2].page_link(ui.PAGE_COMPARE, label="Compare", icon=":material/compare_arrows:",
                      query_params={"jobs": job_id})
 if status["state"] == JobState.FINISHED:
@@ -275,7 +283,7 @@ def draw_results(job: str, s: dict[str, Any]) -> None:
     c[3].metric("Test loss", f"{test['loss']:.4f}" if test.get("loss") is not None else "–")
     c[4].metric("Test images", f"{test.get('n', 0):,}")
     ui.draw_downloads(job, files)
-    if s.get("state") == JobState.FINISHED and NAMED_ARTIFACTS["onnx"] in files:
+    if s.get("state") == JobState.FINISHED and NAMED_ARTIFACTS["onnx"] in files and people.may_submit():
         with st.popover("Register model", icon=":material/deployed_code:"):
             st.text_input("Model name", key="job:model:name", value=(s.get("name") or "model").split(" ")[0].lower(),
                           help="a new version of this model (lower-case letters, digits, . _ -)")
@@ -345,4 +353,4 @@ def draw_export(report: dict[str, Any]) -> None:
 if status["final"]:
     ended(job_id, status)
 else:
-    st.fragment(run_every=JOB_REFRESH_SECONDS)(live)(job_id)
+    st.fragment(run_every=JOB_REFRESH_SECONDS)(guarded(live))(job_id)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import ui
+from app import people, ui
+from app.auth import current_actor, guarded
 from app.connection import REDIS_ERRORS, artifact_store, require_redis
 from app.defaults import JOBS_PAGE_LIMIT, JOBS_REFRESH_SECONDS
 from app.tables import any_active, job_label, jobs_frame, state_counts, state_label
@@ -16,6 +17,7 @@ from worker.api import (
     ArtifactError,
     InvalidJobStateError,
     NoSuchJobError,
+    PermissionDeniedError,
     SubmissionError,
 )
 
@@ -39,6 +41,7 @@ def done(message: str, kind: str = "success") -> None:
     st.session_state["jobs:table_gen"] = st.session_state.get("jobs:table_gen", 0) + 1  # clears the row selection
 
 
+@guarded
 def on_rows_selected() -> None:
     """Rows picked in the table fill the "Selected jobs" box (positions map to the ids drawn last)."""
     table = st.session_state.get(f"jobs:table:{st.session_state.get('jobs:table_gen', 0)}")
@@ -50,27 +53,30 @@ def on_rows_selected() -> None:
     st.session_state["jobs:picked"] = [shown[r] for r in rows if r < len(shown)]
 
 
+@guarded
 def cancel_picked() -> None:
     msgs = []
     for job in picked():
         try:
-            msgs.append(f"{job}: {api.cancel_job(conn, job, wait=0)}")
-        except (NoSuchJobError, InvalidJobStateError) as err:
+            msgs.append(f"{job}: {api.cancel_job(conn, job, wait=0, actor=current_actor())}")
+        except (NoSuchJobError, InvalidJobStateError, PermissionDeniedError) as err:
             msgs.append(str(err))
     done("Cancel: " + "; ".join(msgs))
 
 
+@guarded
 def retry_picked() -> None:
     msgs, kind = [], "success"
     for job in picked():
         try:
-            msgs.append(f"{job} → new job {api.retry_job(conn, job, store=artifact_store())}")
-        except (NoSuchJobError, InvalidJobStateError, SubmissionError) as err:
+            msgs.append(f"{job} → new job {api.retry_job(conn, job, store=artifact_store(), actor=current_actor())}")
+        except (NoSuchJobError, InvalidJobStateError, SubmissionError, PermissionDeniedError) as err:
             msgs.append(str(err))
             kind = "warning"
     done("Retry: " + "; ".join(msgs), kind)
 
 
+@guarded
 def open_picked(page: str, param: str) -> None:
     jobs = picked()
     if len(jobs) != 1:
@@ -79,27 +85,31 @@ def open_picked(page: str, param: str) -> None:
     st.session_state["jobs:goto"] = (page, {param: jobs[0]})
 
 
+@guarded
 def ask_delete() -> None:
     st.session_state["jobs:confirm_delete"] = picked()
 
 
+@guarded
 def delete_confirmed() -> None:
     jobs = st.session_state.pop("jobs:confirm_delete", [])
     msgs, kind = [], "success"
     for job in jobs:
         try:
-            api.delete_job(conn, job, store=artifact_store())
+            api.delete_job(conn, job, store=artifact_store(), actor=current_actor())
             msgs.append(f"{job} deleted")
-        except (NoSuchJobError, InvalidJobStateError, ArtifactError) as err:
+        except (NoSuchJobError, InvalidJobStateError, ArtifactError, PermissionDeniedError) as err:
             msgs.append(str(err))
             kind = "warning"
     done("; ".join(msgs), kind)
 
 
+@guarded
 def keep() -> None:
     st.session_state.pop("jobs:confirm_delete", None)
 
 
+@guarded
 def compare_picked() -> None:
     st.session_state["jobs:goto"] = (ui.PAGE_COMPARE, {"jobs": ",".join(picked())})
 
@@ -127,7 +137,7 @@ def jobs_table() -> None:
         # the full run already listed the jobs (to decide on refreshing); the fragment's own reruns list them anew
         jobs = st.session_state.pop("jobs:prefetched", None)
         if jobs is None:
-            jobs = api.list_jobs(conn, limit=JOBS_PAGE_LIMIT)
+            jobs = api.list_jobs(conn, limit=JOBS_PAGE_LIMIT, owner=owner)
     except REDIS_ERRORS as err:
         st.error(f"**Redis is unreachable.** {err}", icon=":material/cloud_off:")
         return
@@ -155,18 +165,25 @@ def jobs_table() -> None:
     n = len(picked())
     states = {j["id"]: j.get("state") for j in shown}
     active = sum(1 for i in picked() if states.get(i) in api.ACTIVE_STATES)
+    owners = {j["id"]: j.get("owner") for j in shown}
+    submitter = people.may_submit()  # viewers get no changing button at all
+    mine = all(people.may_manage(owners.get(i)) for i in picked())  # a submitter changes only their own jobs
+    not_mine = None if mine else "only their owner or an admin may change others' jobs"
     b = st.columns(6)
     b[0].button("Open", on_click=open_picked, args=(ui.PAGE_JOB, "job"), disabled=n != 1,
                 icon=":material/open_in_new:", key="jobs:open")
-    b[1].button("Cancel", on_click=cancel_picked, disabled=active == 0, icon=":material/stop_circle:",
-                key="jobs:cancel", help="stop the selected queued, running or recovering jobs")
-    b[2].button("Retry", on_click=retry_picked, disabled=n - active == 0, icon=":material/replay:", key="jobs:retry",
-                help="submit the selected ended jobs again")
-    b[3].button("Clone", on_click=open_picked, args=(ui.PAGE_NEW, "clone"), disabled=n != 1,
-                icon=":material/content_copy:", key="jobs:clone", help="open New job pre-filled with its settings")
+    if submitter:
+        b[1].button("Cancel", on_click=cancel_picked, disabled=active == 0 or not mine, icon=":material/stop_circle:",
+                    key="jobs:cancel", help=not_mine or "stop the selected queued, running or recovering jobs")
+        b[2].button("Retry", on_click=retry_picked, disabled=n - active == 0 or not mine, icon=":material/replay:",
+                    key="jobs:retry", help=not_mine or "submit the selected ended jobs again")
+        b[3].button("Clone", on_click=open_picked, args=(ui.PAGE_NEW, "clone"), disabled=n != 1,
+                    icon=":material/content_copy:", key="jobs:clone", help="open New job pre-filled with its settings")
     b[4].button("Compare", on_click=compare_picked, disabled=n < 2, icon=":material/compare_arrows:",
                 key="jobs:compare")
-    b[5].button("Delete…", on_click=ask_delete, disabled=n == 0, icon=":material/delete:", key="jobs:delete")
+    if submitter:
+        b[5].button("Delete…", on_click=ask_delete, disabled=n == 0 or not mine, icon=":material/delete:",
+                    key="jobs:delete", help=not_mine)
     pending = st.session_state.get("jobs:confirm_delete")
     if pending:
         running = [j["id"] for j in jobs if j["id"] in pending and not j.get("final")]
@@ -180,6 +197,7 @@ def jobs_table() -> None:
         c[1].button("Keep them", on_click=keep, key="jobs:delete_no")
 
 
-first = api.list_jobs(conn, limit=JOBS_PAGE_LIMIT)
+owner = people.owner_filter("jobs:owner")  # "Mine / Everyone" once users exist (None: everyone's)
+first = api.list_jobs(conn, limit=JOBS_PAGE_LIMIT, owner=owner)
 st.session_state["jobs:prefetched"] = first
-st.fragment(run_every=JOBS_REFRESH_SECONDS if any_active(first) else None)(jobs_table)()
+st.fragment(run_every=JOBS_REFRESH_SECONDS if any_active(first) else None)(guarded(jobs_table))()

@@ -11,14 +11,15 @@ from typing import Any
 
 import streamlit as st
 
-from app import forms, ui
+from app import forms, people, ui
+from app.auth import current_actor, guarded
 from app.charts import counts_figure
 from app.connection import REDIS_ERRORS, artifact_store, require_redis, try_redis
 from app.register import register_saved
 from app.tables import SOURCE_KIND_LABELS, fmt_bytes
 from app.upload import CheckedUpload, UploadError, check_upload, max_upload_mb
 from worker import api
-from worker.api import ArtifactError, DatasetError, NoSuchJobError, SubmissionError, datasets
+from worker.api import ArtifactError, DatasetError, NoSuchJobError, PermissionDeniedError, SubmissionError, datasets
 
 conn = require_redis()
 if submitted := st.session_state.pop("new:submitted", None):
@@ -29,6 +30,11 @@ if sweep_made := st.session_state.pop("new:sweep_created", None):
 
 st.title("New job")
 ui.show_flash()
+if not people.may_submit():
+    st.info(f"You are signed in as {current_actor().name} ({current_actor().role.value}): viewers see every job, "
+            "sweep, dataset and model but submit nothing. An admin can give you the submitter role.",
+            icon=":material/visibility:")
+    st.stop()
 sweep_mode = st.toggle("Sweep", key="new:sweep",
                        help="many jobs (trials) that vary the fields you pick, searched by Optuna")
 
@@ -216,7 +222,7 @@ def register_upload(prefix: str, conn_now: Any, cfg: dict[str, Any], checked: Ch
     the version: the job trains on `data.dataset: NAME:VERSION`, so a retry or clone never uploads it again."""
     name = (st.session_state.get(prefix + "upload:name") or "").strip()
     try:
-        done = register_saved(conn_now, name, checked.path, store=artifact_store())
+        done = register_saved(conn_now, name, checked.path, store=artifact_store(), actor=current_actor())
     except ArtifactError as err:
         raise DatasetError(str(err)) from None
     cfg["data"]["dataset"] = done.version.ref
@@ -232,6 +238,7 @@ def dataset_missing(dataset: str, checked: CheckedUpload | None, registered: str
     return None
 
 
+@guarded
 def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None,
            registered: str | None) -> None:
     """The form's callback: submit_job validates everything before it writes; its message lands on the fields.
@@ -252,11 +259,14 @@ def submit(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUploa
     try:
         if dataset == forms.UPLOAD and checked is not None:
             cfg["data"]["dataset"] = (st.session_state.get(prefix + "upload:name") or "").strip() or "dataset"
-            api.check_request(cfg, **request)
+            api.check_request(cfg, actor=current_actor(), **request)  # role and limits too: nothing registered
             register_upload(prefix, conn_now, cfg, checked)
-        job_id = api.submit_job(cfg, store=artifact_store(), **request).job_id
+        job_id = api.submit_job(cfg, store=artifact_store(), actor=current_actor(), **request).job_id
     except DatasetError as err:
         st.session_state["new:errors"] = {"dataset": f"dataset: {err}"}
+        return
+    except PermissionDeniedError as err:  # the role, or a per-user limit (jobs, GPUs, priority high)
+        st.session_state["new:errors"] = {"": str(err)}
         return
     except SubmissionError as err:
         st.session_state["new:errors"] = forms.errors_by_field(err.errors)
@@ -319,6 +329,7 @@ def sweep_space(prefix: str) -> dict[str, Any]:
     return space
 
 
+@guarded
 def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: CheckedUpload | None,
                 registered: str | None) -> None:
     """The form's callback in Sweep mode: create_sweep validates the space and the config before it writes."""
@@ -349,9 +360,9 @@ def start_sweep(prefix: str, raw: dict[str, Any], dataset: str, checked: Checked
             cfg, space, connection=conn_now, trials=int(g("trials")), parallel=int(g("parallel")),
             metric=g("metric"), direction=None if g("direction") == "auto" else g("direction"),
             sampler=g("sampler"), pruner=g("pruner"), name=(values["name"] or "").strip() or None,
-            gpus=int(values["gpus"] or 0), priority=values["priority"], store=artifact_store(),
+            gpus=int(values["gpus"] or 0), priority=values["priority"], store=artifact_store(), actor=current_actor(),
         )
-    except (SubmissionError, DatasetError) as err:
+    except (SubmissionError, DatasetError, PermissionDeniedError) as err:
         st.session_state["new:sweep_error"] = str(err)
         return
     except REDIS_ERRORS as err:

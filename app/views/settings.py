@@ -1,4 +1,4 @@
-"""Settings: the notification webhooks (README "Notifications"), each with its events and its recent deliveries; a
+"""Settings (admins only: a hook sees every job's events): the notification webhooks (README "Notifications"), each with its events and its recent deliveries; a
 form adds one (URL, events, optional signing secret) and a button removes one. Everything goes through worker.api
 (`notify`), so the page refuses what `python -m worker notify add` refuses, with the same messages, saving nothing.
 """
@@ -10,23 +10,25 @@ import pandas as pd
 import streamlit as st
 
 from app import ui
+from app.auth import current_actor, guarded
 from app.connection import REDIS_ERRORS, require_redis
 from app.defaults import HOOK_LOG_SHOWN, SETTINGS_REFRESH_SECONDS
 from app.tables import fmt_time
-from worker.api import HookError, notify
+from worker.api import HookError, PermissionDeniedError, notify
 
 conn = require_redis()
 st.title("Settings")
 ui.show_flash()
 
 
+@guarded
 def add_hook() -> None:
     url = (st.session_state.get("settings:hook:url") or "").strip()
     events = list(st.session_state.get("settings:hook:events") or [])
     secret = (st.session_state.get("settings:hook:secret") or "").strip() or None
     try:
-        hook = notify.add_hook(conn, url, events, secret)
-    except HookError as err:
+        hook = notify.add_hook(conn, url, events, secret, actor=current_actor())
+    except (HookError, PermissionDeniedError) as err:
         ui.flash(str(err), "error")
         return
     for key in ("settings:hook:url", "settings:hook:secret"):
@@ -34,11 +36,12 @@ def add_hook() -> None:
     ui.flash(f"Webhook {hook.id} added: {hook.url}" + (" (Slack format)" if hook.slack else ""))
 
 
+@guarded
 def remove_hook(hook_id: str) -> None:
     try:
-        notify.remove_hook(conn, hook_id)
+        notify.remove_hook(conn, hook_id, actor=current_actor())
         ui.flash(f"Webhook {hook_id} removed")
-    except HookError as err:
+    except (HookError, PermissionDeniedError) as err:
         ui.flash(str(err), "error")
 
 
@@ -76,7 +79,7 @@ st.subheader("Notifications")
 st.caption("Webhooks are told when jobs end, sweeps finish, model versions are registered, aliases move and "
            "deployments fail: a JSON POST (Slack's format for hooks.slack.com URLs), signed with HMAC-SHA256 when a "
            "secret is set, retried with backoff. The workers deliver them.")
-st.fragment(run_every=SETTINGS_REFRESH_SECONDS)(hooks_box)()
+st.fragment(run_every=SETTINGS_REFRESH_SECONDS)(guarded(hooks_box))()
 
 with st.form("settings:hook:add"):
     st.markdown("**Add a webhook**")

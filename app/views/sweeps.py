@@ -10,13 +10,14 @@ from typing import Any
 
 import streamlit as st
 
-from app import ui
+from app import people, ui
+from app.auth import current_actor, guarded
 from app.charts import importances_figure, objective_figure
 from app.connection import require_redis
 from app.defaults import SWEEPS_REFRESH_SECONDS
 from app.tables import STATE_COLORS, STATE_ICONS, fmt_time, sweeps_frame, trials_frame
 from worker import api
-from worker.api import NoSuchSweepError
+from worker.api import NoSuchSweepError, PermissionDeniedError
 
 conn = require_redis()
 st.title("Sweeps")
@@ -39,8 +40,12 @@ def parallel_figure(sweep_id: str) -> Any:
         return None
 
 
+@guarded
 def cancel(sweep_id: str) -> None:
-    ui.flash(f"Sweep {sweep_id}: {api.cancel_sweep(conn, sweep_id)}")
+    try:
+        ui.flash(f"Sweep {sweep_id}: {api.cancel_sweep(conn, sweep_id, actor=current_actor())}")
+    except PermissionDeniedError as err:
+        ui.flash(str(err), "error")
 
 
 def badge(state: str) -> None:
@@ -66,11 +71,11 @@ def draw_sweep(sweep_id: str) -> None:
         col.metric(k.value.capitalize(), n)
     st.progress(s["progress"])
     st.caption(f"{s['direction']} {s['metric']} · sampler {s['sampler']} · pruner {s['pruner']} · "
-               f"parallel {s['parallel']} · created {fmt_time(s.get('created_at'))}"
+               f"parallel {s['parallel']} · created {fmt_time(s.get('created_at'))} by {s.get('owner')}"
                + (f" · ended {fmt_time(s.get('ended_at'))}" if s.get("ended_at") else ""))
     if s.get("error"):
         st.error(s["error"], icon=":material/error:")
-    if not s["final"]:
+    if not s["final"] and people.may_manage(s.get("owner")):
         st.button("Cancel sweep", on_click=cancel, args=(sweep_id,), icon=":material/stop_circle:",
                   key="sweeps:cancel", help="cancels every queued and running trial")
 
@@ -109,9 +114,11 @@ def draw_sweep(sweep_id: str) -> None:
     })
 
 
-sweeps = api.list_sweeps(conn)
+owner = people.owner_filter("sweeps:owner")  # "Mine / Everyone" once users exist (None: everyone's)
+sweeps = api.list_sweeps(conn, owner=owner)
 if not sweeps:
-    st.info("No sweeps yet: start one on New job (mode \"Sweep\") or with `python -m worker sweep`.")
+    st.info("No sweeps yet" + (" of yours (choose Everyone above)" if owner else "")
+            + ": start one on New job (mode \"Sweep\") or with `python -m worker sweep`.")
     st.page_link(ui.PAGE_NEW, label="New sweep", icon=":material/add_circle:")
     st.stop()
 st.dataframe(sweeps_frame(sweeps), hide_index=True, key="sweeps:list", column_config={
@@ -135,4 +142,4 @@ chosen = st.selectbox("Sweep", ids, index=ids.index(wanted) if wanted in ids els
 if chosen != st.query_params.get("sweep"):
     st.query_params["sweep"] = chosen
 running = any(s["id"] == chosen and s["state"] == api.SweepState.RUNNING.value for s in sweeps)
-st.fragment(run_every=SWEEPS_REFRESH_SECONDS if running else None)(draw_sweep)(chosen)
+st.fragment(run_every=SWEEPS_REFRESH_SECONDS if running else None)(guarded(draw_sweep))(chosen)

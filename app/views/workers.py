@@ -5,6 +5,8 @@ from urllib.parse import urlsplit
 
 import streamlit as st
 
+from app import people
+from app.auth import guarded
 from app.connection import REDIS_ERRORS, require_redis
 from app.defaults import WORKERS_REFRESH_SECONDS
 from app.tables import workers_frame
@@ -38,8 +40,10 @@ def workers_table() -> None:
     st.caption(f"Refreshes every {WORKERS_REFRESH_SECONDS:g} s.")
 
 
-st.fragment(run_every=WORKERS_REFRESH_SECONDS)(workers_table)()
+st.fragment(run_every=WORKERS_REFRESH_SECONDS)(guarded(workers_table))()
 
+if not people.is_admin():  # how to join a worker to this Redis and store is the operators' business
+    st.stop()
 st.subheader("Add a worker")
 url = redis_url()
 host = urlsplit(url).hostname or "127.0.0.1"

@@ -218,8 +218,10 @@ def test_no_upload_is_read_before_sign_in(web_env: dict[str, str], spawn: Any, r
             page.get_by_label("Password", exact=True).fill("correct horse")
             page.get_by_role("button", name="Sign in").click()
             page.get_by_role("button", name="Log out").wait_for()
+            page.get_by_role("heading", name="Sign in").wait_for(state="detached")  # the form is gone once signed in
             assert "sign in before uploading" not in upload()[1]  # past the gate (Streamlit's own checks decide)
             page.get_by_role("button", name="Log out").click()
+            page.get_by_role("button", name="Log out").wait_for(state="detached")  # the log-out has run on the server
             page.get_by_role("heading", name="Sign in").wait_for()
             status, text = upload()
             assert status == 403 and "sign in before uploading" in text

@@ -86,7 +86,7 @@ def test_every_page_renders_on_an_empty_redis(app_env: Any, page: str) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert at.title[0].value in {"New job", "Jobs", "Job", "Compare runs", "Workers", "Try it", "Sweeps", "Datasets",
-                                 "Models"}
+                                 "Models", "Settings"}
 
 
 def test_redis_down_shows_a_banner_on_every_page(app_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:

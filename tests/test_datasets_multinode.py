@@ -5,6 +5,7 @@ another. Nothing of the data passes through the submitting process; every epoch 
 sample once (the epoch event's `samples`). `data.cache: off` makes the shards the path."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -14,7 +15,7 @@ import psutil
 import pytest
 
 from core.data.shards import read_index
-from tests.fixtures_s3 import S3Server, private_s3
+from tests.fixtures_s3 import private_s3
 from tests.fixtures_worker import explain_job, make_imagefolder, run_cli, wait_for
 from tests.test_datasets import upload_tree
 from tests.test_multinode import finished, mn_env, start_worker, wait_workers
@@ -61,7 +62,8 @@ def test_two_node_job_on_an_in_place_dataset_reads_shards_through_each_nodes_cac
         where: str, redis_conn: Any, job_env: dict[str, str], spawn: Any, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     folder = make_imagefolder(tmp_path / "shapes", per_class=40, size=24)  # 84 train images: 2 ranks × 7 × 6
-    with private_s3(tmp_path / "s3") if where == "s3" else _no_server() as s3:
+    server = private_s3(tmp_path / "s3") if where == "s3" else contextlib.nullcontext()
+    with server as s3:
         env = mn_env(job_env)
         if s3 is not None:
             for k, v in {**s3.env, "ARTIFACTS_DIR": s3.bucket("store") + "/artifacts"}.items():
@@ -110,16 +112,6 @@ def test_two_node_job_on_an_in_place_dataset_reads_shards_through_each_nodes_cac
             assert not (Path(env["ARTIFACTS_DIR"]) / "datasets").exists()  # no upload of the data
             for name in ("node-a", "node-b"):  # read from the shared path itself, never synced into a node
                 assert not any((tmp_path / name / "cache" / "datasets").glob("*")), name
-
-
-class _no_server:
-    """`with` stand-in for private_s3 when the source is a shared path."""
-
-    def __enter__(self) -> S3Server | None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _tree(pid: int) -> list[psutil.Process]:

@@ -29,11 +29,10 @@ from PIL import Image
 from core.data.defaults import IMAGENET_MEAN, IMAGENET_STD, SHUFFLE_WINDOW_SHARDS
 from core.data.fast import (
     EpochBatches,
-    apply_table,
     classic_augment,
     draw_classic_params,
     epoch_generator,
-    normalise_table,
+    normalise,
 )
 from core.data.loaders import LoaderKind, Loaders
 from core.data.shard_cache import ShardCache
@@ -158,7 +157,6 @@ class ShardBatchLoader(EpochBatches):
         self.input_size = [int(v) for v in input_size]
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.table = normalise_table(self.mean, self.std, device)
         self.pad = max(1, self.input_size[-1] // 8)
         self.epoch = 0
         n = len(reader.split)
@@ -220,7 +218,7 @@ class ShardBatchLoader(EpochBatches):
                                       params={k: v[sl] for k, v in params.items()},
                                       brightness_first=brightness_first[i], normalize=(self.mean, self.std)), y
             else:
-                yield apply_table(x_u8, self.table), y
+                yield normalise(x_u8, self.mean, self.std), y
 
     def _prefetched(self, batches: list[np.ndarray]) -> Iterator[torch.Tensor]:
         """uint8 batches assembled by a background thread while another makes the coming shards local."""

@@ -78,3 +78,15 @@ def run_trial(conn: Any, job_id: str, accs: list[float], *, state: Any = None, w
     sink.close()
     fields = {"error_kind": "Pruned"} if state == JobState.PRUNED else {}
     assert mark_final(conn, job_id, worker, state, fields) == "ok"
+
+
+def process_tree(pid: int) -> list[Any]:
+    """The process `pid` and all its descendants (psutil.Process), or [] when it is gone: what a test kills at once to
+    lose a whole node (worker, guard and ranks)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []

@@ -16,7 +16,7 @@ import pytest
 
 from core.data.shards import read_index
 from tests.fixtures_s3 import private_s3
-from tests.fixtures_worker import explain_job, make_imagefolder, run_cli, wait_for
+from tests.fixtures_worker import explain_job, make_imagefolder, process_tree, run_cli, wait_for
 from tests.test_datasets import upload_tree
 from tests.test_multinode import finished, mn_env, start_worker, wait_workers
 from worker import api
@@ -114,14 +114,6 @@ def test_two_node_job_on_an_in_place_dataset_reads_shards_through_each_nodes_cac
                 assert not any((tmp_path / name / "cache" / "datasets").glob("*")), name
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
 def _step_of_epoch(conn: Any, job_id: str, epoch: int) -> dict[str, Any] | None:
     return next((e["data"] for e in api.events_since(conn, job_id, "0")
                  if e["type"] == "step" and e["data"].get("epoch") == epoch), None)
@@ -140,7 +132,7 @@ def test_a_shards_job_killed_mid_epoch_resumes_on_another_worker_each_sample_onc
     explain = explain_job(redis_conn, job_id, spawn)
     step = wait_for(lambda: _step_of_epoch(redis_conn, job_id, 2), 240, "a step of epoch 2", interval=0.05,
                     explain=explain)
-    for proc in _tree(first.pid):  # node-a is lost mid-epoch: its worker, guard and rank at once
+    for proc in process_tree(first.pid):  # node-a is lost mid-epoch: its worker, guard and rank at once
         try:
             proc.send_signal(signal.SIGKILL)
         except psutil.Error:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tests.conftest import processes_with_token
-from tests.fixtures_worker import DIGITS, explain_job, run_cli, wait_for
+from tests.fixtures_worker import DIGITS, explain_job, process_tree, run_cli, wait_for
 from tests.test_worker_jobs import rank_processes
 from worker import api, gang, keys
 from worker.errors import SubmissionError
@@ -184,14 +184,6 @@ def listening_sockets(token: str) -> set[tuple[str, int]]:
     return out
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
 def _node_worker(spawn: Any, name: str) -> subprocess.Popen[bytes]:
     return next(p for p in spawn.procs if p.args[-1] == name)
 
@@ -215,7 +207,7 @@ def test_lost_node_requeues_the_gang_which_resumes_on_a_new_one(redis_conn: Any,
     wait_for(lambda: _step_in_epoch(redis_conn, job_id, 2), 180, "a step of epoch 2", explain=explain)
     st = api.job_status(redis_conn, job_id)
     victim, survivor = st["gang"][0], st["gang"][1]
-    tree = _tree(_node_worker(spawn, victim).pid)
+    tree = process_tree(_node_worker(spawn, victim).pid)
     survivors = [p for p in rank_processes(test_token) if p.pid not in {t.pid for t in tree}]
     assert survivors, "the surviving node runs no training process"
     for proc in tree:  # the machine of node 0 is lost: its worker, guard, torchrun and rank at once

@@ -297,6 +297,9 @@ def test_dashboard_login_with_oidc_shows_only_the_sign_in_until_logged_in(redis_
     from tests.fixtures_app import APP
 
     monkeypatch.delenv("DASHBOARD_PASSWORD", raising=False)
+    from app.defaults import ALLOWED_EMAILS_ENV
+
+    monkeypatch.setenv(ALLOWED_EMAILS_ENV, "ada@example.com")  # OIDC is refused without an allow-list
     auth = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "c" * 32, "client_id": "id",
             "client_secret": "secret", "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
     at = AppTest.from_file(str(APP), default_timeout=60)

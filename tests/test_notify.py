@@ -74,6 +74,7 @@ def add(args: list[str], env: dict[str, str]) -> str:
     return res.stdout.split()[-1]
 
 
+@pytest.mark.slow  # 40-57 s on 2 idle cores; the default suite stays near its 20-minute aim
 def test_hooks_hear_of_jobs_and_models(redis_conn: Any, job_env: dict[str, str], spawn: Any, receiver: Receiver,
                                       tmp_path_factory: pytest.TempPathFactory) -> None:
     model_job = seed_finished_job(redis_conn, digits_run_exported(tmp_path_factory)[0])  # before a worker could take it

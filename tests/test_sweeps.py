@@ -251,6 +251,7 @@ def test_sweep_dashboard_says_how_to_install_optuna_dashboard(redis_conn: Any, j
 
 
 # ---------------------------------------------------------------------------------------------- real sweeps
+@pytest.mark.slow  # 40-57 s on 2 idle cores; the default suite stays near its 20-minute aim
 def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, job_env: dict[str, str], spawn: Any,
                                                               tmp_path: Path) -> None:
     space = _space(tmp_path, {"optim.lr": {"float": [1e-3, 1e-2], "log": True},
@@ -319,6 +320,7 @@ def test_digits_sweep_on_two_workers_survives_a_killed_worker(redis_conn: Any, j
     assert f"best       trial {st['best_trial']}" in text and "6/6 trials ended" in text
 
 
+@pytest.mark.slow  # 40-57 s on 2 idle cores; the default suite stays near its 20-minute aim
 def test_a_trial_that_cannot_learn_is_pruned(redis_conn: Any, job_env: dict[str, str], spawn: Any) -> None:
     # seed 2 draws lr 0.003, 0.003, then 1e-6 twice: two complete trials set the median (the pruner's startup),
     # then the trials that cannot learn fall below it at their first epoch

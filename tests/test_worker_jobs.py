@@ -240,6 +240,7 @@ def warm_processes(token: str, name: str) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow  # 40-57 s on 2 idle cores; the default suite stays near its 20-minute aim
 def test_one_rank_jobs_run_in_the_pre_started_trainer_and_start_cold_without_it(
         redis_conn: Any, job_env: dict[str, str], spawn: Any, test_token: str) -> None:
     """A (non-burst) worker keeps one training process with torch imported; a one-rank job runs in it, the worker

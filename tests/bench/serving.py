@@ -93,6 +93,8 @@ def _get_ok(url: str) -> bool:
 def _process(cmd: list[str], env: dict[str, str], health: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     from worker.procutil import own_session_preexec
 
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH also when it is not activated
+    env = {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])}
     with log_path.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=own_session_preexec)  # noqa: PLW1509 - no threads of ours yet

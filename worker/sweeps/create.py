@@ -133,7 +133,7 @@ def create_sweep(
     actor: who makes it, the sweep's `owner` and its trials' (PermissionDeniedError for a viewer, or when `parallel`
     trials of `gpus` each would pass the actor's per-user limits, or priority high is not theirs).
     """
-    from worker.submit import check_limits, check_request, resolve_dataset
+    from worker.submit import check_limits, check_request, limits_held, resolve_dataset
 
     actor = audit.authorize(connection, actor, users.Action.SUBMIT, "create sweeps")
     settings = check_settings(trials=trials, parallel=parallel, metric=metric, direction=direction,
@@ -177,13 +177,16 @@ def create_sweep(
         "updated_at": now,
         "owner": actor.name,
     }
-    create_study(connection, sweep_id, settings.direction)
-    with connection.pipeline() as pipe:
-        pipe.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode(record))
-        pipe.zadd(keys.sweeps_index(), {sweep_id: now})
-        pipe.sadd(keys.active_sweeps(), sweep_id)
-        pipe.execute()
-    audit.record(connection, actor, audit.AuditAction.SWEEP_CREATE, sweep_id, name=checked.name,
-                 trials=settings.trials, parallel=settings.parallel, gpus=gpus, priority=priority)
-    advance(connection, sweep_id, store=store)
+    # counted again under the owner's submission lock until the first trials are enqueued, so that sweeps and jobs
+    # created at once cannot all pass one count (the check above refused early, before any upload)
+    with limits_held(connection, actor, jobs=settings.parallel, gpus=settings.parallel * gpus, priority=priority):
+        create_study(connection, sweep_id, settings.direction)
+        with connection.pipeline() as pipe:
+            pipe.hset(keys.sweep(sweep_id), mapping=SWEEP_CODEC.encode(record))
+            pipe.zadd(keys.sweeps_index(), {sweep_id: now})
+            pipe.sadd(keys.active_sweeps(), sweep_id)
+            pipe.execute()
+        audit.record(connection, actor, audit.AuditAction.SWEEP_CREATE, sweep_id, name=checked.name,
+                     trials=settings.trials, parallel=settings.parallel, gpus=gpus, priority=priority)
+        advance(connection, sweep_id, store=store)
     return sweep_id

@@ -34,6 +34,7 @@ from worker.defaults import (
     ARTIFACT_SYNC_INTERVAL,
     CANCEL_POLL_INTERVAL,
     FINAL_WRITE_RETRY_SECONDS,
+    NODE_FINISH_GRACE,
     STATUS_LOG_TAIL_LINES,
     STORE_FULL_BYTES,
     TERMINATE_GRACE,
@@ -388,6 +389,11 @@ class Attempt:
             return None
         if self.record.cancel_requested:
             return Outcome.CANCEL
+        if self.record.state is JobState.FINISHED and self.still_ours():
+            # another node of this attempt (node 0) recorded the job's success while our ranks were still leaving
+            # the last collective: they end by themselves; lost only if they are still there after NODE_FINISH_GRACE
+            seen = self.__dict__.setdefault("_finished_seen", time.monotonic())
+            return None if time.monotonic() - seen < NODE_FINISH_GRACE else Outcome.LOST
         return None if self.record.state is JobState.RUNNING and self.still_ours() else Outcome.LOST
 
     # -------------------------------------------------------------------------------------------------- helpers

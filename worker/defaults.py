@@ -252,3 +252,7 @@ DOCTOR_PROBE_TIMEOUT = 90.0
 
 MIN_REDIS_VERSION = (5, 0)
 """Oldest Redis the worker supports (streams, Lua scripts, RQ's commands)."""
+
+NODE_FINISH_GRACE = 30.0
+"""Seconds a node's ranks may take to exit after another node of the attempt recorded the job finished (they are
+leaving the last collective); still running after that, the node counts as lost."""

@@ -113,6 +113,8 @@ class Attempt:
         self.log_file: Any = None
         self.sync_state: dict[str, tuple[int, int]] = {}
         self.run_dir: Path | None = None
+        self.finished_seen: float | None = None
+        """When this attempt first saw its job recorded finished by another node (poll_flags)."""
 
     # ------------------------------------------------------------------------------------------------------ run
     def run(self) -> AttemptResult:
@@ -392,8 +394,9 @@ class Attempt:
         if self.record.state is JobState.FINISHED and self.still_ours():
             # another node of this attempt (node 0) recorded the job's success while our ranks were still leaving
             # the last collective: they end by themselves; lost only if they are still there after NODE_FINISH_GRACE
-            seen = self.__dict__.setdefault("_finished_seen", time.monotonic())
-            return None if time.monotonic() - seen < NODE_FINISH_GRACE else Outcome.LOST
+            if self.finished_seen is None:
+                self.finished_seen = time.monotonic()
+            return None if time.monotonic() - self.finished_seen < NODE_FINISH_GRACE else Outcome.LOST
         return None if self.record.state is JobState.RUNNING and self.still_ours() else Outcome.LOST
 
     # -------------------------------------------------------------------------------------------------- helpers

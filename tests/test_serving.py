@@ -111,6 +111,10 @@ def test_the_protocol_classify_and_bad_requests(redis_conn: Any, job_env: dict[s
     session = create_session(exported_run / "export" / meta["parameters"]["file"])
     local = session.run(None, {pp["input_name"]: x})[0]
     assert np.abs(served - local).max() < 1e-4
+    wide_id = json.loads(infer_body(x[:1], pp["input_name"]))
+    wide_id["id"] = 2**70  # beyond 64-bit integers: still echoed
+    status, out = call(base + "/v2/models/digits/infer", json.dumps(wide_id).encode())
+    assert status == 200 and out["id"] == 2**70
 
     files = []
     for p in samples(exported_run, 3):
@@ -130,6 +134,8 @@ def test_the_protocol_classify_and_bad_requests(redis_conn: Any, job_env: dict[s
          f"needs {c * h * w}"),
         (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, c, h, w], "data": ["a"] * (c * h * w)}]}).encode(),
          "data must be numbers"),
+        (json.dumps({"inputs": [{"datatype": "FP32", "shape": [1, c, h, w], "data": [float("nan")] * (c * h * w)}]}
+                    ).encode(), "NaN or infinity"),
     ]
     for payload, message in bad:
         status, err = call(base + "/v2/models/digits/infer", payload)
@@ -148,7 +154,7 @@ def test_the_protocol_classify_and_bad_requests(redis_conn: Any, job_env: dict[s
         assert b" 413 " in sock.recv(4096).split(b"\r\n", 1)[0] + b" "
     assert proc.poll() is None and call(base + "/v2/health/ready")[0] == 200
     status, text = call(base + "/metrics")
-    assert status == 200 and 'inference_requests_total{route="infer",status="400"} 6.0' in text
+    assert status == 200 and 'inference_requests_total{route="infer",status="400"} 7.0' in text
     assert "inference_batch_size_count" in text and "inference_queue_depth" in text
 
 

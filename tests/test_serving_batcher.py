@@ -5,6 +5,7 @@ own, and an end-to-end run hits it only now and then (the serving bench once los
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,3 +54,31 @@ def test_batches_form_while_the_model_is_busy_and_depth_counts_only_requests() -
     sizes, queued, after = asyncio.run(scenario())
     assert sum(sizes) == 12 and max(sizes) <= 8 and len(sizes) < 12  # batched, never over max_batch
     assert queued == 12 and after == 0  # retire()'s wake-up call is not a request
+
+
+def test_two_instances_run_two_batches_at_once_and_queue_the_rest_for_the_next_free_one() -> None:
+    both_running = threading.Barrier(2, timeout=10)  # broken (an error) unless two runs are inside infer together
+
+    calls = iter(range(1000))
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        if next(calls) < 2:  # the first two batches
+            both_running.wait()
+        return x * 3
+
+    async def scenario() -> tuple[list[np.ndarray], list[int]]:
+        sizes: list[int] = []
+        with ThreadPoolExecutor(2) as pool:
+            batcher = DynamicBatcher(infer, max_batch=32, max_delay=0.0, pool=pool, runs=2, on_batch=sizes.append)
+            first = asyncio.ensure_future(batcher.run(np.full((1, 2), 1, np.float32)))
+            await asyncio.sleep(0.05)  # the first batch holds one instance...
+            second = asyncio.ensure_future(batcher.run(np.full((1, 2), 2, np.float32)))
+            await asyncio.sleep(0.05)  # ...the second takes the other, and both meet in infer
+            rest = [asyncio.ensure_future(batcher.run(np.full((1, 2), 4, np.float32))) for _ in range(6)]
+            out = await asyncio.wait_for(asyncio.gather(first, second, *rest), timeout=20)
+            batcher.retire()
+            return out, sizes
+
+    out, sizes = asyncio.run(scenario())
+    assert [o.tolist() for o in out] == [[[3, 3]], [[6, 6]]] + [[[12, 12]]] * 6
+    assert sorted(sizes[:2]) == [1, 1] and sizes[2:] == [6]  # the six that queued behind both went as one batch

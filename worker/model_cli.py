@@ -98,12 +98,23 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1; got {text!r}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from worker.serving.server import ServeOptions, serve
 
     return serve(checked_connection(), args.ref, ServeOptions(
         host=args.host, port=args.port, max_batch=1 if args.no_batching else args.max_batch,
-        max_delay_ms=args.max_delay_ms, use_gpu=args.gpu, deployment=args.deployment))
+        max_delay_ms=args.max_delay_ms, use_gpu=args.gpu, instances=args.instances, deployment=args.deployment))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -195,6 +206,8 @@ def add_model_commands(sub: Any) -> None:
                    help="how long a batch waits for more requests after its first (0: none; batches still form "
                         "while the model is busy)")
     s.add_argument("--no-batching", action="store_true", help="one request per model run")
+    s.add_argument("--instances", type=_positive, metavar="N",
+                   help="model runs at once (default: 2 on a CPU of 2 cores or more, 1 on a GPU)")
     s.add_argument("--gpu", action="store_true", help="use CUDA/TensorRT execution providers when present")
     s.add_argument("--deployment", metavar="ID", help="accept this managed deployment's tokens, read live from Redis "
                                                       "(how the workers start their servers)")

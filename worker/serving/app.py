@@ -44,16 +44,16 @@ class ModelHolder:
     """The model being served and its batcher; `swap` replaces both for new requests (a moved alias), while requests
     already queued finish on the model they were checked against."""
 
-    def __init__(self, model: LoadedModel, *, max_batch: int, max_delay: float) -> None:
-        self.max_batch, self.max_delay = max_batch, max_delay
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+    def __init__(self, model: LoadedModel, *, max_batch: int, max_delay: float, instances: int = 1) -> None:
+        self.max_batch, self.max_delay, self.instances = max_batch, max_delay, max(1, instances)
+        self.pool = ThreadPoolExecutor(self.instances, thread_name_prefix="infer")
         self.on_batch: Callable[[int], None] | None = None
         self.model = model
         self.batcher = self._batcher(model)
 
     def _batcher(self, model: LoadedModel) -> DynamicBatcher:
         return DynamicBatcher(model.infer, max_batch=self.max_batch, max_delay=self.max_delay, pool=self.pool,
-                              on_batch=lambda n: self.on_batch(n) if self.on_batch else None)
+                              runs=self.instances, on_batch=lambda n: self.on_batch(n) if self.on_batch else None)
 
     def swap(self, model: LoadedModel) -> None:
         old = self.batcher

@@ -1,8 +1,9 @@
 """Dynamic batching: requests that wait together run as one batch.
 
-One batch runs at a time, in a worker thread (ONNX Runtime releases the GIL, so the event loop keeps accepting
-requests meanwhile). Requests queue while it runs; the next batch takes everything queued, up to `max_batch`
-samples. `max_delay` (seconds) is how long a batch waits for company after its first request: 0 (the default) adds
+Up to `runs` batches run at once, each in a worker thread of `pool` (ONNX Runtime releases the GIL, so the event loop
+keeps accepting requests meanwhile; `runs` is the server's model instances, worker/serving/model.py `instances`).
+Requests queue while every instance is busy; the next batch takes everything queued, up to `max_batch` samples, as
+soon as an instance is free. `max_delay` (seconds) is how long a batch waits for company after its first request: 0 (the default) adds
 no latency at low load, and batches still form whenever the model is busy, which is exactly when they help.
 `max_batch=1` turns batching off (one request per run, as a server without it).
 """
@@ -26,12 +27,15 @@ class DynamicBatcher:
     """`await batcher.run(x)`: x's rows go through `infer` in a batch with other requests' rows."""
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_delay: float,
-                 pool: Executor, on_batch: Callable[[int], None] | None = None) -> None:
+                 pool: Executor, runs: int = 1, on_batch: Callable[[int], None] | None = None) -> None:
         self.infer = infer
         self.max_batch = max(1, int(max_batch))
         self.max_delay = max(0.0, float(max_delay))
         self.pool = pool
-        """Where batches run: one thread shared by every batcher of a server (one model run at a time)."""
+        """Where batches run: `runs` threads shared by every batcher of a server."""
+        self._slots = asyncio.Semaphore(max(1, int(runs)))
+        """Batches of this batcher that may run at once."""
+        self._running: set[asyncio.Task[None]] = set()
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
         """Requests in arrival order; None is retire()'s wake-up call."""
@@ -102,24 +106,32 @@ class DynamicBatcher:
         return items
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
         while not (self._retired and self._queue.empty() and self._carry is None):
+            await self._slots.acquire()  # the batch forms only once an instance is free: it takes all that queued
             items = await self._gather()
             live = [r for r in items if not r.future.done()]  # a client that went away is not computed for
             if not live:
+                self._slots.release()
                 continue
+            task = asyncio.get_running_loop().create_task(self._run(live))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, live: list[_Request]) -> None:
+        try:
             batch = live[0].x if len(live) == 1 else np.concatenate([r.x for r in live])
-            try:
-                out = await loop.run_in_executor(self.pool, self.infer, batch)
-            except Exception as err:  # noqa: BLE001 - the error belongs to the requests, the server goes on
-                for r in live:
-                    if not r.future.done():
-                        r.future.set_exception(err)
-                continue
-            if self.on_batch:
-                self.on_batch(len(batch))
-            start = 0
+            out = await asyncio.get_running_loop().run_in_executor(self.pool, self.infer, batch)
+        except Exception as err:  # noqa: BLE001 - the error belongs to the requests, the server goes on
             for r in live:
                 if not r.future.done():
-                    r.future.set_result(out[start:start + len(r.x)])
-                start += len(r.x)
+                    r.future.set_exception(err)
+            return
+        finally:
+            self._slots.release()
+        if self.on_batch:
+            self.on_batch(len(batch))
+        start = 0
+        for r in live:
+            if not r.future.done():
+                r.future.set_result(out[start:start + len(r.x)])
+            start += len(r.x)

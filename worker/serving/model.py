@@ -76,9 +76,9 @@ class LoadedModel:
         return top_labels(logits, self.labels, k)
 
 
-def session_options() -> Any:
-    """ONNX Runtime's options for a served model: `intra_op_threads()` threads that sleep between runs instead of
-    spinning.
+def session_options(instances: int = 1) -> Any:
+    """ONNX Runtime's options for a served model run by `instances` threads at once: `intra_op_threads(instances)`
+    threads per run, which sleep between runs instead of spinning.
 
     Spinning (ORT's default) keeps every core busy-waiting after each run; in a server those cores are the ones the
     HTTP side needs to parse the next requests, and on a shared machine they are other programs' too. Measured on
@@ -89,26 +89,42 @@ def session_options() -> Any:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.intra_op_num_threads = intra_op_threads()
+    opts.intra_op_num_threads = intra_op_threads(instances)
     return opts
 
 
-def intra_op_threads() -> int:
-    """ONNX Runtime threads of a served model: the cores this process may use, less one that the HTTP side keeps to
-    parse the next requests while a batch runs (at least one). Measured on 2 loaded cores at 32 clients, ResNet-18
-    16 px FP32 with batching: 157 vs 111 requests/s with ORT's default of one thread per core (docs/benchmarks.md
-    "Serving")."""
+def usable_cores() -> int:
+    """Physical cores this process may run on."""
     import psutil
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = min(psutil.cpu_count(logical=False) or usable, usable)
-    return max(1, cores - 1)
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
 
 
-def load(version: ModelVersion, store: ArtifactStore, *, use_gpu: bool = False) -> LoadedModel:
+def instances(use_gpu: bool) -> int:
+    """Model runs a server lets happen at once (`serve --instances`, default): Triton's instance count.
+
+    On the CPU two, when there are two cores or more: two single-thread runs of ResNet-18 at 16 px used the 2 cores
+    of this project's machine far better than one run with both (458 against 400 samples/s at batch 16, 267 against
+    194 at batch 1; one single-thread run: 233 and 141; docs/benchmarks.md "Serving"), and a second run keeps a core
+    busy while the first one's batch is answered. On a GPU one: the device runs one batch at a time."""
+    return 1 if use_gpu or usable_cores() < 2 else 2
+
+
+def intra_op_threads(instances: int = 1) -> int:
+    """ONNX Runtime threads of each of `instances` concurrent runs: the cores this process may use, less one that the
+    HTTP side keeps to parse the next requests, shared out (at least one each). Measured on 2 loaded cores at 32
+    clients, ResNet-18 16 px FP32 with batching, one run at a time: 157 vs 111 requests/s with ORT's default of one
+    thread per core (docs/benchmarks.md "Serving")."""
+    return max(1, (usable_cores() - 1) // max(1, instances))
+
+
+def load(version: ModelVersion, store: ArtifactStore, *, use_gpu: bool = False, instances: int = 1) -> LoadedModel:
+    """The version's session, for `instances` runs at once (ONNX Runtime's `run` may be called from several threads)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(store.read_key(version.key(version.deploy)), sess_options=session_options(),
+    session = ort.InferenceSession(store.read_key(version.key(version.deploy)),
+                                   sess_options=session_options(instances),
                                    providers=providers(use_gpu))
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
     channels = 1 if version.preprocess.get("color_mode") == "L" else 3

@@ -40,6 +40,8 @@ class ServeOptions:
     max_batch: int = 32
     max_delay_ms: float = 0.0
     use_gpu: bool = False
+    instances: int | None = None
+    """Model runs at once (None: worker/serving/model.py `instances`, from the device and the cores)."""
     token: str | None = None
     deployment: str | None = None
     """A managed deployment's id: its tokens (read from Redis, rotated and revoked live) replace `token`."""
@@ -72,7 +74,8 @@ async def follow_alias(conn: redis.Redis, ref: ModelRef, holder: ModelHolder, st
             version = await loop.run_in_executor(None, resolve, conn, ref)
             if version.version == holder.model.version.version:
                 continue
-            model = await loop.run_in_executor(None, functools.partial(loader.load, version, store, use_gpu=use_gpu))
+            model = await loop.run_in_executor(None, functools.partial(loader.load, version, store, use_gpu=use_gpu,
+                                                                       instances=holder.instances))
         except Exception as err:  # noqa: BLE001 - Redis away, a version removed: keep serving what we have
             print(f"alias {ref}: keeping version {holder.model.version.version}: {err}", file=sys.stderr, flush=True)
             continue
@@ -85,8 +88,9 @@ def build(conn: redis.Redis, ref_text: str, options: ServeOptions, store: Artifa
     store = store or ArtifactStore()
     ref = parse_ref(ref_text)
     version = resolve(conn, ref)
-    holder = ModelHolder(loader.load(version, store, use_gpu=options.use_gpu), max_batch=options.max_batch,
-                         max_delay=options.max_delay_ms / 1000.0)
+    runs = options.instances or loader.instances(options.use_gpu)
+    holder = ModelHolder(loader.load(version, store, use_gpu=options.use_gpu, instances=runs),
+                         max_batch=options.max_batch, max_delay=options.max_delay_ms / 1000.0, instances=runs)
     app = create_app(holder, auth=authorizer(conn, options), limits=Limits())
 
     @contextlib.asynccontextmanager
@@ -109,7 +113,8 @@ def serve(conn: redis.Redis, ref_text: str, options: ServeOptions) -> int:
     url = f"http://{options.host}:{options.port}"
     http, loop = http_stack()
     print(f"serving {holder.model.version.ref} ({holder.model.version.deploy}) as model {holder.model.name!r} at "
-          f"{url} (Open Inference Protocol v2: {url}/v2/models/{holder.model.name}; HTTP {http}, loop {loop})",
+          f"{url} (Open Inference Protocol v2: {url}/v2/models/{holder.model.name}; {holder.instances} model "
+          f"instance(s); HTTP {http}, loop {loop})",
           flush=True)
     if made:
         print(f"bearer token (shown once; set {TOKEN_ENV} to choose your own): {options.token}", flush=True)

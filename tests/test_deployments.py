@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_app import open_page, seed_finished_job
+from tests.fixtures_app import open_page, seed_finished_job, submit_digits
 from tests.fixtures_worker import run_cli, wait_for
 from tests.test_serving import call, multipart, ready
 
@@ -220,18 +220,19 @@ def test_gpu_replicas_take_the_gpus_training_leaves(redis_conn: Any, job_env: di
     one is free of the training job, on that GPU (CUDA_VISIBLE_DEVICES, `serve --gpu`); the next one waits."""
     import psutil
 
-    from worker import api, deploy_host
+    from worker import api, deploy_host, devices
 
     monkeypatch.setenv("WORKER_SERVE_SLOTS", "4")
     job_id = seed_finished_job(redis_conn, exported_run)
     assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
     first, _ = api.deployments.create(redis_conn, "digits", gpus=1)
-    training = {0, 1}
-    host = deploy_host.Host(redis_conn, "gpu-host", "127.0.0.1", gpus=[0, 1], training_gpus=lambda: set(training))
+    ledger = devices.DeviceLedger([0, 1])
+    assert ledger.take(devices.TRAINING, 2) == [0, 1]
+    host = deploy_host.Host(redis_conn, "gpu-host", "127.0.0.1", ledger=ledger)
     try:
         host.tend()
         assert not host.servers and api.deployments.hosts(redis_conn, first.id) == {}  # both GPUs train
-        training = {0}
+        assert ledger.take(devices.TRAINING, 1) == [0]  # the next job needs one
         host.tend()
         (server,) = host.servers.values()
         assert server.gpus == [1]
@@ -246,6 +247,41 @@ def test_gpu_replicas_take_the_gpus_training_leaves(redis_conn: Any, job_env: di
             return api.deployments.hosts(redis_conn, first.id)[0]["state"] == "ready"
         wait_for(first_ready, 120, "the GPU replica to answer (ONNX Runtime falls back to the CPU here)",
                  interval=0.5)
+        assert ledger.take(devices.TRAINING, 2) is None  # a 2-GPU job does not fit beside the replica
     finally:
         host.close()
-    assert server.proc.poll() is not None
+    assert server.proc.poll() is not None and ledger.take(devices.TRAINING, 2) == [0, 1]  # given back at its end
+
+
+def test_a_worker_takes_no_job_on_the_gpus_its_replicas_hold(redis_conn: Any, job_env: dict[str, str]) -> None:
+    """A worker with two GPUs (its inventory given: no GPU here), one of them serving a deployment: a 2-GPU job is
+    not taken, and one that a replica beat to its GPUs just after the dequeue goes back to the front of its queue,
+    unstarted; a 1-GPU job gets the GPU the replica left."""
+    from worker import devices
+    from worker.artifacts import ArtifactStore
+    from worker.record import JobRecord
+    from worker.states import JobState
+    from worker.worker import TrainerWorker
+
+    worker = TrainerWorker(redis_conn, redis_url=job_env["REDIS_URL"], store=ArtifactStore(), name="gpu-worker",
+                           resources={"kind": "gpu", "slots": 2, "devices": [0, 1], "gpus": []}, prewarm=False)
+    ledger, replica = worker.ctx.ledger, ("dep", 0)
+    big = submit_digits(redis_conn, gpus=2)
+
+    def state(job_id: str) -> JobState:
+        return JobRecord.find(redis_conn, job_id, "state").state
+
+    assert ledger.take(replica, 1) == [1]
+    assert worker.dequeue_job_and_maintain_ttl(None) is None  # burst-style look: nothing fits one GPU
+    assert state(big) is JobState.QUEUED
+    ledger.give_back(replica)
+    job, queue = worker.dequeue_job_and_maintain_ttl(None)
+    assert job.args[0] == big
+    assert ledger.take(replica, 1) == [1]  # the deployment thread wins the race
+    worker.execute_job(job, queue)
+    assert queue.job_ids[:1] == [job.id] and state(big) is JobState.QUEUED and ledger.held(devices.TRAINING) == []
+
+    small = submit_digits(redis_conn, gpus=1)
+    job, queue = worker.dequeue_job_and_maintain_ttl(None)
+    assert job.args[0] == small and ledger.take(devices.TRAINING, 1) == [0]
+    assert worker.ctx.training_devices(1) == [0]

@@ -220,7 +220,7 @@ class Attempt:
 
     def launch(self, prepared: Prepared, rendezvous: Rendezvous | None) -> Launched:
         """Start the training command: in the worker's pre-started trainer when it can take it, else cold."""
-        devices = (self.ctx.devices or [])[:prepared.nproc]
+        devices = self.ctx.training_devices(prepared.nproc) if self.ctx.devices else []
         where = f"GPU(s) {','.join(map(str, devices))}" if devices else f"{prepared.nproc} CPU rank(s) (gloo)"
         self.note(f"attempt {self.record.attempt} on worker {self.ctx.worker_name} ({socket.gethostname()}), {where}"
                   + (", resuming from the last checkpoint" if prepared.resume else ""))

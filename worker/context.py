@@ -13,6 +13,7 @@ import redis
 
 from worker.artifacts import ArtifactStore
 from worker.connection import connection_url
+from worker.devices import TRAINING, DeviceLedger
 from worker.launcher import WarmTrainer
 from worker.memlimit import job_memory_limit
 
@@ -35,6 +36,16 @@ class WorkerContext:
     """The address other machines reach this worker at (node 0 of a multi-node job hosts the rendezvous there)."""
     memory_limit: int | None = dataclasses.field(default_factory=job_memory_limit)
     """Bytes a job's process tree may hold (JOB_MEMORY_LIMIT_GB, worker/memlimit.py); None: no bound."""
+    ledger: DeviceLedger = dataclasses.field(init=False)
+    """Who holds `devices`: the running job (devices.TRAINING) and the deployment replicas this worker hosts."""
+
+    def __post_init__(self) -> None:
+        self.ledger = DeviceLedger(self.devices)
+
+    def training_devices(self, count: int) -> list[int]:
+        """The GPUs the running job was given (`count` of them: TRAINING's share of the ledger, else the first ones,
+        as under a plain `rq worker`)."""
+        return self.ledger.held(TRAINING) or (self.devices or [])[:count]
 
 
 def rq_job_context() -> WorkerContext:

@@ -3,8 +3,9 @@
 `Host.tend` runs every TEND_INTERVAL in the worker's deployment thread. It looks at the live deployments (and at its
 own servers, so a stopped deployment's end here): a replica with no live host is claimed (a transaction, so two
 workers never both take it) when this worker has a free serving slot and, for a replica asking for G GPUs (`deploy
---gpus G`), G of its GPUs used neither by its training job nor by its other replicas (taken from the end of its
-device list, while a job takes the first ones); its server started as a child process
+--gpus G`), G of its GPUs used neither by its training job nor by its other replicas (worker/devices.py: the
+replicas take the last free ones, a job the first ones, and the worker takes no job its replicas leave too few GPUs
+for); its server started as a child process
 (`python -m worker serve REF --deployment ID`), watched until it answers ready, restarted when it exits, failed after
 MAX_RESTARTS exits in a row, and ended when the deployment is stopped or the worker leaves.
 """
@@ -21,7 +22,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import redis
 from worker import keys
 from worker.defaults import REPO_ROOT
 from worker.deployments import FAILED, READY, STARTING, STOPPED, Deployment, hosts, load, set_error, settle
+from worker.devices import DeviceLedger
 from worker.errors import ModelError
 from worker.hashcodec import decode_reply
 from worker.models import resolve
@@ -83,11 +84,10 @@ class _Server:
 class Host:
     """One worker's side of the deployments: the servers it runs (`tend` is called from its housekeeping)."""
 
-    def __init__(self, conn: redis.Redis, worker: str, addr: str, *, gpus: list[int] | None = None,
-                 training_gpus: Callable[[], set[int]] = set) -> None:
-        """`gpus`: the worker's GPU indices; `training_gpus()`: those its running job uses now."""
+    def __init__(self, conn: redis.Redis, worker: str, addr: str, *, ledger: DeviceLedger | None = None) -> None:
+        """`ledger`: the worker's GPUs and who holds them, shared with its running job (None: a CPU worker)."""
         self.conn, self.worker, self.addr = conn, worker, addr
-        self.gpus, self.training_gpus = list(gpus or []), training_gpus
+        self.ledger = ledger or DeviceLedger(None)
         self.servers: dict[tuple[str, int], _Server] = {}
         self.failures: dict[tuple[str, int], int] = {}
         self.slots = int(os.environ.get(SERVE_SLOTS_ENV, "").strip() or SERVE_SLOTS)
@@ -131,19 +131,13 @@ class Host:
             return
         if len(self.servers) >= self.slots:
             return
-        devices = self._free_gpus(dep.gpus)
+        devices = self.ledger.take(key, dep.gpus)  # free of the running job and of the other replicas
         if devices is None:
             return  # `deployments` says why it waits (worker/deployments.py `waiting_reason`)
         if self._claim(dep, replica, host):
             self._start(dep, replica, devices)
-
-    def _free_gpus(self, wanted: int) -> list[int] | None:
-        """`wanted` GPUs free of training and of this worker's other replicas ([] for a CPU replica), or None."""
-        if not wanted:
-            return []
-        taken = self.training_gpus() | {g for s in self.servers.values() for g in s.gpus}
-        free = [g for g in self.gpus if g not in taken]
-        return free[-wanted:] if len(free) >= wanted else None
+        else:
+            self.ledger.give_back(key)
 
     def _claim(self, dep: Deployment, replica: int, seen: dict[str, Any] | None) -> bool:
         """Take the replica if its record is still what we saw (two workers never both take it)."""
@@ -201,11 +195,9 @@ class Host:
                 self._record(dep, replica, state=FAILED, url="", error=dep.error)
             else:
                 self._record(dep, replica, state=STARTING, url="", error=err.strip()[-300:])
-                devices = self._free_gpus(dep.gpus)
-                if devices is None:  # the job took its GPUs meanwhile: free the replica for any worker to claim
-                    self.conn.hdel(keys.deployment_hosts(dep.id), str(replica))
-                    return
-                self._start(dep, replica, devices)
+                self._start(dep, replica, server.gpus)  # the ledger still holds its GPUs for it
+                return
+            self.ledger.give_back(key)
             return
         if not server.ready:
             if _answers(server.url):
@@ -223,6 +215,7 @@ class Host:
 
     def _end(self, key: tuple[str, int]) -> None:
         server = self.servers.pop(key, None)
+        self.ledger.give_back(key)
         if server is None:
             return
         server.proc.send_signal(signal.SIGTERM)

@@ -24,7 +24,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from worker import deploy_host, gang, keys, notify, retention
+from worker import deploy_host, devices, gang, keys, notify, retention
 from worker.artifacts import ArtifactStore
 from worker.context import WorkerContext
 from worker.defaults import (
@@ -122,8 +122,8 @@ class TrainerWorker(SimpleWorker):
         self._reserved_for: str | None = None
         self._single_first = False
         if prewarm:
-            devices = (resources.get("devices") or [])[:1]
-            self.ctx.warm = WarmTrainer(train_env(job_id="", redis_url=redis_url, devices=devices, nproc=1))
+            first = (resources.get("devices") or [])[:1]
+            self.ctx.warm = WarmTrainer(train_env(job_id="", redis_url=redis_url, devices=first, nproc=1))
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._born = time.time()
@@ -218,7 +218,7 @@ class TrainerWorker(SimpleWorker):
             self._deliverer.start()
         if self._deploy_thread is None or not self._deploy_thread.is_alive():
             host = deploy_host.Host(self.connection, self.name, deploy_host.serve_address(self.ctx.advertise_addr),
-                                    gpus=self.ctx.devices or [], training_gpus=self._training_gpus)
+                                    ledger=self.ctx.ledger)
             self._deploy_thread = threading.Thread(target=host.loop, args=(self._hb_stop,), name="deployments",
                                                    daemon=True)
             self._deploy_thread.start()
@@ -227,15 +227,6 @@ class TrainerWorker(SimpleWorker):
             self._last_gc_check = now
             self._gc_thread = threading.Thread(target=self._daily_gc, name="retention", daemon=True)
             self._gc_thread.start()
-
-    def _training_gpus(self) -> set[int]:
-        """The GPUs the running job uses, which no deployment replica may take: a job of N GPUs runs on the first N
-        devices (worker/attempt.py `launch`)."""
-        job, devices = self.ctx.current_job, self.ctx.devices or []
-        if not job or not devices:
-            return set()
-        record = JobRecord.find(self.connection, job, "gpus")
-        return set(devices[:record.gpus] if record is not None else devices)
 
     def _daily_gc(self) -> None:
         try:
@@ -280,7 +271,10 @@ class TrainerWorker(SimpleWorker):
                 return None
             if self._single_first:
                 return None
-            job_id = gang.try_reserve(conn, self.name, self.slots)
+            spare = self._spare_slots()
+            if not spare:
+                return None
+            job_id = gang.try_reserve(conn, self.name, spare)
             if job_id is None:
                 return None
             log.info("worker %s: reserved for multi-node job %s", self.name, job_id)
@@ -348,6 +342,12 @@ class TrainerWorker(SimpleWorker):
             if self._reserved_for:
                 time.sleep(GANG_POLL_INTERVAL)
                 continue
+            if not self._listen_to_what_fits():  # every GPU serves a deployment: no job fits until one ends
+                if timeout is None:
+                    return None
+                self.heartbeat()
+                time.sleep(1.0)
+                continue
             single_first, self._single_first = self._single_first, False
             look_once = timeout is None or single_first  # burst, or just released by a gang: no blocking
             result = super().dequeue_job_and_maintain_ttl(None if look_once else 1, None if look_once else 1)
@@ -355,6 +355,21 @@ class TrainerWorker(SimpleWorker):
                 return result                           # waits above; one released by the timeout ends here too)
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
+
+    def _spare_slots(self) -> int:
+        """Devices a job may take here now: all slots on a CPU worker, the GPUs no deployment replica holds on a GPU
+        worker (worker/devices.py)."""
+        if not self.ctx.devices:
+            return self.slots
+        return min(self.slots, self.ctx.ledger.spare_for_training())
+
+    def _listen_to_what_fits(self) -> bool:
+        """Point RQ's loop at the queues of jobs that fit the spare devices (`_ordered_queues`, which RQ's default
+        dequeue strategy never reorders); False when none fits."""
+        spare = self._spare_slots()
+        fits = set(keys.queues_for_slots(spare)) if spare else set()
+        self._ordered_queues = [q for q in self.queues if q.name in fits]
+        return bool(self._ordered_queues)
 
     def _disk_is_low(self) -> bool:
         """Below the free-disk floor (worker.storage)? Looked at every DISK_CHECK_INTERVAL seconds; logged once per
@@ -380,12 +395,35 @@ class TrainerWorker(SimpleWorker):
             return
         if isinstance(job, WorkerJob):  # always (our job_class): the job function receives this worker's context
             job.context = self.ctx
+        if not self._take_devices(job, queue):
+            return
         self._current_rq_job = job
         try:
             super().execute_job(job, queue)
         finally:
+            self.ctx.ledger.give_back(devices.TRAINING)
             self._current_rq_job = None
             self._prewarm()
+
+    def _take_devices(self, job: Job, queue: Queue) -> bool:
+        """Hold the GPUs the job needs (worker/devices.py); a job that a deployment replica beat to them between the
+        dequeue and now goes back where it was: to the front of its queue, or, a node of a multi-node job, the
+        attempt back to waiting (as when a worker leaves before its node starts). CPU workers hold nothing."""
+        if not self.ctx.devices:
+            return True
+        job_id = str(job.args[0]) if job.args else ""
+        record = JobRecord.find(self.connection, job_id, "gpus", "attempt", "gang") if job_id else None
+        if record is None or self.ctx.ledger.take(devices.TRAINING, record.gpus) is not None:
+            return True
+        reason = f"worker {self.name}: a deployment replica took the GPUs job {job_id} was to use; re-queued"
+        log.warning("%s", reason)
+        if queue.name == keys.node_queue(self.name):
+            job.delete()
+            gang.requeue_running(self.connection, job_id, record.attempt, max_recoveries=-1, reason=reason)
+            gang.unreserve(self.connection, self.name, job_id)
+        else:
+            queue.enqueue_job(job, at_front=True)
+        return False
 
     def _prewarm(self) -> None:
         """Start the next warm trainer, unless a burst worker is about to find its queues empty and exit."""

@@ -285,3 +285,23 @@ def test_a_worker_takes_no_job_on_the_gpus_its_replicas_hold(redis_conn: Any, jo
     job, queue = worker.dequeue_job_and_maintain_ttl(None)
     assert job.args[0] == small and ledger.take(devices.TRAINING, 1) == [0]
     assert worker.ctx.training_devices(1) == [0]
+
+
+def test_a_host_record_written_just_after_an_undeploy_expires_with_the_deployment(
+        redis_conn: Any, job_env: dict[str, str], exported_run: Path) -> None:
+    """A worker that claims or updates a replica in the instant after an undeploy (the hosts hash did not exist when
+    the undeploy gave the records their TTL, or it is written anew) leaves no hash behind that never expires."""
+    from worker import api, deploy_host, keys
+
+    job_id = seed_finished_job(redis_conn, exported_run)
+    assert run_cli(["worker", "model", "register", job_id, "--name", "digits"], job_env).returncode == 0
+    dep, _ = api.deployments.create(redis_conn, "digits")
+    api.deployments.stop(redis_conn, dep.id)
+    hkey = keys.deployment_hosts(dep.id)
+    assert not redis_conn.exists(hkey) and redis_conn.ttl(keys.deployment(dep.id)) > 0
+    host = deploy_host.Host(redis_conn, "late-host", "127.0.0.1")
+    assert host._claim(dep, 0, None)  # it had read the deployment before the undeploy
+    assert 0 < redis_conn.ttl(hkey) <= redis_conn.ttl(keys.deployment(dep.id))
+    redis_conn.delete(keys.deployment(dep.id))  # the record expired
+    host._record(dep, 0, state="ready", url="http://127.0.0.1:1")
+    assert not redis_conn.exists(hkey)

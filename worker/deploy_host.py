@@ -29,7 +29,18 @@ import redis
 
 from worker import keys
 from worker.defaults import REPO_ROOT
-from worker.deployments import FAILED, READY, STARTING, STOPPED, Deployment, hosts, load, set_error, settle
+from worker.deployments import (
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    Deployment,
+    follow_record_ttl,
+    hosts,
+    load,
+    set_error,
+    settle,
+)
 from worker.devices import DeviceLedger
 from worker.errors import ModelError
 from worker.hashcodec import decode_reply
@@ -152,9 +163,10 @@ class Host:
                 pipe.hset(hkey, field, json.dumps({"worker": self.worker, "state": STARTING, "url": "",
                                                    "since": time.time()}))
                 pipe.execute()
-                return True
             except redis.exceptions.WatchError:
                 return False
+        follow_record_ttl(self.conn, dep.id)
+        return True
 
     def _start(self, dep: Deployment, replica: int, gpus: list[int]) -> None:
         port = free_port(self.addr)
@@ -182,6 +194,7 @@ class Host:
         if all(record.get(k) == v for k, v in fields.items()):
             return
         self.conn.hset(hkey, field, json.dumps({**record, **fields, "since": time.time()}))
+        follow_record_ttl(self.conn, dep.id)
 
     def _watch(self, dep: Deployment, replica: int, server: _Server) -> None:
         key = (dep.id, replica)

@@ -135,6 +135,18 @@ def _retire(conn: redis.Redis, dep_id: str) -> None:
         pipe.execute()
 
 
+def follow_record_ttl(conn: redis.Redis, dep_id: str) -> None:
+    """After a write to the deployment's hosts hash: the hash lives as long as the deployment's record. A host that
+    wrote just after an undeploy (`_retire` found no hash to give a TTL, or the write made a new one) would otherwise
+    leave a hash that never expires; the record already gone, the hash goes too."""
+    hkey = keys.deployment_hosts(dep_id)
+    left = conn.pttl(keys.deployment(dep_id))
+    if left == -2:  # no record
+        conn.delete(hkey)
+    elif left > 0 and conn.pttl(hkey) < 0:
+        conn.pexpire(hkey, left)
+
+
 def set_error(conn: redis.Redis, dep_id: str, error: str) -> None:
     """Record why the deployment's replicas fail (shown by `deployments`)."""
     def changed(dep: Deployment) -> bool:

@@ -28,7 +28,11 @@ PINNED: dict[str, tuple[Any, str, str]] = {
         "TrainerWorker calls it as one round: with timeout=1 and max_idle_time=1 it must return None after about a "
         "second on empty queues (DequeueTimeout ends the loop once the idle time is used up), with timeout=None look "
         "once without blocking, and heartbeat, run maintenance, reorder the queues and set redis_server_version as "
-        "our old copy did"),
+        "our old copy did; and it must dequeue from self._ordered_queues, which TrainerWorker cuts each round to the "
+        "queues of jobs that fit the GPUs its deployment replicas leave"),
+    "BaseWorker.reorder_queues": (
+        BaseWorker.reorder_queues, "03ea7d537f7e3a54",
+        "with the default dequeue strategy it must leave self._ordered_queues as TrainerWorker set it"),
     "BaseWorker.work": (
         BaseWorker.work, "04b5cdf8e554d8a2",
         "it must still call dequeue_job_and_maintain_ttl(timeout, max_idle_time) with timeout None in burst mode, "

@@ -42,7 +42,7 @@ from core.features import build_feature_loaders, plan_feature_cache
 from core.models import set_train_mode
 from core.optim import create_optimizer, create_scheduler
 from core.report import ExtendReport, OnBest, test_and_report
-from core.runtime import Runtime, StopFlag, TrainState, seed_everything
+from core.runtime import Runtime, StopFlag, TrainState, keep_freed_memory, seed_everything
 
 
 # --------------------------------------------------------------------------------------------------------- loaders
@@ -200,6 +200,8 @@ def open_run(cfg: Config, out: Path, *, resume: bool = False, sink: EventSink | 
     cancelled (FAILED/CANCELLED with the reason, an `error` event), the sinks close and the process group goes."""
     started = time.time() if started is None else started
     info, device = distributed.init_distributed(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     stop_flag = StopFlag(on_cancel=lambda: _mark_cancelled(out) if info.is_primary else None)
     stop_flag.handle_sigterm()
     sinks: list[EventSink] = []

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.runtime import keep_freed_memory
 from tests.bench import (
     dashboard,
     digits,
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated sections: " + ",".join(s.name for s in SECTIONS))
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
-    info = machine()
+    info = machine(keeps_freed_memory=keep_freed_memory())  # as in every training process (core.train.open_run)
     log(f"{info['cpu']}, {info['cores']} cores, GPU {info['gpu']}, load {info['load_avg']}")
     start = time.perf_counter()
     rows: list[Row] = []

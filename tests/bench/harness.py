@@ -81,7 +81,7 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ machine
-def machine() -> dict[str, Any]:
+def machine(*, keeps_freed_memory: bool = False) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
     with contextlib.suppress(OSError):
@@ -102,6 +102,7 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "os": platform.platform(), "versions": versions, "load_avg": [round(x, 2) for x in load],
+            "malloc": "keeps freed memory (core.runtime.keep_freed_memory)" if keeps_freed_memory else "default",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -138,7 +139,8 @@ def write_docs(rows: list[Row], info: dict[str, Any], seconds: float, quick: boo
         "",
         (f"`python -m tests.bench{' --quick' if quick else ''}` on {info['date']}, {seconds:.0f} s. "
          f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), "
-         f"GPU: {info['gpu'] or 'none'}; load average at the start {info['load_avg']}. {info['os']}."),
+         f"GPU: {info['gpu'] or 'none'}; malloc: {info['malloc']}; load average at the start {info['load_avg']}. "
+         f"{info['os']}."),
         f"Versions: {versions}.",
         "",
         table(rows),

@@ -3,6 +3,7 @@ jitter, each rank holds only its shard under DDP, and training through it reache
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from core.data.fast import (
     BRIGHTNESS,
     CONTRAST,
     TensorBatchLoader,
+    _crop_flip_copies,
+    _crop_flip_gather,
     cache_bytes,
     classic_augment,
     crop_flip,
@@ -41,6 +44,22 @@ def test_crop_flip_is_pad_crop_then_flip_per_sample(channels: int) -> None:
         if params["flip"][i]:
             ref = TF.hflip(ref)
         assert torch.equal(out[i], ref), i
+
+
+@pytest.mark.parametrize("path", [_crop_flip_copies, _crop_flip_gather], ids=["cpu-copies", "gpu-gather"])
+@pytest.mark.parametrize(("shape", "pad"), [((5, 3, 7, 11), 1), ((6, 1, 3, 2), 4), ((40, 3, 9, 9), 2)])
+def test_both_crop_flip_paths_give_the_padded_crop_then_flip(path: Any, shape: tuple[int, ...], pad: int) -> None:
+    """The CPU's slice copies and the GPU's gather (run here on the CPU), on non-square images, a pad wider than the
+    image (crops that are mostly or wholly padding) and a strided view as input."""
+    n, c, h, w = shape
+    big = torch.randint(0, 256, (n, c, h + 2, w + 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = big[:, :, 1:1 + h, 2:2 + w]  # a view, as the shard loader's centre crop hands over
+    params = draw_classic_params(n, torch.Generator().manual_seed(3), pad=pad, hflip=True, jitter=False)
+    out = path(x, params["oy"], params["ox"], params["flip"], pad)
+    assert out.shape == x.shape and out.dtype == torch.uint8 and out.is_contiguous()
+    for i in range(n):
+        ref = TF.crop(TF.pad(x[i], [pad], fill=0), int(params["oy"][i]), int(params["ox"][i]), h, w)
+        assert torch.equal(out[i], TF.hflip(ref) if params["flip"][i] else ref), i
 
 
 def test_crop_flip_parameters_cover_their_range() -> None:

@@ -3,6 +3,7 @@ the GPU benchmark rows). Without CUDA every test here is skipped; none of them h
 
 - digits on CUDA with `train.amp` in bf16 and in fp16 + GradScaler (fp16 is forced by reporting bf16 unsupported);
 - the tensor cache held on the device; the feature cache held on the device;
+- the batch augmentation on the GPU (one gather, tensor clamps) equal to the CPU's (slice copies, per-channel clamps);
 - a worker started with `--gpus 0` running a job end to end;
 - ONNX export of a CUDA-trained model: parity checked on the CPU (ONNX Runtime) against the PyTorch model;
 - TensorRT timing where TensorRT is installed (skipped otherwise, with the export's own reason).
@@ -59,6 +60,23 @@ def test_tensor_cache_lives_on_the_device(tmp_path: Path) -> None:
     assert loaders.train.images.device.type == "cuda" and x.device.type == "cuda" and y.device.type == "cuda"
     report = train(cfg, tmp_path / "run")
     assert _start(tmp_path / "run")["data_path"] == "tensor_cache" and report["test"]["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("brightness_first", [True, False])
+def test_batch_augmentation_on_the_gpu_equals_the_cpus(brightness_first: bool) -> None:
+    """The same uint8 batch and drawn parameters give the same floats on both devices (core/data/fast.py: the CPU
+    crops by slice copies and clamps per channel, the GPU by one gather and tensor bounds)."""
+    from core.data.fast import classic_augment, draw_classic_params
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (32, 3, 72, 64), dtype=torch.uint8, generator=gen)[:, :, 4:68]  # strided, like shards
+    params = draw_classic_params(len(x), gen, pad=8, hflip=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    cpu = classic_augment(x, gen, pad=8, hflip=True, params=params, brightness_first=brightness_first,
+                          normalize=(mean, std))
+    cuda = classic_augment(x.cuda(), gen, pad=8, hflip=True, params={k: v.cuda() for k, v in params.items()},
+                           brightness_first=brightness_first, normalize=(mean.cuda(), std.cuda()))
+    assert torch.allclose(cuda.cpu(), cpu, atol=1e-5), (cuda.cpu() - cpu).abs().max()
 
 
 def test_feature_cache_lives_on_the_device(tmp_path: Path) -> None:

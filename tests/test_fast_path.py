@@ -60,6 +60,8 @@ def test_both_crop_flip_paths_give_the_padded_crop_then_flip(path: Any, shape: t
     for i in range(n):
         ref = TF.crop(TF.pad(x[i], [pad], fill=0), int(params["oy"][i]), int(params["ox"][i]), h, w)
         assert torch.equal(out[i], TF.hflip(ref) if params["flip"][i] else ref), i
+    as_floats = crop_flip(x, params["oy"], params["ox"], params["flip"], pad, torch.float32)  # what the jitter takes
+    assert as_floats.dtype == torch.float32 and torch.equal(as_floats, out.float())
 
 
 def test_crop_flip_parameters_cover_their_range() -> None:

@@ -12,7 +12,9 @@ own shard of the training set (a fixed seeded partition; each rank reshuffles it
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -63,21 +65,24 @@ def draw_classic_params(n: int, generator: torch.Generator, *, pad: int, hflip: 
     return params
 
 
-def crop_flip(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int) -> torch.Tensor:
-    """Per-sample random crop with zero padding `pad`, then horizontal flip, on the uint8 pixels (NCHW contiguous out).
+def crop_flip(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int,
+              dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Per-sample random crop with zero padding `pad`, then horizontal flip, of the uint8 pixels, as `dtype` (the pixel
+    values unscaled; NCHW contiguous out).
 
     Output column j of a flipped sample is padded column ox + (W - 1 - j): crop-then-flip, like the PIL preset.
-    On the CPU each image is one slice copy (a reversed view when flipped) with its padding zeroed around it; on a GPU
-    one `gather` over the flattened padded image does the batch in one kernel. (Measured on 2 CPU cores, 64 images
-    at 224 px: the copies 9,600-10,800 images/s, the gather 5,300-6,600; per-image torch slices were slower than
-    both, torch having no negative strides for the flip.) `x_u8` may be a strided view (the shard loader's centre
-    crop).
+    On the CPU each image is one slice copy (a reversed view when flipped, converted to `dtype` on the way) with its
+    padding zeroed around it, the images shared among torch's threads; on a GPU one `gather` over the flattened
+    padded image does the batch in one kernel. (Measured on 2 CPU cores, 64 images at 224 px: the copies
+    9,600-10,800 images/s, the gather 5,300-6,600; per-image torch slices were slower than both, torch having no
+    negative strides for the flip. Copying straight into floats on 2 threads: 5.6-6.8 ms a batch against 7.6-8.7
+    for the uint8 copies then `.float()`.) `x_u8` may be a strided view (the shard loader's centre crop).
     """
     if pad <= 0 and not bool(flip.any()):
-        return x_u8
+        return x_u8.to(dtype, memory_format=torch.contiguous_format)
     if x_u8.device.type == "cpu":
-        return _crop_flip_copies(x_u8, oy, ox, flip, pad)
-    return _crop_flip_gather(x_u8, oy, ox, flip, pad)
+        return _crop_flip_copies(x_u8, oy, ox, flip, pad, dtype)
+    return _crop_flip_gather(x_u8, oy, ox, flip, pad).to(dtype)
 
 
 def _crop_flip_gather(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int
@@ -94,30 +99,57 @@ def _crop_flip_gather(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl
     return padded.reshape(b, c, hp * wp).gather(2, flat).view(b, c, h, w)
 
 
-def _crop_flip_copies(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int
-                      ) -> torch.Tensor:
+def _crop_flip_copies(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int,
+                      dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """crop_flip on the CPU: per image, the part of the source inside its crop window is copied (column-reversed when
-    flipped) to where it lands, and only the padding strips around it are zeroed."""
+    flipped) to where it lands, and only the padding strips around it are zeroed; numpy's copies release the GIL,
+    so the images are shared among torch's intra-op threads."""
     b, c, h, w = x_u8.shape
     src = x_u8.numpy()
-    out = torch.empty((b, c, h, w), dtype=torch.uint8)
+    # a flipped crop is the crop of the flipped image at the mirrored offset 2·pad - ox: every copy then runs forwards
+    # (numpy's reversed copies are 4x slower; torch.flip of the whole batch is one vectorised pass)
+    mirrored = torch.flip(x_u8, (3,)).numpy() if bool(flip.any()) else src
+    out = torch.empty((b, c, h, w), dtype=dtype)
     dst = out.numpy()
-    for i, (y0, x0, flipped) in enumerate(zip(oy.tolist(), ox.tolist(), flip.tolist(), strict=True)):
-        dy, dx = y0 - pad, x0 - pad  # source pixel (r, q) lands at (r - dy, q - dx) before the flip
+
+    def copy(i: int, y0: int, x0: int, flipped: bool) -> None:
+        if flipped:
+            x0 = 2 * pad - x0
+        dy, dx = y0 - pad, x0 - pad  # source pixel (r, q) lands at (r - dy, q - dx)
         sy0, sy1, sx0, sx1 = max(0, dy), min(h, h + dy), max(0, dx), min(w, w + dx)
         if sy0 >= sy1 or sx0 >= sx1:  # a crop wholly inside the padding (pad wider than the image)
             dst[i] = 0
-            continue
-        ty0, ty1 = sy0 - dy, sy1 - dy
-        tx0, tx1 = (w - (sx1 - dx), w - (sx0 - dx)) if flipped else (sx0 - dx, sx1 - dx)
+            return
+        ty0, ty1, tx0, tx1 = sy0 - dy, sy1 - dy, sx0 - dx, sx1 - dx
         img = dst[i]
         img[:, :ty0] = 0
         img[:, ty1:] = 0
         img[:, ty0:ty1, :tx0] = 0
         img[:, ty0:ty1, tx1:] = 0
-        window = src[i, :, sy0:sy1, sx0:sx1]
-        img[:, ty0:ty1, tx0:tx1] = window[:, :, ::-1] if flipped else window
+        img[:, ty0:ty1, tx0:tx1] = (mirrored if flipped else src)[i, :, sy0:sy1, sx0:sx1]
+
+    jobs = zip(range(b), oy.tolist(), ox.tolist(), flip.tolist(), strict=True)
+    threads = torch.get_num_threads()
+    if threads <= 1 or b <= 1:
+        for job in jobs:
+            copy(*job)
+    else:
+        list(_copy_pool(threads).map(lambda job: copy(*job), jobs))
     return out
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _copy_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads _crop_flip_copies shares its images among: one pool per process (a forked child makes its own, as
+    a parent's pool threads do not exist there) and per thread count."""
+    global _POOL
+    if _POOL is None or _POOL[:2] != (os.getpid(), threads):
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="crop-flip"))
+    return _POOL[2]
 
 
 def _grey_mean(x: torch.Tensor) -> torch.Tensor:
@@ -128,14 +160,12 @@ def _grey_mean(x: torch.Tensor) -> torch.Tensor:
     return channel_means[:, 0]
 
 
-def _affine_clamp_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, low: torch.Tensor | float,
-                   high: torch.Tensor | float) -> torch.Tensor:
-    """x · scale + shift, clamped to [low, high] (floats, or one bound per channel as [1, C, 1, 1]), in place.
+def _clamp_(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
+    """x clamped to [low, high] in place (floats, or one bound per channel as [1, C, 1, 1]).
 
-    Written as one broadcast operand per op (mul_, add_, a scalar clamp_ per channel): PyTorch's CPU kernels vectorise
-    an op with one operand broadcast over the pixels but fall back to a scalar loop for two (addcmul with per-image
-    scale and shift ran at a fifth of the speed of mul_ then add_ here)."""
-    x.mul_(scale).add_(shift)
+    On the CPU a per-channel bound is one scalar clamp_ per channel: PyTorch's CPU kernels vectorise an op with one
+    operand broadcast over the pixels but fall back to a scalar loop for two (addcmul with per-image scale and shift
+    ran at a fifth of the speed of mul_ then add_ here)."""
     if not isinstance(low, torch.Tensor) or x.device.type != "cpu":  # per-channel floats would sync with a GPU
         return x.clamp_(low, high)
     for ch, (lo, hi) in enumerate(zip(low.flatten().tolist(), high.flatten().tolist(), strict=True)):
@@ -160,32 +190,38 @@ def classic_augment(x_u8: torch.Tensor, generator: torch.Generator, *, pad: int,
 
     ColorJitter(brightness, contrast) on floats in [0, 1] is x·b, and the blend with the mean grey level
     (x·c + mean·(1 - c)), each clamped to [0, 1], in the given order (torchvision draws the order per call). Every
-    step is an affine map per image and channel followed by a clamp, so the scale by 1/255 joins the first one and the
-    normalisation joins the last (its clamp bounds become (0 - mean) / std and (1 - mean) / std): the same values up
-    to float rounding in a few vectorised passes over the float batch.
+    step is an affine map per image and channel followed by a clamp, and they compose on the cropped pixels u (0-255,
+    as floats): brightness first, clamp(u·b/255, 0, 1) is min(u, 255/b)·b/255, so one minimum on the pixels takes
+    its clamp and the rest is one affine map clamped to the normalisation's bounds ((0 - mean) / std, (1 - mean) /
+    std); contrast first, its clamp to [0, 1] scaled by b becomes [0, min(b, 1)], one bound per image and channel
+    after the one affine map. Five passes over the float batch (a minimum, the grey mean, multiply, add, clamp)
+    where the steps one by one take ten; the same values up to float rounding (tests/test_fast_path.py compares with
+    torchvision).
     """
     b = x_u8.shape[0]
     if params is None:
         params = {k: v.to(x_u8.device) for k, v in
                   draw_classic_params(b, generator, pad=pad, hflip=hflip, jitter=jitter).items()}
-    u = crop_flip(x_u8, params["oy"], params["ox"], params["flip"], pad)
-    dev = u.device
+    x = crop_flip(x_u8, params["oy"], params["ox"], params["flip"], pad, torch.float32)  # the pixels, 0-255
+    dev = x.device
     mean, std = normalize if normalize is not None else (torch.zeros((), device=dev), torch.ones((), device=dev))
     low, high = (-mean / std, (1 - mean) / std) if normalize is not None else (0.0, 1.0)
     if not (jitter and "brightness" in params):
-        return normalise(u, mean, std) if normalize is not None else u.float().mul_(1 / 255)
+        return x.mul_(1 / (255 * std)).sub_(mean / std)
     if brightness_first is None:
         brightness_first = bool(torch.rand(1, generator=generator) < 0.5)
     bright = params["brightness"].view(-1, 1, 1, 1)
     contr = params["contrast"].view(-1, 1, 1, 1)
-    if brightness_first:
-        x = u.float().mul_(bright / 255).clamp_(0, 1)
-        grey = _grey_mean(x).view(-1, 1, 1, 1)
-        return _affine_clamp_(x, contr / std, (grey * (1 - contr) - mean) / std, low, high)
-    x = u.float()
+    if brightness_first:  # clamp(u·b/255, 0, 1) = min(u, 255/b)·b/255 (u ≥ 0, b > 0), then the contrast blend
+        torch.minimum(x, 255 / bright, out=x)
+        grey = _grey_mean(x).view(-1, 1, 1, 1) * (bright / 255)
+        x.mul_(bright * contr / (255 * std)).add_((grey * (1 - contr) - mean) / std)
+        return _clamp_(x, low, high)
+    # the contrast blend's clamp to [0, 1], then ·b: its upper bound becomes min(b, 1), its lower one stays 0
     grey = _grey_mean(x).view(-1, 1, 1, 1) / 255
-    _affine_clamp_(x, contr / 255, grey * (1 - contr), 0.0, 1.0)
-    return _affine_clamp_(x, bright / std, -mean / std, low, high)
+    x.mul_(contr * bright / (255 * std)).add_((grey * (1 - contr) * bright - mean) / std)
+    torch.minimum(x, (bright.clamp(max=1) - mean) / std, out=x)
+    return _clamp_(x, low, high)
 
 
 class EpochBatches:

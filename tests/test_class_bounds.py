@@ -1,6 +1,6 @@
 """Many classes do not exhaust memory: a dataset over MAX_CLASSES is refused before anything is decoded (a folder
 and an in-place source), and above CONFUSION_MATRIX_MAX_CLASSES the metric block lists the commonest confusions
-instead of a dense n×n matrix."""
+instead of a dense n×n matrix; the metric block's scores equal scikit-learn's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,6 +54,34 @@ def test_the_metric_block_of_many_classes_lists_top_confusions() -> None:
     small = compute_metrics(np.array([0, 1, 1]), np.eye(2, dtype=np.float32)[[0, 0, 1]], ["a", "b"])
     assert small["confusion_matrix"] == [[1, 0], [1, 1]] and small["top_confusions"] == [
         {"true": "b", "predicted": "a", "count": 1}]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_metric_block_equals_scikit_learns(seed: int) -> None:
+    """compute_metrics' own F1, precision, recall, support and confusion matrix against scikit-learn's, on
+    predictions with a class never predicted, a class never present and a class neither present nor predicted."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    n_classes, n = 7, 200
+    labels = rng.choice([0, 1, 2, 3, 5], n)  # 4 and 6 never present
+    preds = np.where(rng.random(n) < 0.6, labels, rng.choice([0, 1, 2, 4], n))  # 3, 5 only when right; 4 only wrong
+    preds[labels == 5] = 0  # 5 never predicted; 6 neither present nor predicted
+    probs = np.eye(n_classes, dtype=np.float32)[preds]
+    out = compute_metrics(labels, probs, [f"c{i}" for i in range(n_classes)])
+    every = list(range(n_classes))
+    assert out["macro_f1"] == pytest.approx(f1_score(labels, preds, labels=every, average="macro", zero_division=0))
+    assert out["weighted_f1"] == pytest.approx(f1_score(labels, preds, labels=every, average="weighted",
+                                                        zero_division=0))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=every, zero_division=0)
+    got = out["per_class"]
+    assert [c["precision"] for c in got] == pytest.approx(precision.tolist())
+    assert [c["recall"] for c in got] == pytest.approx(recall.tolist())
+    assert [c["f1"] for c in got] == pytest.approx(f1.tolist())
+    assert [c["support"] for c in got] == support.tolist()
+    assert out["confusion_matrix"] == confusion_matrix(labels, preds, labels=every).tolist()
+    assert got[5]["recall"] == 0 and got[4]["precision"] == 0 and got[6] == {
+        "class": "c6", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
 
 
 def test_the_job_page_lists_top_confusions_for_many_classes(redis_conn: Any, job_env: dict[str, str],

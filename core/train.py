@@ -396,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_tag(rank: int) -> str:
+    """How a failing rank names itself in its `error` line: every rank says why it failed (a node other than node 0,
+    or rank 3 alone, may be where a job's failure began; the other ranks then fail on a closed connection), rank 0
+    without a tag, as a one-process run has always printed it."""
+    return f" (rank {rank})" if rank else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -408,16 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(raw_path, overrides)
         report = train(cfg, args.out, resume=args.resume)
     except CoreError as err:
-        if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+        print(f"error{_rank_tag(rank)}: {err}", file=sys.stderr)
         return exit_code(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
     except Exception:  # noqa: BLE001 - anything else is a training failure: exit 1 with the traceback
-        if rank == 0:
-            traceback.print_exc()
-            print("error: training failed (traceback above)", file=sys.stderr)
+        traceback.print_exc()
+        print(f"error{_rank_tag(rank)}: training failed (traceback above)", file=sys.stderr)
         return 1
     if rank == 0 and report:
         test = report["test"]

@@ -151,3 +151,36 @@ def test_a_shards_job_killed_mid_epoch_resumes_on_another_worker_each_sample_onc
     assert_each_sample_once_per_epoch(redis_conn, job_id, 3)
     form = json.loads(run_cli(["worker", "dataset", "show", "shapes:1", "--json"], env).stdout)["prepared"][0]
     assert cached_shards(tmp_path, "node-b") == shard_hashes(form["url"])  # node-b read them itself
+
+
+@pytest.mark.slow  # a 2-node job on two real workers that fails on one of them: about 40 s on 2 shared cores
+def test_a_failure_on_one_node_reaches_the_job_log_and_the_jobs_error(
+        redis_conn: Any, job_env: dict[str, str], spawn: Any, tmp_path: Path) -> None:
+    """One node's shard cache budget is smaller than a shard, so its rank fails with a DataError while the other
+    node's rank fails on the closed connection. The job's log has the failing rank's own `error` line under its node's
+    tag, and the job's error names it, whichever node it was (node 0 says it as its own; node 1's is named by node 0
+    as `node 1 (worker W): ...` beside node 0's closed connection)."""
+    folder = make_imagefolder(tmp_path / "shapes", per_class=40, size=24)
+    env = mn_env(job_env)
+    assert run_cli(["worker", "dataset", "add", "shapes", folder.as_uri()], env).returncode == 0
+    start_worker(spawn, {**node_env(env, tmp_path, "node-a"), "DATASET_CACHE_GB": "0.000001"}, "node-a")
+    start_worker(spawn, node_env(env, tmp_path, "node-b"), "node-b")
+    wait_workers(redis_conn, 2)
+    sets = ["data.dataset=shapes", "data.cache=off", "data.image_size=16", "train.epochs=2", "train.batch_size=6",
+            "export.enabled=false", "model.name=simple_cnn", "track.tensorboard=false"]
+    job_id = submit(env, sets, "--nodes", "2", "--gpus", "1")
+    explain = explain_job(redis_conn, job_id, spawn)
+    wait_for(lambda: finished(redis_conn, job_id), 300, "the 2-node job to end", explain=explain)
+    st = api.job_status(redis_conn, job_id)
+    assert st["state"] == "failed", explain()
+    node = next(n["node_rank"] for n in st["nodes"] if n["worker"] == "node-a")
+    said = "the shard cache budget DATASET_CACHE_GB=1e-06 GB"
+    rank_tag = " (rank 1)" if node == 1 else ""
+    lines = [e["line"] for e in api.logs_tail(redis_conn, job_id, 2000)]
+    assert any(line.startswith(f"[node {node}] error{rank_tag}: {said}") for line in lines), lines[-60:]
+    assert not any("ChildFailedError" in line for line in lines)  # torchrun's summary is one line per failed rank
+    assert any(line.startswith(f"[node {node}] [torchrun] rank {node} (local rank 0) exited with code 2")
+               for line in lines), lines[-60:]
+    assert said in st["error"], st["error"]
+    if node == 1:
+        assert f"node 1 (worker node-a): error (rank 1): {said}" in st["error"], st["error"]

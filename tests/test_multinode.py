@@ -21,6 +21,7 @@ from tests.fixtures_worker import DIGITS, explain_job, process_tree, run_cli, wa
 from tests.test_worker_jobs import rank_processes
 from worker import api, gang, keys
 from worker.errors import SubmissionError
+from worker.outcome import last_words
 from worker.presence import advertise
 from worker.submit import submit_job
 
@@ -127,6 +128,21 @@ def test_single_node_job_runs_when_a_gang_cannot_complete(redis_conn: Any, job_e
     assert st["state"] == "queued" and st["waiting"], st
     logs = [e["line"] for e in api.logs_tail(redis_conn, waiting, 100)]
     assert any("did not complete within 3 s" in line for line in logs), logs
+
+
+def test_a_nodes_last_words_are_its_ranks_error_not_torchruns_summary() -> None:
+    """What node 1's worker reads from its output when its rank failed (tests/test_datasets_multinode.py runs it for
+    real): the rank's own `error` line, not torch's log line nor python -m worker.torchrun's summary after it."""
+    lines = ["[node 1] [worker] attempt 0 on worker node-a (vm), 1 CPU rank(s) (gloo)\n",
+             "[node 1] error (rank 1): the shard cache budget is smaller than one shard\n",
+             ("[node 1] E1207 15:55:25.528000 2547 .venv/lib/python3.11/site-packages/torch/distributed/elastic/"
+             "multiprocessing/api.py:1002] failed (exitcode: 2) local_rank: 0 (pid: 2552) of binary: python\n"),
+             "[node 1] [torchrun] rank 1 (local rank 0) exited with code 2\n"]
+    assert last_words(lines) == "error (rank 1): the shard cache budget is smaller than one shard"
+    traceback = ["[node 1] Traceback (most recent call last):\n", '[node 1]   File "x.py", line 1, in <module>\n',
+                 "[node 1] ValueError: bad\n", "[node 1] error (rank 1): training failed (traceback above)\n",
+                 "[node 1] [torchrun] rank 1 (local rank 0) exited with code 1\n"]
+    assert last_words(traceback) == "ValueError: bad"
 
 
 # ========================================================================================= real gangs (test 1)

@@ -256,3 +256,6 @@ MIN_REDIS_VERSION = (5, 0)
 NODE_FINISH_GRACE = 30.0
 """Seconds a node's ranks may take to exit after another node of the attempt recorded the job finished (they are
 leaving the last collective); still running after that, the node counts as lost."""
+PEER_END_WAIT = 10.0
+"""Seconds node 0 of a failed multi-node attempt waits for the other nodes to record how they ended, so that the
+job's error can name what they said (worker/multinode.py `peer_errors`)."""

@@ -27,10 +27,10 @@ import redis
 from worker import gang
 from worker.attempt import Attempt
 from worker.context import WorkerContext
-from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, RENDEZVOUS_TIMEOUT
+from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, PEER_END_WAIT, RENDEZVOUS_TIMEOUT
 from worker.errors import JobFailed
 from worker.launcher import Rendezvous
-from worker.nodes import NodeState, save_node
+from worker.nodes import NodeState, job_nodes, save_node
 from worker.outcome import AttemptResult, Outcome
 from worker.presence import heartbeat_ttl
 from worker.states import JobState
@@ -146,6 +146,21 @@ class NodeRun(Attempt):
             if time.monotonic() >= deadline:
                 return None
             time.sleep(CANCEL_POLL_INTERVAL)
+
+    def peer_errors(self, mine: str) -> list[str]:
+        """Node 0's view of a failed attempt names where it may have begun: each other node's own last words
+        (`node N (worker W): ...`) that differ from node 0's. The other nodes record theirs when their ranks have
+        exited, which after a failure in one rank is within about a second of node 0's; waits up to PEER_END_WAIT for
+        their entries to leave `running`."""
+        deadline = time.monotonic() + PEER_END_WAIT
+        while True:
+            peers = [n for n in job_nodes(self.conn, self.job_id) if n.get("node_rank") != self.node_rank]
+            if time.monotonic() >= deadline or all(n.get("state") not in (NodeState.STARTING, NodeState.RUNNING)
+                                                   for n in peers):
+                break
+            time.sleep(CANCEL_POLL_INTERVAL)
+        return [f"node {n['node_rank']} (worker {n.get('worker')}): {n['error']}" for n in peers
+                if n.get("state") == NodeState.FAILED and n.get("error") and n["error"] != mine]
 
     def give_back(self, reason: str) -> AttemptResult:
         """The whole gang's attempt goes back to waiting (the other nodes notice the new attempt number and stop)."""

@@ -25,6 +25,7 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousPa
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
 
 from worker.defaults import BOUND_STATIC
+from worker.outcome import SUMMARY_TAG
 
 
 class BoundStaticTCPRendezvous(StaticTCPRendezvous):
@@ -55,10 +56,21 @@ def create_bound_handler(params: RendezvousParameters) -> RendezvousHandler:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """torchrun with `bound-static` registered. When ranks fail, one line per failed rank (`[torchrun] rank R (local
+    rank L) exited with code C`, worker.outcome's SUMMARY_TAG) and exit code 1, in place of torchrun's own traceback
+    of itself and its summary box: the ranks' own `error` lines just above stay the last words of the output (what
+    a job's error is taken from, worker/outcome.py `last_words`)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     rendezvous_handler_registry.register(BOUND_STATIC, create_bound_handler)
-    torchrun_main(sys.argv[1:] if argv is None else argv)
+    try:
+        torchrun_main(sys.argv[1:] if argv is None else argv)
+    except ChildFailedError as err:
+        for rank, failure in sorted(err.failures.items()):
+            print(f"{SUMMARY_TAG} rank {rank} (local rank {failure.local_rank}) exited with code {failure.exitcode}",
+                  file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

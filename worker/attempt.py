@@ -323,8 +323,6 @@ class Attempt:
         else:
             state = JobState.FAILED
             fields["error"], fields["error_kind"] = self._error_from(rc)
-            if self.primary and (peers := self.peer_errors(fields["error"])):  # where a multi-node failure began
-                fields["error"] = "; ".join([fields["error"], *peers])
             if full := self._store_full(fields["error"]):
                 fields["error"], fields["error_kind"] = f"{full}: {fields['error']}", "ArtifactError"
             msg = f"failed with exit code {rc}: {fields['error']}"
@@ -447,17 +445,9 @@ class Attempt:
         """Why the training command failed. One path: core's `error` event, which the Redis sink wrote into the
         status (`error`, `error_kind`). When that event never arrived (core failed before it had a sink, or could not
         reach Redis): the last words of the training output (`last_words`), else the exit code."""
-        own = last_words(list(self.log.tail) if self.log else [])
-        if not self.primary and own:  # the status's error is rank 0's, which lives on node 0
-            return own, "TrainingError"
         if self.record.refresh("error", "error_kind") and self.record.get("error"):
             return str(self.record.get("error")), str(self.record.get("error_kind", "TrainingError"))
-        return own or f"training exited with code {rc}", "TrainingError"
-
-    def peer_errors(self, mine: str) -> list[str]:
-        """What the other nodes of a multi-node attempt said when they failed, where it differs from `mine` (none for
-        a one-node job)."""
-        return []
+        return last_words(list(self.log.tail) if self.log else []) or f"training exited with code {rc}", "TrainingError"
 
     def _store_full(self, error: str) -> str | None:
         """A message when the run folder's file system is (nearly) full: core's own error for a failed write is

@@ -31,7 +31,7 @@ from worker.defaults import CANCEL_POLL_INTERVAL, MAX_RECOVERIES, PEER_END_WAIT,
 from worker.errors import JobFailed
 from worker.launcher import Rendezvous
 from worker.nodes import NodeState, job_nodes, save_node
-from worker.outcome import AttemptResult, Outcome
+from worker.outcome import AttemptResult, Outcome, last_words
 from worker.presence import heartbeat_ttl
 from worker.states import JobState
 
@@ -61,8 +61,8 @@ def free_port(addr: str) -> int:
 class NodeRun(Attempt):
     """One node (rank `node_rank` of the gang) of one attempt of a multi-node job on this worker. It overrides the
     hooks that differ from a one-node attempt: `claim` (the gang already started the attempt), `rendezvous`,
-    `still_ours` (the attempt number), `after_failed_exit` (a lost peer), `give_back` (the whole gang) and `on_stage`
-    (its entry in the nodes hash); only node 0 is `primary`."""
+    `still_ours` (the attempt number), `after_failed_exit` (a lost peer), `give_back` (the whole gang), `on_stage`
+    (its entry in the nodes hash) and `_error_from` (which node said what); only node 0 is `primary`."""
 
     def __init__(self, ctx: WorkerContext, job_id: str, attempt: int):
         super().__init__(ctx, job_id)
@@ -146,6 +146,15 @@ class NodeRun(Attempt):
             if time.monotonic() >= deadline:
                 return None
             time.sleep(CANCEL_POLL_INTERVAL)
+
+    def _error_from(self, rc: int | None) -> tuple[str, str]:
+        """A node other than node 0 says its own ranks' last words (the status's error is rank 0's, on node 0); node 0
+        adds what the other nodes said, where it differs (`peer_errors`: where a failure may have begun)."""
+        if not self.primary:
+            own = last_words(list(self.log.tail) if self.log else [])
+            return (own, "TrainingError") if own else super()._error_from(rc)
+        error, kind = super()._error_from(rc)
+        return "; ".join([error, *self.peer_errors(error)]), kind
 
     def peer_errors(self, mine: str) -> list[str]:
         """Node 0's view of a failed attempt names where it may have begun: each other node's own last words

@@ -85,10 +85,11 @@ def keep_freed_memory() -> bool:
     26x slower into fresh memory than into reused memory here. Measured on 2 cores (docs/benchmarks.md,
     "Optimisations"): SimpleCNN trained 2.0-2.7x faster at 112 px and 1.3-2.2x at 224 px. The price is memory: what
     a step freed stays in the process for the next, and pieces of different sizes do not always fit each other's
-    holes, so the peak RSS grew 1.07x on the digits preset, 1.1-1.4x at 112 px and 1.4-1.7x at 224 px (batch 64). Retaining freed memory is what
-    jemalloc and tcmalloc do too, the allocators PyTorch's CPU performance guide suggests. Process-wide. Left alone where the environment already chose (GLIBC_TUNABLES with
-    glibc.malloc, MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_: `GLIBC_TUNABLES=glibc.malloc.check=0` keeps glibc's
-    defaults) and where the C library is not glibc."""
+    holes, so the peak RSS grew 1.07x on the digits preset, 1.1-1.4x at 112 px and 1.4-1.7x at 224 px (batch 64).
+    Retaining freed memory is what jemalloc and tcmalloc do too, the allocators PyTorch's CPU performance guide
+    suggests. Process-wide. Left alone where the environment already chose (GLIBC_TUNABLES with glibc.malloc,
+    MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_: `GLIBC_TUNABLES=glibc.malloc.check=0` keeps glibc's defaults) and
+    where the C library is not glibc."""
     if any(name in os.environ for name in _MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     if platform.libc_ver()[0] != "glibc":

@@ -71,7 +71,8 @@ def test_batch_augmentation_on_the_gpu_equals_the_cpus(brightness_first: bool) -
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(0, 256, (32, 3, 72, 64), dtype=torch.uint8, generator=gen)[:, :, 4:68]  # strided, like shards
     params = draw_classic_params(len(x), gen, pad=8, hflip=True)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     cpu = classic_augment(x, gen, pad=8, hflip=True, params=params, brightness_first=brightness_first,
                           normalize=(mean, std))
     cuda = classic_augment(x.cuda(), gen, pad=8, hflip=True, params={k: v.cuda() for k, v in params.items()},

@@ -62,15 +62,16 @@ _OUTPUT_PREFIX = re.compile(r"^(\[node \d+\] )?(\[rank\d+\]: ?)?")
 SUMMARY_TAG = "[torchrun]"
 """What starts python -m worker.torchrun's one-line summary of a failed rank (worker/torchrun.py)."""
 
-_NOT_LAST_WORDS = re.compile(r"^(\[worker\]|\[torchrun\]|[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ )")
+_NOT_LAST_WORDS = re.compile(rf"^(\[worker\]|{re.escape(SUMMARY_TAG)}|[EWI]\d{{4}} \d\d:\d\d:\d\d\.\d+ +\d+ )")
 """Lines that never say why training failed: the worker's notes, torchrun's summary and torch's own log lines
 (glog layout: `E1207 15:55:25.528000 2547 path.py:1002] failed (exitcode: 2) ...`)."""
 
 
 def last_words(lines: list[str]) -> str | None:
     """The exception line of the last Python traceback in a training output (`ValueError: ...`), else its last line
-    that is not the worker's own note; None when there is none. Only Python's traceback layout is relied on, never
-    the wording of core's messages."""
+    that is not the worker's own note, python -m worker.torchrun's summary or torch's own log line
+    (`_NOT_LAST_WORDS`); None when there is none. Only Python's traceback layout is relied on, never the wording of
+    core's messages."""
     output = [_OUTPUT_PREFIX.sub("", line).rstrip() for line in lines]
     output = [line for line in output if line.strip() and not _NOT_LAST_WORDS.match(line)]
     starts = [i for i, line in enumerate(output) if line.startswith("Traceback (most recent call last)")]

@@ -174,7 +174,8 @@ def _clamp_(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | flo
 
 
 def normalise(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(x / 255 - mean) / std as floats (mean, std: [1, C, 1, 1]): one conversion and two vectorised passes."""
+    """(x / 255 - mean) / std as floats (mean, std: [1, C, 1, 1]): one conversion and two vectorised passes (float
+    pixels, 0-255, are normalised in place)."""
     return x_u8.float().mul_(1 / (255 * std)).sub_(mean / std)
 
 
@@ -207,7 +208,7 @@ def classic_augment(x_u8: torch.Tensor, generator: torch.Generator, *, pad: int,
     mean, std = normalize if normalize is not None else (torch.zeros((), device=dev), torch.ones((), device=dev))
     low, high = (-mean / std, (1 - mean) / std) if normalize is not None else (0.0, 1.0)
     if not (jitter and "brightness" in params):
-        return x.mul_(1 / (255 * std)).sub_(mean / std)
+        return normalise(x, mean, std)
     if brightness_first is None:
         brightness_first = bool(torch.rand(1, generator=generator) < 0.5)
     bright = params["brightness"].view(-1, 1, 1, 1)

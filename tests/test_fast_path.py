@@ -11,7 +11,7 @@ from torchvision.transforms import functional as TF
 
 from core import distributed as D
 from core.config import config_from_dict, load_config
-from core.data import build_datasets
+from core.data import build_datasets, fast
 from core.data.fast import (
     BRIGHTNESS,
     CONTRAST,
@@ -22,7 +22,9 @@ from core.data.fast import (
     classic_augment,
     crop_flip,
     draw_classic_params,
+    float_batch,
     make_fast_loaders,
+    normalise,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +62,26 @@ def test_both_crop_flip_paths_give_the_padded_crop_then_flip(path: Any, shape: t
     for i in range(n):
         ref = TF.crop(TF.pad(x[i], [pad], fill=0), int(params["oy"][i]), int(params["ox"][i]), h, w)
         assert torch.equal(out[i], TF.hflip(ref) if params["flip"][i] else ref), i
-    as_floats = crop_flip(x, params["oy"], params["ox"], params["flip"], pad, torch.float32)  # what the jitter takes
-    assert as_floats.dtype == torch.float32 and torch.equal(as_floats, out.float())
+
+
+@pytest.mark.parametrize("brightness_first", [True, False])
+def test_a_batch_augmented_part_by_part_equals_the_whole_batch_at_once(brightness_first: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU converts and transforms a batch in cache-sized parts (fast.CPU_CHUNK_BYTES); every image must come out
+    as it does when the batch is one part (a GPU's way), parameters and grey means taken per image."""
+    x = _images(n=23, size=20)
+    params = draw_classic_params(len(x), torch.Generator().manual_seed(4), pad=3, hflip=True)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, -1, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, -1, 1, 1)
+
+    def augmented(chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(fast, "CPU_CHUNK_BYTES", chunk_bytes)
+        assert len(float_batch(x)[1]) == -(-len(x) // max(1, chunk_bytes // (3 * 20 * 20 * 4)))
+        return (classic_augment(x, torch.Generator(), pad=3, hflip=True, params=params,
+                                brightness_first=brightness_first, normalize=(mean, std)), normalise(x, mean, std))
+
+    whole, parts = augmented(2**30), augmented(5 * 3 * 20 * 20 * 4)  # one part; parts of 5 images, the last of 3
+    assert torch.equal(whole[0], parts[0]) and torch.equal(whole[1], parts[1])
+    assert not torch.equal(whole[0][:5], whole[0][5:10])
 
 
 def test_crop_flip_parameters_cover_their_range() -> None:

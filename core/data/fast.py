@@ -12,9 +12,7 @@ own shard of the training set (a fixed seeded partition; each rank reshuffles it
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -65,24 +63,22 @@ def draw_classic_params(n: int, generator: torch.Generator, *, pad: int, hflip: 
     return params
 
 
-def crop_flip(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int,
-              dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """Per-sample random crop with zero padding `pad`, then horizontal flip, of the uint8 pixels, as `dtype` (the pixel
-    values unscaled; NCHW contiguous out).
+def crop_flip(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int
+              ) -> torch.Tensor:
+    """Per-sample random crop with zero padding `pad`, then horizontal flip, of the uint8 pixels (NCHW contiguous
+    out).
 
     Output column j of a flipped sample is padded column ox + (W - 1 - j): crop-then-flip, like the PIL preset.
-    On the CPU each image is one slice copy (a reversed view when flipped, converted to `dtype` on the way) with its
-    padding zeroed around it, the images shared among torch's threads; on a GPU one `gather` over the flattened
-    padded image does the batch in one kernel. (Measured on 2 CPU cores, 64 images at 224 px: the copies
-    9,600-10,800 images/s, the gather 5,300-6,600; per-image torch slices were slower than both, torch having no
-    negative strides for the flip. Copying straight into floats on 2 threads: 5.6-6.8 ms a batch against 7.6-8.7
-    for the uint8 copies then `.float()`.) `x_u8` may be a strided view (the shard loader's centre crop).
+    On the CPU each image is one slice copy with its padding zeroed around it; on a GPU one `gather` over the
+    flattened padded image does the batch in one kernel. (Measured on 2 CPU cores, 64 images at 224 px: the copies
+    9,600-10,800 images/s, the gather 5,300-6,600; per-image torch slices were slower than both.) `x_u8` may be a
+    strided view (the shard loader's centre crop).
     """
     if pad <= 0 and not bool(flip.any()):
-        return x_u8.to(dtype, memory_format=torch.contiguous_format)
+        return x_u8.contiguous()
     if x_u8.device.type == "cpu":
-        return _crop_flip_copies(x_u8, oy, ox, flip, pad, dtype)
-    return _crop_flip_gather(x_u8, oy, ox, flip, pad).to(dtype)
+        return _crop_flip_copies(x_u8, oy, ox, flip, pad)
+    return _crop_flip_gather(x_u8, oy, ox, flip, pad)
 
 
 def _crop_flip_gather(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int
@@ -99,27 +95,28 @@ def _crop_flip_gather(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl
     return padded.reshape(b, c, hp * wp).gather(2, flat).view(b, c, h, w)
 
 
-def _crop_flip_copies(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int,
-                      dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """crop_flip on the CPU: per image, the part of the source inside its crop window is copied (column-reversed when
-    flipped) to where it lands, and only the padding strips around it are zeroed; numpy's copies release the GIL,
-    so the images are shared among torch's intra-op threads."""
+def _crop_flip_copies(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, pad: int
+                      ) -> torch.Tensor:
+    """crop_flip on the CPU: per image, the part of the source inside its crop window is copied to where it lands,
+    and only the padding strips around it are zeroed, on one thread. (Sharing the images among torch's threads, as
+    numpy releases the GIL, was slower: 64 uint8 images at 224 px took 7.1 ms on 2 threads against 3.9 on one, the
+    threads waiting on the GIL between copies of 20 us.)"""
     b, c, h, w = x_u8.shape
     src = x_u8.numpy()
     # a flipped crop is the crop of the flipped image at the mirrored offset 2·pad - ox: every copy then runs forwards
     # (numpy's reversed copies are 4x slower; torch.flip of the whole batch is one vectorised pass)
     mirrored = torch.flip(x_u8, (3,)).numpy() if bool(flip.any()) else src
-    out = torch.empty((b, c, h, w), dtype=dtype)
+    out = torch.empty((b, c, h, w), dtype=torch.uint8)
     dst = out.numpy()
 
-    def copy(i: int, y0: int, x0: int, flipped: bool) -> None:
+    for i, y0, x0, flipped in zip(range(b), oy.tolist(), ox.tolist(), flip.tolist(), strict=True):
         if flipped:
             x0 = 2 * pad - x0
         dy, dx = y0 - pad, x0 - pad  # source pixel (r, q) lands at (r - dy, q - dx)
         sy0, sy1, sx0, sx1 = max(0, dy), min(h, h + dy), max(0, dx), min(w, w + dx)
         if sy0 >= sy1 or sx0 >= sx1:  # a crop wholly inside the padding (pad wider than the image)
             dst[i] = 0
-            return
+            continue
         ty0, ty1, tx0, tx1 = sy0 - dy, sy1 - dy, sx0 - dx, sx1 - dx
         img = dst[i]
         img[:, :ty0] = 0
@@ -127,29 +124,7 @@ def _crop_flip_copies(x_u8: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl
         img[:, ty0:ty1, :tx0] = 0
         img[:, ty0:ty1, tx1:] = 0
         img[:, ty0:ty1, tx0:tx1] = (mirrored if flipped else src)[i, :, sy0:sy1, sx0:sx1]
-
-    jobs = zip(range(b), oy.tolist(), ox.tolist(), flip.tolist(), strict=True)
-    threads = torch.get_num_threads()
-    if threads <= 1 or b <= 1:
-        for job in jobs:
-            copy(*job)
-    else:
-        list(_copy_pool(threads).map(lambda job: copy(*job), jobs))
     return out
-
-
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
-
-
-def _copy_pool(threads: int) -> ThreadPoolExecutor:
-    """The threads _crop_flip_copies shares its images among: one pool per process (a forked child makes its own, as
-    a parent's pool threads do not exist there) and per thread count."""
-    global _POOL
-    if _POOL is None or _POOL[:2] != (os.getpid(), threads):
-        if _POOL is not None and _POOL[0] == os.getpid():
-            _POOL[2].shutdown(wait=False)
-        _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="crop-flip"))
-    return _POOL[2]
 
 
 def _grey_mean(x: torch.Tensor) -> torch.Tensor:
@@ -173,18 +148,37 @@ def _clamp_(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | flo
     return x
 
 
+CPU_CHUNK_BYTES = 10 * 2**20
+"""Float bytes of a batch the CPU converts and augments at a time, so that its passes run in the caches (L3 32 MB
+on the 2-core EPYC here): 64 images at 224 px, 38.5 MB of floats, go in groups of 17. Measured there (64 images,
+paired with the whole batch at once): groups of 8 images 1.74x, 16 1.90x, 32 1.66x."""
+
+
+def float_batch(x_u8: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
+    """An empty float batch of x_u8's shape and the parts to convert and transform it in, one after the other: groups
+    of CPU_CHUNK_BYTES on the CPU, so that a part's passes run in the caches; the whole batch on a GPU (one kernel
+    per pass)."""
+    out = torch.empty(x_u8.shape, dtype=torch.float32, device=x_u8.device)
+    n = x_u8.shape[0]
+    step = max(1, CPU_CHUNK_BYTES // max(1, out[:1].numel() * 4)) if out.device.type == "cpu" else max(1, n)
+    return out, [slice(lo, lo + step) for lo in range(0, n, step)]
+
+
 def normalise(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(x / 255 - mean) / std as floats (mean, std: [1, C, 1, 1]): one conversion and two vectorised passes (float
-    pixels, 0-255, are normalised in place)."""
-    return x_u8.float().mul_(1 / (255 * std)).sub_(mean / std)
+    """(x / 255 - mean) / std as floats (mean, std: [1, C, 1, 1]): a conversion and two vectorised passes."""
+    out, parts = float_batch(x_u8)
+    scale, shift = 1 / (255 * std), mean / std
+    for part in parts:
+        out[part].copy_(x_u8[part]).mul_(scale).sub_(shift)
+    return out
 
 
 def classic_augment(x_u8: torch.Tensor, generator: torch.Generator, *, pad: int, hflip: bool,
                     jitter: bool = True, params: dict[str, torch.Tensor] | None = None,
                     brightness_first: bool | None = None,
                     normalize: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Random crop (zero padding `pad`) + optional horizontal flip + brightness/contrast jitter; returns floats in [0, 1],
-    or normalised ((x - mean) / std, `normalize` = (mean, std) as [1, C, 1, 1]) when given.
+    """Random crop (zero padding `pad`) + optional horizontal flip + brightness/contrast jitter; returns floats in
+    [0, 1], or normalised ((x - mean) / std, `normalize` = (mean, std) as [1, C, 1, 1]) when given.
 
     `params` (from draw_classic_params, already on x's device) and `brightness_first` are drawn from `generator` when
     not given; the loader draws a whole epoch's parameters at once, so no batch waits on a host-to-device copy.
@@ -195,34 +189,40 @@ def classic_augment(x_u8: torch.Tensor, generator: torch.Generator, *, pad: int,
     as floats): brightness first, clamp(u·b/255, 0, 1) is min(u, 255/b)·b/255, so one minimum on the pixels takes
     its clamp and the rest is one affine map clamped to the normalisation's bounds ((0 - mean) / std, (1 - mean) /
     std); contrast first, its clamp to [0, 1] scaled by b becomes [0, min(b, 1)], one bound per image and channel
-    after the one affine map. Five passes over the float batch (a minimum, the grey mean, multiply, add, clamp)
-    where the steps one by one take ten; the same values up to float rounding (tests/test_fast_path.py compares with
-    torchvision).
+    after the one affine map. A conversion and five passes over the floats (a minimum, the grey mean, multiply, add,
+    clamp) where the steps one by one take ten, on the CPU part by part (float_batch) so that they run in the caches;
+    the same values up to float rounding (tests/test_fast_path.py compares with torchvision).
     """
-    b = x_u8.shape[0]
     if params is None:
         params = {k: v.to(x_u8.device) for k, v in
-                  draw_classic_params(b, generator, pad=pad, hflip=hflip, jitter=jitter).items()}
-    x = crop_flip(x_u8, params["oy"], params["ox"], params["flip"], pad, torch.float32)  # the pixels, 0-255
-    dev = x.device
+                  draw_classic_params(x_u8.shape[0], generator, pad=pad, hflip=hflip, jitter=jitter).items()}
+    x_u8 = crop_flip(x_u8, params["oy"], params["ox"], params["flip"], pad)  # the pixels, 0-255
+    dev = x_u8.device
     mean, std = normalize if normalize is not None else (torch.zeros((), device=dev), torch.ones((), device=dev))
     low, high = (-mean / std, (1 - mean) / std) if normalize is not None else (0.0, 1.0)
     if not (jitter and "brightness" in params):
-        return normalise(x, mean, std)
+        return normalise(x_u8, mean, std)
     if brightness_first is None:
         brightness_first = bool(torch.rand(1, generator=generator) < 0.5)
     bright = params["brightness"].view(-1, 1, 1, 1)
     contr = params["contrast"].view(-1, 1, 1, 1)
-    if brightness_first:  # clamp(u·b/255, 0, 1) = min(u, 255/b)·b/255 (u ≥ 0, b > 0), then the contrast blend
-        torch.minimum(x, 255 / bright, out=x)
-        grey = _grey_mean(x).view(-1, 1, 1, 1) * (bright / 255)
-        x.mul_(bright * contr / (255 * std)).add_((grey * (1 - contr) - mean) / std)
-        return _clamp_(x, low, high)
-    # the contrast blend's clamp to [0, 1], then ·b: its upper bound becomes min(b, 1), its lower one stays 0
-    grey = _grey_mean(x).view(-1, 1, 1, 1) / 255
-    x.mul_(contr * bright / (255 * std)).add_((grey * (1 - contr) * bright - mean) / std)
-    torch.minimum(x, (bright.clamp(max=1) - mean) / std, out=x)
-    return _clamp_(x, low, high)
+    scale = bright * contr / (255 * std)
+    # brightness first: clamp(u·b/255, 0, 1) = min(u, 255/b)·b/255 (u ≥ 0, b > 0), then the contrast blend;
+    # contrast first: the blend's clamp to [0, 1], then ·b: its upper bound becomes min(b, 1), its lower one stays 0
+    bound = 255 / bright if brightness_first else (bright.clamp(max=1) - mean) / std
+    out, parts = float_batch(x_u8)
+    for part in parts:
+        x = out[part].copy_(x_u8[part])
+        if brightness_first:
+            torch.minimum(x, bound[part], out=x)
+            grey = _grey_mean(x).view(-1, 1, 1, 1) * (bright[part] / 255)
+            x.mul_(scale[part]).add_((grey * (1 - contr[part]) - mean) / std)
+        else:
+            grey = _grey_mean(x).view(-1, 1, 1, 1) / 255
+            x.mul_(scale[part]).add_((grey * (1 - contr[part]) * bright[part] - mean) / std)
+            torch.minimum(x, bound[part], out=x)
+        _clamp_(x, low, high)
+    return out
 
 
 class EpochBatches:
@@ -270,7 +270,8 @@ class TensorBatchLoader(EpochBatches):
         """Every sample once, in stored order, with the train augmentation drawn from a generator seeded by `seed`:
         one augmented *view* of the split (the feature cache embeds a few of them)."""
         gen = torch.Generator().manual_seed(seed)
-        return self._batches(gen, None, augment=self.augment == "classic", steps=-(-len(self.labels) // self.batch_size))
+        steps = -(-len(self.labels) // self.batch_size)
+        return self._batches(gen, None, augment=self.augment == "classic", steps=steps)
 
     def _batches(self, gen: torch.Generator, order: torch.Tensor | None, *, augment: bool, steps: int | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,6 +4,8 @@ the GPU benchmark rows). Without CUDA every test here is skipped; none of them h
 - digits on CUDA with `train.amp` in bf16 and in fp16 + GradScaler (fp16 is forced by reporting bf16 unsupported);
 - the tensor cache held on the device; the feature cache held on the device;
 - the batch augmentation on the GPU (one gather, tensor clamps) equal to the CPU's (slice copies, per-channel clamps);
+- the shard loader feeding a GPU (pinned batches, augmentation on the device) equal to its CPU path; a job on CUDA
+  from prepared shards;
 - a worker started with `--gpus 0` running a job end to end;
 - ONNX export of a CUDA-trained model: parity checked on the CPU (ONNX Runtime) against the PyTorch model;
 - TensorRT timing where TensorRT is installed (skipped otherwise, with the export's own reason).
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from core.config import load_config
+from core.config import config_from_dict, load_config
 from core.events import read_jsonl
 from tests.fixtures_images import make_photo_tree
 from tests.fixtures_worker import DIGITS, explain_job, wait_for
@@ -78,6 +80,49 @@ def test_batch_augmentation_on_the_gpu_equals_the_cpus(brightness_first: bool) -
     cuda = classic_augment(x.cuda(), gen, pad=8, hflip=True, params={k: v.cuda() for k, v in params.items()},
                            brightness_first=brightness_first, normalize=(mean.cuda(), std.cuda()))
     assert torch.allclose(cuda.cpu(), cpu, atol=1e-5), (cuda.cpu() - cpu).abs().max()
+
+
+SHARD_DATA = {"name": "imagefolder", "image_size": 64, "cache": "off", "augment": "classic"}
+"""A prepared form of 64 px read from its shards (the tensor cache turned off: it would hold these few images)."""
+
+
+def _shard_epoch(form: Path, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One augmented train epoch of the shard loader on `device`, batches brought back to the CPU."""
+    from core import distributed as D
+    from core.data import build_datasets
+    from core.train import make_loaders
+
+    cfg = config_from_dict({"data": {**SHARD_DATA, "prepared": str(form)}, "train": {"batch_size": 8, "seed": 3}})
+    loaders = make_loaders(cfg, build_datasets(cfg), D.DistInfo(), device)
+    assert loaders.kind == "shards", loaders.kind
+    batches = []
+    for x, y in loaders.train:
+        assert x.device.type == device.type and y.device.type == device.type
+        batches.append((x.cpu(), y.cpu()))
+    return batches
+
+
+def test_shard_batches_are_augmented_on_the_gpu_as_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """The shard loader's path to a GPU (pinned uint8 batches, a non-blocking copy, the augmentation on the device)
+    gives the batches the CPU's path gives, in the same order; then a job trains from the shards on CUDA."""
+    from core.data.prepare import prepare
+    from core.train import train
+    from tests.fixtures_images import make_class_tree
+
+    monkeypatch.setenv("DATASET_SHARD_DIR", str(tmp_path / "cache"))
+    folder = make_class_tree(tmp_path / "photos", {"ant": 20, "bee": 20}, size=(80, 64), suffix=".jpg")
+    prepare(str(folder), str(tmp_path / "form"), size=64, encoding="raw", shard_bytes=40_000)
+    cpu, cuda = _shard_epoch(tmp_path / "form", torch.device("cpu")), _shard_epoch(tmp_path / "form",
+                                                                                  torch.device("cuda", 0))
+    assert len(cpu) == len(cuda) > 1
+    for (xc, yc), (xg, yg) in zip(cpu, cuda, strict=True):
+        assert torch.equal(yc, yg) and torch.allclose(xc, xg, atol=1e-5), (xc - xg).abs().max()
+    cfg = config_from_dict({"data": {**SHARD_DATA, "prepared": str(tmp_path / "form")}, "model": {"name": "simple_cnn"},
+                            "train": {"device": "cuda", "epochs": 2, "batch_size": 8}, "export": {"enabled": False}})
+    report = train(cfg, tmp_path / "run")
+    assert report["data_path"] == "shards" and report["device"].startswith("cuda"), report["data_path"]
+    assert report["epochs_completed"] == 2
 
 
 def test_feature_cache_lives_on_the_device(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The GPU rows, on a CUDA machine only: SimpleCNN and ResNet-18 at 32 px, bf16, channels_last, tensor cache on the GPU
-vs the classic pipeline; and the transfer job with and without the feature cache, in this process."""
+vs the classic pipeline; the transfer job with and without the feature cache, in this process; and the shard loader
+feeding the GPU at 224 px."""
 from __future__ import annotations
 
 import os
@@ -29,7 +30,49 @@ def bench_gpu(quick: bool) -> list[Row]:
         rows.append(_gpu_row(model_name, quick))
         torch.cuda.empty_cache()
     rows.append(_gpu_transfer_row())
+    rows.append(_gpu_shards_row(quick))
     return rows
+
+
+def _gpu_shards_row(quick: bool) -> Row:
+    """The shard loader feeding the GPU, no model: local raw shards of 224 px photos, uint8 batches assembled on the
+    CPU, pinned and copied, the classic augmentation on the GPU (the CPU's data-path row in tests/bench/shards.py
+    with CUDA as the device): whether the CPU side keeps a GPU fed."""
+    from core.data import build_datasets
+    from core.data.prepare import prepare
+    from tests.bench.shards import make_photos, photo_config
+
+    device, card, cores = torch.device("cuda", 0), torch.cuda.get_device_name(0), os.cpu_count() or 1
+    n = 512 if quick else 1024
+    before = os.environ.get("DATASET_SHARD_DIR")
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-shards-") as tmp:
+        os.environ["DATASET_SHARD_DIR"] = str(Path(tmp) / "shard-cache")
+        try:
+            prepare(str(make_photos(Path(tmp) / "photos", n)), str(Path(tmp) / "raw"), size=224, encoding="raw")
+            cfg = photo_config(prepared=str(Path(tmp) / "raw"), cache_max_mb=1)
+            loader = make_loaders(cfg, build_datasets(cfg), distributed.DistInfo(), device).train
+
+            def rate() -> float:
+                torch.cuda.synchronize()
+                t, seen = time.perf_counter(), 0
+                for epoch in range(2):
+                    loader.set_epoch(epoch)
+                    for x, _ in loader:
+                        seen += len(x)
+                torch.cuda.synchronize()
+                return seen / (time.perf_counter() - t)
+
+            rate()  # warm: the shards fetched into the local cache, the CUDA kernels loaded
+            got = [rate() for _ in range(1 if quick else 3)]
+        finally:
+            if before is None:
+                os.environ.pop("DATASET_SHARD_DIR", None)
+            else:
+                os.environ["DATASET_SHARD_DIR"] = before
+    med = statistics.median(got)
+    return Row(f"GPU {card}: data path from local raw shards, 224 px + train augmentation on the GPU (images/s)", med,
+               None, "img/s", note=f"{med / cores:,.0f} per CPU core ({cores} cores), {n} photos, batch 64, runs "
+               + ", ".join(f"{g:,.0f}" for g in got))
 
 
 def _gpu_transfer_row(epochs: int = 10) -> Row:

@@ -44,7 +44,8 @@ def make_photos(root: Path, n: int, classes: int = 4, size: tuple[int, int] = PH
     return root
 
 
-def _cfg(**data: Any) -> Any:
+def photo_config(**data: Any) -> Any:
+    """A job on the generated photos, classic augmentation, SimpleCNN, batch 64; `data` keys added or replaced."""
     from core.config import config_from_dict
 
     return config_from_dict({"data": {"name": "imagefolder", "augment": "classic", **data},
@@ -80,10 +81,10 @@ def bench_data_path(raw_url: Path, photos: Path, quick: bool) -> list[Row]:
 
     cores = os.cpu_count() or 1
     info, device = distributed.DistInfo(), torch.device("cpu")
-    cfg_s = _cfg(prepared=str(raw_url), cache_max_mb=1)
+    cfg_s = photo_config(prepared=str(raw_url), cache_max_mb=1)
     shards = make_loaders(cfg_s, build_datasets(cfg_s), info, device).train
     assert isinstance(shards, ShardBatchLoader), type(shards)
-    cfg_p = _cfg(path=str(photos), cache="off")
+    cfg_p = photo_config(path=str(photos), cache="off")
     pil = make_loaders(cfg_p, build_datasets(cfg_p), info, device).train
     workers = num_workers(cfg_p)
     epochs = 2 if quick else 4
@@ -138,8 +139,8 @@ def bench_epoch_ratio(photos: Path, work: Path, quick: bool) -> Row:
     prepare(str(photos), str(form), size=RATIO_SIZE, encoding="raw")
     info, device = distributed.DistInfo(), torch.device("cpu")
     sides: dict[str, Any] = {}
-    for name, cfg in (("tensor_cache", _cfg(path=str(photos), cache="on", image_size=RATIO_SIZE)),
-                      ("shards", _cfg(prepared=str(form), cache_max_mb=1))):
+    for name, cfg in (("tensor_cache", photo_config(path=str(photos), cache="on", image_size=RATIO_SIZE)),
+                      ("shards", photo_config(prepared=str(form), cache_max_mb=1))):
         bundle = build_datasets(cfg)
         loaders = make_loaders(cfg, bundle, info, device)
         assert loaders.kind.value == name, loaders.kind

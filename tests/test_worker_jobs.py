@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import processes_with_token
-from tests.fixtures_worker import DIGITS, explain_job, make_imagefolder, run_cli, wait_for
+from tests.fixtures_worker import DIGITS, ROOT, explain_job, make_imagefolder, run_cli, wait_for
 from worker import api, keys
 from worker.submit import submit_job
 from worker.warmstart import BUSY_NAME, IDLE_NAME
@@ -169,6 +170,47 @@ def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     assert api.list_workers(redis_conn) == []  # a worker leaving cleanly withdraws at once
+
+
+STUBBORN_TREE = """
+import json, subprocess, sys, time
+import psutil
+from worker.procutil import terminate_tree
+
+ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+agent = ignore_term + "import subprocess, sys; subprocess.Popen([sys.executable, '-c', %r]); time.sleep(60)" % (
+    ignore_term + "time.sleep(60)")
+guard = subprocess.Popen([sys.executable, "-m", "worker.guard", "--", sys.executable, "-c", agent])
+deadline = time.monotonic() + 30
+while len(psutil.Process(guard.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+tree = [p.pid for p in psutil.Process(guard.pid).children(recursive=True)]
+killed = terminate_tree(guard.pid, grace=0.5)
+guard.wait(timeout=5)
+print(json.dumps({"tree": tree, "killed": killed, "left": [pid for pid in tree if psutil.pid_exists(pid)]}))
+"""
+"""A worker's part: a guard over a launcher and its rank, both ignoring SIGTERM, stopped by terminate_tree; prints
+which of the two still exist (alive or as zombies) when it has returned."""
+
+NOT_REAPING_INIT = """
+import subprocess, sys
+from worker.procutil import set_child_subreaper
+
+set_child_subreaper()  # orphans of the processes below come here, as they go to init, and are never reaped here
+sys.exit(subprocess.run([sys.executable, "-c", sys.argv[1]], check=False).returncode)
+"""
+
+
+def test_a_tree_that_ignores_sigterm_is_killed_and_reaped_by_its_guard(job_env: dict[str, str]) -> None:
+    """A cancel's escalation (worker/procutil.py terminate_tree): a launcher and its rank both ignoring SIGTERM are
+    SIGKILLed after the grace, and reaped by their guard, not left as zombies for init to collect (a torchrun killed
+    together with its guard outlived a cancel that way, in CI, until init reaped it)."""
+    out = subprocess.run([sys.executable, "-c", NOT_REAPING_INIT, STUBBORN_TREE], env=job_env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(got["tree"]) == 2 and set(got["tree"]) <= set(got["killed"]), got
+    assert got["left"] == [], got  # reaped by the guard: nothing of the tree was left for init
 
 
 def test_cancel_queued_job_never_runs(redis_conn: Any, job_env: dict[str, str]) -> None:

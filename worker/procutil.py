@@ -83,6 +83,9 @@ def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list
     """SIGTERM the tree under `pid` (and `pid`), SIGKILL whatever is still alive after `grace` seconds.
 
     Returns the pids that needed SIGKILL. The tree is re-read before SIGKILL, so children spawned meanwhile die too.
+    The tree below `pid` is killed first and `pid` only once it is gone: `pid` is a guard (worker/guard.py), the
+    subreaper that reaps them. Killed together with it, a process of the tree was left a zombie re-parented to
+    init, which in a container may never reap it (a job's torchrun outlived its cancel that way, as a zombie).
     """
     try:
         root = [psutil.Process(pid)] if include_root else []
@@ -92,8 +95,12 @@ def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list
     signal_all(procs, signal.SIGTERM)
     _gone, alive = psutil.wait_procs(procs, timeout=grace)
     alive = [p for p in set(alive) | set(descendants(pid)) if _alive(p)]
-    signal_all(alive, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=2.0)
+    below = [p for p in alive if p.pid != pid]
+    signal_all(below, signal.SIGKILL)
+    psutil.wait_procs(below, timeout=2.0)  # until reaped: the guard collects them within its poll interval
+    top = [p for p in alive if p.pid == pid and _alive(p)]
+    signal_all(top, signal.SIGKILL)
+    psutil.wait_procs(top, timeout=2.0)
     return [p.pid for p in alive]
 
 

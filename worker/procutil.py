@@ -85,7 +85,7 @@ def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list
     Returns the pids that needed SIGKILL. The tree is re-read before SIGKILL, so children spawned meanwhile die too.
     The tree below `pid` is killed first and `pid` only once it is gone: `pid` is a guard (worker/guard.py), the
     subreaper that reaps them. Killed together with it, a process of the tree was left a zombie re-parented to
-    init, which in a container may never reap it (a job's torchrun outlived its cancel that way, as a zombie).
+    init, which reaps when it gets to it (a job's torchrun outlived its cancel that way, as a zombie, in CI).
     """
     try:
         root = [psutil.Process(pid)] if include_root else []

@@ -160,7 +160,8 @@ def float_batch(x_u8: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
     per pass)."""
     out = torch.empty(x_u8.shape, dtype=torch.float32, device=x_u8.device)
     n = x_u8.shape[0]
-    step = max(1, CPU_CHUNK_BYTES // max(1, out[:1].numel() * 4)) if out.device.type == "cpu" else max(1, n)
+    image_bytes = out[:1].numel() * out.element_size()
+    step = max(1, CPU_CHUNK_BYTES // max(1, image_bytes)) if out.device.type == "cpu" else max(1, n)
     return out, [slice(lo, lo + step) for lo in range(0, n, step)]
 
 

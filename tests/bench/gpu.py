@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -44,31 +45,24 @@ def _gpu_shards_row(quick: bool) -> Row:
 
     device, card, cores = torch.device("cuda", 0), torch.cuda.get_device_name(0), os.cpu_count() or 1
     n = 512 if quick else 1024
-    before = os.environ.get("DATASET_SHARD_DIR")
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-shards-") as tmp:
-        os.environ["DATASET_SHARD_DIR"] = str(Path(tmp) / "shard-cache")
-        try:
-            prepare(str(make_photos(Path(tmp) / "photos", n)), str(Path(tmp) / "raw"), size=224, encoding="raw")
-            cfg = photo_config(prepared=str(Path(tmp) / "raw"), cache_max_mb=1)
-            loader = make_loaders(cfg, build_datasets(cfg), distributed.DistInfo(), device).train
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-shards-") as tmp, \
+            mock.patch.dict(os.environ, {"DATASET_SHARD_DIR": str(Path(tmp) / "shard-cache")}):
+        prepare(str(make_photos(Path(tmp) / "photos", n)), str(Path(tmp) / "raw"), size=224, encoding="raw")
+        cfg = photo_config(prepared=str(Path(tmp) / "raw"), cache_max_mb=1)
+        loader = make_loaders(cfg, build_datasets(cfg), distributed.DistInfo(), device).train
 
-            def rate() -> float:
-                torch.cuda.synchronize()
-                t, seen = time.perf_counter(), 0
-                for epoch in range(2):
-                    loader.set_epoch(epoch)
-                    for x, _ in loader:
-                        seen += len(x)
-                torch.cuda.synchronize()
-                return seen / (time.perf_counter() - t)
+        def rate() -> float:
+            torch.cuda.synchronize()
+            t, seen = time.perf_counter(), 0
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                for x, _ in loader:
+                    seen += len(x)
+            torch.cuda.synchronize()
+            return seen / (time.perf_counter() - t)
 
-            rate()  # warm: the shards fetched into the local cache, the CUDA kernels loaded
-            got = [rate() for _ in range(1 if quick else 3)]
-        finally:
-            if before is None:
-                os.environ.pop("DATASET_SHARD_DIR", None)
-            else:
-                os.environ["DATASET_SHARD_DIR"] = before
+        rate()  # warm: the shards fetched into the local cache, the CUDA kernels loaded
+        got = [rate() for _ in range(1 if quick else 3)]
     med = statistics.median(got)
     return Row(f"GPU {card}: data path from local raw shards, 224 px + train augmentation on the GPU (images/s)", med,
                None, "img/s", note=f"{med / cores:,.0f} per CPU core ({cores} cores), {n} photos, batch 64, runs "

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -210,9 +211,9 @@ def bench_rss(work: Path, quick: bool) -> Row:
 
 def bench_shards(quick: bool) -> list[Row]:
     n = 512 if quick else 1024
-    with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp, mock.patch.dict(
+            os.environ, {"DATASET_SHARD_DIR": os.environ.get("DATASET_SHARD_DIR", str(Path(tmp) / "shard-cache"))}):
         work = Path(tmp)
-        os.environ.setdefault("DATASET_SHARD_DIR", str(work / "shard-cache"))
         t = time.perf_counter()
         photos = make_photos(work / "photos", n)
         log(f"{n} photos written in {time.perf_counter() - t:.0f} s")

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import processes_with_token
 from tests.fixtures_worker import DIGITS, ROOT, explain_job, make_imagefolder, run_cli, wait_for
 from worker import api, keys
+from worker.defaults import GUARD_POLL_INTERVAL
 from worker.submit import submit_job
 from worker.warmstart import BUSY_NAME, IDLE_NAME
 
@@ -172,15 +173,14 @@ def test_cancel_mid_run_stops_every_rank(redis_conn: Any, job_env: dict[str, str
     assert api.list_workers(redis_conn) == []  # a worker leaving cleanly withdraws at once
 
 
-STUBBORN_TREE = """
+GUARDED_TREE = """
 import json, subprocess, sys, time
 import psutil
 from worker.procutil import terminate_tree
 
-ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-agent = ignore_term + "import subprocess, sys; subprocess.Popen([sys.executable, '-c', %r]); time.sleep(60)" % (
-    ignore_term + "time.sleep(60)")
-guard = subprocess.Popen([sys.executable, "-m", "worker.guard", "--", sys.executable, "-c", agent])
+agent, poll = sys.argv[1], float(sys.argv[2])
+guard = "import sys, worker.guard as g; g.GUARD_POLL_INTERVAL = %r; sys.exit(g.main())" % poll
+guard = subprocess.Popen([sys.executable, "-c", guard, "--", sys.executable, "-c", agent])
 deadline = time.monotonic() + 30
 while len(psutil.Process(guard.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -189,28 +189,54 @@ killed = terminate_tree(guard.pid, grace=0.5)
 guard.wait(timeout=5)
 print(json.dumps({"tree": tree, "killed": killed, "left": [pid for pid in tree if psutil.pid_exists(pid)]}))
 """
-"""A worker's part: a guard over a launcher and its rank, both ignoring SIGTERM, stopped by terminate_tree; prints
-which of the two still exist (alive or as zombies) when it has returned."""
+"""A worker's part: a guard (polling every argv[2] s) over a launcher (the code argv[1]) that starts one rank,
+stopped by terminate_tree with a grace of 0.5 s; prints which of the two still exist (alive or as zombies) when it
+has returned."""
 
 NOT_REAPING_INIT = """
 import subprocess, sys
 from worker.procutil import set_child_subreaper
 
 set_child_subreaper()  # orphans of the processes below come here, as they go to init, and are never reaped here
-sys.exit(subprocess.run([sys.executable, "-c", sys.argv[1]], check=False).returncode)
+sys.exit(subprocess.run([sys.executable, "-c", *sys.argv[1:]], check=False).returncode)
 """
+
+_IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+_RANK = _IGNORE_TERM + "time.sleep(60)"
+STUBBORN_LAUNCHER = _IGNORE_TERM + f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {_RANK!r}]); " \
+    "time.sleep(60)"
+"""A launcher and its rank, both ignoring SIGTERM."""
+LATE_LAUNCHER = "import os, signal, subprocess, sys, time; " \
+    f"rank = subprocess.Popen([sys.executable, '-c', {_RANK!r}]); " \
+    "signal.signal(signal.SIGTERM, lambda *_: (rank.kill(), rank.wait(), time.sleep(0.3), os._exit(1))); " \
+    "time.sleep(60)"
+"""A launcher that stops its rank on SIGTERM and exits just before the grace ends (torchrun waiting for its ranks)."""
+
+
+def _stop_guarded_tree(env: dict[str, str], launcher: str, guard_poll: float) -> dict[str, list[int]]:
+    out = subprocess.run([sys.executable, "-c", NOT_REAPING_INIT, GUARDED_TREE, launcher, str(guard_poll)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_a_tree_that_ignores_sigterm_is_killed_and_reaped_by_its_guard(job_env: dict[str, str]) -> None:
     """A cancel's escalation (worker/procutil.py terminate_tree): a launcher and its rank both ignoring SIGTERM are
     SIGKILLed after the grace, and reaped by their guard, not left as zombies for init to collect (a torchrun killed
     together with its guard outlived a cancel that way, in CI, until init reaped it)."""
-    out = subprocess.run([sys.executable, "-c", NOT_REAPING_INIT, STUBBORN_TREE], env=job_env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _stop_guarded_tree(job_env, STUBBORN_LAUNCHER, GUARD_POLL_INTERVAL)
     assert len(got["tree"]) == 2 and set(got["tree"]) <= set(got["killed"]), got
     assert got["left"] == [], got  # reaped by the guard: nothing of the tree was left for init
+
+
+def test_a_launcher_that_exits_late_in_the_grace_is_reaped_by_its_guard(job_env: dict[str, str]) -> None:
+    """The launcher exits just before the grace ends and its guard has not polled yet when it does: the guard must be
+    let reap it and exit by itself. SIGKILLed then (the launcher was no longer alive, the guard was), it left the
+    launcher a zombie for init (a torchrun outlived a cancel so, in CI)."""
+    got = _stop_guarded_tree(job_env, LATE_LAUNCHER, 1.5)
+    assert len(got["tree"]) == 2, got
+    assert got["left"] == [], got
+    assert got["killed"] == [], got  # each exited when told to: nothing needed SIGKILL
 
 
 def test_cancel_queued_job_never_runs(redis_conn: Any, job_env: dict[str, str]) -> None:

@@ -16,6 +16,9 @@ import psutil
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_REAP_WAIT = 3.0
+"""Seconds terminate_tree waits for the guard to reap its killed tree, then for the guard to exit on its own: a few
+of its poll intervals (worker.defaults.GUARD_POLL_INTERVAL), and its own bounded clean-up of leftovers."""
 
 
 try:  # loaded at import: a preexec_fn (after fork, before exec) must not load libraries
@@ -83,9 +86,11 @@ def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list
     """SIGTERM the tree under `pid` (and `pid`), SIGKILL whatever is still alive after `grace` seconds.
 
     Returns the pids that needed SIGKILL. The tree is re-read before SIGKILL, so children spawned meanwhile die too.
-    The tree below `pid` is killed first and `pid` only once it is gone: `pid` is a guard (worker/guard.py), the
-    subreaper that reaps them. Killed together with it, a process of the tree was left a zombie re-parented to
-    init, which reaps when it gets to it (a job's torchrun outlived its cancel that way, as a zombie, in CI).
+    `pid` is a guard (worker/guard.py): the subreaper that reaps its tree, and that exits by itself once its command
+    is gone. So the tree below it goes first, and we wait until the guard has reaped all of it (zombies included);
+    then we wait for the guard to exit, and SIGKILL it only if it does not. A guard killed before it reaped its
+    command left that command a zombie re-parented to init, which reaps when it gets to it (a job's torchrun that
+    exited near the end of the grace outlived its cancel that way, as a zombie, in CI).
     """
     try:
         root = [psutil.Process(pid)] if include_root else []
@@ -93,15 +98,18 @@ def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list
         root = []
     procs = descendants(pid) + root
     signal_all(procs, signal.SIGTERM)
-    _gone, alive = psutil.wait_procs(procs, timeout=grace)
-    alive = [p for p in set(alive) | set(descendants(pid)) if _alive(p)]
-    below = [p for p in alive if p.pid != pid]
+    psutil.wait_procs(procs, timeout=grace)
+    below = descendants(pid)  # zombies too: only their reaping makes them gone
+    killed = [p.pid for p in below if _alive(p)]
     signal_all(below, signal.SIGKILL)
-    psutil.wait_procs(below, timeout=2.0)  # until reaped: the guard collects them within its poll interval
-    top = [p for p in alive if p.pid == pid and _alive(p)]
-    signal_all(top, signal.SIGKILL)
-    psutil.wait_procs(top, timeout=2.0)
-    return [p.pid for p in alive]
+    psutil.wait_procs(below, timeout=_REAP_WAIT)  # the guard reaps them within its poll interval
+    if root:
+        _gone, stuck = psutil.wait_procs(root, timeout=_REAP_WAIT)
+        if stuck and _alive(stuck[0]):
+            killed.append(pid)
+            signal_all(stuck, signal.SIGKILL)
+            psutil.wait_procs(stuck, timeout=_REAP_WAIT)
+    return killed
 
 
 def kill_tree(pid: int, *, include_root: bool = True) -> None:

@@ -61,7 +61,12 @@ def test_dataset_add_prepare_prepares_at_registration(redis_conn: Any, job_env: 
     assert [f["key"] for f in forms] == ["32-RGB"]
     index = Path(forms[0]["url"]) / "index.json"
     assert json.loads(index.read_text())["classes"] == ["circle", "square", "tri"]
+    progress = [line for line in out.stderr.splitlines() if line.startswith("preparing: ")]
+    assert progress and progress[-1].startswith("preparing: 36/36 images")  # not a terminal: a line per tenth
     shown = json.loads(run_cli(["worker", "dataset", "show", "shapes:1", "--json"], job_env).stdout)
     assert shown["prepared"][0]["url"] == forms[0]["url"]
+    text = run_cli(["worker", "dataset", "show", "shapes:1"], job_env).stdout
+    counts = ", ".join(f"{split} {n}" for split, n in forms[0]["counts"].items())
+    assert f"prepared  32-RGB    raw, {forms[0]['shards']} shards, 36 images ({counts})," in text, text
     assert run_cli(["worker", "dataset", "rm", "shapes"], job_env).returncode == 0
     assert not index.exists() and not index.parent.parent.exists()  # the shards go with the last version of the data

@@ -5,7 +5,6 @@ Every refusal prints one line naming what is wrong and exits 2, with nothing reg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -55,8 +54,16 @@ def _prepare(v: Any, size: int | None) -> None:
     store = ArtifactStore()
     side = size or input_size({}, v)
 
+    live = sys.stderr.isatty()
+    shown = [-1]  # the last tenth said, where the output is not a terminal (a log file: a line per tenth)
+
     def progress(done: int, total: int, rate: float) -> None:
-        print(f"\rpreparing: {done}/{total} images, {rate:.0f}/s", end="", file=sys.stderr, flush=True)
+        line = f"preparing: {done}/{total} images, {rate:.0f}/s"
+        if live:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif (tenth := 10 * done // max(total, 1)) > shown[0]:
+            shown[0] = tenth
+            print(line, file=sys.stderr, flush=True)
 
     from core.errors import DataError
 
@@ -65,9 +72,19 @@ def _prepare(v: Any, size: int | None) -> None:
                                local_source=lambda: local_copy(store, v), progress=progress)
     except DataError as err:
         raise DatasetError(f"registered {v.ref}, but preparing it failed: {err}") from None
-    print(file=sys.stderr)
+    if live:
+        print(file=sys.stderr)
     print(f"prepared {v.ref} {form['key']}: {form['encoding']} shards, {form['bytes_per_image']:.0f} bytes/image, "
           f"{form['url']}")
+
+
+def _form_line(form: dict[str, Any]) -> str:
+    """One prepared form in words: `224-RGB  raw, 12 shards, 9,000 images (train 6300, val 1800, test 900),
+    200,220 B/image, prepared 2026-12-07 21:35:20 at 294 images/s`."""
+    splits = ", ".join(f"{split} {n}" for split, n in (form.get("counts") or {}).items())
+    return (f"{form['key']:<9} {form.get('encoding', '?')}, {form.get('shards', '?')} shards, "
+            f"{form.get('images', 0):,} images ({splits}), {form.get('bytes_per_image', 0):,.0f} B/image, prepared "
+            f"{timestamp(form.get('prepared_at'))} at {form.get('images_per_sec', 0):,.0f} images/s")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -111,7 +128,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  warning   {warning}")
         for bad in report.get("skipped_files") or []:
             print(f"  skipped   {bad['file']}: {bad['reason']}")
-        print(f"  prepared  {', '.join(json.dumps(p) for p in d['prepared']) or 'none'}")
+        forms = [_form_line(form) for form in d["prepared"]] or ["none"]
+        for label, line in zip(["prepared"] + [""] * len(forms), forms):
+            print(f"  {label:<9} {line}")
         jobs = ", ".join(f"{j['id']} ({j['state'] or 'deleted'})" for j in d["jobs"])
         print(f"  jobs      {jobs or 'none'}")
     return 0

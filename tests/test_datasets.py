@@ -128,6 +128,7 @@ def test_refusals_name_the_problem_and_register_nothing(redis_conn: Any, job_env
         ("gone", f"file://{tmp_path / 'gone'}", "nothing there"),
         ("gone", str(tmp_path / "gone"), "does not exist"),
         ("web", "https://127.0.0.1:9/folder", "must be a .zip"),
+        ("ftp", "ftp://127.0.0.1:9/photos", "cannot list ftp://127.0.0.1:9/photos: ConnectionRefusedError"),
         ("nothing", "", "no source given"),
     ]
     for name, source, message in cases:

@@ -117,6 +117,8 @@ def _connect(url: str) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(url, skip_instance_cache=True)
     except (ImportError, ValueError) as err:
         raise DatasetError(f"cannot read {url}: {err}") from None
+    except Exception as err:  # noqa: BLE001 — a back-end that connects when made (ftp, sftp, ...) raises its own
+        raise _unreachable(url, err) from None
 
 
 def _unreachable(url: str, err: BaseException) -> DatasetError:

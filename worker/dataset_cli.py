@@ -55,14 +55,15 @@ def _prepare(v: Any, size: int | None) -> None:
     side = size or input_size({}, v)
 
     live = sys.stderr.isatty()
-    shown = [-1]  # the last tenth said, where the output is not a terminal (a log file: a line per tenth)
+    said = -1  # the last tenth said, where the output is not a terminal (a log file: a line per tenth)
 
     def progress(done: int, total: int, rate: float) -> None:
+        nonlocal said
         line = f"preparing: {done}/{total} images, {rate:.0f}/s"
         if live:
             print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        elif (tenth := 10 * done // max(total, 1)) > shown[0]:
-            shown[0] = tenth
+        elif (tenth := 10 * done // max(total, 1)) > said:
+            said = tenth
             print(line, file=sys.stderr, flush=True)
 
     from core.errors import DataError

@@ -96,10 +96,11 @@ def terminate_tree(pid: int, *, grace: float, include_root: bool = True) -> list
         root = [psutil.Process(pid)] if include_root else []
     except psutil.Error:
         root = []
-    procs = descendants(pid) + root
-    signal_all(procs, signal.SIGTERM)
-    psutil.wait_procs(procs, timeout=grace)
-    below = descendants(pid)  # zombies too: only their reaping makes them gone
+    first = descendants(pid)
+    signal_all(first + root, signal.SIGTERM)
+    psutil.wait_procs(first + root, timeout=grace)
+    # zombies too: only their reaping makes them gone; and the first ones even if no longer below (a guard that died)
+    below = list(set(first) | set(descendants(pid)))
     killed = [p.pid for p in below if _alive(p)]
     signal_all(below, signal.SIGKILL)
     psutil.wait_procs(below, timeout=_REAP_WAIT)  # the guard reaps them within its poll interval

@@ -61,8 +61,9 @@ def test_dataset_add_prepare_prepares_at_registration(redis_conn: Any, job_env: 
     assert [f["key"] for f in forms] == ["32-RGB"]
     index = Path(forms[0]["url"]) / "index.json"
     assert json.loads(index.read_text())["classes"] == ["circle", "square", "tri"]
-    progress = [line for line in out.stderr.splitlines() if line.startswith("preparing: ")]
+    progress = [line for line in out.stderr.split("\n") if line.startswith("preparing: ")]
     assert progress and progress[-1].startswith("preparing: 36/36 images")  # not a terminal: a line per tenth
+    assert "\r" not in out.stderr  # no carriage returns run together in a log
     shown = json.loads(run_cli(["worker", "dataset", "show", "shapes:1", "--json"], job_env).stdout)
     assert shown["prepared"][0]["url"] == forms[0]["url"]
     text = run_cli(["worker", "dataset", "show", "shapes:1"], job_env).stdout
